@@ -1,0 +1,124 @@
+//! Reaching etcd: the client configuration that the server writes to
+//! `${data-dir}/server/db/etcd/config` and `etcd-snapshot` reads, and a connection that fails fast
+//! with a clear message when etcd is not there.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// How long to wait for etcd to answer the first request.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Endpoints and TLS material for a client of etcd.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EtcdClientConfig {
+    pub endpoints: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cacert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+}
+
+/// `${data-dir}/server/db/etcd/config`
+pub fn config_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("server/db/etcd/config")
+}
+
+impl EtcdClientConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(Error::io("read etcd client config", path))?;
+        serde_yaml::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("etcd client config {}: {e}", path.display())))
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let yaml = serde_yaml::to_string(self).expect("config serializes");
+        crate::store::write_file_atomic(path, yaml.as_bytes())
+    }
+
+    pub fn endpoints_display(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    fn tls(&self) -> Result<Option<TlsOptions>> {
+        let uses_tls = self.endpoints.iter().any(|e| e.starts_with("https://"));
+        if !uses_tls && self.cacert.is_none() && self.cert.is_none() {
+            return Ok(None);
+        }
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &self.cacert {
+            let pem = std::fs::read(ca).map_err(Error::io("read etcd CA certificate", ca))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => {
+                let cert = std::fs::read(c).map_err(Error::io("read etcd client certificate", c))?;
+                let key = std::fs::read(k).map_err(Error::io("read etcd client key", k))?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => return Err(Error::Invalid("--etcd-cert and --etcd-key go together; give both or neither".into())),
+        }
+        Ok(Some(tls))
+    }
+
+    /// Connects and asks etcd for its status, so that a dead or wrong endpoint fails here, within
+    /// [`CONNECT_TIMEOUT`], with a message that names it.
+    pub async fn connect(&self) -> Result<EtcdConnection> {
+        if self.endpoints.is_empty() {
+            return Err(Error::Invalid("no etcd endpoint: give --etcd-endpoints or --data-dir of a running server".into()));
+        }
+        for e in &self.endpoints {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(Error::Invalid(format!(
+                    "etcd endpoint {e:?} has no scheme; write it as https://HOST:PORT or http://HOST:PORT"
+                )));
+            }
+        }
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
+        if let Some(tls) = self.tls()? {
+            opts = opts.with_tls(tls);
+        }
+        let endpoints = self.endpoints_display();
+        let unreachable = |cause| Error::EtcdUnreachable { endpoints: endpoints.clone(), cause };
+        let connect = async {
+            let mut client = Client::connect(&self.endpoints, Some(opts)).await.map_err(unreachable)?;
+            let status = client.status().await.map_err(unreachable)?;
+            Ok::<_, Error>((client, status))
+        };
+        let (client, status) = match tokio::time::timeout(CONNECT_TIMEOUT * 2, connect).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(Error::Invalid(format!(
+                    "cannot reach etcd at {endpoints}: no answer within {}s; check --etcd-endpoints and that etcd is running",
+                    (CONNECT_TIMEOUT * 2).as_secs()
+                )))
+            }
+        };
+        Ok(EtcdConnection {
+            client,
+            endpoints,
+            version: status.version().to_string(),
+            revision: status.header().map(|h| h.revision()).unwrap_or_default(),
+            db_size: status.db_size(),
+        })
+    }
+}
+
+/// A connected client and what etcd said about itself when we connected.
+pub struct EtcdConnection {
+    pub client: Client,
+    pub endpoints: String,
+    pub version: String,
+    pub revision: i64,
+    pub db_size: i64,
+}

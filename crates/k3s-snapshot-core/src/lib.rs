@@ -1,0 +1,20 @@
+//! The heart of k3s-snapshot: everything about an etcd snapshot that does not depend on where the
+//! process runs or how it was asked. Snapshot names, their metadata, the [`store::SnapshotStore`]
+//! trait with its local implementation, retention, zip compression in k3s's layout, the streaming
+//! SHA-256 trailer check, and the save pipeline that turns etcd's Maintenance `Snapshot` stream into
+//! a file. This crate never prints, never parses flags and knows nothing of S3 or signals: callers
+//! pass a [`tokio_util::sync::CancellationToken`] and read [`tracing`] events.
+
+pub mod compress;
+pub mod error;
+pub mod etcd;
+pub mod integrity;
+pub mod list;
+pub mod metadata;
+pub mod name;
+pub mod progress;
+pub mod retention;
+pub mod save;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,139 @@
+//! Snapshot names: `<name>-<node>-<unix seconds>`, optionally with `.zip`.
+
+use crate::{Error, Result};
+
+/// Suffix of a compressed snapshot.
+pub const ZIP_SUFFIX: &str = ".zip";
+/// Suffix of a file being written; never listed, never restored.
+pub const PART_SUFFIX: &str = ".part";
+
+/// Builds the base file name of a snapshot.
+pub fn snapshot_name(prefix: &str, node: &str, unix_seconds: i64) -> String {
+    format!("{prefix}-{node}-{unix_seconds}")
+}
+
+/// Refuses a name that could escape the snapshot directory or is not a plain file name.
+pub fn validate_file_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.contains('/') || name.contains('\\') {
+        Some("it contains a path separator; give the snapshot's file name only")
+    } else if name == "." || name == ".." || name.contains("..") {
+        Some("it contains '..'; give the snapshot's file name only")
+    } else if name.contains('\0') {
+        Some("it contains a NUL byte")
+    } else if name.starts_with('.') {
+        Some("it starts with '.'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName { name: name.to_string(), reason }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a `--name`/`--etcd-snapshot-name` prefix that cannot make a valid file name.
+pub fn validate_prefix(prefix: &str) -> Result<()> {
+    validate_file_name(prefix)?;
+    if prefix.ends_with(PART_SUFFIX) {
+        return Err(Error::InvalidName { name: prefix.into(), reason: "it ends with .part" });
+    }
+    Ok(())
+}
+
+/// A file name that parsed as one of our snapshots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedName<'a> {
+    /// The file name as stored (with `.zip` when compressed).
+    pub file: &'a str,
+    /// `<name>-<node>` part, without the timestamp.
+    pub stem: &'a str,
+    /// Unix seconds from the name.
+    pub timestamp: i64,
+    pub compressed: bool,
+}
+
+/// Parses `<stem>-<digits>[.zip]`; anything else (including `.part` files) is not ours.
+pub fn parse(file: &str) -> Option<ParsedName<'_>> {
+    if file.starts_with('.') || file.ends_with(PART_SUFFIX) {
+        return None;
+    }
+    let (base, compressed) = match file.strip_suffix(ZIP_SUFFIX) {
+        Some(b) => (b, true),
+        None => (file, false),
+    };
+    let (stem, ts) = base.rsplit_once('-')?;
+    if stem.is_empty() || ts.is_empty() || ts.len() > 12 || !ts.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(ParsedName { file, stem, timestamp: ts.parse().ok()?, compressed })
+}
+
+/// Whether `file` is one of our snapshots whose name starts with `<prefix>-`.
+/// With `node`, only that node's snapshots match.
+pub fn matches_prefix(file: &str, prefix: &str, node: Option<&str>) -> Option<i64> {
+    let parsed = parse(file)?;
+    let rest = parsed.stem.strip_prefix(prefix)?.strip_prefix('-')?;
+    if rest.is_empty() {
+        return None;
+    }
+    match node {
+        Some(n) if rest != n => None,
+        _ => Some(parsed.timestamp),
+    }
+}
+
+/// First 12 hex digits of the SHA-256 of the cluster token, stored in metadata so that a restore
+/// can warn when the token differs without ever storing the token.
+pub fn token_hash(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(token.as_bytes());
+    hex::encode(digest)[..12].to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let n = snapshot_name("on-demand", "node-a", 1_700_000_000);
+        assert_eq!(n, "on-demand-node-a-1700000000");
+        let p = parse(&n).unwrap();
+        assert_eq!((p.stem, p.timestamp, p.compressed), ("on-demand-node-a", 1_700_000_000, false));
+        let z = format!("{n}.zip");
+        assert!(parse(&z).unwrap().compressed);
+    }
+
+    #[test]
+    fn part_files_and_foreign_files_are_not_ours() {
+        for f in ["x-1.part", "on-demand-node-abc", "notes.txt", ".metadata", "on-demand-node-1.zip.part", "-1"] {
+            assert!(parse(f).is_none(), "{f}");
+        }
+    }
+
+    #[test]
+    fn prefix_matching_respects_the_dash_and_node() {
+        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand", None), Some(5));
+        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand", Some("n1")), Some(5));
+        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand", Some("n2")), None);
+        assert_eq!(matches_prefix("on-demandx-n1-5", "on-demand", None), None);
+        assert_eq!(matches_prefix("on-demand-5", "on-demand", None), None);
+    }
+
+    #[test]
+    fn path_like_names_are_refused() {
+        for bad in ["../x", "a/b", "..", "", "a\0b", ".metadata"] {
+            assert!(validate_file_name(bad).is_err(), "{bad:?}");
+        }
+        validate_file_name("on-demand-n1-5.zip").unwrap();
+    }
+
+    #[test]
+    fn token_hash_is_short_and_stable() {
+        assert_eq!(token_hash("secret").len(), 12);
+        assert_eq!(token_hash("secret"), token_hash("secret"));
+        assert_ne!(token_hash("secret"), token_hash("other"));
+    }
+}

@@ -1,0 +1,75 @@
+//! Retention: keep the N newest snapshots of a name prefix, delete the rest with their metadata.
+
+use futures::StreamExt;
+
+use crate::metadata::SnapshotMetadata;
+use crate::name;
+use crate::store::SnapshotStore;
+use crate::Result;
+
+/// Which snapshots of a prefix to prune.
+#[derive(Debug, Clone)]
+pub struct RetentionPolicy<'a> {
+    /// `--name` / `--etcd-snapshot-name`.
+    pub prefix: &'a str,
+    /// Only this node's snapshots (local stores); `None` counts all nodes (S3, SPEC §5).
+    pub node: Option<&'a str>,
+    /// How many to keep; < 1 keeps all.
+    pub keep: i64,
+}
+
+/// Given `(file, timestamp)` pairs, the files beyond the `keep` newest (newest first by timestamp,
+/// then by name so that the order is total).
+pub fn expired(mut candidates: Vec<(String, i64)>, keep: i64) -> Vec<String> {
+    if keep < 1 {
+        return Vec::new();
+    }
+    candidates.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    candidates.into_iter().skip(keep as usize).map(|(f, _)| f).collect()
+}
+
+/// Applies retention to a store; returns the deleted file names. Files that are not snapshots of
+/// ours (see [`name::parse`]) and snapshots of other prefixes or nodes are never touched. Only the
+/// names are held in memory, never the objects.
+pub async fn prune(store: &dyn SnapshotStore, policy: &RetentionPolicy<'_>) -> Result<Vec<String>> {
+    if policy.keep < 1 {
+        return Ok(Vec::new());
+    }
+    let list_prefix = format!("{}-", policy.prefix);
+    let mut candidates = Vec::new();
+    let mut listing = store.list(&list_prefix);
+    while let Some(obj) = listing.next().await {
+        let obj = obj?;
+        if let Some(ts) = name::matches_prefix(&obj.key, policy.prefix, policy.node) {
+            candidates.push((obj.key, ts));
+        }
+    }
+    drop(listing);
+    let doomed = expired(candidates, policy.keep);
+    for chunk in doomed.chunks(500) {
+        let mut keys = Vec::with_capacity(chunk.len() * 2);
+        for f in chunk {
+            keys.push(f.clone());
+            keys.push(SnapshotMetadata::key_for(f));
+        }
+        store.delete(&keys).await?;
+        for f in chunk {
+            tracing::info!(snapshot = %f, store = %store.describe(), "pruned snapshot");
+        }
+    }
+    Ok(doomed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_newest_n() {
+        let c = vec![("a-1".into(), 1), ("a-3".into(), 3), ("a-2".into(), 2), ("a-4".into(), 4)];
+        assert_eq!(expired(c.clone(), 2), vec!["a-2".to_string(), "a-1".to_string()]);
+        assert!(expired(c.clone(), 0).is_empty());
+        assert!(expired(c.clone(), -1).is_empty());
+        assert!(expired(c, 10).is_empty());
+    }
+}

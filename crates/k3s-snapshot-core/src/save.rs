@@ -1,0 +1,213 @@
+//! Taking a snapshot: etcd's Maintenance `Snapshot` stream → `<file>.part` → fsync → rename →
+//! directory fsync, with the SHA-256 trailer checked on the way and, optionally, every byte handed
+//! to a [`Tee`] at the same time (the S3 upload), so that the snapshot is read from etcd once.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::compress;
+use crate::etcd::EtcdConnection;
+use crate::integrity::TrailerCheck;
+use crate::metadata::SnapshotMetadata;
+use crate::name::{self, ZIP_SUFFIX};
+use crate::progress::Progress;
+use crate::store::{durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, RemoveOnDrop};
+use crate::{Error, Result};
+
+/// What to save and where.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// `--name` (on-demand) or `--etcd-snapshot-name` (scheduled).
+    pub prefix: String,
+    pub node: String,
+    pub compress: bool,
+    /// `name::token_hash` of the cluster token, when known.
+    pub token_hash: Option<String>,
+}
+
+/// A saved snapshot.
+#[derive(Debug, Clone)]
+pub struct SavedSnapshot {
+    pub path: PathBuf,
+    pub metadata: SnapshotMetadata,
+}
+
+enum TeeMsg {
+    Data(Bytes),
+    End,
+}
+
+/// The sending half of a byte stream that only ends cleanly when told so: if the [`Tee`] is
+/// dropped without [`Tee::finish`] (an error, a cancellation, a panic), the receiving stream
+/// yields an error, so that a store never completes a partial object.
+pub struct Tee {
+    tx: mpsc::Sender<TeeMsg>,
+}
+
+/// A bounded channel whose receiving half is a [`ByteStream`] for [`crate::store::SnapshotStore::put`].
+/// `depth` chunks may be in flight; when the consumer is slower, the producer waits.
+pub fn tee_channel(depth: usize) -> (Tee, ByteStream) {
+    let (tx, rx) = mpsc::channel::<TeeMsg>(depth);
+    let stream = futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
+        if ended {
+            return None;
+        }
+        match rx.recv().await {
+            Some(TeeMsg::Data(b)) => Some((Ok(b), (rx, false))),
+            Some(TeeMsg::End) => None,
+            None => Some((Err(std::io::Error::other("the snapshot source stopped before the end")), (rx, true))),
+        }
+    });
+    (Tee { tx }, stream.boxed())
+}
+
+impl Tee {
+    /// Sends a chunk; `false` when the consumer has gone (its own error says why).
+    pub async fn send(&self, chunk: Bytes) -> bool {
+        self.tx.send(TeeMsg::Data(chunk)).await.is_ok()
+    }
+
+    /// Ends the stream cleanly.
+    pub async fn finish(self) {
+        let _ = self.tx.send(TeeMsg::End).await;
+    }
+}
+
+/// Picks a free name for this second, or the next free second, and creates its `.part` with
+/// `O_EXCL`, so that two saves in the same second never write the same file.
+fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::File, RemoveOnDrop)> {
+    let mut ts = Utc::now().timestamp();
+    for _ in 0..1000 {
+        let file = name::snapshot_name(&opts.prefix, &opts.node, ts);
+        let path = store.dir().join(&file);
+        let zip = store.dir().join(format!("{file}{ZIP_SUFFIX}"));
+        let part = part_path(&path);
+        if !path.exists() && !zip.exists() {
+            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&part) {
+                Ok(f) => {
+                    let guard = RemoveOnDrop::new(part);
+                    if !path.exists() && !zip.exists() {
+                        return Ok((file, f, guard));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::Io { action: "create snapshot", path: part, cause: e }),
+            }
+        }
+        ts += 1;
+    }
+    Err(Error::Invalid(format!("no free snapshot name for {} in {}", opts.prefix, store.dir().display())))
+}
+
+/// Streams a snapshot from etcd into the store's directory and writes its metadata.
+///
+/// On any failure or cancellation, the `.part` file is removed and the tee (if any) is ended
+/// with an error: nothing appears under a snapshot name that is not a whole, verified snapshot.
+pub async fn save(
+    conn: &mut EtcdConnection,
+    store: &LocalStore,
+    opts: &SaveOptions,
+    tee: Option<Tee>,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<SavedSnapshot> {
+    name::validate_prefix(&opts.prefix)?;
+    name::validate_file_name(&opts.node)?;
+    store.ensure_dirs()?;
+    let (file, part_file, guard) = reserve(store, opts)?;
+    let path = store.dir().join(&file);
+    let part = part_path(&path);
+    let started = std::time::Instant::now();
+    tracing::debug!(snapshot = %file, endpoints = %conn.endpoints, "saving snapshot");
+
+    let endpoints = conn.endpoints.clone();
+    let mut tee = tee;
+    let mut stream = tokio::select! {
+        r = conn.client.snapshot() => r.map_err(|cause| Error::EtcdStream { endpoints: endpoints.clone(), received: 0, cause })?,
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    };
+    let mut w = tokio::io::BufWriter::with_capacity(4 << 20, tokio::fs::File::from_std(part_file));
+    let mut check = TrailerCheck::new();
+    let mut sha = Sha256::new();
+    progress.start(&file, None);
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m,
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+        };
+        let resp = match msg {
+            Ok(Some(resp)) => resp,
+            Ok(None) => break,
+            Err(cause) => return Err(Error::EtcdStream { endpoints, received: check.total(), cause }),
+        };
+        let blob = resp.blob();
+        check.update(blob);
+        sha.update(blob);
+        w.write_all(blob).await.map_err(Error::io("write", &part))?;
+        if let Some(t) = &tee {
+            if !t.send(Bytes::copy_from_slice(blob)).await {
+                tracing::debug!(snapshot = %file, "upload stopped taking data; continuing the local save");
+                tee = None;
+            }
+        }
+        progress.advance(blob.len() as u64);
+    }
+    progress.finish();
+    let raw_size = check.total();
+    check.finish(&file)?;
+    w.flush().await.map_err(Error::io("write", &part))?;
+    let f = w.into_inner();
+    f.sync_all().await.map_err(Error::io("fsync", &part))?;
+    drop(f);
+    durable_rename(&part, &path)?;
+    guard.disarm();
+    if let Some(t) = tee {
+        t.finish().await;
+    }
+
+    let (stored, size, sha256) = if opts.compress {
+        let raw = path.clone();
+        let zipped = tokio::task::spawn_blocking(move || -> Result<(PathBuf, u64, String)> {
+            // On failure the raw snapshot stays: it is whole and verified.
+            let z = compress::compress_file(&raw)?;
+            std::fs::remove_file(&raw).map_err(Error::io("remove", &raw))?;
+            let size = std::fs::metadata(&z).map_err(Error::io("stat", &z))?.len();
+            let sha = crate::integrity::sha256_file(&z)?;
+            Ok((z, size, sha))
+        })
+        .await
+        .map_err(|e| Error::Invalid(format!("compression task failed: {e}")))??;
+        zipped
+    } else {
+        (path, raw_size, hex::encode(sha.finalize()))
+    };
+    let stored_name = stored.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let metadata = SnapshotMetadata {
+        name: stored_name.clone(),
+        node_name: opts.node.clone(),
+        size,
+        created_at: Utc::now(),
+        compressed: opts.compress,
+        sha256,
+        etcd_revision: Some(conn.revision),
+        etcd_version: Some(conn.version.clone()),
+        total_key: None,
+        token_hash: opts.token_hash.clone(),
+    };
+    write_file_atomic(&store.metadata_dir().join(&stored_name), &metadata.to_json())?;
+    tracing::info!(
+        snapshot = %stored_name,
+        size,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "saved snapshot"
+    );
+    Ok(SavedSnapshot { path: stored, metadata })
+}
