@@ -19,7 +19,7 @@ use crate::integrity::TrailerCheck;
 use crate::metadata::SnapshotMetadata;
 use crate::name::{self, ZIP_SUFFIX};
 use crate::progress::Progress;
-use crate::store::{durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, RemoveOnDrop};
+use crate::store::{durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, PutOptions, RemoveOnDrop, SnapshotStore};
 use crate::{Error, Result};
 
 /// What to save and where.
@@ -119,6 +119,20 @@ pub async fn save(
     progress: &dyn Progress,
     cancel: &CancellationToken,
 ) -> Result<SavedSnapshot> {
+    save_inner(conn, store, opts, tee, None, progress, cancel).await
+}
+
+type NameHook = Box<dyn FnOnce(&str) + Send>;
+
+async fn save_inner(
+    conn: &mut EtcdConnection,
+    store: &LocalStore,
+    opts: &SaveOptions,
+    tee: Option<Tee>,
+    on_name: Option<NameHook>,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<SavedSnapshot> {
     name::validate_prefix(&opts.prefix)?;
     name::validate_file_name(&opts.node)?;
     store.ensure_dirs()?;
@@ -126,6 +140,9 @@ pub async fn save(
     let path = store.dir().join(&file);
     let part = part_path(&path);
     let started = std::time::Instant::now();
+    if let Some(hook) = on_name {
+        hook(&file);
+    }
     tracing::debug!(snapshot = %file, endpoints = %conn.endpoints, "saving snapshot");
 
     let endpoints = conn.endpoints.clone();
@@ -210,4 +227,146 @@ pub async fn save(
         "saved snapshot"
     );
     Ok(SavedSnapshot { path: stored, metadata })
+}
+
+/// The outcome of [`save_and_upload`]: the local snapshot always, and the upload's result when
+/// there was a remote store.
+#[derive(Debug)]
+pub struct SaveOutcome {
+    pub local: SavedSnapshot,
+    /// Bytes uploaded, or why the upload failed (the local snapshot is kept either way).
+    pub upload: Option<Result<u64>>,
+}
+
+/// How many etcd chunks may wait for the uploader before the etcd stream is slowed down.
+const TEE_DEPTH: usize = 64;
+
+/// Saves a snapshot locally and, with a remote store, uploads it. Uncompressed snapshots are
+/// uploaded while etcd's stream arrives (one read of etcd); compressed ones after the zip is
+/// written. Then the metadata document goes up beside it. A failed upload never loses the local
+/// snapshot and leaves nothing under the remote name.
+pub async fn save_and_upload(
+    conn: &mut EtcdConnection,
+    local: &LocalStore,
+    remote: Option<&dyn crate::store::SnapshotStore>,
+    opts: &SaveOptions,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<SaveOutcome> {
+    let Some(remote) = remote else {
+        let saved = save(conn, local, opts, None, progress, cancel).await?;
+        return Ok(SaveOutcome { local: saved, upload: None });
+    };
+    if opts.compress {
+        let saved = save(conn, local, opts, None, progress, cancel).await?;
+        let upload = upload_existing(local, remote, &saved, progress, cancel).await;
+        return Ok(SaveOutcome { local: saved, upload: Some(upload) });
+    }
+    // Pipelined: the name is not known until `save` reserves it, so the uploader learns it
+    // through a oneshot before the first byte arrives.
+    let (tee, body) = tee_channel(TEE_DEPTH);
+    let (name_tx, name_rx) = tokio::sync::oneshot::channel::<String>();
+    let (node, token_hash) = (opts.node.clone(), opts.token_hash.clone());
+    let upload = async move {
+        let Ok(file) = name_rx.await else {
+            return Err(Error::Cancelled);
+        };
+        let opts = PutOptions {
+            content_type: "application/octet-stream".into(),
+            user_metadata: user_metadata(&node, token_hash.as_deref()),
+            size_hint: None,
+        };
+        remote.put(&file, body, opts).await
+    };
+    let named_tee = NamedTee { tee, name_tx: Some(name_tx) };
+    let (saved, uploaded) = tokio::join!(save_named(conn, local, opts, named_tee, progress, cancel), upload);
+    let saved = saved?;
+    let upload = match uploaded {
+        Ok(n) => put_metadata(remote, &saved).await.map(|()| n),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &upload {
+        tracing::warn!(snapshot = %saved.metadata.name, store = %remote.describe(), error = %e, "upload failed; the local snapshot is kept");
+    }
+    Ok(SaveOutcome { local: saved, upload: Some(upload) })
+}
+
+struct NamedTee {
+    tee: Tee,
+    name_tx: Option<tokio::sync::oneshot::Sender<String>>,
+}
+
+async fn save_named(
+    conn: &mut EtcdConnection,
+    local: &LocalStore,
+    opts: &SaveOptions,
+    mut named: NamedTee,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<SavedSnapshot> {
+    let name_tx = named.name_tx.take();
+    let hook = move |file: &str| {
+        if let Some(tx) = name_tx {
+            let _ = tx.send(file.to_string());
+        }
+    };
+    save_inner(conn, local, opts, Some(named.tee), Some(Box::new(hook)), progress, cancel).await
+}
+
+/// Uploads a snapshot that is already on disk, then its metadata.
+pub async fn upload_existing(
+    local: &LocalStore,
+    remote: &dyn crate::store::SnapshotStore,
+    saved: &SavedSnapshot,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let file = &saved.metadata.name;
+    let (info, mut source) = local.get(file).await?;
+    progress.start(&format!("upload {file}"), Some(info.size));
+    let content_type = if saved.metadata.compressed { "application/zip" } else { "application/octet-stream" };
+    let opts = PutOptions {
+        content_type: content_type.into(),
+        user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
+        size_hint: Some(info.size),
+    };
+    // Pump the file through a tee so that progress is reported here, where it is borrowed.
+    let (tee, body) = tee_channel(8);
+    let pump = async move {
+        while let Some(chunk) = source.next().await {
+            let Ok(chunk) = chunk else { return };
+            let len = chunk.len() as u64;
+            if !tee.send(chunk).await {
+                return;
+            }
+            progress.advance(len);
+        }
+        tee.finish().await;
+    };
+    let put = async { tokio::join!(pump, remote.put(file, body, opts)).1 };
+    let n = tokio::select! {
+        r = put => r?,
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    };
+    progress.finish();
+    put_metadata(remote, saved).await?;
+    Ok(n)
+}
+
+/// The S3 user metadata k3s puts on a snapshot object.
+fn user_metadata(node: &str, token_hash: Option<&str>) -> Vec<(String, String)> {
+    let mut m = vec![("k3s-node-name".to_string(), node.to_string())];
+    if let Some(t) = token_hash {
+        m.push(("k3s-token-hash".to_string(), t.to_string()));
+    }
+    m
+}
+
+async fn put_metadata(remote: &dyn crate::store::SnapshotStore, saved: &SavedSnapshot) -> Result<()> {
+    let doc = Bytes::from(saved.metadata.to_json());
+    let opts = PutOptions { content_type: "application/json".into(), user_metadata: Vec::new(), size_hint: Some(doc.len() as u64) };
+    remote
+        .put(&SnapshotMetadata::key_for(&saved.metadata.name), futures::stream::once(async { Ok(doc) }).boxed(), opts)
+        .await?;
+    Ok(())
 }
