@@ -1,1 +1,80 @@
-fn main() {}
+//! `cargo xtask`: the project's own tasks. It provisions the real programs the tests need
+//! (protoc, etcd 3.4.23 and 3.5.1, the s3s-fs S3 server, nginx for TLS), then runs the suite, the
+//! demo or the benchmark. It builds with nothing but std and anyhow, because it is what installs
+//! everything else.
+
+mod bench;
+mod demo;
+mod provision;
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let task = args.next().unwrap_or_else(|| "help".into());
+    let rest: Vec<String> = args.collect();
+    match task.as_str() {
+        "provision" => {
+            let tools = provision::ensure_all()?;
+            for (k, v) in tools.env() {
+                println!("export {k}={}", v.display());
+            }
+            Ok(())
+        }
+        "test" => test(&rest),
+        "demo" => demo::run(),
+        "bench" => bench::run(&rest),
+        _ => {
+            eprintln!(
+                "usage: cargo xtask <task>\n\n\
+                 tasks:\n  \
+                 test [ARGS]   provision etcd 3.4.23 + 3.5.1, s3s-fs and nginx if missing, then run the whole suite\n  \
+                 demo          provision, start a throwaway etcd and show save, ls and prune\n  \
+                 bench [--size-mib N] [--runs N]   compare save/restore speed and memory with etcdctl/etcdutl\n  \
+                 provision     only install what is missing and print the environment the tests use"
+            );
+            if task == "help" {
+                Ok(())
+            } else {
+                bail!("unknown task {task:?}")
+            }
+        }
+    }
+}
+
+/// Provisions, builds the binary, runs every test of the workspace with the tools' locations in
+/// the environment.
+fn test(extra: &[String]) -> Result<()> {
+    let tools = provision::ensure_all()?;
+    let root = provision::workspace_root();
+    let mut build = Command::new(cargo());
+    build.current_dir(&root).args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
+    tools.apply(&mut build);
+    run_checked(&mut build, "build the k3s-snapshot binary")?;
+    let mut test = Command::new(cargo());
+    test.current_dir(&root).args(["test", "--locked", "--workspace", "--exclude", "xtask"]).args(extra);
+    tools.apply(&mut test);
+    test.env("K3S_SNAPSHOT_BIN", root.join("target/debug/k3s-snapshot"));
+    run_checked(&mut test, "run the test suite")
+}
+
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+pub fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("cannot start {:?} to {what}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("failed to {what} ({status})");
+    }
+    Ok(())
+}

@@ -1,0 +1,322 @@
+//! `k3s-snapshot etcd-snapshot` against real etcd 3.4.23 and 3.5.1, on local disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tests::support::bin::{self, run, Run};
+use tests::support::etcd::{etcdutl_restore, etcdutl_status, Etcd, EtcdVersion};
+
+/// `etcd-snapshot <args> --etcd-endpoints E --node-name n1 --dir D`
+fn snap(etcd: &Etcd, dir: &Path, args: &[&str]) -> Command {
+    let mut c = bin::cmd();
+    c.arg("etcd-snapshot").args(args).args(["--etcd-endpoints", &etcd.endpoint, "--node-name", "n1", "--dir"]).arg(dir);
+    c
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn ls_json(etcd: &Etcd, dir: &Path) -> Vec<serde_json::Value> {
+    let r = run(&mut snap(etcd, dir, &["ls", "-o", "json"]));
+    r.assert_ok();
+    serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap().as_array().unwrap().clone()
+}
+
+#[test]
+fn saved_snapshot_restores_with_etcdutl_and_has_etcds_revision() {
+    for v in EtcdVersion::ALL {
+        let etcd = Etcd::start(v);
+        etcd.put_many("/registry/a/", 50);
+        let _ = etcd.ctl(&["del", "/registry/a/00003"]);
+        let revision = etcd.revision();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snapshots");
+        run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+        let names = files(&dir);
+        assert_eq!(names.len(), 1, "{v:?}: {names:?}");
+        assert!(names[0].starts_with("on-demand-n1-"), "{names:?}");
+        let path = dir.join(&names[0]);
+        let status = etcdutl_status(&path);
+        assert_eq!(status["revision"].as_i64(), Some(revision), "{v:?}: {status}");
+        let out = etcdutl_restore(&path, &tmp.path().join("restored"));
+        assert!(out.status.success(), "{v:?}: restore with hash check: {}", String::from_utf8_lossy(&out.stderr));
+        // metadata beside the snapshot dir, private modes
+        let meta = tmp.path().join(".metadata").join(&names[0]);
+        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        assert_eq!(m["nodeName"], "n1");
+        assert_eq!(m["etcdRevision"].as_i64(), Some(revision));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+}
+
+#[test]
+fn compressed_snapshot_is_a_zip_with_exactly_one_entry_named_like_the_file() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put_many("/k/", 20);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    run(&mut snap(&etcd, &dir, &["save", "--snapshot-compress"])).assert_ok();
+    let names = files(&dir);
+    assert_eq!(names.len(), 1, "{names:?}");
+    let zip_name = &names[0];
+    let base = zip_name.strip_suffix(".zip").expect("a .zip file");
+    // inspect with Python's zipfile, an independent reader
+    let out = Command::new("python3")
+        .args(["-c", "import sys,zipfile; z=zipfile.ZipFile(sys.argv[1]); print('\\n'.join(i.filename+' '+str(i.compress_type) for i in z.infolist()))"])
+        .arg(dir.join(zip_name))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(listing.trim(), format!("{base} 8"), "one deflate (8) entry named {base}");
+    // and the entry is a valid snapshot
+    let x = Command::new("python3")
+        .args(["-c", "import sys,zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])"])
+        .arg(dir.join(zip_name))
+        .arg(tmp.path().join("x"))
+        .status()
+        .unwrap();
+    assert!(x.success());
+    etcdutl_status(&tmp.path().join("x").join(base));
+}
+
+#[test]
+fn two_saves_in_the_same_second_do_not_collide() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let mut a = snap(&etcd, &dir, &["save"]).spawn().unwrap();
+    let mut b = snap(&etcd, &dir, &["save"]).spawn().unwrap();
+    assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
+    run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+    assert_eq!(files(&dir).len(), 3, "{:?}", files(&dir));
+}
+
+#[test]
+fn ls_prints_table_json_and_yaml() {
+    let etcd = Etcd::start(EtcdVersion::V3_4);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+    run(&mut snap(&etcd, &dir, &["save", "--snapshot-compress"])).assert_ok();
+    let names = files(&dir);
+
+    let table = run(&mut snap(&etcd, &dir, &["ls"]));
+    table.assert_ok();
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["Name", "Location", "Size", "Created"]);
+    assert_eq!(lines.len(), 3, "{}", table.stdout);
+    for n in &names {
+        let row = lines.iter().find(|l| l.starts_with(n.as_str())).unwrap_or_else(|| panic!("no row for {n}"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(cols[1], format!("file://{}", dir.join(n).display()));
+        assert_eq!(cols[2], std::fs::metadata(dir.join(n)).unwrap().len().to_string());
+        chrono_like_rfc3339(cols[3]);
+    }
+
+    let json = ls_json(&etcd, &dir);
+    assert_eq!(json.len(), 2);
+    for e in &json {
+        assert!(names.contains(&e["name"].as_str().unwrap().to_string()));
+        assert_eq!(e["metadata"]["nodeName"], "n1");
+    }
+    let yaml = run(&mut snap(&etcd, &dir, &["ls", "-o", "yaml"]));
+    yaml.assert_ok();
+    for n in &names {
+        assert!(yaml.stdout.contains(&format!("name: {n}")), "{}", yaml.stdout);
+    }
+    // the aliases
+    run(&mut snap(&etcd, &dir, &["list"])).assert_ok();
+    run(&mut snap(&etcd, &dir, &["l"])).assert_ok();
+}
+
+fn chrono_like_rfc3339(s: &str) {
+    assert!(s.len() >= 20 && s.as_bytes()[4] == b'-' && s.contains('T') && s.ends_with('Z'), "not RFC 3339: {s}");
+}
+
+#[test]
+fn prune_keeps_the_newest_of_its_name_and_never_touches_other_files() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    for _ in 0..4 {
+        run(&mut snap(&etcd, &dir, &["save", "--name", "keep"])).assert_ok();
+    }
+    run(&mut snap(&etcd, &dir, &["save", "--name", "other"])).assert_ok();
+    let foreign = ["keep-n1-notanumber", "keep-n1-1.txt", "notes.txt", "keep-n1-5.part"];
+    for f in foreign {
+        std::fs::write(dir.join(f), b"not a snapshot").unwrap();
+    }
+    let mut before: Vec<String> = files(&dir).into_iter().filter(|f| f.starts_with("keep-n1-") && !foreign.contains(&f.as_str())).collect();
+    before.sort_by_key(|f| f.rsplit('-').next().unwrap().parse::<i64>().unwrap());
+    assert_eq!(before.len(), 4);
+    run(&mut snap(&etcd, &dir, &["prune", "--name", "keep", "--snapshot-retention", "2"])).assert_ok();
+    let after = files(&dir);
+    for old in &before[..2] {
+        assert!(!after.contains(old), "{old} should be pruned: {after:?}");
+        assert!(!tmp.path().join(".metadata").join(old).exists(), "metadata of {old} should be gone");
+    }
+    for new in &before[2..] {
+        assert!(after.contains(new), "{new} should be kept: {after:?}");
+    }
+    for f in foreign {
+        assert!(after.contains(&f.to_string()), "{f} is not ours and must stay");
+    }
+    assert_eq!(after.iter().filter(|f| f.starts_with("other-")).count(), 1);
+}
+
+#[test]
+fn delete_removes_the_file_and_its_metadata() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+    let name = files(&dir).remove(0);
+    assert!(tmp.path().join(".metadata").join(&name).exists());
+    run(&mut snap(&etcd, &dir, &["delete", &name])).assert_ok();
+    assert!(files(&dir).is_empty());
+    assert!(!tmp.path().join(".metadata").join(&name).exists());
+    // a name that is not there: warning, exit 1
+    let r = run(&mut snap(&etcd, &dir, &["delete", &name]));
+    r.assert_fails_with("not found");
+    assert_eq!(r.code, Some(1));
+}
+
+#[test]
+fn delete_refuses_names_with_a_path() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(tmp.path().join("x"), b"precious").unwrap();
+    for bad in ["../x", "a/b", ".."] {
+        let r = run(&mut snap(&etcd, &dir, &["delete", bad]));
+        r.assert_fails_with("invalid snapshot name");
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    }
+    assert_eq!(std::fs::read(tmp.path().join("x")).unwrap(), b"precious");
+}
+
+fn assert_nothing_written(dir: &Path) {
+    let left: Vec<String> = files(dir);
+    assert!(left.is_empty(), "nothing may be left behind: {left:?}");
+}
+
+#[test]
+fn dead_or_wrong_endpoint_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let port = tests::support::etcd::free_port();
+    for endpoint in [format!("http://127.0.0.1:{port}"), "127.0.0.1:2379".to_string()] {
+        let r = run(bin::cmd().args(["etcd-snapshot", "save", "--etcd-endpoints", &endpoint, "--dir"]).arg(&dir));
+        r.assert_fails_with("etcd");
+        assert_eq!(r.code, Some(1));
+        assert!(r.stderr.contains(&endpoint) || r.stderr.contains("127.0.0.1"), "names the endpoint: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().filter(|l| l.starts_with("error")).count(), 1, "{}", r.stderr);
+        assert_nothing_written(&dir);
+    }
+}
+
+#[test]
+fn etcd_killed_mid_stream_leaves_no_snapshot() {
+    for v in EtcdVersion::ALL {
+        let mut etcd = Etcd::start(v);
+        etcd.load_mib("/big/", 300);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("snapshots");
+        let mut child = snap(&etcd, &dir, &["save"])
+            .env("K3S_SNAPSHOT_LOG", "debug")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait until bytes are arriving (a .part file that grows), then kill etcd.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let growing = files(&dir).iter().any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 1 << 20).unwrap_or(false));
+            if growing {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "save never started writing");
+            assert!(child.try_wait().unwrap().is_none(), "save finished before etcd could be killed");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        etcd.kill();
+        let out: Run = child.wait_with_output().unwrap().into();
+        out.assert_fails_with("etcd snapshot stream");
+        assert_eq!(out.code, Some(1));
+        assert_nothing_written(&dir);
+        assert!(files(&tmp.path().join(".metadata")).is_empty());
+    }
+}
+
+#[test]
+fn unwritable_snapshot_dir_is_a_clear_error() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    // A path below a regular file can never be created, even by root.
+    let blocker = tmp.path().join("file");
+    std::fs::write(&blocker, b"").unwrap();
+    let dir: PathBuf = blocker.join("snapshots");
+    let r = run(&mut snap(&etcd, &dir, &["save"]));
+    r.assert_fails_with(&dir.display().to_string());
+    assert_eq!(r.code, Some(1));
+}
+
+#[test]
+fn retention_that_is_not_a_number_is_a_usage_error() {
+    let r = run(bin::cmd().args(["etcd-snapshot", "prune", "--snapshot-retention", "five"]));
+    r.assert_fails_with("five");
+    assert_eq!(r.code, Some(2));
+}
+
+#[test]
+fn unknown_output_format_is_a_usage_error() {
+    let r = run(bin::cmd().args(["etcd-snapshot", "ls", "-o", "xml"]));
+    r.assert_fails_with("xml");
+    assert_eq!(r.code, Some(2));
+}
+
+#[test]
+fn config_file_is_below_env_and_command_line_and_unknown_keys_warn() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let cfg = tmp.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "etcd-snapshot-dir: {}\nname: fromfile\nnode-name: filenode\nsnapshot-compress: true\nno-such-key: 1\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let base = |c: &mut Command| {
+        c.args(["etcd-snapshot", "save", "--etcd-endpoints", &etcd.endpoint, "--config"]).arg(&cfg);
+    };
+    // file only
+    let mut c = bin::cmd();
+    base(&mut c);
+    let r = run(&mut c);
+    r.assert_ok();
+    assert!(r.stderr.contains("unknown key \"no-such-key\""), "warns: {}", r.stderr);
+    assert!(files(&dir).iter().any(|f| f.starts_with("fromfile-filenode-") && f.ends_with(".zip")), "{:?}", files(&dir));
+    // env beats file
+    let mut c = bin::cmd();
+    base(&mut c);
+    c.env("K3S_NODE_NAME", "envnode");
+    run(&mut c).assert_ok();
+    assert!(files(&dir).iter().any(|f| f.starts_with("fromfile-envnode-")), "{:?}", files(&dir));
+    // command line beats env and file
+    let mut c = bin::cmd();
+    base(&mut c);
+    c.env("K3S_NODE_NAME", "envnode").args(["--node-name", "clinode", "--name", "cli"]);
+    run(&mut c).assert_ok();
+    assert!(files(&dir).iter().any(|f| f.starts_with("cli-clinode-")), "{:?}", files(&dir));
+}

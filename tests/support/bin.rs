@@ -1,0 +1,73 @@
+//! The built `k3s-snapshot` binary.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// Path of the `k3s-snapshot` binary: `K3S_SNAPSHOT_BIN`, else `target/debug/k3s-snapshot`.
+pub fn path() -> PathBuf {
+    let p = std::env::var_os("K3S_SNAPSHOT_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/k3s-snapshot")
+    });
+    assert!(
+        p.is_file(),
+        "the k3s-snapshot binary is not built at {}: run `cargo xtask test` (it builds it and installs etcd and s3s-fs)",
+        p.display()
+    );
+    p
+}
+
+/// A `k3s-snapshot` command with a clean environment for the variables it reads.
+pub fn cmd() -> Command {
+    let mut c = Command::new(path());
+    for v in [
+        "K3S_DATA_DIR", "K3S_NODE_NAME", "K3S_TOKEN", "K3S_URL", "K3S_CONFIG_FILE", "K3S_CLUSTER_INIT",
+        "K3S_CLUSTER_RESET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "K3S_SNAPSHOT_LOG",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+/// Output of a finished command, as text, for assertions.
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    #[track_caller]
+    pub fn assert_ok(&self) -> &Self {
+        assert!(self.ok(), "expected success, got {:?}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        self
+    }
+
+    #[track_caller]
+    pub fn assert_fails_with(&self, needle: &str) -> &Self {
+        assert!(!self.ok(), "expected failure, got success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
+        assert!(
+            self.stderr.contains(needle),
+            "stderr does not mention {needle:?}\nstderr:\n{}",
+            self.stderr
+        );
+        self
+    }
+}
+
+impl From<Output> for Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+pub fn run(c: &mut Command) -> Run {
+    c.output().unwrap_or_else(|e| panic!("cannot run {:?}: {e}", c.get_program())).into()
+}

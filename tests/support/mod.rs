@@ -1,0 +1,4 @@
+//! Test support, one module per real component.
+
+pub mod bin;
+pub mod etcd;
