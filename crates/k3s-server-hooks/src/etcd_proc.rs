@@ -1,0 +1,348 @@
+//! Running the real `etcd`: finding its binaries, starting it with TLS everywhere, forwarding its
+//! logs into `tracing`, waiting until it is ready, noticing when it dies, and stopping it.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k3s_snapshot_core::etcd::{EtcdClientConfig, EtcdConnection};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+use crate::tls::TlsFiles;
+use crate::{Error, Result};
+
+/// How many of etcd's last log lines an error report carries.
+const LAST_LINES: usize = 12;
+
+/// `etcd` and the restore tool found beside it.
+#[derive(Debug, Clone)]
+pub struct EtcdBinaries {
+    pub etcd: PathBuf,
+    /// etcd 3.5+: `etcdutl snapshot restore`.
+    pub etcdutl: Option<PathBuf>,
+    /// etcd 3.4: `ETCDCTL_API=3 etcdctl snapshot restore`.
+    pub etcdctl: Option<PathBuf>,
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+impl EtcdBinaries {
+    /// Looks in `--etcd-bin-dir` when given, else on `PATH`.
+    pub fn find(bin_dir: Option<&Path>) -> Result<Self> {
+        let etcd = match bin_dir {
+            Some(dir) => {
+                let p = dir.join("etcd");
+                if !is_executable(&p) {
+                    return Err(Error::Binary {
+                        program: "etcd".into(),
+                        detail: format!("{} is not an executable; check --etcd-bin-dir (K3S_ETCD_BIN_DIR)", p.display()),
+                    });
+                }
+                p
+            }
+            None => std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|d| d.join("etcd"))
+                .find(|p| is_executable(p))
+                .ok_or_else(|| Error::Binary {
+                    program: "etcd".into(),
+                    detail: "it is not on PATH; install etcd or point --etcd-bin-dir (K3S_ETCD_BIN_DIR) at the directory that holds it".into(),
+                })?,
+        };
+        let dir = etcd.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let beside = |n: &str| Some(dir.join(n)).filter(|p| is_executable(p));
+        Ok(EtcdBinaries { etcdutl: beside("etcdutl"), etcdctl: beside("etcdctl"), etcd })
+    }
+}
+
+/// Everything etcd is started with.
+#[derive(Debug, Clone)]
+pub struct EtcdLaunch {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// `https://ADVERTISE:CLIENT_PORT`
+    pub client_url: String,
+    /// `https://ADVERTISE:PEER_PORT`
+    pub peer_url: String,
+    /// `name=peer_url,...`
+    pub initial_cluster: String,
+    /// `new` or `existing` (joining).
+    pub initial_cluster_state: String,
+    pub force_new_cluster: bool,
+    pub metrics_url: Option<String>,
+    pub tls: TlsFiles,
+    /// `--etcd-arg` values: `key=value` with or without leading dashes.
+    pub extra_args: Vec<String>,
+}
+
+impl EtcdLaunch {
+    pub fn args(&self) -> Vec<String> {
+        let p = |p: &Path| p.display().to_string();
+        let mut a = vec![
+            format!("--name={}", self.name),
+            format!("--data-dir={}", p(&self.data_dir)),
+            format!("--listen-client-urls={}", self.client_url),
+            format!("--advertise-client-urls={}", self.client_url),
+            format!("--listen-peer-urls={}", self.peer_url),
+            format!("--initial-advertise-peer-urls={}", self.peer_url),
+            format!("--initial-cluster={}", self.initial_cluster),
+            format!("--initial-cluster-state={}", self.initial_cluster_state),
+            format!("--trusted-ca-file={}", p(&self.tls.etcd_server_ca)),
+            format!("--cert-file={}", p(&self.tls.etcd_server_cert)),
+            format!("--key-file={}", p(&self.tls.etcd_server_key)),
+            "--client-cert-auth=true".into(),
+            format!("--peer-trusted-ca-file={}", p(&self.tls.etcd_peer_ca)),
+            format!("--peer-cert-file={}", p(&self.tls.etcd_peer_cert)),
+            format!("--peer-key-file={}", p(&self.tls.etcd_peer_key)),
+            "--peer-client-cert-auth=true".into(),
+            "--logger=zap".into(),
+            "--log-outputs=stderr".into(),
+        ];
+        if let Some(m) = &self.metrics_url {
+            a.push(format!("--listen-metrics-urls={m}"));
+        }
+        if self.force_new_cluster {
+            a.push("--force-new-cluster".into());
+        }
+        for extra in &self.extra_args {
+            let e = extra.trim_start_matches('-');
+            a.push(format!("--{e}"));
+        }
+        a
+    }
+
+    /// What `etcd-snapshot` and our own checks use to reach this etcd.
+    pub fn client_config(&self) -> EtcdClientConfig {
+        EtcdClientConfig {
+            endpoints: vec![self.client_url.clone()],
+            cacert: Some(self.tls.etcd_server_ca.clone()),
+            cert: Some(self.tls.etcd_client_cert.clone()),
+            key: Some(self.tls.etcd_client_key.clone()),
+        }
+    }
+}
+
+/// A running etcd. Killed and reaped when dropped.
+pub struct EtcdProcess {
+    child: Child,
+    last: Arc<Mutex<VecDeque<String>>>,
+    logs: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn remember(last: &Mutex<VecDeque<String>>, line: String) {
+    let mut l = last.lock().expect("etcd log buffer");
+    if l.len() == LAST_LINES {
+        l.pop_front();
+    }
+    l.push_back(line);
+}
+
+/// Forwards one line of etcd's zap JSON log (or plain text) to `tracing` and returns its message.
+fn forward(line: &str) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_str(line).ok();
+    let Some(v) = parsed.filter(|v| v.is_object()) else {
+        tracing::info!(target: "etcd", "{line}");
+        return line.to_string();
+    };
+    let level = v.get("level").and_then(|l| l.as_str()).unwrap_or("info");
+    let msg = v.get("msg").and_then(|m| m.as_str()).unwrap_or_default();
+    let err = v.get("error").and_then(|m| m.as_str());
+    let summary = match err {
+        Some(e) => format!("{msg}: {e}"),
+        None => msg.to_string(),
+    };
+    match level {
+        "debug" => tracing::debug!(target: "etcd", "{summary}"),
+        "info" => tracing::info!(target: "etcd", "{summary}"),
+        "warn" => tracing::warn!(target: "etcd", "{summary}"),
+        _ => tracing::error!(target: "etcd", "{summary}"),
+    }
+    summary
+}
+
+/// Fails with [`Error::Port`] when a port cannot be bound now (etcd would fail later, less clearly).
+pub fn check_port_free(what: &'static str, addr: std::net::SocketAddr) -> Result<()> {
+    std::net::TcpListener::bind(addr).map(drop).map_err(|cause| Error::Port { what, addr, cause })
+}
+
+impl EtcdProcess {
+    pub async fn start(bins: &EtcdBinaries, launch: &EtcdLaunch) -> Result<Self> {
+        let args = launch.args();
+        tracing::info!(etcd = %bins.etcd.display(), name = %launch.name, client_url = %launch.client_url, peer_url = %launch.peer_url,
+            force_new_cluster = launch.force_new_cluster, "starting etcd");
+        let mut child = Command::new(&bins.etcd)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Error::Binary { program: bins.etcd.display().to_string(), detail: format!("cannot start it: {e}") })?;
+        let last = Arc::new(Mutex::new(VecDeque::new()));
+        let mut logs = Vec::new();
+        macro_rules! pump {
+            ($pipe:expr) => {
+                if let Some(pipe) = $pipe {
+                    let last = last.clone();
+                    logs.push(tokio::spawn(async move {
+                        let mut lines = BufReader::new(pipe).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            let summary = forward(&line);
+                            remember(&last, summary);
+                        }
+                    }));
+                }
+            };
+        }
+        pump!(child.stdout.take());
+        pump!(child.stderr.take());
+        Ok(EtcdProcess { child, last, logs })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// etcd's last log messages, `; `-separated, for error reports.
+    pub fn last_lines(&self) -> String {
+        let l = self.last.lock().expect("etcd log buffer");
+        if l.is_empty() {
+            return "(none)".into();
+        }
+        l.iter().cloned().collect::<Vec<_>>().join("; ")
+    }
+
+    async fn exited_error(&mut self, status: std::process::ExitStatus) -> Error {
+        // Let the log pumps drain what etcd wrote before it died.
+        for h in self.logs.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        }
+        Error::EtcdExited { status: status.to_string(), last_lines: self.last_lines() }
+    }
+
+    /// Resolves when etcd exits, with the error that says so.
+    pub async fn exited(&mut self) -> Error {
+        match self.child.wait().await {
+            Ok(status) => self.exited_error(status).await,
+            Err(e) => Error::EtcdExited { status: format!("cannot wait for it: {e}"), last_lines: self.last_lines() },
+        }
+    }
+
+    /// Waits until etcd answers a status request over TLS with the client certificate and has a
+    /// leader; fails early if etcd exits, and after `timeout` otherwise.
+    pub async fn wait_ready(
+        &mut self,
+        client: &EtcdClientConfig,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<EtcdConnection> {
+        let started = tokio::time::Instant::now();
+        let mut last = String::from("no answer yet");
+        loop {
+            if let Some(status) = self.child.try_wait().map_err(|e| Error::EtcdExited {
+                status: format!("cannot wait for it: {e}"),
+                last_lines: String::new(),
+            })? {
+                return Err(self.exited_error(status).await);
+            }
+            if started.elapsed() > timeout {
+                return Err(Error::EtcdNotReady {
+                    endpoints: client.endpoints_display(),
+                    waited_secs: timeout.as_secs(),
+                    last: format!("{last}; etcd's last lines: {}", self.last_lines()),
+                });
+            }
+            let attempt = async {
+                let mut conn = client.connect().await?;
+                let status = conn.client.status().await.map_err(|cause| k3s_snapshot_core::Error::Etcd {
+                    endpoints: conn.endpoints.clone(),
+                    cause,
+                })?;
+                if status.leader() == 0 {
+                    return Err(k3s_snapshot_core::Error::Invalid("etcd has no leader yet".into()));
+                }
+                Ok(conn)
+            };
+            tokio::select! {
+                r = attempt => match r {
+                    Ok(conn) => {
+                        tracing::info!(endpoints = %client.endpoints_display(), version = %conn.version, "etcd is ready");
+                        return Ok(conn);
+                    }
+                    Err(e) => {
+                        last = e.to_string();
+                        tracing::debug!(error = %last, "etcd not ready yet");
+                    }
+                },
+                status = self.child.wait() => {
+                    if let Ok(status) = status {
+                        return Err(self.exited_error(status).await);
+                    }
+                }
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+            }
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`; always reaps.
+    pub async fn stop(mut self, grace: Duration) -> Result<()> {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return Ok(());
+        }
+        if let Some(pid) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        match tokio::time::timeout(grace, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                tracing::info!(%status, "etcd stopped");
+            }
+            _ => {
+                tracing::warn!(grace_secs = grace.as_secs(), "etcd did not stop after SIGTERM; killing it");
+                let _ = self.child.kill().await;
+            }
+        }
+        for h in self.logs.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h).await;
+        }
+        Ok(())
+    }
+}
+
+/// Output of a short-lived tool (etcdutl, etcdctl) run to completion, its output logged at debug.
+pub async fn run_tool(program: &Path, args: &[String], envs: &[(&str, &str)]) -> Result<()> {
+    tracing::debug!(program = %program.display(), ?args, "running");
+    let out = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| Error::Binary { program: program.display().to_string(), detail: format!("cannot run it: {e}") })?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for line in text.lines() {
+        tracing::debug!(target: "etcd", "{line}");
+    }
+    if !out.status.success() {
+        let tail: Vec<&str> = text.lines().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(Error::Tool {
+            program: program.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            status: out.status.to_string(),
+            output: tail.join("; "),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,348 @@
+//! `--cluster-reset [--cluster-reset-restore-path=PATH]` (SPEC §6).
+//!
+//! [`prepare`] runs every check and changes nothing but the snapshot dir (a download or a zip
+//! extraction lands there). [`execute`] then restores into `db/etcd-restore.tmp`, renames it to
+//! `db/etcd-restore` (complete), and swaps: `etcd-old` → `etcd-old-<secs>`, `etcd` → `etcd-old`,
+//! `etcd-restore` → `etcd`, each rename fsynced. A crash at any point leaves either the old data in
+//! `db/etcd`, or the new data complete in `db/etcd-restore` with `db/etcd` gone, which
+//! [`recover_interrupted`] (run at every start) moves into place. Without a path, `db/etcd` is
+//! copied to `db/etcd-old.tmp`, which becomes `etcd-old` the same way, and etcd runs with
+//! `--force-new-cluster`. Either way etcd is started as the only member, checked, stopped, and
+//! `reset-flag` is written.
+//!
+//! For crash tests, `K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER=N` aborts the process right after step N
+//! (1 restored or copied, 2 old `etcd-old` moved aside, 3 `etcd` moved or copy in place, 4 new
+//! `etcd` in place).
+
+use std::path::{Path, PathBuf};
+
+use k3s_snapshot_core::metadata::SnapshotMetadata;
+use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, write_file_atomic};
+use k3s_snapshot_core::{compress, integrity, name};
+use tokio_util::sync::CancellationToken;
+
+use crate::etcd_proc::{run_tool, EtcdBinaries, EtcdLaunch, EtcdProcess};
+use crate::layout::DataDir;
+use crate::server::ServerConfig;
+use crate::token::Token;
+use crate::{Error, Result};
+
+/// Logged (exactly) when a reset is done.
+pub const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
+
+const ABORT_ENV: &str = "K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER";
+
+/// The refusal of a second reset while `reset-flag` exists (exact text of k3s).
+pub fn previously_reset_message(dd: &DataDir) -> String {
+    format!(
+        "Managed etcd cluster membership was previously reset, please remove the cluster-reset flag and start normally. If you need to perform another cluster reset, you must first manually delete the file at {}",
+        dd.reset_flag().display()
+    )
+}
+
+fn abort_point(step: u32) {
+    if std::env::var(ABORT_ENV).ok().and_then(|v| v.parse::<u32>().ok()) == Some(step) {
+        eprintln!("{ABORT_ENV}={step}: aborting after step {step}");
+        std::process::abort();
+    }
+}
+
+fn remove_dir_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Io { action: "remove", path: p.into(), cause: e }),
+    }
+}
+
+fn has_member(dir: &Path) -> bool {
+    dir.join("member").is_dir()
+}
+
+/// Cleans what an interrupted reset left: temporary dirs go; a complete restore whose swap was cut
+/// short after `db/etcd` moved away is moved into place; one whose swap never began is dropped
+/// (the old data is still in `db/etcd`).
+pub fn recover_interrupted(dd: &DataDir) -> Result<()> {
+    for tmp in [dd.etcd_restore_tmp(), dd.etcd_old_tmp()] {
+        if tmp.exists() {
+            tracing::warn!(dir = %tmp.display(), "removing what an interrupted cluster reset left");
+            remove_dir_if_exists(&tmp)?;
+        }
+    }
+    let restored = dd.etcd_restore();
+    if restored.exists() {
+        if has_member(&dd.etcd()) {
+            tracing::warn!(dir = %restored.display(), "an interrupted cluster reset never swapped its restore in; keeping the current data and removing it");
+            remove_dir_if_exists(&restored)?;
+        } else {
+            remove_dir_if_exists(&dd.etcd())?;
+            durable_rename(&restored, &dd.etcd())?;
+            tracing::warn!(dir = %dd.etcd().display(), "completed the swap of an interrupted cluster reset: the restored data is in place");
+        }
+    }
+    Ok(())
+}
+
+/// What the checks found.
+#[derive(Debug)]
+pub struct ResetPlan {
+    /// A verified snapshot to restore; `None` resets the existing data.
+    pub snapshot: Option<PathBuf>,
+}
+
+/// Every check, before anything changes (SPEC §6).
+pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPlan> {
+    let dd = &cfg.data_dir;
+    let Some(given) = cfg.cluster_reset_restore_path.as_deref() else {
+        if !has_member(&dd.etcd()) {
+            return Err(Error::Reset(format!(
+                "there is no etcd data in {} to reset; give --cluster-reset-restore-path to restore a snapshot",
+                dd.etcd().display()
+            )));
+        }
+        return Ok(ResetPlan { snapshot: None });
+    };
+    if bins.etcdutl.is_none() && bins.etcdctl.is_none() {
+        return Err(Error::Binary {
+            program: "etcdutl or etcdctl".into(),
+            detail: format!("neither is beside {}; install the etcd tools of the same version", bins.etcd.display()),
+        });
+    }
+    let store = cfg.snapshot_store();
+    let path = PathBuf::from(given);
+    let local = match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Some(path.clone()),
+        Ok(_) => return Err(Error::Reset(format!("restore path {given} is not a file; give a snapshot file"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(Error::Io { action: "read snapshot", path, cause: e }),
+    };
+    let (file, metadata) = match local {
+        Some(p) => {
+            std::fs::File::open(&p).map_err(Error::io("read snapshot", &p))?;
+            let md = local_metadata(&p);
+            (p, md)
+        }
+        None => match &cfg.snapshots.remote_fetch {
+            Some(fetch) => {
+                name::validate_file_name(given).map_err(|e| Error::Reset(format!("restore path: {e}")))?;
+                store.ensure_dirs()?;
+                tracing::info!(snapshot = %given, "downloading the snapshot to restore");
+                let p = fetch(given.to_string(), store.dir().to_path_buf()).await?;
+                let md = local_metadata(&p);
+                (p, md)
+            }
+            None => {
+                return Err(Error::Reset(format!(
+                    "restore path {given} does not exist; give the path of a snapshot file (or, with --etcd-s3, the name of a snapshot in the bucket)"
+                )))
+            }
+        },
+    };
+    let raw = if file.extension().is_some_and(|e| e == "zip") {
+        store.ensure_dirs()?;
+        let out = tokio::task::spawn_blocking({
+            let (file, dir) = (file.clone(), store.dir().to_path_buf());
+            move || compress::extract_single(&file, &dir)
+        })
+        .await
+        .map_err(|e| Error::Reset(format!("extraction task failed: {e}")))??;
+        tracing::info!(zip = %file.display(), snapshot = %out.display(), "extracted the snapshot");
+        out
+    } else {
+        file.clone()
+    };
+    let has_trailer = {
+        let raw = raw.clone();
+        tokio::task::spawn_blocking(move || integrity::verify_file_trailer(&raw))
+            .await
+            .map_err(|e| Error::Reset(format!("check task failed: {e}")))?
+            .map_err(|e| Error::Reset(format!("{e}; refusing to restore it, nothing was changed")))?
+    };
+    if !has_trailer {
+        return Err(Error::Reset(format!(
+            "snapshot {} has no sha256 trailer (its size is not a whole number of pages plus 32 bytes), so it is truncated or not an etcd snapshot; refusing to restore it, nothing was changed",
+            raw.display()
+        )));
+    }
+    if let Some(md) = metadata {
+        token_check(cfg, &md);
+    }
+    tracing::info!(snapshot = %raw.display(), "snapshot verified");
+    Ok(ResetPlan { snapshot: Some(raw) })
+}
+
+/// `<dir>/../.metadata/<file>` of a local snapshot, when there.
+fn local_metadata(p: &Path) -> Option<SnapshotMetadata> {
+    let file = p.file_name()?.to_str()?;
+    let md = p.parent()?.parent()?.join(k3s_snapshot_core::metadata::METADATA_DIR).join(file);
+    SnapshotMetadata::from_json(&std::fs::read(md).ok()?).ok()
+}
+
+/// Warns when the snapshot was taken with another token than this server's.
+fn token_check(cfg: &ServerConfig, md: &SnapshotMetadata) {
+    let Some(theirs) = md.token_hash.as_deref() else { return };
+    let ours = cfg
+        .token
+        .clone()
+        .or_else(|| std::fs::read_to_string(cfg.data_dir.token()).ok())
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    match ours {
+        None => tracing::warn!(
+            snapshot = %md.name,
+            snapshot_token_hash = %theirs,
+            "the snapshot was taken by a server with a token, and this server has none yet (a new one will be generated); start with --token set to the original cluster's token"
+        ),
+        Some(t) => {
+            let tok = Token::parse(&t);
+            let candidates = [tok.metadata_hash(), name::token_hash(&t), name::token_hash(&tok.full())];
+            if !candidates.iter().any(|c| c == theirs) {
+                tracing::warn!(
+                    snapshot = %md.name,
+                    snapshot_token_hash = %theirs,
+                    server_token_hash = %tok.metadata_hash(),
+                    "the snapshot was taken with a different token than this server's; start with --token set to the token of the cluster the snapshot came from"
+                );
+            }
+        }
+    }
+}
+
+/// fsyncs every file and directory under `dir` (after a copy, before it is renamed into place).
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(Error::io("read", dir))? {
+        let entry = entry.map_err(Error::io("read", dir))?;
+        let p = entry.path();
+        let ft = entry.file_type().map_err(Error::io("stat", &p))?;
+        if ft.is_dir() {
+            sync_tree(&p)?;
+        } else if ft.is_file() {
+            std::fs::File::open(&p).and_then(|f| f.sync_all()).map_err(Error::io("fsync", &p))?;
+        }
+    }
+    sync_dir(dir)?;
+    Ok(())
+}
+
+/// Moves an existing `etcd-old` aside to `etcd-old-<unix secs>` (never overwriting).
+fn move_old_aside(dd: &DataDir) -> Result<()> {
+    let old = dd.etcd_old();
+    if !old.exists() {
+        return Ok(());
+    }
+    let secs = chrono::Utc::now().timestamp();
+    let mut target = dd.db().join(format!("etcd-old-{secs}"));
+    let mut n = 1;
+    while target.exists() {
+        target = dd.db().join(format!("etcd-old-{secs}-{n}"));
+        n += 1;
+    }
+    durable_rename(&old, &target)?;
+    tracing::info!(from = %old.display(), to = %target.display(), "kept the previous etcd-old");
+    Ok(())
+}
+
+async fn restore_snapshot(cfg: &ServerConfig, bins: &EtcdBinaries, launch: &EtcdLaunch, snapshot: &Path) -> Result<()> {
+    let dd = &cfg.data_dir;
+    let tmp = dd.etcd_restore_tmp();
+    remove_dir_if_exists(&tmp)?;
+    let args = vec![
+        "snapshot".to_string(),
+        "restore".to_string(),
+        snapshot.display().to_string(),
+        format!("--data-dir={}", tmp.display()),
+        format!("--name={}", launch.name),
+        format!("--initial-cluster={}", launch.initial_cluster),
+        format!("--initial-advertise-peer-urls={}", launch.peer_url),
+    ];
+    let (program, envs): (&Path, &[(&str, &str)]) = match (&bins.etcdutl, &bins.etcdctl) {
+        (Some(u), _) => (u, &[]),
+        (None, Some(c)) => (c, &[("ETCDCTL_API", "3")]),
+        (None, None) => unreachable!("checked in prepare"),
+    };
+    tracing::info!(snapshot = %snapshot.display(), into = %tmp.display(), tool = %program.display(), "restoring the snapshot");
+    if let Err(e) = run_tool(program, &args, envs).await {
+        let _ = remove_dir_if_exists(&tmp);
+        return Err(Error::Reset(format!("restoring {} failed, nothing was changed: {e}", snapshot.display())));
+    }
+    set_private(&tmp)?;
+    sync_tree(&tmp)?;
+    durable_rename(&tmp, &dd.etcd_restore())?;
+    Ok(())
+}
+
+fn set_private(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(Error::io("chmod", dir))
+}
+
+/// Performs the reset planned by [`prepare`]; logs [`RESET_DONE`] and returns `Ok` when done.
+pub async fn execute(
+    cfg: &ServerConfig,
+    bins: &EtcdBinaries,
+    mut launch: EtcdLaunch,
+    _token: &Token,
+    plan: ResetPlan,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    let dd = &cfg.data_dir;
+    match &plan.snapshot {
+        Some(snapshot) => {
+            restore_snapshot(cfg, bins, &launch, snapshot).await?;
+            abort_point(1);
+            move_old_aside(dd)?;
+            abort_point(2);
+            if dd.etcd().exists() {
+                durable_rename(&dd.etcd(), &dd.etcd_old())?;
+                tracing::info!(to = %dd.etcd_old().display(), "moved the current etcd data aside");
+            }
+            abort_point(3);
+            durable_rename(&dd.etcd_restore(), &dd.etcd())?;
+            abort_point(4);
+        }
+        None => {
+            let tmp = dd.etcd_old_tmp();
+            remove_dir_if_exists(&tmp)?;
+            create_private_dir(&tmp)?;
+            let (from, to) = (dd.etcd(), tmp.clone());
+            tokio::task::spawn_blocking(move || {
+                let opts = fs_extra::dir::CopyOptions::new().content_only(true).overwrite(true);
+                fs_extra::dir::copy(&from, &to, &opts).map_err(|e| Error::Reset(format!("cannot copy {} to {}: {e}", from.display(), to.display())))?;
+                sync_tree(&to)
+            })
+            .await
+            .map_err(|e| Error::Reset(format!("copy task failed: {e}")))??;
+            abort_point(1);
+            move_old_aside(dd)?;
+            abort_point(2);
+            durable_rename(&tmp, &dd.etcd_old())?;
+            tracing::info!(to = %dd.etcd_old().display(), "copied the current etcd data aside");
+            abort_point(3);
+            launch.force_new_cluster = true;
+            abort_point(4);
+        }
+    }
+
+    let client = launch.client_config();
+    client.save(&dd.etcd_client_config())?;
+    let mut etcd = EtcdProcess::start(bins, &launch).await?;
+    let checked = async {
+        let mut conn = etcd.wait_ready(&client, cfg.etcd_ready_timeout, cancel).await?;
+        let members = conn
+            .client
+            .member_list()
+            .await
+            .map_err(|cause| k3s_snapshot_core::Error::Etcd { endpoints: conn.endpoints.clone(), cause })?;
+        let n = members.members().len();
+        if n != 1 {
+            return Err(Error::Reset(format!("etcd came up with {n} members instead of 1")));
+        }
+        Ok(())
+    }
+    .await;
+    etcd.stop(cfg.etcd_stop_grace).await?;
+    checked?;
+    write_file_atomic(&dd.reset_flag(), b"")?;
+    tracing::info!("{RESET_DONE}");
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! `--etcd-snapshot-schedule-cron`: standard 5-field cron (minute hour day-of-month month
+//! day-of-week), the `@yearly`/`@monthly`/`@weekly`/`@daily`/`@hourly` macros, and `@every <d>`
+//! with a Go-style duration (`30s`, `5m`, `1h30m`).
+//!
+//! The `cron` crate wants a seconds field and numbers days of the week 1-7 from Sunday, and it
+//! ANDs day-of-month with day-of-week. Standard cron numbers them 0-7 (0 and 7 are Sunday) and,
+//! when both day fields are restricted, fires on either. So the day-of-week field is expanded
+//! here into explicit days, and a schedule restricting both day fields is two schedules whose
+//! earliest next time wins.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::{Error, Result};
+
+/// A parsed schedule.
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    /// One or two `cron` schedules (two when both day fields are restricted: either matches).
+    Cron { expr: String, schedules: Vec<cron::Schedule> },
+    /// `@every <duration>`: fixed interval from the previous run.
+    Every(Duration),
+}
+
+impl Schedule {
+    pub fn parse(expr: &str) -> Result<Schedule> {
+        let bad = |reason: String| Error::Cron { expr: expr.to_string(), reason };
+        let trimmed = expr.trim();
+        if let Some(d) = trimmed.strip_prefix("@every") {
+            let d = parse_go_duration(d.trim()).map_err(bad)?;
+            if d < Duration::from_secs(1) {
+                return Err(bad("@every needs at least 1s".into()));
+            }
+            return Ok(Schedule::Every(d));
+        }
+        let five = match trimmed {
+            "@yearly" | "@annually" => "0 0 1 1 *",
+            "@monthly" => "0 0 1 * *",
+            "@weekly" => "0 0 * * 0",
+            "@daily" | "@midnight" => "0 0 * * *",
+            "@hourly" => "0 * * * *",
+            s if s.starts_with('@') => {
+                return Err(bad("unknown macro; use @yearly, @monthly, @weekly, @daily, @hourly or @every <duration>".into()))
+            }
+            s => s,
+        };
+        let fields: Vec<&str> = five.split_whitespace().collect();
+        if fields.len() != 5 {
+            return Err(bad(format!(
+                "expected 5 fields (minute hour day-of-month month day-of-week), got {}",
+                fields.len()
+            )));
+        }
+        let dow = expand_dow(fields[4]).map_err(bad)?;
+        let dom_restricted = fields[2] != "*" && fields[2] != "?";
+        let dow_restricted = dow.is_some();
+        let dow_field = dow.unwrap_or_else(|| "*".to_string());
+        let build = |dom: &str, dow: &str| {
+            let six = format!("0 {} {} {} {} {}", fields[0], fields[1], dom, fields[3], dow);
+            cron::Schedule::from_str(&six).map_err(|e| bad(e.to_string()))
+        };
+        let schedules = if dom_restricted && dow_restricted {
+            vec![build(fields[2], "*")?, build("*", &dow_field)?]
+        } else {
+            vec![build(fields[2], &dow_field)?]
+        };
+        let s = Schedule::Cron { expr: expr.to_string(), schedules };
+        if s.next_after(Utc::now()).is_none() {
+            return Err(bad("it never fires".into()));
+        }
+        Ok(s)
+    }
+
+    /// The first time strictly after `t` that the schedule fires.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Schedule::Every(d) => chrono::Duration::from_std(*d).ok().map(|d| t + d),
+            Schedule::Cron { schedules, .. } => schedules.iter().filter_map(|s| s.after(&t).next()).min(),
+        }
+    }
+}
+
+const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+fn day_number(s: &str) -> std::result::Result<u32, String> {
+    let l = s.to_ascii_lowercase();
+    if let Some(i) = DAY_NAMES.iter().position(|d| *d == l) {
+        return Ok(i as u32);
+    }
+    match s.parse::<u32>() {
+        Ok(n) if n <= 7 => Ok(n % 7),
+        _ => Err(format!("day of week {s:?} is not 0-7 or sun..sat")),
+    }
+}
+
+/// Expands a standard day-of-week field into the `cron` crate's 1-7 numbering;
+/// `None` when it allows every day.
+fn expand_dow(field: &str) -> std::result::Result<Option<String>, String> {
+    if field == "*" || field == "?" {
+        return Ok(None);
+    }
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (r, s.parse::<u32>().map_err(|_| format!("bad step in {item:?}"))?),
+            None => (item, 1),
+        };
+        if step == 0 {
+            return Err(format!("step 0 in {item:?}"));
+        }
+        let (lo, hi) = match range {
+            "*" => (0, 6),
+            r => match r.split_once('-') {
+                Some((a, b)) => {
+                    // 7 means Sunday, but as a range end it is the end of the week (`5-7`).
+                    let lo = day_number(a)?;
+                    let hi = if b == "7" { 7 } else { day_number(b)? };
+                    (lo, hi)
+                }
+                None if item.contains('/') => (day_number(r)?, 6),
+                None => {
+                    let d = day_number(r)?;
+                    (d, d)
+                }
+            },
+        };
+        if lo > hi {
+            return Err(format!("range {range:?} goes backwards"));
+        }
+        let mut d = lo;
+        while d <= hi {
+            days[(d % 7) as usize] = true;
+            d += step;
+        }
+    }
+    if days.iter().all(|d| *d) {
+        return Ok(None);
+    }
+    let list: Vec<String> = (0..7).filter(|d| days[*d]).map(|d| (d + 1).to_string()).collect();
+    Ok(Some(list.join(",")))
+}
+
+/// Go's `time.ParseDuration` for the units a schedule needs: `h`, `m`, `s`, `ms`, and sequences
+/// such as `1h30m`.
+pub fn parse_go_duration(s: &str) -> std::result::Result<Duration, String> {
+    if s.is_empty() {
+        return Err("@every needs a duration such as 30s, 5m or 1h".into());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        if num_end == 0 {
+            return Err(format!("duration {s:?}: expected a number"));
+        }
+        let n: f64 = rest[..num_end].parse().map_err(|_| format!("duration {s:?}: bad number"))?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let secs = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "" => return Err(format!("duration {s:?}: missing unit (h, m, s or ms)")),
+            u => return Err(format!("duration {s:?}: unknown unit {u:?}")),
+        };
+        rest = &rest[unit_end..];
+        total += Duration::from_secs_f64(n * secs);
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, TimeZone, Timelike};
+
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
+    }
+
+    #[test]
+    fn k3s_default_fires_every_twelve_hours() {
+        let s = Schedule::parse("0 */12 * * *").unwrap();
+        assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 1, 12, 0));
+        assert_eq!(s.next_after(at(2024, 1, 1, 12, 0)).unwrap(), at(2024, 1, 2, 0, 0));
+    }
+
+    #[test]
+    fn macros_and_every() {
+        let s = Schedule::parse("@hourly").unwrap();
+        assert_eq!(s.next_after(at(2024, 1, 1, 0, 10)).unwrap(), at(2024, 1, 1, 1, 0));
+        let s = Schedule::parse("@every 2s").unwrap();
+        let t = at(2024, 1, 1, 0, 0);
+        assert_eq!(s.next_after(t).unwrap(), t + chrono::Duration::seconds(2));
+        assert_eq!(parse_go_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_go_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn sunday_is_zero_or_seven() {
+        // 2024-01-07 is a Sunday.
+        for expr in ["0 3 * * 0", "0 3 * * 7", "0 3 * * sun"] {
+            let s = Schedule::parse(expr).unwrap();
+            let n = s.next_after(at(2024, 1, 3, 0, 0)).unwrap();
+            assert_eq!((n.day(), n.hour()), (7, 3), "{expr}");
+        }
+        let s = Schedule::parse("0 0 * * 1-5").unwrap();
+        assert_eq!(s.next_after(at(2024, 1, 6, 0, 0)).unwrap(), at(2024, 1, 8, 0, 0));
+        let s = Schedule::parse("0 0 * * 5-7").unwrap();
+        assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 5, 0, 0));
+    }
+
+    #[test]
+    fn both_day_fields_restricted_fire_on_either() {
+        // The 15th (a Monday in Jan 2024), or any Sunday.
+        let s = Schedule::parse("0 0 15 * 0").unwrap();
+        assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 7, 0, 0));
+        assert_eq!(s.next_after(at(2024, 1, 14, 0, 0)).unwrap(), at(2024, 1, 15, 0, 0));
+    }
+
+    #[test]
+    fn invalid_expressions_are_refused_and_quoted() {
+        for bad in ["", "* * *", "61 * * * *", "0 0 * * 8", "@sometimes", "@every", "@every 5x", "not cron at all x", "0 0 31 2 *"] {
+            let err = Schedule::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! Scheduled snapshots (SPEC §7): fire on the schedule plus up to `jitter` of random delay, one at
+//! a time (a fire while the previous snapshot still runs is skipped and logged), save locally and
+//! upload, then prune local then remote. Failures are logged with their cause and counted in
+//! [`SnapshotMetrics`]; the next fire tries again.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use k3s_snapshot_core::etcd::EtcdClientConfig;
+use k3s_snapshot_core::progress::NoProgress;
+use k3s_snapshot_core::retention::{prune, RetentionPolicy};
+use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
+use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::metrics::SnapshotMetrics;
+use crate::schedule::Schedule;
+
+pub const LOCAL: &str = "local";
+pub const REMOTE: &str = "s3";
+
+/// Everything a scheduled snapshot needs.
+pub struct SnapshotJob {
+    pub schedule: Schedule,
+    pub local: LocalStore,
+    pub remote: Option<Arc<dyn SnapshotStore>>,
+    pub save: SaveOptions,
+    /// `--etcd-snapshot-retention`
+    pub retention: i64,
+    /// `--etcd-s3-retention`
+    pub remote_retention: i64,
+    /// Upper bound of the random delay added to each fire.
+    pub jitter: Duration,
+    pub etcd: EtcdClientConfig,
+    pub metrics: Arc<SnapshotMetrics>,
+}
+
+/// Runs until `cancel`. Snapshots run on `tracker`, so that the caller can wait for one in flight.
+pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: CancellationToken) {
+    let running = Arc::new(tokio::sync::Mutex::new(()));
+    let mut last = Utc::now();
+    loop {
+        let Some(next) = job.schedule.next_after(last) else {
+            tracing::warn!("the snapshot schedule never fires again; no more scheduled snapshots");
+            return;
+        };
+        let jitter = if job.jitter.is_zero() { Duration::ZERO } else { job.jitter.mul_f64(rand::random::<f64>()) };
+        let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO) + jitter;
+        tracing::debug!(next = %next, jitter_ms = jitter.as_millis() as u64, "next scheduled snapshot");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = cancel.cancelled() => return,
+        }
+        last = next.max(Utc::now() - chrono::Duration::from_std(jitter).unwrap_or_default());
+        let Ok(guard) = running.clone().try_lock_owned() else {
+            tracing::warn!("skipping a scheduled snapshot: the previous one is still running");
+            continue;
+        };
+        let (job, cancel) = (job.clone(), cancel.clone());
+        tracker.spawn(async move {
+            take(&job, &cancel).await;
+            drop(guard);
+        });
+    }
+}
+
+/// One scheduled snapshot with its retention. Never fails: outcomes go to logs and metrics.
+#[tracing::instrument(skip_all, fields(prefix = %job.save.prefix))]
+pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
+    let started = Instant::now();
+    let fail_all = |e: String| {
+        job.metrics.failure(LOCAL, e.clone());
+        if job.remote.is_some() {
+            job.metrics.failure(REMOTE, e);
+        }
+    };
+    let mut conn = match job.etcd.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "scheduled snapshot failed");
+            fail_all(e.to_string());
+            return;
+        }
+    };
+    let outcome =
+        save_and_upload(&mut conn, &job.local, job.remote.as_deref(), &job.save, &NoProgress, cancel).await;
+    match outcome {
+        Err(k3s_snapshot_core::Error::Cancelled) => {
+            tracing::info!("scheduled snapshot cancelled by shutdown; nothing partial was kept");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "scheduled snapshot failed");
+            fail_all(e.to_string());
+        }
+        Ok(out) => {
+            let secs = started.elapsed().as_secs_f64();
+            job.metrics.success(LOCAL, secs, out.local.metadata.size);
+            tracing::info!(snapshot = %out.local.metadata.name, size = out.local.metadata.size, "scheduled snapshot saved");
+            match out.upload {
+                Some(Ok(n)) => {
+                    job.metrics.success(REMOTE, started.elapsed().as_secs_f64(), n);
+                    tracing::info!(snapshot = %out.local.metadata.name, bytes = n, "scheduled snapshot uploaded");
+                }
+                Some(Err(e)) => {
+                    tracing::error!(snapshot = %out.local.metadata.name, error = %e, "scheduled snapshot upload failed; the local snapshot is kept");
+                    job.metrics.failure(REMOTE, e.to_string());
+                }
+                None => {}
+            }
+        }
+    }
+    if cancel.is_cancelled() {
+        return;
+    }
+    let policy = RetentionPolicy { prefix: &job.save.prefix, node: Some(&job.save.node), keep: job.retention };
+    if let Err(e) = prune(&job.local, &policy).await {
+        tracing::error!(error = %e, "local retention failed");
+    }
+    if let Some(remote) = &job.remote {
+        let policy = RetentionPolicy { prefix: &job.save.prefix, node: None, keep: job.remote_retention };
+        if let Err(e) = prune(remote.as_ref(), &policy).await {
+            tracing::error!(error = %e, store = %remote.describe(), "s3 retention failed");
+        }
+    }
+}

@@ -1,0 +1,276 @@
+//! The server: validated configuration in, etcd with scheduled snapshots and the supervisor API
+//! out, until cancelled. Or, with `--cluster-reset`, the reset (see [`crate::reset`]) and exit.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k3s_snapshot_core::save::SaveOptions;
+use k3s_snapshot_core::store::{create_private_dir, LocalStore, SnapshotStore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdLaunch, EtcdProcess};
+use crate::layout::DataDir;
+use crate::lock::DataDirLock;
+use crate::metrics::SnapshotMetrics;
+use crate::schedule::Schedule;
+use crate::scheduler::SnapshotJob;
+use crate::tls::TlsFiles;
+use crate::token::Token;
+use crate::{api, reset, scheduler, tls, Error, Result};
+
+/// Downloads a snapshot object by name into a directory, verified against its metadata, and
+/// returns the local path. The binary supplies it from its S3 backend (this crate knows no S3).
+pub type RemoteFetch =
+    Arc<dyn Fn(String, PathBuf) -> BoxFuture<'static, k3s_snapshot_core::Result<PathBuf>> + Send + Sync>;
+
+/// Scheduled-snapshot settings.
+#[derive(Clone)]
+pub struct SnapshotSettings {
+    /// `None` when `--etcd-disable-snapshots`.
+    pub schedule: Option<Schedule>,
+    /// `--etcd-snapshot-name`
+    pub name: String,
+    /// `--etcd-snapshot-retention`
+    pub retention: i64,
+    /// `--etcd-snapshot-dir`; default `${data-dir}/server/db/snapshots`.
+    pub dir: Option<PathBuf>,
+    /// `--etcd-snapshot-compress`
+    pub compress: bool,
+    /// Where snapshots are uploaded too (`--etcd-s3`).
+    pub remote: Option<Arc<dyn SnapshotStore>>,
+    /// `--etcd-s3-retention`
+    pub remote_retention: i64,
+    /// Fetches `--cluster-reset-restore-path` from the remote store (`--etcd-s3`).
+    pub remote_fetch: Option<RemoteFetch>,
+    /// Upper bound of the random delay of each scheduled snapshot (SPEC: 5 s).
+    pub jitter: Duration,
+}
+
+/// A validated server configuration (the binary's flags, after parsing).
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub data_dir: DataDir,
+    pub node_name: String,
+    /// `--token`; generated when absent and not stored yet.
+    pub token: Option<String>,
+    /// `--server`: join an existing cluster.
+    pub server_url: Option<String>,
+    pub cluster_reset: bool,
+    pub cluster_reset_restore_path: Option<String>,
+    pub bind_address: IpAddr,
+    pub advertise_address: IpAddr,
+    pub https_listen_port: u16,
+    pub etcd_client_port: u16,
+    pub etcd_peer_port: u16,
+    pub etcd_bin_dir: Option<PathBuf>,
+    pub etcd_args: Vec<String>,
+    pub etcd_expose_metrics: bool,
+    pub snapshots: SnapshotSettings,
+    /// How long etcd may take to become ready.
+    pub etcd_ready_timeout: Duration,
+    /// How long etcd may take to stop after SIGTERM before it is killed.
+    pub etcd_stop_grace: Duration,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("node_name", &self.node_name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("cluster_reset", &self.cluster_reset)
+            .field("advertise_address", &self.advertise_address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConfig {
+    /// Checks that need no filesystem: flag combinations.
+    pub fn validate(&self) -> Result<()> {
+        if self.cluster_reset_restore_path.is_some() && !self.cluster_reset {
+            return Err(Error::Config(
+                "--cluster-reset-restore-path needs --cluster-reset; add it to restore from a snapshot".into(),
+            ));
+        }
+        if self.cluster_reset && self.server_url.is_some() {
+            return Err(Error::Config(
+                "--cluster-reset cannot be used with --server: reset the server that holds the data, then rejoin the others".into(),
+            ));
+        }
+        if self.server_url.is_some() {
+            return Err(Error::Config(
+                "joining a cluster with --server is not supported by this build yet; start without --server".into(),
+            ));
+        }
+        if self.advertise_address.is_unspecified() {
+            return Err(Error::Config("--advertise-address must be a concrete address, not 0.0.0.0 or ::".into()));
+        }
+        k3s_snapshot_core::name::validate_file_name(&self.node_name)
+            .map_err(|e| Error::Config(format!("--node-name: {e}")))?;
+        k3s_snapshot_core::name::validate_prefix(&self.snapshots.name)
+            .map_err(|e| Error::Config(format!("--etcd-snapshot-name: {e}")))?;
+        Ok(())
+    }
+
+    pub fn snapshot_store(&self) -> LocalStore {
+        let dir = self.snapshots.dir.clone().unwrap_or_else(|| self.data_dir.snapshots());
+        // Metadata beside the snapshot dir (`<dir>/../.metadata`), as `etcd-snapshot` lays it out.
+        LocalStore::new(dir)
+    }
+
+    fn url(&self, port: u16) -> String {
+        format!("https://{}", SocketAddr::new(self.advertise_address, port))
+    }
+
+    pub fn etcd_launch(&self, tls: TlsFiles) -> EtcdLaunch {
+        let peer_url = self.url(self.etcd_peer_port);
+        EtcdLaunch {
+            name: self.node_name.clone(),
+            data_dir: self.data_dir.etcd(),
+            client_url: self.url(self.etcd_client_port),
+            initial_cluster: format!("{}={}", self.node_name, peer_url),
+            peer_url,
+            initial_cluster_state: "new".into(),
+            force_new_cluster: false,
+            metrics_url: self
+                .etcd_expose_metrics
+                .then(|| format!("http://{}", SocketAddr::new(self.advertise_address, 2381))),
+            tls,
+            extra_args: self.etcd_args.clone(),
+        }
+    }
+}
+
+/// Checks the data dir can be created and written, with a message naming the flag.
+fn prepare_data_dir(dd: &DataDir) -> Result<()> {
+    let wrap = |e: Error| Error::Config(format!("data dir {} is not usable ({e}); check --data-dir", dd.root().display()));
+    create_private_dir(&dd.db()).map_err(|e| wrap(e.into()))?;
+    let probe = dd.server().join(".write-probe");
+    std::fs::write(&probe, b"").map_err(|e| wrap(Error::Io { action: "write to", path: dd.server(), cause: e }))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Runs the server until `cancel` (then returns `Ok`), or performs a cluster reset and returns.
+pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
+    cfg.validate()?;
+    let dd = cfg.data_dir.clone();
+    prepare_data_dir(&dd)?;
+    let _lock = DataDirLock::acquire(&dd)?;
+    let bins = EtcdBinaries::find(cfg.etcd_bin_dir.as_deref())?;
+    if cfg.cluster_reset && dd.reset_flag().exists() {
+        return Err(Error::Reset(reset::previously_reset_message(&dd)));
+    }
+    reset::recover_interrupted(&dd)?;
+
+    // Everything that can be refused is refused before anything changes or etcd starts.
+    let plan = if cfg.cluster_reset { Some(reset::prepare(&cfg, &bins).await?) } else { None };
+    let client_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_client_port);
+    let peer_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_peer_port);
+    check_port_free("--etcd-client-port", client_addr)?;
+    check_port_free("--etcd-peer-port", peer_addr)?;
+    let api_listener = if plan.is_none() {
+        Some(api::bind(SocketAddr::new(cfg.bind_address, cfg.https_listen_port))?)
+    } else {
+        None
+    };
+    let job_schedule = if plan.is_none() { cfg.snapshots.schedule.clone() } else { None };
+
+    let mut ips = vec![cfg.advertise_address];
+    if !cfg.bind_address.is_unspecified() {
+        ips.push(cfg.bind_address);
+    }
+    let tls_files = tls::ensure(&dd, &cfg.node_name, &ips)?;
+    let cluster_ca_pem = std::fs::read_to_string(&tls_files.cluster_ca).map_err(Error::io("read", &tls_files.cluster_ca))?;
+    let token = Token::ensure(&dd, cfg.token.as_deref(), cluster_ca_pem.as_bytes())?;
+    let launch = cfg.etcd_launch(tls_files.clone());
+
+    if let Some(plan) = plan {
+        return reset::execute(&cfg, &bins, launch, &token, plan, &cancel).await;
+    }
+
+    create_private_dir(&dd.etcd())?;
+    let client = launch.client_config();
+    client.save(&dd.etcd_client_config())?;
+    let mut etcd = EtcdProcess::start(&bins, &launch).await?;
+    match etcd.wait_ready(&client, cfg.etcd_ready_timeout, &cancel).await {
+        Ok(_) => {}
+        Err(Error::Cancelled) => {
+            etcd.stop(cfg.etcd_stop_grace).await?;
+            return Ok(());
+        }
+        Err(e) => {
+            let _ = etcd.stop(cfg.etcd_stop_grace).await;
+            return Err(e);
+        }
+    }
+    if dd.reset_flag().exists() {
+        std::fs::remove_file(dd.reset_flag()).map_err(Error::io("remove", dd.reset_flag()))?;
+        tracing::info!(path = %dd.reset_flag().display(), "removed the cluster-reset flag: started normally after a reset");
+    }
+
+    let metrics = Arc::new(SnapshotMetrics::default());
+    let inner = cancel.child_token();
+    let tracker = TaskTracker::new();
+    let state = Arc::new(api::ApiState {
+        data_dir: dd.clone(),
+        token: token.clone(),
+        cluster_ca_pem,
+        etcd: client.clone(),
+        metrics: metrics.clone(),
+    });
+    let rustls = api::rustls_config(&tls_files)?;
+    let api_task = tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
+    let mut api_task = std::pin::pin!(api_task);
+
+    if let Some(schedule) = job_schedule {
+        let job = Arc::new(SnapshotJob {
+            schedule,
+            local: cfg.snapshot_store(),
+            remote: cfg.snapshots.remote.clone(),
+            save: SaveOptions {
+                prefix: cfg.snapshots.name.clone(),
+                node: cfg.node_name.clone(),
+                compress: cfg.snapshots.compress,
+                token_hash: Some(token.metadata_hash()),
+            },
+            retention: cfg.snapshots.retention,
+            remote_retention: cfg.snapshots.remote_retention,
+            jitter: cfg.snapshots.jitter,
+            etcd: client.clone(),
+            metrics: metrics.clone(),
+        });
+        tracker.spawn(scheduler::run(job, tracker.clone(), inner.clone()));
+        tracing::info!("scheduled snapshots enabled");
+    } else {
+        tracing::info!("scheduled snapshots disabled");
+    }
+    tracing::info!(node = %cfg.node_name, etcd = %client.endpoints_display(), "server is running");
+
+    let outcome: Result<()> = tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        e = etcd.exited() => Err(e),
+        r = &mut api_task => match r {
+            Ok(Ok(())) => Err(Error::Api("the supervisor api stopped".into())),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::Api(format!("the supervisor api task failed: {e}"))),
+        },
+    };
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "shutting down");
+    } else {
+        tracing::info!("shutting down: stopping scheduled snapshots, then etcd");
+    }
+    inner.cancel();
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
+        tracing::warn!("a scheduled snapshot did not stop within 30s; stopping etcd anyway");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), &mut api_task).await;
+    etcd.stop(cfg.etcd_stop_grace).await?;
+    outcome
+}
