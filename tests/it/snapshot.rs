@@ -244,7 +244,10 @@ fn etcd_killed_mid_stream_leaves_no_snapshot() {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "save never started writing");
-            assert!(child.try_wait().unwrap().is_none(), "save finished before etcd could be killed");
+            if child.try_wait().unwrap().is_some() {
+                let out: Run = child.wait_with_output().unwrap().into();
+                panic!("save finished before etcd could be killed: {:?}\n{}\n{}", out.code, out.stdout, out.stderr);
+            }
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
         etcd.kill();

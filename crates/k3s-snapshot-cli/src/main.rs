@@ -1,1 +1,137 @@
-fn main() {}
+//! `k3s-snapshot`: the binary. `server` runs and supervises etcd with scheduled snapshots;
+//! `etcd-snapshot` takes, lists, deletes and prunes snapshots on demand. This is the only crate
+//! that parses flags, prints, installs the log subscriber and handles signals.
+
+mod config;
+mod s3args;
+mod server;
+mod snapshot;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "k3s-snapshot", version, about = "etcd snapshots, restore and cluster reset, the k3s way")]
+struct Cli {
+    /// Log format
+    #[arg(long, global = true, value_enum, default_value = "text", env = "K3S_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Debug logging
+    #[arg(long, global = true, env = "K3S_DEBUG")]
+    debug: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Run etcd with scheduled snapshots, or reset the cluster from a snapshot
+    Server(server::ServerArgs),
+    /// Save, list, delete and prune etcd snapshots
+    EtcdSnapshot(snapshot::SnapshotArgs),
+}
+
+fn init_logging(format: LogFormat, debug: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("K3S_SNAPSHOT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(if debug { "debug,h2=info,hyper=info,tower=info,rustls=info" } else { "info" }));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<_> = std::env::args_os().collect();
+    let merged = match config::merge(Cli::command(), argv) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::command().try_get_matches_from(&merged.argv).and_then(|m| Cli::from_arg_matches(&m)) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    init_logging(cli.log_format, cli.debug);
+    let cli_json = cli.log_format == LogFormat::Json;
+    // The S3 client reads its proxy from the environment when it is built; set it while the
+    // process still has one thread.
+    let proxy = match &cli.command {
+        Command::Server(a) => a.s3.proxy.clone(),
+        Command::EtcdSnapshot(a) => a.common.s3.proxy.clone(),
+    };
+    if let Some(proxy) = proxy.filter(|p| !p.is_empty()) {
+        for (k, v) in s3_backend::proxy_env(&proxy) {
+            std::env::set_var(k, v);
+        }
+    }
+    for w in &merged.warnings {
+        tracing::warn!("{w}");
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let cancel = CancellationToken::new();
+        spawn_signal_handler(cancel.clone());
+        match cli.command {
+            Command::Server(args) => server::run(args, cancel).await,
+            Command::EtcdSnapshot(args) => snapshot::run(args, cancel).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line on stderr; with JSON logs, also as a log record for collectors.
+            let msg = format!("{e:#}").replace('\n', " ");
+            if cli_json {
+                tracing::error!("{msg}");
+            }
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT cancels the token; a second one exits at once.
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            return;
+        };
+        for n in 0..2 {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            if n == 0 {
+                tracing::info!("signal received, shutting down");
+                cancel.cancel();
+            } else {
+                tracing::warn!("second signal, exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}

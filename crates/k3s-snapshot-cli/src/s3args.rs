@@ -1,0 +1,118 @@
+//! The S3 flags, shared by `server` (`--etcd-s3-*`) and `etcd-snapshot` (`--s3-*`; the `etcd-s3-*`
+//! spellings are accepted there too, and the config-file keys are the `etcd-s3-*` names).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k3s_snapshot_core::store::SnapshotStore;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BucketLookup {
+    #[default]
+    Auto,
+    Dns,
+    Path,
+}
+
+#[derive(clap::Args, Clone, Default)]
+pub struct S3Args {
+    /// Keep snapshots in S3 as well as locally
+    #[arg(id = "etcd-s3", long = "etcd-s3", visible_alias = "s3", global = true)]
+    pub enabled: bool,
+    /// S3 endpoint, host[:port]
+    #[arg(id = "etcd-s3-endpoint", long = "etcd-s3-endpoint", visible_alias = "s3-endpoint", global = true, default_value = "s3.amazonaws.com")]
+    pub endpoint: String,
+    /// PEM file of the CA that signed the S3 endpoint's certificate
+    #[arg(id = "etcd-s3-endpoint-ca", long = "etcd-s3-endpoint-ca", visible_alias = "s3-endpoint-ca", global = true)]
+    pub endpoint_ca: Option<PathBuf>,
+    /// Do not verify the S3 endpoint's certificate
+    #[arg(id = "etcd-s3-skip-ssl-verify", long = "etcd-s3-skip-ssl-verify", visible_alias = "s3-skip-ssl-verify", global = true)]
+    pub skip_ssl_verify: bool,
+    /// S3 access key
+    #[arg(id = "etcd-s3-access-key", long = "etcd-s3-access-key", visible_alias = "s3-access-key", global = true, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub access_key: Option<String>,
+    /// S3 secret key
+    #[arg(id = "etcd-s3-secret-key", long = "etcd-s3-secret-key", visible_alias = "s3-secret-key", global = true, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub secret_key: Option<String>,
+    /// S3 session token
+    #[arg(id = "etcd-s3-session-token", long = "etcd-s3-session-token", visible_alias = "s3-session-token", global = true, env = "AWS_SESSION_TOKEN", hide_env_values = true)]
+    pub session_token: Option<String>,
+    /// S3 bucket
+    #[arg(id = "etcd-s3-bucket", long = "etcd-s3-bucket", visible_alias = "s3-bucket", global = true)]
+    pub bucket: Option<String>,
+    /// S3 region
+    #[arg(id = "etcd-s3-region", long = "etcd-s3-region", visible_alias = "s3-region", global = true, default_value = "us-east-1")]
+    pub region: String,
+    /// Folder (key prefix) in the bucket
+    #[arg(id = "etcd-s3-folder", long = "etcd-s3-folder", visible_alias = "s3-folder", global = true, default_value = "")]
+    pub folder: String,
+    /// Talk to S3 over plain http
+    #[arg(id = "etcd-s3-insecure", long = "etcd-s3-insecure", visible_alias = "s3-insecure", global = true)]
+    pub insecure: bool,
+    /// Timeout of each S3 request (e.g. 30s, 5m)
+    #[arg(id = "etcd-s3-timeout", long = "etcd-s3-timeout", visible_alias = "s3-timeout", global = true, default_value = "5m", value_parser = crate::config::parse_duration)]
+    pub timeout: Duration,
+    /// Number of snapshots to keep in S3 per name prefix, across nodes (< 1 keeps all)
+    #[arg(id = "etcd-s3-retention", long = "etcd-s3-retention", visible_alias = "s3-retention", global = true, default_value_t = 5, allow_negative_numbers = true)]
+    pub retention: i64,
+    /// Bucket addressing: auto, dns (virtual host) or path
+    #[arg(id = "etcd-s3-bucket-lookup-type", long = "etcd-s3-bucket-lookup-type", visible_alias = "s3-bucket-lookup-type", global = true, value_enum, default_value = "auto")]
+    pub bucket_lookup: BucketLookup,
+    /// Proxy URL for S3 requests
+    #[arg(id = "etcd-s3-proxy", long = "etcd-s3-proxy", visible_alias = "s3-proxy", global = true)]
+    pub proxy: Option<String>,
+}
+
+impl std::fmt::Debug for S3Args {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Args")
+            .field("enabled", &self.enabled)
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("folder", &self.folder)
+            .field("region", &self.region)
+            .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
+            .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
+            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Args {
+    /// The backend's configuration, or `None` when S3 is off.
+    pub fn to_config(&self) -> anyhow::Result<Option<s3_backend::S3Config>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let Some(bucket) = self.bucket.clone().filter(|b| !b.is_empty()) else {
+            anyhow::bail!("--etcd-s3 needs a bucket: pass --etcd-s3-bucket (or --s3-bucket)");
+        };
+        Ok(Some(s3_backend::S3Config {
+            endpoint: self.endpoint.clone(),
+            endpoint_ca: self.endpoint_ca.clone(),
+            skip_ssl_verify: self.skip_ssl_verify,
+            access_key: self.access_key.clone().unwrap_or_default(),
+            secret_key: self.secret_key.clone().unwrap_or_default(),
+            session_token: self.session_token.clone().unwrap_or_default(),
+            bucket,
+            region: self.region.clone(),
+            folder: self.folder.clone(),
+            insecure: self.insecure,
+            timeout: self.timeout,
+            bucket_lookup: match self.bucket_lookup {
+                BucketLookup::Auto => s3_backend::BucketLookup::Auto,
+                BucketLookup::Dns => s3_backend::BucketLookup::Dns,
+                BucketLookup::Path => s3_backend::BucketLookup::Path,
+            },
+            proxy: self.proxy.clone(),
+        }))
+    }
+
+    /// Connects to the bucket when S3 is on.
+    pub async fn open(&self) -> anyhow::Result<Option<Arc<dyn SnapshotStore>>> {
+        let Some(cfg) = self.to_config()? else { return Ok(None) };
+        let store = s3_backend::S3Store::connect(&cfg).await?;
+        Ok(Some(Arc::new(store)))
+    }
+}

@@ -1,0 +1,299 @@
+//! `k3s-snapshot etcd-snapshot [save | ls | delete | prune | status]`.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use k3s_snapshot_core::etcd::{self, EtcdClientConfig};
+use k3s_snapshot_core::list::{list_snapshots, SnapshotEntry};
+use k3s_snapshot_core::metadata::SnapshotMetadata;
+use k3s_snapshot_core::name;
+use k3s_snapshot_core::progress::{NoProgress, Progress};
+use k3s_snapshot_core::retention::{prune, RetentionPolicy};
+use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
+use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+use crate::s3args::S3Args;
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = false, subcommand_negates_reqs = true)]
+pub struct SnapshotArgs {
+    #[command(subcommand)]
+    pub command: Option<SnapshotCommand>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Take a snapshot now (the default)
+    Save,
+    /// List snapshots
+    #[command(visible_aliases = ["list", "l"])]
+    Ls {
+        /// Output format
+        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+    /// Delete snapshots by name
+    Delete {
+        /// Snapshot file names, as `ls` shows them
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Delete the oldest snapshots of --name beyond --snapshot-retention
+    Prune,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CommonArgs {
+    /// k3s data directory [default: /var/lib/rancher/k3s, or ~/.rancher/k3s when not root]
+    #[arg(short = 'd', long, global = true, env = "K3S_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node name used in snapshot names [default: the host name]
+    #[arg(long, global = true, env = "K3S_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Config file
+    #[arg(short = 'c', long, global = true, env = "K3S_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
+    /// Snapshot directory [default: ${data-dir}/server/db/snapshots]
+    #[arg(long = "dir", visible_alias = "etcd-snapshot-dir", global = true)]
+    pub dir: Option<PathBuf>,
+    /// Name prefix of on-demand snapshots
+    #[arg(long, global = true, default_value = "on-demand")]
+    pub name: String,
+    /// Compress the snapshot into a zip
+    #[arg(long = "snapshot-compress", visible_alias = "etcd-snapshot-compress", global = true)]
+    pub compress: bool,
+    /// Number of snapshots of --name to keep when pruning (< 1 keeps all)
+    #[arg(long = "snapshot-retention", visible_alias = "etcd-snapshot-retention", global = true, default_value_t = 5, allow_negative_numbers = true)]
+    pub retention: i64,
+    /// Cluster token, for the token hash in snapshot metadata [default: ${data-dir}/server/token]
+    #[arg(short = 't', long, global = true, env = "K3S_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// etcd endpoints, comma separated [default: from ${data-dir}/server/db/etcd/config]
+    #[arg(long, global = true, value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate of etcd's client URL
+    #[arg(long, global = true)]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd
+    #[arg(long, global = true)]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd
+    #[arg(long, global = true)]
+    pub etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub s3: S3Args,
+}
+
+impl CommonArgs {
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(config::default_data_dir)
+    }
+
+    fn node(&self) -> String {
+        self.node_name.clone().unwrap_or_else(config::default_node_name)
+    }
+
+    fn local_store(&self) -> LocalStore {
+        let dir = self.dir.clone().unwrap_or_else(|| self.data_dir().join("server/db/snapshots"));
+        LocalStore::new(dir)
+    }
+
+    fn token_hash(&self) -> Option<String> {
+        let token = match &self.token {
+            Some(t) => t.clone(),
+            None => std::fs::read_to_string(self.data_dir().join("server/token")).ok()?.trim().to_string(),
+        };
+        (!token.is_empty()).then(|| name::token_hash(&token))
+    }
+
+    fn etcd_config(&self) -> anyhow::Result<EtcdClientConfig> {
+        if !self.etcd_endpoints.is_empty() {
+            return Ok(EtcdClientConfig {
+                endpoints: self.etcd_endpoints.clone(),
+                cacert: self.etcd_cacert.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            });
+        }
+        let path = etcd::config_path(&self.data_dir());
+        if !path.exists() {
+            bail!(
+                "no etcd to snapshot: {} does not exist; start `k3s-snapshot server --data-dir {}` or pass --etcd-endpoints",
+                path.display(),
+                self.data_dir().display()
+            );
+        }
+        Ok(EtcdClientConfig::load(&path)?)
+    }
+}
+
+pub async fn run(args: SnapshotArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    let common = &args.common;
+    match args.command.unwrap_or(SnapshotCommand::Save) {
+        SnapshotCommand::Save => save(common, &cancel).await,
+        SnapshotCommand::Ls { output } => ls(common, output).await,
+        SnapshotCommand::Delete { names } => delete(common, &names).await,
+        SnapshotCommand::Prune => prune_cmd(common).await,
+    }
+}
+
+async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result<()> {
+    name::validate_prefix(&common.name).context("--name")?;
+    let node = common.node();
+    name::validate_file_name(&node).context("--node-name")?;
+    let local = common.local_store();
+    local.ensure_dirs()?;
+    let remote = common.s3.open().await?;
+    let mut conn = common.etcd_config()?.connect().await?;
+    let opts = SaveOptions { prefix: common.name.clone(), node, compress: common.compress, token_hash: common.token_hash() };
+    let progress = bar();
+    let outcome = save_and_upload(&mut conn, &local, remote.as_deref(), &opts, progress.as_ref(), cancel).await?;
+    let saved = &outcome.local;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "Snapshot {} saved to {}", saved.metadata.name, local.location(&saved.metadata.name))?;
+    if let (Some(remote), Some(upload)) = (&remote, outcome.upload) {
+        match upload {
+            Ok(_) => writeln!(out, "Snapshot {} uploaded to {}", saved.metadata.name, remote.location(&saved.metadata.name))?,
+            Err(e) => bail!(
+                "snapshot {} is saved locally at {}, but the upload to {} failed: {e}",
+                saved.metadata.name,
+                saved.path.display(),
+                remote.describe()
+            ),
+        }
+    }
+    Ok(())
+}
+
+async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
+    let with_metadata = output != OutputFormat::Table;
+    let local = common.local_store();
+    let mut entries = list_snapshots(&local, with_metadata).await?;
+    if let Some(remote) = common.s3.open().await? {
+        entries.extend(list_snapshots(remote.as_ref(), with_metadata).await?);
+        entries.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
+    }
+    let mut out = std::io::stdout().lock();
+    match output {
+        OutputFormat::Table => print_table(&mut out, &entries)?,
+        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?,
+        OutputFormat::Yaml => write!(out, "{}", serde_yaml::to_string(&entries)?)?,
+    }
+    Ok(())
+}
+
+fn print_table(out: &mut impl Write, entries: &[SnapshotEntry]) -> std::io::Result<()> {
+    let rows: Vec<[String; 4]> = entries
+        .iter()
+        .map(|e| [e.name.clone(), e.location.clone(), e.size.to_string(), e.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)])
+        .collect();
+    let header = ["Name", "Location", "Size", "Created"].map(String::from);
+    let mut widths = header.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in std::iter::once(&header).chain(rows.iter()) {
+        writeln!(out, "{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2])?;
+    }
+    Ok(())
+}
+
+async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {
+    for n in names {
+        name::validate_file_name(n)?;
+    }
+    let local = common.local_store();
+    let remote = common.s3.open().await?;
+    let mut stores: Vec<&dyn SnapshotStore> = vec![&local];
+    if let Some(r) = &remote {
+        stores.push(r.as_ref());
+    }
+    let mut found_any = false;
+    for n in names {
+        let mut found = false;
+        for store in &stores {
+            if store.head(n).await?.is_some() {
+                store.delete(&[n.clone(), SnapshotMetadata::key_for(n)]).await?;
+                tracing::info!(snapshot = %n, location = %store.location(n), "deleted snapshot");
+                println!("Deleted {}", store.location(n));
+                found = true;
+            }
+        }
+        if !found {
+            tracing::warn!(snapshot = %n, "snapshot not found; nothing deleted for it");
+            eprintln!("warning: snapshot {n} not found");
+        }
+        found_any |= found;
+    }
+    if !found_any {
+        bail!("none of the snapshots to delete was found; `k3s-snapshot etcd-snapshot ls` lists them");
+    }
+    Ok(())
+}
+
+async fn prune_cmd(common: &CommonArgs) -> anyhow::Result<()> {
+    name::validate_prefix(&common.name).context("--name")?;
+    let node = common.node();
+    let local = common.local_store();
+    let deleted = prune(&local, &RetentionPolicy { prefix: &common.name, node: Some(&node), keep: common.retention }).await?;
+    for d in &deleted {
+        println!("Pruned {}", local.location(d));
+    }
+    if let Some(remote) = common.s3.open().await? {
+        let policy = RetentionPolicy { prefix: &common.name, node: None, keep: common.s3.retention };
+        for d in prune(remote.as_ref(), &policy).await? {
+            println!("Pruned {}", remote.location(&d));
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal; nothing otherwise.
+fn bar() -> Arc<dyn Progress> {
+    if std::io::stderr().is_terminal() {
+        Arc::new(Bar(indicatif::ProgressBar::hidden()))
+    } else {
+        Arc::new(NoProgress)
+    }
+}
+
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn start(&self, what: &str, total: Option<u64>) {
+        let style = match total {
+            Some(t) => {
+                self.0.set_length(t);
+                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+            }
+            None => indicatif::ProgressStyle::with_template("{msg} {spinner} {bytes} {bytes_per_sec}"),
+        };
+        if let Ok(s) = style {
+            self.0.set_style(s.progress_chars("=> "));
+        }
+        self.0.set_message(what.to_string());
+        self.0.set_position(0);
+        self.0.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
