@@ -2,3 +2,4 @@
 
 pub mod bin;
 pub mod etcd;
+pub mod s3;

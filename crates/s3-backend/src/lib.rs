@@ -1,1 +1,39 @@
 //! The S3 implementation of [`k3s_snapshot_core::store::SnapshotStore`], built on the `minio` crate.
+//!
+//! [`S3Store::connect`] takes an [`S3Config`] (what the `--etcd-s3-*` flags say), checks that the
+//! bucket is there, and returns a store whose keys live under `folder/`. The store's guarantees
+//! are the trait's: atomic puts (multipart uploads are aborted on any failure), streamed gets,
+//! paged listings, batched deletes. Failures become [`k3s_snapshot_core::Error::Storage`] with a
+//! one-line cause from [`S3Error`] and a typed `retryable` flag; credentials never appear in
+//! errors, logs or `Debug` output.
+//!
+//! [`download_snapshot`] and [`upload_file`] move whole snapshot files between a local directory
+//! and any store, verifying size and SHA-256 before anything is renamed into place.
+
+mod config;
+mod error;
+mod store;
+mod transfer;
+
+pub use config::{format_duration, BucketLookup, S3Config, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT};
+pub use error::S3Error;
+pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
+pub use transfer::{download_snapshot, download_snapshot_with_progress, fetch_metadata, upload_file};
+
+/// The environment variables that route the S3 client through `proxy` (`--etcd-s3-proxy`),
+/// replacing any proxy settings already in the environment, as k3s does.
+///
+/// The `minio` crate builds its own HTTP client and offers no way to pass it a proxy; that client
+/// reads `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when it is built. Setting environment variables is
+/// only sound while the process has a single thread, so the binary applies these in `main` before
+/// it starts the async runtime; [`S3Store::connect`] refuses a `proxy` that is not in effect.
+pub fn proxy_env(proxy: &str) -> Vec<(&'static str, String)> {
+    let mut vars = Vec::new();
+    for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
+        vars.push((name, proxy.to_string()));
+    }
+    for name in ["ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"] {
+        vars.push((name, String::new()));
+    }
+    vars
+}

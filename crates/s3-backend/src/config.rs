@@ -1,0 +1,292 @@
+//! [`S3Config`]: where the bucket is and how to reach it. A plain struct; the CLI fills it from
+//! `--etcd-s3-*` flags (or `--s3-*`), this crate never parses flags.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Default `--etcd-s3-endpoint`.
+pub const DEFAULT_ENDPOINT: &str = "s3.amazonaws.com";
+/// Default `--etcd-s3-region`.
+pub const DEFAULT_REGION: &str = "us-east-1";
+/// Default `--etcd-s3-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5 * 60);
+
+/// `--etcd-s3-bucket-lookup-type`: how the bucket is addressed in URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BucketLookup {
+    /// Virtual-host style for AWS (and Aliyun) endpoints, path style elsewhere.
+    #[default]
+    Auto,
+    /// Virtual-host style: `https://bucket.endpoint/key`.
+    Dns,
+    /// Path style: `https://endpoint/bucket/key`.
+    Path,
+}
+
+impl FromStr for BucketLookup {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" | "" => Ok(BucketLookup::Auto),
+            "dns" => Ok(BucketLookup::Dns),
+            "path" => Ok(BucketLookup::Path),
+            other => Err(format!("invalid bucket lookup type {other:?}: use auto, dns or path")),
+        }
+    }
+}
+
+impl fmt::Display for BucketLookup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BucketLookup::Auto => "auto",
+            BucketLookup::Dns => "dns",
+            BucketLookup::Path => "path",
+        })
+    }
+}
+
+/// Everything needed to reach a bucket. Empty strings mean "not set" (as k3s's flags do).
+///
+/// `Debug` never shows the secret key or the session token.
+#[derive(Clone)]
+pub struct S3Config {
+    /// `host[:port]` without a scheme (`--etcd-s3-endpoint`). An `http://` or `https://` prefix is
+    /// accepted; `http://` is the same as `insecure`.
+    pub endpoint: String,
+    /// PEM file with the CA certificate(s) to trust for the endpoint, in addition to the
+    /// built-in web roots (`--etcd-s3-endpoint-ca`).
+    pub endpoint_ca: Option<PathBuf>,
+    /// Do not verify the endpoint's certificate (`--etcd-s3-skip-ssl-verify`).
+    pub skip_ssl_verify: bool,
+    /// `--etcd-s3-access-key`; empty means anonymous requests.
+    pub access_key: String,
+    /// `--etcd-s3-secret-key`. Never printed.
+    pub secret_key: String,
+    /// `--etcd-s3-session-token`; empty means none. Never printed.
+    pub session_token: String,
+    /// `--etcd-s3-bucket`.
+    pub bucket: String,
+    /// `--etcd-s3-region`.
+    pub region: String,
+    /// `--etcd-s3-folder`: keys live under `folder/`; empty means the bucket's root.
+    pub folder: String,
+    /// Plain http (`--etcd-s3-insecure`).
+    pub insecure: bool,
+    /// Bound on every S3 operation, retries included (`--etcd-s3-timeout`).
+    pub timeout: Duration,
+    /// `--etcd-s3-bucket-lookup-type`.
+    pub bucket_lookup: BucketLookup,
+    /// `--etcd-s3-proxy`. The `minio` crate builds its own HTTP client, which reads the proxy from
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when [`crate::S3Store::connect`] builds it; see
+    /// [`crate::proxy_env`] for how the CLI applies this value.
+    pub proxy: Option<String>,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: DEFAULT_ENDPOINT.into(),
+            endpoint_ca: None,
+            skip_ssl_verify: false,
+            access_key: String::new(),
+            secret_key: String::new(),
+            session_token: String::new(),
+            bucket: String::new(),
+            region: DEFAULT_REGION.into(),
+            folder: String::new(),
+            insecure: false,
+            timeout: DEFAULT_TIMEOUT,
+            bucket_lookup: BucketLookup::Auto,
+            proxy: None,
+        }
+    }
+}
+
+fn redacted(s: &str) -> &'static str {
+    if s.is_empty() {
+        ""
+    } else {
+        "<redacted>"
+    }
+}
+
+impl fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("endpoint_ca", &self.endpoint_ca)
+            .field("skip_ssl_verify", &self.skip_ssl_verify)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &redacted(&self.secret_key))
+            .field("session_token", &redacted(&self.session_token))
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("folder", &self.folder)
+            .field("insecure", &self.insecure)
+            .field("timeout", &self.timeout)
+            .field("bucket_lookup", &self.bucket_lookup)
+            .field("proxy", &self.proxy.as_deref().map(redact_url_password))
+            .finish()
+    }
+}
+
+/// Hides the password of a `scheme://user:password@host` URL (a proxy may carry one).
+pub(crate) fn redact_url_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_string() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:<redacted>@{host}"),
+        None => url.to_string(),
+    }
+}
+
+/// The endpoint split into what the client needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Endpoint {
+    pub https: bool,
+    /// `host[:port]`
+    pub authority: String,
+}
+
+impl Endpoint {
+    /// `https://host:port` as shown in messages.
+    pub fn url(&self) -> String {
+        format!("{}://{}", if self.https { "https" } else { "http" }, self.authority)
+    }
+}
+
+impl S3Config {
+    /// `folder` without leading or trailing slashes.
+    pub fn folder_trimmed(&self) -> &str {
+        self.folder.trim_matches('/')
+    }
+
+    /// Validates what can be checked without the network.
+    pub(crate) fn endpoint(&self) -> Result<Endpoint, String> {
+        let raw = self.endpoint.trim();
+        let raw = if raw.is_empty() { DEFAULT_ENDPOINT } else { raw };
+        let (https, rest) = if let Some(r) = raw.strip_prefix("https://") {
+            if self.insecure {
+                return Err(format!(
+                    "endpoint {raw} says https but --etcd-s3-insecure asks for plain http; drop one of them"
+                ));
+            }
+            (true, r)
+        } else if let Some(r) = raw.strip_prefix("http://") {
+            (false, r)
+        } else if raw.contains("://") {
+            return Err(format!("endpoint {raw} has an unknown scheme; give host[:port]"));
+        } else {
+            (!self.insecure, raw)
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') || authority.contains('?') || authority.contains('@') {
+            return Err(format!("endpoint {raw} is not host[:port]; fix --etcd-s3-endpoint"));
+        }
+        Ok(Endpoint { https, authority: authority.to_string() })
+    }
+
+    pub(crate) fn validate(&self) -> Result<Endpoint, String> {
+        if self.bucket.trim().is_empty() {
+            return Err("no bucket given; set --etcd-s3-bucket".into());
+        }
+        if self.access_key.is_empty() != self.secret_key.is_empty() {
+            return Err(
+                "only one of --etcd-s3-access-key and --etcd-s3-secret-key is set; give both (or neither, for anonymous access)"
+                    .into(),
+            );
+        }
+        if self.timeout.is_zero() {
+            return Err("--etcd-s3-timeout must be greater than zero".into());
+        }
+        if self.folder_trimmed().split('/').any(|seg| seg == ".." || seg == ".") {
+            return Err(format!("folder {:?} contains '.' or '..'; fix --etcd-s3-folder", self.folder));
+        }
+        self.endpoint()
+    }
+}
+
+/// Formats a duration the way the flag is written: `5m`, `30s`, `1m30s`, `250ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".into();
+    }
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let mut s = (ms / 1000) as u64;
+    let mut out = String::new();
+    for (unit, len) in [("h", 3600u64), ("m", 60), ("s", 1)] {
+        if s >= len {
+            out.push_str(&format!("{}{unit}", s / len));
+            s %= len;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_redacts_secrets() {
+        let cfg = S3Config {
+            access_key: "AKIAEXAMPLE".into(),
+            secret_key: "s3cr3t-value".into(),
+            session_token: "tok-value".into(),
+            proxy: Some("http://user:pw-value@proxy:3128".into()),
+            ..S3Config::default()
+        };
+        let dbg = format!("{cfg:?}");
+        assert!(dbg.contains("AKIAEXAMPLE"), "{dbg}");
+        for secret in ["s3cr3t-value", "tok-value", "pw-value"] {
+            assert!(!dbg.contains(secret), "{dbg}");
+        }
+    }
+
+    #[test]
+    fn endpoint_parsing() {
+        let mut cfg = S3Config { bucket: "b".into(), ..S3Config::default() };
+        assert_eq!(cfg.endpoint().unwrap(), Endpoint { https: true, authority: "s3.amazonaws.com".into() });
+        cfg.endpoint = "127.0.0.1:9000".into();
+        cfg.insecure = true;
+        assert_eq!(cfg.endpoint().unwrap().url(), "http://127.0.0.1:9000");
+        cfg.endpoint = "https://minio.local:9000/".into();
+        assert!(cfg.endpoint().is_err());
+        cfg.insecure = false;
+        assert_eq!(cfg.endpoint().unwrap().url(), "https://minio.local:9000");
+        cfg.endpoint = "http://minio.local".into();
+        assert_eq!(cfg.endpoint().unwrap().url(), "http://minio.local");
+        cfg.endpoint = "minio.local/path".into();
+        assert!(cfg.endpoint().is_err());
+    }
+
+    #[test]
+    fn validation_names_the_flag() {
+        let cfg = S3Config::default();
+        assert!(cfg.validate().unwrap_err().contains("--etcd-s3-bucket"));
+        let cfg = S3Config { bucket: "b".into(), access_key: "a".into(), ..S3Config::default() };
+        assert!(cfg.validate().unwrap_err().contains("--etcd-s3-secret-key"));
+        let cfg = S3Config { bucket: "b".into(), folder: "a/../b".into(), ..S3Config::default() };
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn durations_read_like_flags() {
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration(Duration::from_secs(5)), "5s");
+        assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn bucket_lookup_parses() {
+        assert_eq!("DNS".parse::<BucketLookup>().unwrap(), BucketLookup::Dns);
+        assert_eq!("path".parse::<BucketLookup>().unwrap(), BucketLookup::Path);
+        assert!("virtual".parse::<BucketLookup>().is_err());
+    }
+}

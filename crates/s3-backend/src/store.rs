@@ -1,0 +1,1099 @@
+//! [`S3Store`]: the [`SnapshotStore`] on an S3 bucket, through the `minio` crate.
+//!
+//! - Every request goes through [`Inner::call`], the one retry helper: it names the operation,
+//!   retries only what [`S3Error::is_retryable`] says is transient, with exponential backoff, and
+//!   bounds the whole operation (all attempts) by the configured timeout.
+//! - `put` sends one PUT for bodies smaller than a part, and otherwise a multipart upload whose
+//!   parts go up while the body is still streaming. Any failure, including the body stream
+//!   yielding an error or the `put` future being dropped, aborts the upload: S3 only shows an
+//!   object once `CompleteMultipartUpload` succeeds, so nothing appears under the key.
+//! - `get` streams the body (constant memory), resumes with a ranged GET pinned to the ETag when
+//!   the connection breaks mid-way, and gives up on a body that stalls for longer than the timeout.
+//! - `list` pages through `ListObjectsV2` with the delimiter `/`, one page in memory at a time.
+//! - `delete` sends `DeleteObjects` with at most 1000 keys per request.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
+use minio::s3::builders::{ObjectToDelete, PutObject, UploadPart};
+use minio::s3::client::{MinioClient, MinioClientBuilder};
+use minio::s3::creds::StaticProvider;
+use minio::s3::http::BaseUrl;
+use minio::s3::minio_error_response::MinioErrorResponse;
+use minio::s3::multimap_ext::{Multimap, MultimapExt};
+use minio::s3::response::DeleteResult;
+use minio::s3::response_traits::{HasEtagFromHeaders, HasS3Fields};
+use minio::s3::segmented_bytes::SegmentedBytes;
+use minio::s3::types::{BucketName, ObjectKey, PartInfo, Region, S3Api, ToStream};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use k3s_snapshot_core::metadata::METADATA_DIR;
+use k3s_snapshot_core::name;
+use k3s_snapshot_core::store::{ByteStream, ObjectInfo, PutOptions, SnapshotStore};
+use k3s_snapshot_core::{Error, Result};
+
+use crate::config::{redact_url_password, BucketLookup, S3Config};
+use crate::error::{innermost_detail, is_no_such_upload, Classifier, S3Error};
+
+/// Smallest part the S3 API accepts (except the last one).
+pub const MIN_PART_SIZE: u64 = 5 << 20;
+/// Bodies up to this size go up as one PUT; larger ones as a multipart upload of parts this big.
+pub const DEFAULT_PART_SIZE: u64 = 8 << 20;
+/// Largest number of parts of a multipart upload.
+pub const MAX_PARTS: u16 = 10_000;
+/// Largest part we buffer when the size is unknown and the upload keeps growing.
+const MAX_GROWN_PART_SIZE: u64 = 512 << 20;
+/// Parts uploading at the same time while the next one is read from the body.
+const PARTS_IN_FLIGHT: usize = 2;
+/// Keys per `DeleteObjects` request (the S3 limit).
+pub const DELETE_BATCH: usize = 1000;
+/// Keys per `ListObjectsV2` page.
+const LIST_PAGE: u16 = 1000;
+/// Times a download resumes after its connection broke.
+const DOWNLOAD_RESUMES: u32 = 3;
+
+/// How failed requests are retried.
+#[derive(Debug, Clone, Copy)]
+struct RetryPolicy {
+    attempts: u32,
+    first_delay: Duration,
+    max_delay: Duration,
+}
+
+const RETRY: RetryPolicy =
+    RetryPolicy { attempts: 4, first_delay: Duration::from_millis(250), max_delay: Duration::from_secs(4) };
+
+/// Snapshots in an S3 bucket, under an optional folder. Cheap to clone.
+#[derive(Clone)]
+pub struct S3Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: MinioClient,
+    bucket: String,
+    /// `folder/`, or empty for the bucket's root.
+    prefix: String,
+    /// `s3://bucket/folder`
+    describe: String,
+    timeout: Duration,
+    classifier: Classifier,
+}
+
+impl fmt::Debug for S3Store {
+    // By hand: the minio client's Debug would print the credentials.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Store")
+            .field("location", &self.inner.describe)
+            .field("endpoint", &self.inner.classifier.endpoint)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An object's size, time, content type and user metadata (`x-amz-meta-*`, without the prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectDetails {
+    pub info: ObjectInfo,
+    pub content_type: Option<String>,
+    pub user_metadata: Vec<(String, String)>,
+}
+
+impl S3Store {
+    /// Builds the client and checks that the bucket exists and that the credentials may read it.
+    /// Nothing is written.
+    pub async fn connect(cfg: &S3Config) -> Result<S3Store> {
+        let endpoint = cfg.validate().map_err(Error::Invalid)?;
+        check_proxy_env(cfg, endpoint.https)?;
+        if let Some(ca) = &cfg.endpoint_ca {
+            check_ca_file(ca)?;
+        }
+        let mut base: BaseUrl = endpoint
+            .url()
+            .parse()
+            .map_err(|e| Error::Invalid(format!("invalid --etcd-s3-endpoint {}: {e}", cfg.endpoint)))?;
+        let region = if cfg.region.trim().is_empty() { crate::config::DEFAULT_REGION } else { cfg.region.trim() };
+        base.region =
+            Region::new(region).map_err(|e| Error::Invalid(format!("invalid --etcd-s3-region {region:?}: {e}")))?;
+        match cfg.bucket_lookup {
+            BucketLookup::Auto => {}
+            BucketLookup::Dns => base.virtual_style = true,
+            BucketLookup::Path => base.virtual_style = false,
+        }
+        let bucket = cfg.bucket.trim().to_string();
+        BucketName::new(bucket.as_str())
+            .map_err(|e| Error::Invalid(format!("invalid --etcd-s3-bucket {bucket:?}: {e}")))?;
+        let provider = (!cfg.access_key.is_empty()).then(|| {
+            StaticProvider::new(
+                &cfg.access_key,
+                &cfg.secret_key,
+                (!cfg.session_token.is_empty()).then_some(cfg.session_token.as_str()),
+            )
+        });
+        let client = MinioClientBuilder::new(base)
+            .provider(provider)
+            .ssl_cert_file(cfg.endpoint_ca.as_deref())
+            .ignore_cert_check(cfg.skip_ssl_verify.then_some(true))
+            .app_info(Some(("k3s-snapshot".into(), env!("CARGO_PKG_VERSION").into())))
+            .build()
+            // The builder's errors are about the CA file or the TLS setup, never the credentials.
+            .map_err(|e| Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e))))?;
+
+        let folder = cfg.folder_trimmed();
+        let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
+        let describe =
+            if folder.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{folder}") };
+        let store = S3Store {
+            inner: Arc::new(Inner {
+                client,
+                classifier: Classifier {
+                    endpoint: endpoint.url(),
+                    bucket: bucket.clone(),
+                    region: region.to_string(),
+                },
+                bucket,
+                prefix,
+                describe,
+                timeout: cfg.timeout,
+            }),
+        };
+        store.check_bucket().await?;
+        tracing::debug!(store = %store.inner.describe, endpoint = %store.inner.classifier.endpoint, "connected to s3");
+        Ok(store)
+    }
+
+    /// The bucket name.
+    pub fn bucket(&self) -> &str {
+        &self.inner.bucket
+    }
+
+    /// The endpoint as a URL, for messages.
+    pub fn endpoint(&self) -> &str {
+        &self.inner.classifier.endpoint
+    }
+
+    async fn check_bucket(&self) -> Result<()> {
+        let inner = &self.inner;
+        let exists = inner
+            .call("check", "the bucket", || async move {
+                let resp = inner
+                    .client
+                    .bucket_exists(inner.bucket.as_str())
+                    .map_err(|e| inner.classifier.classify(e.into()))?
+                    .build()
+                    .send()
+                    .await
+                    .map_err(|e| inner.classifier.classify(e))?;
+                Ok(resp.exists())
+            })
+            .await
+            .map_err(|e| inner.storage_error("check", "the bucket", e))?;
+        if !exists {
+            let e = S3Error::NoSuchBucket { bucket: inner.bucket.clone(), endpoint: inner.classifier.endpoint.clone() };
+            return Err(inner.storage_error("check", "the bucket", e));
+        }
+        Ok(())
+    }
+
+    /// Like [`SnapshotStore::head`], with the content type and user metadata.
+    pub async fn head_details(&self, key: &str) -> Result<Option<ObjectDetails>> {
+        let inner = &self.inner;
+        let object = inner.object_name(key)?;
+        let object = object.as_str();
+        let res = inner
+            .call("stat", key, || async move {
+                inner
+                    .client
+                    .stat_object(inner.bucket.as_str(), object)
+                    .map_err(|e| inner.classifier.classify(e.into()))?
+                    .build()
+                    .send()
+                    .await
+                    .map_err(|e| inner.classifier.classify(e))
+            })
+            .await;
+        let resp = match res {
+            Ok(r) => r,
+            Err(S3Error::NoSuchKey { .. }) => return Ok(None),
+            Err(e) => return Err(inner.storage_error("stat", key, e)),
+        };
+        let headers = resp.headers();
+        let size = resp.size().map_err(|e| inner.storage_error("stat", key, S3Error::Invalid(e.to_string())))?;
+        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let mut user_metadata: Vec<(String, String)> = resp.user_metadata().unwrap_or_default().into_iter().collect();
+        user_metadata.sort();
+        Ok(Some(ObjectDetails {
+            info: ObjectInfo { key: key.to_string(), size, modified: last_modified(headers) },
+            content_type,
+            user_metadata,
+        }))
+    }
+}
+
+/// Refuses `--etcd-s3-proxy` unless the process environment already carries it (see
+/// [`crate::proxy_env`]): minio's HTTP client only takes a proxy from the environment, and
+/// silently going direct would be worse than an error.
+fn check_proxy_env(cfg: &S3Config, https: bool) -> Result<()> {
+    let Some(proxy) = cfg.proxy.as_deref().filter(|p| !p.is_empty()) else { return Ok(()) };
+    let names: &[&str] = if https {
+        &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+    } else {
+        &["HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"]
+    };
+    let active = names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+    if active.as_deref() == Some(proxy) {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!(
+        "--etcd-s3-proxy {} is not in effect: the s3 client takes its proxy from {} in the environment, which the program must set at startup (s3_backend::proxy_env)",
+        redact_url_password(proxy),
+        names[0]
+    )))
+}
+
+fn check_ca_file(path: &std::path::Path) -> Result<()> {
+    let pem = std::fs::read(path).map_err(|cause| Error::Io { action: "read --etcd-s3-endpoint-ca", path: path.into(), cause })?;
+    match reqwest::Certificate::from_pem_bundle(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(_) => Err(Error::Invalid(format!(
+            "--etcd-s3-endpoint-ca {} holds no PEM certificate; give the CA certificate in PEM form",
+            path.display()
+        ))),
+        Err(e) => Err(Error::Invalid(format!(
+            "--etcd-s3-endpoint-ca {} is not a PEM certificate bundle: {}",
+            path.display(),
+            innermost_detail(&e)
+        ))),
+    }
+}
+
+fn last_modified(headers: &reqwest::header::HeaderMap) -> Option<DateTime<Utc>> {
+    let v = headers.get("last-modified")?.to_str().ok()?;
+    DateTime::parse_from_rfc2822(v).ok().map(|d| d.with_timezone(&Utc))
+}
+
+fn io_other(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+impl Inner {
+    /// The one retry helper. Runs `f` until it succeeds, fails with an error that is not
+    /// retryable, runs out of attempts, or the operation's deadline (`timeout`) passes.
+    async fn call<T, F, Fut>(&self, op: &'static str, key: &str, mut f: F) -> Result<T, S3Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, S3Error>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut delay = RETRY.first_delay;
+        let mut attempt = 1;
+        loop {
+            let err = match tokio::time::timeout_at(deadline, f()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => e,
+                Err(_) => return Err(self.timeout_error()),
+            };
+            if !err.is_retryable() || attempt >= RETRY.attempts || Instant::now() + delay >= deadline {
+                return Err(err);
+            }
+            tracing::warn!(op, key, attempt, store = %self.describe, error = %err, "s3 request failed; retrying in {delay:?}");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(RETRY.max_delay);
+            attempt += 1;
+        }
+    }
+
+    fn timeout_error(&self) -> S3Error {
+        S3Error::Timeout { endpoint: self.classifier.endpoint.clone(), timeout: self.timeout }
+    }
+
+    fn storage_error(&self, op: &'static str, key: &str, e: S3Error) -> Error {
+        Error::Storage {
+            store: self.describe.clone(),
+            op,
+            key: key.to_string(),
+            retryable: e.is_retryable(),
+            cause: Box::new(e),
+        }
+    }
+
+    /// `folder/<key>` after checking the key is one of ours (`<file>` or `.metadata/<file>`).
+    fn object_name(&self, key: &str) -> Result<String> {
+        match key.strip_prefix(METADATA_DIR).and_then(|r| r.strip_prefix('/')) {
+            Some(file) => name::validate_file_name(file)?,
+            None => name::validate_file_name(key)?,
+        }
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    fn user_metadata(opts: &PutOptions) -> Option<Multimap> {
+        if opts.user_metadata.is_empty() {
+            return None;
+        }
+        let mut m = Multimap::new();
+        for (k, v) in &opts.user_metadata {
+            m.add(format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
+        }
+        Some(m)
+    }
+
+    fn content_type(opts: &PutOptions) -> String {
+        if opts.content_type.is_empty() {
+            "application/octet-stream".into()
+        } else {
+            opts.content_type.clone()
+        }
+    }
+
+    async fn put_single(&self, key: &str, object: &str, data: SegmentedBytes, opts: &PutOptions) -> Result<(), S3Error> {
+        let data = Arc::new(data);
+        let meta = Self::user_metadata(opts);
+        let ctype = Self::content_type(opts);
+        self.call("upload", key, || {
+            let (data, meta, ctype) = (data.clone(), meta.clone(), ctype.clone());
+            async move {
+                let part = UploadPart::builder()
+                    .client(self.client.clone())
+                    .bucket(BucketName::new(self.bucket.as_str()).map_err(|e| self.classifier.classify(e.into()))?)
+                    .object(ObjectKey::new(object).map_err(|e| self.classifier.classify(e.into()))?)
+                    .data(data)
+                    .content_type(Some(ctype))
+                    .user_metadata(meta)
+                    .build();
+                PutObject::builder().inner(part).build().send().await.map_err(|e| self.classifier.classify(e))?;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn start_multipart(&self, key: &str, object: &str, opts: &PutOptions) -> Result<String, S3Error> {
+        let meta = Self::user_metadata(opts);
+        let ctype = Self::content_type(opts);
+        self.call("start the multipart upload of", key, || {
+            let (meta, ctype) = (meta.clone(), ctype.clone());
+            async move {
+                let resp = self
+                    .client
+                    .create_multipart_upload(self.bucket.as_str(), object)
+                    .map_err(|e| self.classifier.classify(e.into()))?
+                    .content_type(Some(ctype))
+                    .user_metadata(meta)
+                    .build()
+                    .send()
+                    .await
+                    .map_err(|e| self.classifier.classify(e))?;
+                let id = resp.upload_id().await.map_err(|e| self.classifier.classify(e.into()))?;
+                Ok(id.to_string())
+            }
+        })
+        .await
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        object: &str,
+        upload_id: &str,
+        number: u16,
+        data: Arc<SegmentedBytes>,
+    ) -> Result<PartInfo, S3Error> {
+        let size = data.len() as u64;
+        self.call("upload a part of", key, || {
+            let data = data.clone();
+            async move {
+                let part = UploadPart::builder()
+                    .client(self.client.clone())
+                    .bucket(BucketName::new(self.bucket.as_str()).map_err(|e| self.classifier.classify(e.into()))?)
+                    .object(ObjectKey::new(object).map_err(|e| self.classifier.classify(e.into()))?)
+                    .upload_id(Some(upload_id.to_string()))
+                    .part_number(Some(number))
+                    .data(data)
+                    .build();
+                let resp = part.send().await.map_err(|e| self.classifier.classify(e))?;
+                let etag = resp.etag().map_err(|e| self.classifier.classify(e.into()))?;
+                Ok(PartInfo::new(number, etag, size, None))
+            }
+        })
+        .await
+    }
+
+    async fn complete_multipart(
+        &self,
+        key: &str,
+        object: &str,
+        upload_id: &str,
+        parts: Vec<PartInfo>,
+        total: u64,
+    ) -> Result<(), S3Error> {
+        let mut tries = 0u32;
+        let res = self
+            .call("complete the multipart upload of", key, || {
+                tries += 1;
+                let (parts, first_try) = (parts.clone(), tries == 1);
+                async move {
+                    let res = self
+                        .client
+                        .complete_multipart_upload(self.bucket.as_str(), object, upload_id, parts)
+                        .map_err(|e| self.classifier.classify(e.into()))?
+                        .build()
+                        .send()
+                        .await;
+                    match res {
+                        // An earlier attempt may have completed it before its answer was lost.
+                        Err(e) if !first_try && is_no_such_upload(&e) => Ok(false),
+                        Err(e) => Err(self.classifier.classify(e)),
+                        // S3 may answer 200 and put the error in the body.
+                        Ok(resp) => match error_in_body(resp.body(), resp.headers()) {
+                            Some(err) => Err(self.classifier.classify_response(&err)),
+                            None => Ok(true),
+                        },
+                    }
+                }
+            })
+            .await?;
+        if !res {
+            // Check that the object is there with the size we sent.
+            let ok = self.stat_size(key, object).await? == Some(total);
+            if !ok {
+                return Err(S3Error::Server {
+                    endpoint: self.classifier.endpoint.clone(),
+                    code: "NoSuchUpload".into(),
+                    message: Some("the multipart upload vanished before it completed".into()),
+                    retryable: false,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn stat_size(&self, key: &str, object: &str) -> Result<Option<u64>, S3Error> {
+        let res = self
+            .call("stat", key, || async move {
+                self.client
+                    .stat_object(self.bucket.as_str(), object)
+                    .map_err(|e| self.classifier.classify(e.into()))?
+                    .build()
+                    .send()
+                    .await
+                    .map_err(|e| self.classifier.classify(e))
+            })
+            .await;
+        match res {
+            Ok(r) => Ok(Some(r.size().map_err(|e| S3Error::Invalid(e.to_string()))?)),
+            Err(S3Error::NoSuchKey { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn abort_multipart(&self, key: &str, object: &str, upload_id: &str) {
+        let res = self
+            .call("abort the multipart upload of", key, || async move {
+                let res = self
+                    .client
+                    .abort_multipart_upload(self.bucket.as_str(), object, upload_id)
+                    .map_err(|e| self.classifier.classify(e.into()))?
+                    .build()
+                    .send()
+                    .await;
+                match res {
+                    Ok(_) => Ok(()),
+                    Err(e) if is_no_such_upload(&e) => Ok(()),
+                    Err(e) => Err(self.classifier.classify(e)),
+                }
+            })
+            .await;
+        match res {
+            Ok(()) => tracing::debug!(key, store = %self.describe, "aborted multipart upload"),
+            // The object never appeared; the parts stay until the bucket's lifecycle rules (or a
+            // later abort) remove them.
+            Err(e) => tracing::warn!(key, store = %self.describe, upload_id, error = %e, "cannot abort multipart upload; no object was created, but its parts stay in the bucket until removed"),
+        }
+    }
+
+    /// The GET request of a download, from `offset`, pinned to `etag` when resuming.
+    async fn open_body(
+        &self,
+        key: &str,
+        object: &str,
+        offset: u64,
+        etag: Option<&str>,
+    ) -> Result<(ObjectInfo, Option<String>, BoxStream<'static, std::io::Result<Bytes>>), S3Error> {
+        let resp = self
+            .call("download", key, || async move {
+                self.client
+                    .get_object(self.bucket.as_str(), object)
+                    .map_err(|e| self.classifier.classify(e.into()))?
+                    .offset((offset > 0).then_some(offset))
+                    .match_etag(etag.map(str::to_string))
+                    .build()
+                    .send()
+                    .await
+                    .map_err(|e| self.classifier.classify(e))
+            })
+            .await?;
+        let headers = resp.headers();
+        let modified = last_modified(headers);
+        let etag = headers.get("etag").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (body, len) = resp.into_boxed_stream().map_err(|e| self.classifier.classify(e))?;
+        let info = ObjectInfo { key: key.to_string(), size: offset + len, modified };
+        Ok((info, etag, body.boxed()))
+    }
+}
+
+/// The error document of a 200 response (CompleteMultipartUpload may fail that way).
+fn error_in_body(body: &Bytes, headers: &reqwest::header::HeaderMap) -> Option<MinioErrorResponse> {
+    let text = std::str::from_utf8(body).ok()?;
+    let root = text.trim_start();
+    let root = match root.strip_prefix("<?xml") {
+        Some(r) => r.split_once("?>")?.1.trim_start(),
+        None => root,
+    };
+    if !root.starts_with("<Error>") {
+        return None;
+    }
+    MinioErrorResponse::new_from_body(body.clone(), headers.clone()).ok()
+}
+
+/// Aborts a multipart upload if the `put` that started it is dropped before finishing.
+struct AbortOnDrop {
+    inner: Arc<Inner>,
+    key: String,
+    object: String,
+    upload_id: String,
+    armed: bool,
+}
+
+impl AbortOnDrop {
+    async fn abort_now(mut self) {
+        self.armed = false;
+        self.inner.abort_multipart(&self.key, &self.object, &self.upload_id).await;
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (inner, key, object, id) =
+                (self.inner.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.object), std::mem::take(&mut self.upload_id));
+            rt.spawn(async move { inner.abort_multipart(&key, &object, &id).await });
+        }
+    }
+}
+
+/// The body of a put, cut into parts.
+struct PartReader {
+    body: ByteStream,
+    /// The part being filled; kept here so that [`PartReader::read`] is cancel-safe.
+    pending: SegmentedBytes,
+    /// What was read beyond the last part.
+    carry: Option<Bytes>,
+}
+
+impl PartReader {
+    fn new(body: ByteStream) -> Self {
+        PartReader { body, pending: SegmentedBytes::new(), carry: None }
+    }
+
+    /// Reads up to `size` bytes into one part. `Ok((part, true))` when the body ended.
+    /// Cancel-safe: if the future is dropped, the bytes read so far stay for the next call.
+    async fn read(&mut self, size: u64) -> std::io::Result<(SegmentedBytes, bool)> {
+        let size = size as usize;
+        loop {
+            if self.pending.len() >= size {
+                return Ok((std::mem::take(&mut self.pending), false));
+            }
+            let mut chunk = match self.carry.take() {
+                Some(c) => c,
+                None => match self.body.next().await {
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok((std::mem::take(&mut self.pending), true)),
+                },
+            };
+            let room = size - self.pending.len();
+            if chunk.len() > room {
+                self.carry = Some(chunk.split_off(room));
+            }
+            if !chunk.is_empty() {
+                self.pending.append(chunk);
+            }
+        }
+    }
+}
+
+/// Part size for a body of `size_hint` bytes: the default, or larger so that it fits in
+/// 10,000 parts (with room to spare when the hint is low).
+fn initial_part_size(size_hint: Option<u64>) -> u64 {
+    let min_for_hint = size_hint.map(|n| n.div_ceil(9_000)).unwrap_or(0);
+    let mib = 1 << 20;
+    DEFAULT_PART_SIZE.max(min_for_hint.div_ceil(mib) * mib)
+}
+
+/// With an unknown size, parts double every 1,000 parts so that 10,000 parts hold terabytes.
+fn grown_part_size(current: u64, parts_done: u16) -> u64 {
+    if parts_done > 0 && parts_done.is_multiple_of(1000) {
+        (current * 2).min(MAX_GROWN_PART_SIZE)
+    } else {
+        current
+    }
+}
+
+impl S3Store {
+    async fn put_multipart(
+        &self,
+        key: &str,
+        object: String,
+        mut reader: PartReader,
+        first: SegmentedBytes,
+        opts: &PutOptions,
+        mut part_size: u64,
+    ) -> Result<u64, S3Error> {
+        let inner = self.inner.clone();
+        let upload_id = inner.start_multipart(key, &object, opts).await?;
+        tracing::debug!(key, upload_id = %upload_id, part_size, "multipart upload started");
+        let guard = AbortOnDrop {
+            inner: inner.clone(),
+            key: key.to_string(),
+            object: object.clone(),
+            upload_id: upload_id.clone(),
+            armed: true,
+        };
+        let mut tasks: JoinSet<Result<PartInfo, S3Error>> = JoinSet::new();
+        let res = async {
+            let mut parts: Vec<PartInfo> = Vec::new();
+            let mut next = Some((first, false));
+            let mut number: u16 = 0;
+            let mut total = 0u64;
+            loop {
+                let (data, ended) = match next.take() {
+                    Some(p) => p,
+                    // Read the next part, and meanwhile notice a failed part upload at once
+                    // rather than after the (possibly slow) source has filled another part.
+                    None => loop {
+                        tokio::select! {
+                            r = reader.read(part_size) => break r.map_err(|e| S3Error::Source(innermost_detail(&e)))?,
+                            done = tasks.join_next(), if !tasks.is_empty() => parts.push(joined(done)?),
+                        }
+                    },
+                };
+                if data.is_empty() && number > 0 {
+                    break;
+                }
+                if number == MAX_PARTS {
+                    return Err(S3Error::Invalid(format!(
+                        "the body needs more than {MAX_PARTS} parts; pass a size hint so that parts are large enough"
+                    )));
+                }
+                number += 1;
+                total += data.len() as u64;
+                while tasks.len() >= PARTS_IN_FLIGHT {
+                    parts.push(joined(tasks.join_next().await)?);
+                }
+                let (inner, key, object, id) = (inner.clone(), key.to_string(), object.clone(), upload_id.clone());
+                let data = Arc::new(data);
+                tasks.spawn(async move { inner.upload_part(&key, &object, &id, number, data).await });
+                if ended {
+                    break;
+                }
+                part_size = grown_part_size(part_size, number);
+            }
+            while !tasks.is_empty() {
+                parts.push(joined(tasks.join_next().await)?);
+            }
+            parts.sort_by_key(|p| p.number);
+            inner.complete_multipart(key, &object, &upload_id, parts, total).await?;
+            Ok(total)
+        }
+        .await;
+        match res {
+            Ok(total) => {
+                guard.disarm();
+                Ok(total)
+            }
+            Err(e) => {
+                // Stop the part uploads still running (and wait for them, so that none lands
+                // after the abort), then abort the upload so that its parts are dropped.
+                tasks.shutdown().await;
+                guard.abort_now().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn joined(
+    done: Option<std::result::Result<Result<PartInfo, S3Error>, tokio::task::JoinError>>,
+) -> Result<PartInfo, S3Error> {
+    match done {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(S3Error::Invalid(format!("part upload task failed: {e}"))),
+        None => Err(S3Error::Invalid("no part upload in flight".into())),
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for S3Store {
+    fn describe(&self) -> String {
+        self.inner.describe.clone()
+    }
+
+    fn location(&self, key: &str) -> String {
+        format!("{}/{key}", self.inner.describe)
+    }
+
+    async fn put(&self, key: &str, body: ByteStream, opts: PutOptions) -> Result<u64> {
+        let inner = &self.inner;
+        let object = inner.object_name(key)?;
+        let part_size = initial_part_size(opts.size_hint);
+        let mut reader = PartReader::new(body);
+        let started = std::time::Instant::now();
+        let (first, ended) = reader
+            .read(part_size)
+            .await
+            .map_err(|e| inner.storage_error("upload", key, S3Error::Source(innermost_detail(&e))))?;
+        let n = if ended {
+            let n = first.len() as u64;
+            inner.put_single(key, &object, first, &opts).await.map_err(|e| inner.storage_error("upload", key, e))?;
+            n
+        } else {
+            self.put_multipart(key, object, reader, first, &opts, part_size)
+                .await
+                .map_err(|e| inner.storage_error("upload", key, e))?
+        };
+        tracing::debug!(key, size = n, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded");
+        Ok(n)
+    }
+
+    async fn get(&self, key: &str) -> Result<(ObjectInfo, ByteStream)> {
+        let inner = self.inner.clone();
+        let object = inner.object_name(key)?;
+        let (info, etag, body) = match inner.open_body(key, &object, 0, None).await {
+            Ok(v) => v,
+            Err(S3Error::NoSuchKey { .. }) => {
+                return Err(Error::NotFound { name: key.to_string(), location: inner.describe.clone() })
+            }
+            Err(e) => return Err(inner.storage_error("download", key, e)),
+        };
+        let state = Download {
+            inner,
+            key: key.to_string(),
+            object,
+            etag,
+            offset: 0,
+            size: info.size,
+            body: Some(body),
+            resumes: 0,
+        };
+        Ok((info, stream::unfold(state, Download::next).boxed()))
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        Ok(self.head_details(key).await?.map(|d| d.info))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>> {
+        struct Page {
+            token: Option<String>,
+            done: bool,
+        }
+        let inner = &self.inner;
+        let full_prefix = format!("{}{prefix}", inner.prefix);
+        stream::try_unfold(Page { token: None, done: false }, move |page| {
+            let full_prefix = full_prefix.clone();
+            async move {
+                if page.done {
+                    return Ok(None);
+                }
+                let token = page.token.clone();
+                let resp = inner
+                    .call("list", prefix, || {
+                        let (full_prefix, token) = (full_prefix.clone(), token.clone());
+                        async move {
+                            let pages = inner
+                                .client
+                                .list_objects(inner.bucket.as_str())
+                                .map_err(|e| inner.classifier.classify(e.into()))?
+                                .prefix(Some(full_prefix))
+                                .delimiter(Some("/".to_string()))
+                                .max_keys(Some(LIST_PAGE))
+                                .continuation_token(token)
+                                .build()
+                                .to_stream()
+                                .await
+                                .next()
+                                .await;
+                            match pages {
+                                Some(r) => r.map_err(|e| inner.classifier.classify(e)),
+                                None => Err(S3Error::Invalid("the listing returned no page".into())),
+                            }
+                        }
+                    })
+                    .await
+                    .map_err(|e| inner.storage_error("list", prefix, e))?;
+                let next_token = resp.next_continuation_token.clone().filter(|t| !t.is_empty());
+                if resp.is_truncated && next_token.is_none() {
+                    return Err(inner.storage_error(
+                        "list",
+                        prefix,
+                        S3Error::Invalid("the server truncated the listing without a continuation token".into()),
+                    ));
+                }
+                let items: Vec<Result<ObjectInfo>> = resp
+                    .contents
+                    .into_iter()
+                    .filter(|e| !e.is_prefix && !e.is_delete_marker)
+                    .filter_map(|e| {
+                        let rel = e.name.strip_prefix(&inner.prefix)?;
+                        if rel.is_empty() || !rel.starts_with(prefix) || rel[prefix.len()..].contains('/') {
+                            return None;
+                        }
+                        Some(Ok(ObjectInfo {
+                            key: rel.to_string(),
+                            size: e.size.unwrap_or(0),
+                            modified: e.last_modified,
+                        }))
+                    })
+                    .collect();
+                let done = !resp.is_truncated;
+                Ok(Some((stream::iter(items), Page { token: next_token, done })))
+            }
+        })
+        .try_flatten()
+        .boxed()
+    }
+
+    async fn delete(&self, keys: &[String]) -> Result<()> {
+        let inner = &self.inner;
+        let mut objects = Vec::with_capacity(keys.len());
+        for key in keys {
+            objects.push(inner.object_name(key)?);
+        }
+        for (batch, names) in objects.chunks(DELETE_BATCH).zip(keys.chunks(DELETE_BATCH)) {
+            let what = match names {
+                [one] => one.clone(),
+                _ => format!("{} objects", names.len()),
+            };
+            let resp = inner
+                .call("delete", &what, || async move {
+                    let mut list = Vec::with_capacity(batch.len());
+                    for name in batch {
+                        // minio puts keys into the request's XML unescaped.
+                        let escaped = xml_escape(name);
+                        list.push(
+                            ObjectToDelete::try_from(escaped.as_str()).map_err(|e| inner.classifier.classify(e.into()))?,
+                        );
+                    }
+                    inner
+                        .client
+                        .delete_objects(inner.bucket.as_str(), list)
+                        .map_err(|e| inner.classifier.classify(e.into()))?
+                        .build()
+                        .send()
+                        .await
+                        .map_err(|e| inner.classifier.classify(e))
+                })
+                .await
+                .map_err(|e| inner.storage_error("delete", &what, e))?;
+            let results = resp.result().map_err(|e| inner.storage_error("delete", &what, inner.classifier.classify(e)))?;
+            let failed: Vec<_> = results
+                .into_iter()
+                .filter_map(|r| match r {
+                    DeleteResult::Error(e) if !e.code.eq_ignore_ascii_case("NoSuchKey") => Some(e),
+                    _ => None,
+                })
+                .collect();
+            if let Some(first) = failed.first() {
+                let key = first.object_name.strip_prefix(&inner.prefix).unwrap_or(&first.object_name).to_string();
+                let code = first.code.to_ascii_lowercase();
+                let err = inner.classifier.classify_response(&MinioErrorResponse::new(
+                    Default::default(),
+                    minio::s3::minio_error_response::MinioErrorCode::OtherError(code),
+                    Some(if failed.len() > 1 {
+                        format!("{} (and {} more objects failed)", first.message, failed.len() - 1)
+                    } else {
+                        first.message.clone()
+                    }),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                    None,
+                    None,
+                ));
+                return Err(inner.storage_error("delete", &key, err));
+            }
+            tracing::debug!(count = batch.len(), store = %inner.describe, "deleted objects");
+        }
+        Ok(())
+    }
+}
+
+fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// State of a streaming download.
+struct Download {
+    inner: Arc<Inner>,
+    key: String,
+    object: String,
+    etag: Option<String>,
+    offset: u64,
+    size: u64,
+    body: Option<BoxStream<'static, std::io::Result<Bytes>>>,
+    resumes: u32,
+}
+
+impl Download {
+    async fn next(mut self) -> Option<(std::io::Result<Bytes>, Download)> {
+        loop {
+            let mut body = self.body.take()?;
+            let why = match tokio::time::timeout(self.inner.timeout, body.next()).await {
+                Ok(Some(Ok(chunk))) => {
+                    self.offset += chunk.len() as u64;
+                    if self.offset > self.size {
+                        return Some((Err(io_other(self.fail(S3Error::Invalid(format!(
+                            "the server sent more than the {} bytes it announced",
+                            self.size
+                        ))))), self));
+                    }
+                    self.body = Some(body);
+                    return Some((Ok(chunk), self));
+                }
+                Ok(None) if self.offset == self.size => return None,
+                Ok(None) => S3Error::Network {
+                    endpoint: self.inner.classifier.endpoint.clone(),
+                    detail: format!("the download ended after {} of {} bytes", self.offset, self.size),
+                },
+                Ok(Some(Err(e))) => S3Error::Network {
+                    endpoint: self.inner.classifier.endpoint.clone(),
+                    detail: innermost_detail(&e),
+                },
+                Err(_) => self.inner.timeout_error(),
+            };
+            drop(body);
+            if self.resumes >= DOWNLOAD_RESUMES {
+                let e = self.fail(why);
+                return Some((Err(io_other(e)), self));
+            }
+            self.resumes += 1;
+            tracing::warn!(key = %self.key, offset = self.offset, error = %why, "download interrupted; resuming");
+            match self.inner.open_body(&self.key, &self.object, self.offset, self.etag.as_deref()).await {
+                Ok((_, _, b)) => self.body = Some(b),
+                Err(e) => {
+                    let e = self.fail(e);
+                    return Some((Err(io_other(e)), self));
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: S3Error) -> Error {
+        self.body = None;
+        self.inner.storage_error("download", &self.key, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_sizes_respect_s3_limits() {
+        assert_eq!(initial_part_size(None), DEFAULT_PART_SIZE);
+        assert_eq!(initial_part_size(Some(100 << 20)), DEFAULT_PART_SIZE);
+        let huge = 200u64 << 30;
+        let ps = initial_part_size(Some(huge));
+        assert!(ps >= MIN_PART_SIZE && huge.div_ceil(ps) <= MAX_PARTS as u64, "{ps}");
+        assert_eq!(ps % (1 << 20), 0);
+        let mut size = DEFAULT_PART_SIZE;
+        let mut total = 0u64;
+        for n in 1..=MAX_PARTS {
+            total += size;
+            size = grown_part_size(size, n);
+        }
+        assert!(total > 1 << 40, "10,000 growing parts hold more than 1 TiB: {total}");
+        assert!(size <= MAX_GROWN_PART_SIZE);
+    }
+
+    #[tokio::test]
+    async fn parts_split_chunks_at_the_part_size_chunks_at_the_part_size() {
+        let chunks: Vec<std::io::Result<Bytes>> = (0..10).map(|i| Ok(Bytes::from(vec![i as u8; 3]))).collect();
+        let mut reader = PartReader::new(stream::iter(chunks).boxed());
+        let (p1, end1) = reader.read(7).await.unwrap();
+        assert_eq!((p1.len(), end1), (7, false));
+        let (p2, end2) = reader.read(7).await.unwrap();
+        assert_eq!((p2.len(), end2), (7, false));
+        let mut all = p1.to_bytes().to_vec();
+        all.extend_from_slice(&p2.to_bytes());
+        let (p3, end3) = reader.read(100).await.unwrap();
+        assert_eq!((p3.len(), end3), (16, true));
+        all.extend_from_slice(&p3.to_bytes());
+        let expected: Vec<u8> = (0..10u8).flat_map(|i| [i; 3]).collect();
+        assert_eq!(all, expected);
+    }
+
+    #[tokio::test]
+    async fn a_source_error_reaches_the_part_reader() {
+        let mut reader =
+            PartReader::new(stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(std::io::Error::other("boom"))]).boxed());
+        assert!(reader.read(10).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_part_read_loses_nothing() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<Bytes>>();
+        let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).boxed();
+        let mut reader = PartReader::new(body);
+        tx.send(Ok(Bytes::from_static(b"abc"))).unwrap();
+        tx.send(Ok(Bytes::from_static(b"def"))).unwrap();
+        // The source stalls: the read is cancelled with 6 bytes taken from the body.
+        assert!(tokio::time::timeout(Duration::from_millis(20), reader.read(100)).await.is_err());
+        tx.send(Ok(Bytes::from_static(b"ghi"))).unwrap();
+        drop(tx);
+        let (part, ended) = reader.read(100).await.unwrap();
+        assert!(ended);
+        assert_eq!(part.to_bytes(), Bytes::from_static(b"abcdefghi"));
+    }
+
+    #[test]
+    fn error_documents_in_200_answers_are_found() {
+        let body = Bytes::from_static(
+            b"<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>InternalError</Code><Message>We encountered an internal error</Message></Error>",
+        );
+        let err = error_in_body(&body, &reqwest::header::HeaderMap::new()).unwrap();
+        assert_eq!(err.message().as_deref(), Some("We encountered an internal error"));
+        let ok = Bytes::from_static(b"<?xml version=\"1.0\"?><CompleteMultipartUploadResult></CompleteMultipartUploadResult>");
+        assert!(error_in_body(&ok, &reqwest::header::HeaderMap::new()).is_none());
+    }
+
+    #[test]
+    fn keys_are_escaped_for_the_delete_document() {
+        assert_eq!(xml_escape("a&b<c>'\""), "a&amp;b&lt;c&gt;&apos;&quot;");
+    }
+}

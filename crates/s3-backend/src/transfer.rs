@@ -1,0 +1,270 @@
+//! Moving whole snapshots between a local file and any [`SnapshotStore`]: download with
+//! verification, upload with a size hint and progress, and reading a snapshot's metadata object.
+//!
+//! Nothing here knows about S3; these functions only use the trait, so they could live in
+//! `k3s-snapshot-core` (they are here because the S3 side is their first user).
+
+use std::path::{Path, PathBuf};
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+use k3s_snapshot_core::metadata::SnapshotMetadata;
+use k3s_snapshot_core::name;
+use k3s_snapshot_core::progress::{NoProgress, Progress};
+use k3s_snapshot_core::store::{create_private_dir, durable_rename, part_path, PutOptions, RemoveOnDrop, SnapshotStore};
+use k3s_snapshot_core::{Error, Result};
+
+/// Downloads snapshot `file` from `store` into `into_dir/file` (mode 0600), through
+/// `into_dir/file.part`, fsync and rename. With `expected`, the size and SHA-256 are checked
+/// before the rename: on a mismatch (or any failure) nothing is left in `into_dir`.
+/// An existing `into_dir/file` is only replaced by a complete, verified download.
+pub async fn download_snapshot(
+    store: &dyn SnapshotStore,
+    file: &str,
+    into_dir: &Path,
+    expected: Option<&SnapshotMetadata>,
+) -> Result<PathBuf> {
+    download_snapshot_with_progress(store, file, into_dir, expected, &NoProgress).await
+}
+
+/// [`download_snapshot`] reporting progress.
+pub async fn download_snapshot_with_progress(
+    store: &dyn SnapshotStore,
+    file: &str,
+    into_dir: &Path,
+    expected: Option<&SnapshotMetadata>,
+    progress: &dyn Progress,
+) -> Result<PathBuf> {
+    name::validate_file_name(file)?;
+    create_private_dir(into_dir)?;
+    let path = into_dir.join(file);
+    let part = part_path(&path);
+    let (info, mut body) = store.get(file).await?;
+    if let Some(m) = expected {
+        if m.size != info.size {
+            return Err(Error::Truncated {
+                name: store.location(file),
+                detail: format!("the store holds {} bytes but its metadata says {}", info.size, m.size),
+            });
+        }
+    }
+    let guard = RemoveOnDrop::new(part.clone());
+    let f = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&part)
+        .await
+        .map_err(Error::io("create", &part))?;
+    let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
+    let mut sha = Sha256::new();
+    let mut n = 0u64;
+    progress.start(file, Some(info.size));
+    while let Some(chunk) = body.next().await {
+        // The store's stream errors already name the store, the key and the cause.
+        let chunk = chunk.map_err(|e| Error::Invalid(e.to_string()))?;
+        sha.update(&chunk);
+        n += chunk.len() as u64;
+        w.write_all(&chunk).await.map_err(Error::io("write", &part))?;
+        progress.advance(chunk.len() as u64);
+    }
+    progress.finish();
+    drop(body);
+    w.flush().await.map_err(Error::io("write", &part))?;
+    let f = w.into_inner();
+    f.sync_all().await.map_err(Error::io("fsync", &part))?;
+    drop(f);
+    if n != info.size {
+        return Err(Error::Truncated {
+            name: store.location(file),
+            detail: format!("received {n} of {} bytes", info.size),
+        });
+    }
+    if let Some(m) = expected {
+        let actual = hex::encode(sha.finalize());
+        if !actual.eq_ignore_ascii_case(&m.sha256) {
+            return Err(Error::Checksum { name: store.location(file), expected: m.sha256.clone(), actual });
+        }
+    }
+    durable_rename(&part, &path)?;
+    guard.disarm();
+    tracing::info!(snapshot = %file, from = %store.location(file), to = %path.display(), size = n, "downloaded snapshot");
+    Ok(path)
+}
+
+/// Uploads a local file to `store` under `key`, with its size as the hint (so that parts are
+/// large enough) and progress reporting. Returns the bytes stored.
+pub async fn upload_file(
+    store: &dyn SnapshotStore,
+    key: &str,
+    path: &Path,
+    mut opts: PutOptions,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let f = tokio::fs::File::open(path).await.map_err(Error::io("open", path))?;
+    let size = f.metadata().await.map_err(Error::io("stat", path))?.len();
+    opts.size_hint = Some(size);
+    let label = key.to_string();
+    progress.start(&label, Some(size));
+    // The stream must be 'static; progress is a borrowed trait object, so count through a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let body = tokio_util::io::ReaderStream::with_capacity(f, 1 << 20)
+        .inspect(move |c| {
+            if let Ok(c) = c {
+                let _ = tx.send(c.len() as u64);
+            }
+        })
+        .boxed();
+    let put = store.put(key, body, opts);
+    tokio::pin!(put);
+    let res = loop {
+        tokio::select! {
+            r = &mut put => break r,
+            Some(n) = rx.recv() => progress.advance(n),
+        }
+    };
+    while let Ok(n) = rx.try_recv() {
+        progress.advance(n);
+    }
+    progress.finish();
+    let n = res?;
+    if n != size {
+        return Err(Error::Truncated {
+            name: path.display().to_string(),
+            detail: format!("uploaded {n} bytes but the file has {size}; it changed while uploading"),
+        });
+    }
+    Ok(n)
+}
+
+/// Reads `.metadata/<file>` from the store; `None` when there is none.
+pub async fn fetch_metadata(store: &dyn SnapshotStore, file: &str) -> Result<Option<SnapshotMetadata>> {
+    let key = SnapshotMetadata::key_for(file);
+    let (info, mut body) = match store.get(&key).await {
+        Ok(v) => v,
+        Err(Error::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    const MAX_METADATA: u64 = 1 << 20;
+    if info.size > MAX_METADATA {
+        return Err(Error::Metadata {
+            path: PathBuf::from(store.location(&key)),
+            detail: format!("{} bytes is too large for snapshot metadata", info.size),
+        });
+    }
+    let mut buf = Vec::with_capacity(info.size as usize);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| Error::Invalid(e.to_string()))?;
+        buf.extend_from_slice(&chunk);
+        if buf.len() as u64 > MAX_METADATA {
+            return Err(Error::Metadata {
+                path: PathBuf::from(store.location(&key)),
+                detail: "too large for snapshot metadata".into(),
+            });
+        }
+    }
+    SnapshotMetadata::from_json(&buf)
+        .map(Some)
+        .map_err(|e| Error::Metadata { path: PathBuf::from(store.location(&key)), detail: e.to_string() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use chrono::Utc;
+    use k3s_snapshot_core::store::LocalStore;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn meta(file: &str, data: &[u8]) -> SnapshotMetadata {
+        SnapshotMetadata {
+            name: file.into(),
+            node_name: "n1".into(),
+            size: data.len() as u64,
+            created_at: Utc::now(),
+            compressed: false,
+            sha256: hex::encode(Sha256::digest(data)),
+            etcd_revision: None,
+            etcd_version: None,
+            total_key: None,
+            token_hash: None,
+        }
+    }
+
+    async fn source_with(file: &str, data: &'static [u8]) -> (tempfile::TempDir, LocalStore) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().join("remote/snapshots"));
+        store.ensure_dirs().unwrap();
+        let body = futures::stream::iter(vec![Ok(Bytes::from_static(data))]).boxed();
+        store.put(file, body, PutOptions::default()).await.unwrap();
+        (tmp, store)
+    }
+
+    #[tokio::test]
+    async fn download_verifies_and_is_private() {
+        let (tmp, store) = source_with("s-n1-1", b"snapshot bytes").await;
+        let dest = tmp.path().join("local");
+        let m = meta("s-n1-1", b"snapshot bytes");
+        let p = download_snapshot(&store, "s-n1-1", &dest, Some(&m)).await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"snapshot bytes");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[tokio::test]
+    async fn checksum_mismatch_leaves_nothing() {
+        let (tmp, store) = source_with("s-n1-1", b"snapshot bytes").await;
+        let dest = tmp.path().join("local");
+        let m = meta("s-n1-1", b"snapshot bytez");
+        let err = download_snapshot(&store, "s-n1-1", &dest, Some(&m)).await.unwrap_err();
+        assert!(matches!(err, Error::Checksum { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn size_mismatch_is_refused_before_downloading() {
+        let (tmp, store) = source_with("s-n1-1", b"snapshot bytes").await;
+        let dest = tmp.path().join("local");
+        let mut m = meta("s-n1-1", b"snapshot bytes");
+        m.size += 1;
+        let err = download_snapshot(&store, "s-n1-1", &dest, Some(&m)).await.unwrap_err();
+        assert!(matches!(err, Error::Truncated { .. }), "{err}");
+        assert_eq!(std::fs::read_dir(&dest).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn missing_snapshot_is_not_found_and_path_names_are_refused() {
+        let (tmp, store) = source_with("s-n1-1", b"x").await;
+        let dest = tmp.path().join("local");
+        let err = download_snapshot(&store, "s-n1-2", &dest, None).await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err}");
+        assert!(download_snapshot(&store, "../s-n1-1", &dest, None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn upload_file_reports_progress_and_metadata_round_trips() {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        struct Count(AtomicU64);
+        impl Progress for Count {
+            fn advance(&self, n: u64) {
+                self.0.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().join("remote/snapshots"));
+        let src = tmp.path().join("s-n1-5");
+        std::fs::write(&src, vec![7u8; 3 << 20]).unwrap();
+        let count = Count(AtomicU64::new(0));
+        let n = upload_file(&store, "s-n1-5", &src, PutOptions::default(), &count).await.unwrap();
+        assert_eq!(n, 3 << 20);
+        assert_eq!(count.0.load(Ordering::Relaxed), 3 << 20);
+
+        assert!(fetch_metadata(&store, "s-n1-5").await.unwrap().is_none());
+        let m = meta("s-n1-5", b"abc");
+        let body = futures::stream::iter(vec![Ok(Bytes::from(m.to_json()))]).boxed();
+        store.put(&SnapshotMetadata::key_for("s-n1-5"), body, PutOptions::default()).await.unwrap();
+        assert_eq!(fetch_metadata(&store, "s-n1-5").await.unwrap(), Some(m));
+    }
+}
