@@ -1,2 +1,3 @@
 
 mod s3_store;
+mod server;

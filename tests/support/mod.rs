@@ -3,3 +3,4 @@
 pub mod bin;
 pub mod etcd;
 pub mod s3;
+pub mod server;

@@ -184,6 +184,8 @@ impl EtcdProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            // Its own process group: a Ctrl-C in a terminal reaches us only, and we stop etcd in order.
+            .process_group(0)
             .spawn()
             .map_err(|e| Error::Binary { program: bins.etcd.display().to_string(), detail: format!("cannot start it: {e}") })?;
         let last = Arc::new(Mutex::new(VecDeque::new()));

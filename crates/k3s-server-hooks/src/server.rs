@@ -224,8 +224,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         metrics: metrics.clone(),
     });
     let rustls = api::rustls_config(&tls_files)?;
-    let api_task = tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
-    let mut api_task = std::pin::pin!(api_task);
+    let mut api_task = tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
 
     if let Some(schedule) = job_schedule {
         let job = Arc::new(SnapshotJob {
@@ -251,14 +250,16 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     }
     tracing::info!(node = %cfg.node_name, etcd = %client.endpoints_display(), "server is running");
 
-    let outcome: Result<()> = tokio::select! {
-        _ = cancel.cancelled() => Ok(()),
-        e = etcd.exited() => Err(e),
-        r = &mut api_task => match r {
+    let (outcome, api_done): (Result<()>, bool) = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => (Ok(()), false),
+        e = etcd.exited() => (Err(e), false),
+        r = &mut api_task => (match r {
+            Ok(Ok(())) if cancel.is_cancelled() => Ok(()),
             Ok(Ok(())) => Err(Error::Api("the supervisor api stopped".into())),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(Error::Api(format!("the supervisor api task failed: {e}"))),
-        },
+        }, true),
     };
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "shutting down");
@@ -270,7 +271,9 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
         tracing::warn!("a scheduled snapshot did not stop within 30s; stopping etcd anyway");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(10), &mut api_task).await;
+    if !api_done {
+        let _ = tokio::time::timeout(Duration::from_secs(10), &mut api_task).await;
+    }
     etcd.stop(cfg.etcd_stop_grace).await?;
     outcome
 }

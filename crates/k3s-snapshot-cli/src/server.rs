@@ -1,0 +1,223 @@
+//! `k3s-snapshot server`: the flags of k3s's server that concern etcd and its snapshots, turned
+//! into a validated [`ServerConfig`] for `k3s_server_hooks::server::run`.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use k3s_server_hooks::layout::DataDir;
+use k3s_server_hooks::schedule::Schedule;
+use k3s_server_hooks::server::{RemoteFetch, ServerConfig, SnapshotSettings};
+use k3s_snapshot_core::store::SnapshotStore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// k3s data directory [default: /var/lib/rancher/k3s, or ~/.rancher/k3s when not root]
+    #[arg(short = 'd', long, env = "K3S_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Node name, used for the etcd member and in snapshot names [default: the host name]
+    #[arg(long, env = "K3S_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Config file
+    #[arg(short = 'c', long, env = "K3S_CONFIG_FILE")]
+    pub config: Option<PathBuf>,
+    /// Cluster token (shared secret); generated on first start when not given
+    #[arg(short = 't', long, env = "K3S_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Server to join, https://HOST:6443
+    #[arg(short = 's', long, env = "K3S_URL")]
+    pub server: Option<String>,
+    /// Initialize a new cluster with embedded etcd (the default for a first server)
+    #[arg(long, env = "K3S_CLUSTER_INIT")]
+    pub cluster_init: bool,
+    /// Forget all peers and become the sole member of a new cluster, then exit
+    #[arg(long, env = "K3S_CLUSTER_RESET")]
+    pub cluster_reset: bool,
+    /// Snapshot to restore during --cluster-reset: a file, or with --etcd-s3 a snapshot name in the bucket
+    #[arg(long)]
+    pub cluster_reset_restore_path: Option<String>,
+    /// Address the supervisor API listens on
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind_address: IpAddr,
+    /// Address etcd listens on and advertises [default: --bind-address when specific, else 127.0.0.1]
+    #[arg(long)]
+    pub advertise_address: Option<IpAddr>,
+    /// Port of the supervisor API (https)
+    #[arg(long, default_value_t = 6443)]
+    pub https_listen_port: u16,
+    /// etcd client port
+    #[arg(long, default_value_t = 2379)]
+    pub etcd_client_port: u16,
+    /// etcd peer port
+    #[arg(long, default_value_t = 2380)]
+    pub etcd_peer_port: u16,
+    /// Directory holding etcd (and etcdutl or etcdctl) [default: where etcd is on PATH]
+    #[arg(long, env = "K3S_ETCD_BIN_DIR")]
+    pub etcd_bin_dir: Option<PathBuf>,
+    /// Extra etcd flag as key=value (repeatable)
+    #[arg(long = "etcd-arg", allow_hyphen_values = true)]
+    pub etcd_arg: Vec<String>,
+    /// Expose etcd metrics over plain http on ADVERTISE:2381
+    #[arg(long)]
+    pub etcd_expose_metrics: bool,
+    /// Disable scheduled snapshots
+    #[arg(long)]
+    pub etcd_disable_snapshots: bool,
+    /// Name prefix of scheduled snapshots
+    #[arg(long, default_value = "etcd-snapshot")]
+    pub etcd_snapshot_name: String,
+    /// Snapshot schedule: 5-field cron, @hourly/@daily/..., or @every <duration>
+    #[arg(long, default_value = "0 */12 * * *")]
+    pub etcd_snapshot_schedule_cron: String,
+    /// Number of scheduled snapshots to keep (< 1 keeps all)
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
+    pub etcd_snapshot_retention: i64,
+    /// Snapshot directory [default: ${data-dir}/server/db/snapshots]
+    #[arg(long)]
+    pub etcd_snapshot_dir: Option<PathBuf>,
+    /// Compress snapshots into zips
+    #[arg(long)]
+    pub etcd_snapshot_compress: bool,
+    /// Upper bound of the random delay added to each scheduled snapshot (tests set 0s)
+    #[arg(long, hide = true, env = "K3S_SNAPSHOT_JITTER", default_value = "5s", value_parser = config::parse_duration)]
+    pub etcd_snapshot_jitter: Duration,
+    #[command(flatten)]
+    pub s3: crate::s3args::S3Args,
+}
+
+impl ServerArgs {
+    /// Flags → configuration; everything that needs no filesystem or network is checked here.
+    fn to_config(&self, remote: Option<Arc<dyn SnapshotStore>>) -> anyhow::Result<ServerConfig> {
+        let schedule = if self.etcd_disable_snapshots || self.cluster_reset {
+            None
+        } else {
+            Some(Schedule::parse(&self.etcd_snapshot_schedule_cron)?)
+        };
+        let advertise_address = self.advertise_address.unwrap_or(if self.bind_address.is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            self.bind_address
+        });
+        let remote_fetch: Option<RemoteFetch> = remote.clone().map(|store| {
+            let f: RemoteFetch = Arc::new(move |file: String, into: PathBuf| {
+                let store = store.clone();
+                Box::pin(async move {
+                    let expected = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
+                    if expected.is_none() {
+                        tracing::warn!(snapshot = %file, store = %store.describe(), "the snapshot has no metadata; its size and sha256 cannot be checked against it");
+                    }
+                    s3_backend::download_snapshot(store.as_ref(), &file, &into, expected.as_ref()).await
+                })
+            });
+            f
+        });
+        Ok(ServerConfig {
+            data_dir: DataDir::new(self.data_dir.clone().unwrap_or_else(config::default_data_dir)),
+            node_name: self.node_name.clone().unwrap_or_else(config::default_node_name),
+            token: self.token.clone().filter(|t| !t.trim().is_empty()),
+            server_url: self.server.clone().filter(|s| !s.is_empty()),
+            cluster_reset: self.cluster_reset,
+            cluster_reset_restore_path: self.cluster_reset_restore_path.clone().filter(|p| !p.is_empty()),
+            bind_address: self.bind_address,
+            advertise_address,
+            https_listen_port: self.https_listen_port,
+            etcd_client_port: self.etcd_client_port,
+            etcd_peer_port: self.etcd_peer_port,
+            etcd_bin_dir: self.etcd_bin_dir.clone(),
+            etcd_args: self.etcd_arg.clone(),
+            etcd_expose_metrics: self.etcd_expose_metrics,
+            snapshots: SnapshotSettings {
+                schedule,
+                name: self.etcd_snapshot_name.clone(),
+                retention: self.etcd_snapshot_retention,
+                dir: self.etcd_snapshot_dir.clone(),
+                compress: self.etcd_snapshot_compress,
+                remote,
+                remote_retention: self.s3.retention,
+                remote_fetch,
+                jitter: self.etcd_snapshot_jitter,
+            },
+            etcd_ready_timeout: Duration::from_secs(120),
+            etcd_stop_grace: Duration::from_secs(10),
+        })
+    }
+}
+
+pub async fn run(args: ServerArgs, cancel: CancellationToken) -> anyhow::Result<()> {
+    // Flag errors (an invalid cron) come before any connection is tried.
+    args.to_config(None)?.validate()?;
+    let remote = args.s3.open().await.context("--etcd-s3")?;
+    let cfg = args.to_config(remote)?;
+    k3s_server_hooks::server::run(cfg, cancel).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn parse(args: &[&str]) -> ServerArgs {
+        let mut v = vec!["server"];
+        v.extend_from_slice(args);
+        Cli::try_parse_from(v).unwrap().server
+    }
+
+    #[test]
+    fn defaults_are_k3s_defaults() {
+        let a = parse(&[]);
+        assert_eq!((a.https_listen_port, a.etcd_client_port, a.etcd_peer_port), (6443, 2379, 2380));
+        assert_eq!(a.etcd_snapshot_name, "etcd-snapshot");
+        assert_eq!(a.etcd_snapshot_schedule_cron, "0 */12 * * *");
+        assert_eq!(a.etcd_snapshot_retention, 5);
+        assert_eq!(a.etcd_snapshot_jitter, Duration::from_secs(5));
+        assert!(!a.etcd_disable_snapshots && !a.etcd_snapshot_compress && !a.cluster_reset);
+        let c = a.to_config(None).unwrap();
+        assert_eq!(c.advertise_address, IpAddr::from([127, 0, 0, 1]));
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let a = parse(&[
+            "-d", "/tmp/d", "--node-name", "n1", "-t", "tok", "--cluster-reset", "--cluster-reset-restore-path", "/x",
+            "--bind-address", "127.0.0.2", "--https-listen-port", "7443", "--etcd-client-port", "3379",
+            "--etcd-peer-port", "3380", "--etcd-bin-dir", "/opt/etcd", "--etcd-arg", "quota-backend-bytes=1",
+            "--etcd-arg", "--auto-compaction-retention=1", "--etcd-expose-metrics", "--etcd-disable-snapshots",
+            "--etcd-snapshot-name", "nightly", "--etcd-snapshot-schedule-cron", "@every 2s",
+            "--etcd-snapshot-retention", "-1", "--etcd-snapshot-dir", "/snaps", "--etcd-snapshot-compress",
+            "--etcd-snapshot-jitter", "0s", "--cluster-init", "-c", "/etc/x.yaml",
+        ]);
+        assert_eq!(a.data_dir.as_deref(), Some(std::path::Path::new("/tmp/d")));
+        assert_eq!(a.etcd_arg.len(), 2);
+        assert_eq!(a.etcd_snapshot_retention, -1);
+        let c = a.to_config(None).unwrap();
+        assert_eq!(c.advertise_address, IpAddr::from([127, 0, 0, 2]));
+        assert!(c.snapshots.schedule.is_none(), "cluster reset and disabled snapshots schedule nothing");
+        assert_eq!(c.snapshots.jitter, Duration::ZERO);
+    }
+
+    #[test]
+    fn invalid_cron_is_an_error_that_quotes_it() {
+        let err = parse(&["--etcd-snapshot-schedule-cron", "every tuesday"]).to_config(None).unwrap_err();
+        assert!(format!("{err:#}").contains("\"every tuesday\""), "{err:#}");
+    }
+
+    #[test]
+    fn restore_path_needs_cluster_reset_and_reset_refuses_server() {
+        let err = parse(&["--cluster-reset-restore-path", "/x"]).to_config(None).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("needs --cluster-reset"), "{err}");
+        let err = parse(&["--cluster-reset", "-s", "https://a:6443"]).to_config(None).unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("--server"), "{err}");
+    }
+}

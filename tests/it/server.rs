@@ -1,0 +1,242 @@
+//! `k3s-snapshot server` with real etcd 3.5.1 and 3.4.23: TLS-only etcd, the supervisor API,
+//! scheduled snapshots with retention, `etcd-snapshot save` against the running server, clear
+//! start-up errors, and a clean SIGTERM in the middle of a scheduled snapshot.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use k3s_snapshot_core::etcd::EtcdClientConfig;
+use tests::support::bin;
+use tests::support::etcd::EtcdVersion;
+use tests::support::server::{block_on, connect, etcd_pids, files, wait_until, DataDir, Server};
+
+macro_rules! on_both_versions {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn etcd_3_5() {
+                super::$name(tests::support::etcd::EtcdVersion::V3_5)
+            }
+            #[test]
+            fn etcd_3_4() {
+                super::$name(tests::support::etcd::EtcdVersion::V3_4)
+            }
+        }
+    )*};
+}
+
+on_both_versions!(
+    etcd_answers_only_tls_with_the_client_cert,
+    scheduled_snapshots_fire_and_retention_holds,
+    etcd_snapshot_save_works_against_the_running_server,
+    sigterm_during_a_scheduled_snapshot_exits_cleanly,
+);
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+async fn get(s: &Server, path: &str, auth: Option<&str>) -> (u16, String) {
+    get_as(s, path, auth, None).await
+}
+
+async fn get_as(s: &Server, path: &str, auth: Option<&str>, basic: Option<(&str, &str)>) -> (u16, String) {
+    let mut req = s.http().get(format!("{}{path}", s.api()));
+    if let Some(a) = auth {
+        req = req.header("Authorization", a);
+    }
+    if let Some((user, password)) = basic {
+        req = req.basic_auth(user, Some(password));
+    }
+    let resp = req.send().await.unwrap();
+    let code = resp.status().as_u16();
+    (code, resp.text().await.unwrap())
+}
+
+/// The value of one metric line, 0 when absent.
+fn metric(s: &Server, line_start: &str) -> f64 {
+    let (_, text) = block_on(get(s, "/metrics", None));
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse::<f64>().unwrap()))
+        .unwrap_or(0.0)
+}
+
+fn etcd_answers_only_tls_with_the_client_cert(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    let root = dd.path();
+    for d in ["server", "server/db", "server/tls", "server/tls/etcd", "server/db/etcd"] {
+        assert_eq!(mode(&root.join(d)), 0o700, "{d}");
+    }
+    for f in ["server/token", "server/tls/etcd/client.key", "server/tls/etcd/server-client.key", "server/db/etcd/config"] {
+        assert_eq!(mode(&root.join(f)), 0o600, "{f}");
+    }
+    let token = std::fs::read_to_string(root.join("server/token")).unwrap().trim().to_string();
+    let (hash, secret) = token.strip_prefix("K10").unwrap().split_once("::server:").unwrap();
+    assert_eq!(hash.len(), 64);
+    assert!(!secret.is_empty());
+    let ca_pem = std::fs::read_to_string(root.join("server/tls/server-ca.crt")).unwrap();
+    assert_eq!(hash, hex::encode(<sha2::Sha256 as sha2::Digest>::digest(ca_pem.as_bytes())));
+
+    block_on(async {
+        let mut c = connect(&dd).await;
+        c.client.put("greeting", "hello", None).await.unwrap();
+        let r = c.client.get("greeting", None).await.unwrap();
+        assert_eq!(r.kvs()[0].value(), b"hello");
+        assert!(c.version.starts_with(&v.label()[..3]), "{} vs {}", c.version, v.label());
+
+        let https = format!("https://127.0.0.1:{}", dd.client_port);
+        let plain = EtcdClientConfig { endpoints: vec![format!("http://127.0.0.1:{}", dd.client_port)], ..Default::default() };
+        assert!(plain.connect().await.is_err(), "plain http must not reach etcd");
+        let no_cert = EtcdClientConfig {
+            endpoints: vec![https],
+            cacert: Some(root.join("server/tls/etcd/server-ca.crt")),
+            ..Default::default()
+        };
+        assert!(no_cert.connect().await.is_err(), "tls without the client cert must be refused");
+
+        assert_eq!(get(&s, "/ping", None).await, (200, "pong".into()));
+        assert_eq!(get(&s, "/cacerts", None).await, (200, ca_pem.clone()));
+        assert_eq!(get(&s, "/db/info", None).await.0, 401);
+        assert_eq!(get(&s, "/db/info", Some("Bearer wrong")).await.0, 401);
+        let (code, body) = get(&s, "/db/info", Some(&format!("Bearer {token}"))).await;
+        assert_eq!(code, 200, "{body}");
+        let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(info["members"].as_array().unwrap().len(), 1, "{body}");
+        assert_eq!(info["members"][0]["name"], "node-a");
+        assert_eq!(get_as(&s, "/db/info", None, Some(("server", secret))).await.0, 200);
+        assert_eq!(get_as(&s, "/db/info", None, Some(("server", "nope"))).await.0, 401);
+    });
+    let data_dir = s.data_dir.clone();
+    s.stop();
+    assert!(etcd_pids(&data_dir).is_empty(), "etcd still runs after the server stopped");
+}
+
+fn scheduled_snapshots_fire_and_retention_holds(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-snapshot-schedule-cron=@every 2s", "--etcd-snapshot-retention=2"]);
+    let taken = "k3s_snapshot_scheduled_taken_total{store=\"local\"}";
+    wait_until("4 scheduled snapshots", Duration::from_secs(90), || metric(&s, taken) >= 4.0);
+    let ours = |f: &String| f.starts_with("etcd-snapshot-node-a-") && !f.ends_with(".part");
+    wait_until("retention to leave 2 snapshots", Duration::from_secs(10), || {
+        files(&dd.snapshots()).iter().filter(|f| ours(f)).count() == 2
+    });
+    for f in files(&dd.snapshots()).iter().filter(|f| ours(f)) {
+        let ts = f.strip_prefix("etcd-snapshot-node-a-").unwrap();
+        assert!(ts.len() >= 10 && ts.bytes().all(|b| b.is_ascii_digit()), "{f}");
+        assert_eq!(mode(&dd.snapshots().join(f)), 0o600);
+    }
+    assert_eq!(metric(&s, "k3s_snapshot_scheduled_failed_total{store=\"local\"}"), 0.0);
+    assert!(metric(&s, "k3s_snapshot_last_size_bytes{store=\"local\"}") > 0.0);
+    assert!(metric(&s, "k3s_snapshot_last_success_timestamp_seconds{store=\"local\"}") > 1.6e9);
+    s.stop();
+    // Metadata follows retention.
+    let md = files(&dd.db().join(".metadata"));
+    let snaps: Vec<_> = files(&dd.snapshots()).into_iter().filter(|f| ours(f)).collect();
+    for f in &snaps {
+        assert!(md.contains(f), "no metadata for {f}: {md:?}");
+    }
+}
+
+fn etcd_snapshot_save_works_against_the_running_server(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    block_on(async { connect(&dd).await.client.put("k", "v", None).await.unwrap() });
+    let data_dir = dd.path().display().to_string();
+    let r = bin::run(bin::cmd().args(["etcd-snapshot", "save", "--data-dir", &data_dir, "--node-name", "node-a"]));
+    r.assert_ok();
+    let saved: Vec<_> = files(&dd.snapshots()).into_iter().filter(|f| f.starts_with("on-demand-node-a-")).collect();
+    assert_eq!(saved.len(), 1, "{saved:?}\n{}", r.stderr);
+    let status = tests::support::etcd::etcdutl_status(&dd.snapshots().join(&saved[0]));
+    assert!(status["totalKey"].as_u64().unwrap() >= 1, "{status}");
+    s.stop();
+}
+
+fn sigterm_during_a_scheduled_snapshot_exits_cleanly(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let mut s = dd.start(&["--etcd-snapshot-schedule-cron=@every 1s", "--etcd-snapshot-retention=1"]);
+    // About 96 MiB, so that a snapshot takes long enough to be caught in the middle.
+    block_on(async {
+        let mut c = connect(&dd).await;
+        let mut state = 0x9e3779b97f4a7c15u64;
+        for i in 0..96 {
+            let mut v = vec![0u8; 1 << 20];
+            for chunk in v.chunks_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+            }
+            c.client.put(format!("big/{i:03}"), v, None).await.unwrap();
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if files(&dd.snapshots()).iter().any(|f| f.ends_with(".part")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no snapshot was seen in progress:\n{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.sigterm();
+    let status = s.wait(Duration::from_secs(60));
+    assert!(status.success(), "exit {status}:\n{}", s.log_text());
+    assert!(etcd_pids(&dd.path()).is_empty(), "etcd still runs");
+    let left = files(&dd.snapshots());
+    assert!(!left.iter().any(|f| f.ends_with(".part")), "partial snapshot left: {left:?}");
+    for f in left.iter().filter(|f| f.starts_with("etcd-snapshot-")) {
+        // Whatever is there is whole.
+        tests::support::etcd::etcdutl_status(&dd.snapshots().join(f));
+    }
+}
+
+#[test]
+fn invalid_cron_is_a_startup_error_that_quotes_it() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let r = dd.run(&["--etcd-snapshot-schedule-cron=every tuesday"]);
+    r.assert_fails_with("\"every tuesday\"");
+    assert_eq!(r.code, Some(1));
+    assert!(!dd.db().join("etcd/member").exists(), "etcd must not have started");
+}
+
+#[test]
+fn missing_etcd_is_a_startup_error_naming_the_flag() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let r = dd.run(&["--etcd-bin-dir=/nonexistent/etcd-bin"]);
+    r.assert_fails_with("--etcd-bin-dir");
+    assert_eq!(r.code, Some(1));
+}
+
+#[test]
+fn occupied_ports_are_startup_errors() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let hold = std::net::TcpListener::bind(("127.0.0.1", dd.client_port)).unwrap();
+    dd.run(&[]).assert_fails_with("--etcd-client-port");
+    drop(hold);
+    let hold = std::net::TcpListener::bind(("0.0.0.0", dd.api_port)).unwrap();
+    let r = dd.run(&[]);
+    r.assert_fails_with("--https-listen-port");
+    assert_eq!(r.code, Some(1));
+    drop(hold);
+    assert!(etcd_pids(&dd.path()).is_empty());
+}
+
+#[test]
+fn unwritable_data_dir_is_a_startup_error() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let file = dd.tmp.path().join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let r = dd.run(&[&format!("--data-dir={}/k3s", file.display())]);
+    r.assert_fails_with("--data-dir");
+    assert_eq!(r.code, Some(1));
+    assert_eq!(r.stderr.trim().lines().filter(|l| l.starts_with("error:")).count(), 1, "{}", r.stderr);
+}
+
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    let r = dd.run(&["--etcd-disable-snapshots"]);
+    r.assert_fails_with("already running");
+    s.stop();
+}
