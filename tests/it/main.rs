@@ -1,3 +1,4 @@
 
 mod s3_store;
 mod server;
+mod reset;

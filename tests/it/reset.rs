@@ -1,0 +1,302 @@
+//! `k3s-snapshot server --cluster-reset [--cluster-reset-restore-path]` with real etcd 3.5.1 and
+//! 3.4.23: the user's procedure, snapshots from `etcdctl` and in k3s's zip layout, refusals that
+//! change nothing, reset without a path, and a crash at every step of the swap.
+
+use std::path::{Path, PathBuf};
+
+use etcd_client::GetOptions;
+use tests::support::bin;
+use tests::support::etcd::{Etcd, EtcdVersion};
+use tests::support::server::{block_on, connect, files, DataDir};
+
+const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
+
+macro_rules! on_both_versions {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn etcd_3_5() {
+                super::$name(tests::support::etcd::EtcdVersion::V3_5)
+            }
+            #[test]
+            fn etcd_3_4() {
+                super::$name(tests::support::etcd::EtcdVersion::V3_4)
+            }
+        }
+    )*};
+}
+
+on_both_versions!(
+    users_procedure_restores_exactly_the_snapshot,
+    etcdctl_snapshot_of_a_plain_etcd_restores,
+    cluster_reset_without_a_path_keeps_the_data_and_leaves_one_member,
+    zip_in_k3s_layout_restores_from_any_working_dir,
+);
+
+fn previously_reset(dd: &DataDir) -> String {
+    format!(
+        "Managed etcd cluster membership was previously reset, please remove the cluster-reset flag and start normally. If you need to perform another cluster reset, you must first manually delete the file at {}",
+        dd.db().join("reset-flag").display()
+    )
+}
+
+/// Every key and value in etcd, sorted.
+fn all_keys(dd: &DataDir) -> Vec<(String, String)> {
+    block_on(async {
+        let mut c = connect(dd).await;
+        let r = c.client.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
+        r.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string())).collect()
+    })
+}
+
+fn member_count(dd: &DataDir) -> usize {
+    block_on(async { connect(dd).await.client.member_list().await.unwrap().members().len() })
+}
+
+fn put(dd: &DataDir, kvs: &[(&str, &str)]) {
+    block_on(async {
+        let mut c = connect(dd).await;
+        for (k, v) in kvs {
+            c.client.put(*k, *v, None).await.unwrap();
+        }
+    })
+}
+
+fn delete(dd: &DataDir, k: &str) {
+    block_on(async { connect(dd).await.client.delete(k, None).await.unwrap() });
+}
+
+fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// `etcd-snapshot save` against the running server; returns the snapshot's path.
+fn save(dd: &DataDir, extra: &[&str]) -> PathBuf {
+    let before = files(&dd.snapshots());
+    let data_dir = dd.path().display().to_string();
+    let mut c = bin::cmd();
+    c.args(["etcd-snapshot", "save", "--data-dir", &data_dir, "--node-name", &dd.node]).args(extra);
+    bin::run(&mut c).assert_ok();
+    let new: Vec<_> = files(&dd.snapshots()).into_iter().filter(|f| !before.contains(f)).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    dd.snapshots().join(&new[0])
+}
+
+#[track_caller]
+fn assert_reset_done(r: &bin::Run, dd: &DataDir) {
+    r.assert_ok();
+    assert!(r.stderr.contains(RESET_DONE), "the reset message is missing:\n{}", r.stderr);
+    assert!(dd.db().join("reset-flag").is_file());
+}
+
+fn users_procedure_restores_exactly_the_snapshot(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("/registry/a", "1"), ("/registry/b", "2")]);
+    let snap = save(&dd, &[]);
+    put(&dd, &[("/registry/c", "3")]);
+    delete(&dd, "/registry/a");
+    s.stop();
+
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())]);
+    assert_reset_done(&r, &dd);
+    assert!(dd.db().join("etcd-old/member").is_dir(), "the old data is not in etcd-old");
+
+    let again = dd.run(&["--cluster-reset"]);
+    again.assert_fails_with(&previously_reset(&dd));
+
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert!(!dd.db().join("reset-flag").exists(), "a normal start removes reset-flag");
+    assert_eq!(all_keys(&dd), kv(&[("/registry/a", "1"), ("/registry/b", "2")]));
+    assert_eq!(member_count(&dd), 1);
+    s.stop();
+
+    // A second reset moves the first etcd-old aside instead of losing it.
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())]);
+    assert_reset_done(&r, &dd);
+    let aside: Vec<_> = files(&dd.db()).into_iter().filter(|f| f.starts_with("etcd-old-")).collect();
+    assert_eq!(aside.len(), 1, "{:?}", files(&dd.db()));
+}
+
+fn etcdctl_snapshot_of_a_plain_etcd_restores(v: EtcdVersion) {
+    let plain = Etcd::start(v);
+    plain.put("/plain/x", "1");
+    plain.put("/plain/y", "2");
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = tmp.path().join("plain.db");
+    let o = plain.ctl(&["snapshot", "save", snap.to_str().unwrap()]);
+    assert!(o.status.success(), "etcdctl snapshot save: {}", String::from_utf8_lossy(&o.stderr));
+    drop(plain);
+
+    let dd = DataDir::new(v);
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())]);
+    assert_reset_done(&r, &dd);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("/plain/x", "1"), ("/plain/y", "2")]));
+    assert_eq!(member_count(&dd), 1);
+    s.stop();
+}
+
+fn cluster_reset_without_a_path_keeps_the_data_and_leaves_one_member(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("k1", "v1"), ("k2", "v2")]);
+    s.stop();
+    let r = dd.run(&["--cluster-reset"]);
+    assert_reset_done(&r, &dd);
+    assert!(dd.db().join("etcd-old/member").is_dir(), "the data was not copied to etcd-old");
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("k1", "v1"), ("k2", "v2")]));
+    assert_eq!(member_count(&dd), 1);
+    assert!(!dd.db().join("reset-flag").exists());
+    s.stop();
+}
+
+fn zip_in_k3s_layout_restores_from_any_working_dir(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("zipped", "yes")]);
+    let zip = save(&dd, &["--snapshot-compress"]);
+    assert!(zip.to_string_lossy().ends_with(".zip"));
+    put(&dd, &[("later", "no")]);
+    s.stop();
+    // Move the zip somewhere else and restore from an unrelated working dir by a relative path.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let moved = elsewhere.path().join(zip.file_name().unwrap());
+    std::fs::rename(&zip, &moved).unwrap();
+    let rel = pathdiff(&moved, cwd.path());
+    let r = bin::run(dd.command(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", rel.display())]).current_dir(cwd.path()));
+    assert_reset_done(&r, &dd);
+    assert!(files(cwd.path()).is_empty(), "something was written to the working dir: {:?}", files(cwd.path()));
+    let raw = moved.file_stem().unwrap().to_string_lossy().into_owned();
+    assert!(dd.snapshots().join(&raw).is_file(), "the zip was not extracted into the snapshot dir");
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("zipped", "yes")]));
+    s.stop();
+}
+
+/// `target` relative to `base` (both absolute).
+fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+    let ups = base.components().count() - 1;
+    let mut p = PathBuf::new();
+    for _ in 0..ups {
+        p.push("..");
+    }
+    p.join(target.strip_prefix("/").unwrap())
+}
+
+/// A fingerprint of a directory tree: relative paths and sizes (and contents of small files).
+fn tree(dir: &Path) -> Vec<(String, u64, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, u64, Vec<u8>)>) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let md = e.metadata().unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if md.is_dir() {
+                out.push((rel + "/", 0, Vec::new()));
+                walk(root, &p, out);
+            } else {
+                out.push((rel, md.len(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn corrupt_truncated_missing_and_foreign_snapshots_are_refused_and_nothing_changes() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("keep", "me")]);
+    let snap = save(&dd, &[]);
+    s.stop();
+    // An existing etcd-old must stay as it is too.
+    std::fs::create_dir_all(dd.db().join("etcd-old/member")).unwrap();
+    std::fs::write(dd.db().join("etcd-old/member/marker"), b"old").unwrap();
+
+    let bytes = std::fs::read(&snap).unwrap();
+    let bad = tempfile::tempdir().unwrap();
+    let truncated = bad.path().join("truncated");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 4096]).unwrap();
+    let corrupt = bad.path().join("corrupt");
+    let mut c = bytes.clone();
+    c[bytes.len() / 2] ^= 0xff;
+    std::fs::write(&corrupt, &c).unwrap();
+    // A zip that is not a readable archive (two-entry and path-entry zips are refused by
+    // `compress::extract_single`, unit-tested in the core).
+    let broken_zip = bad.path().join("broken.zip");
+    std::fs::write(&broken_zip, b"PK\x05\x06 not really a zip").unwrap();
+    let missing = bad.path().join("missing");
+    let a_dir = bad.path().to_path_buf();
+
+    let before_etcd = tree(&dd.db().join("etcd"));
+    let before_old = tree(&dd.db().join("etcd-old"));
+    for (path, needle) in [
+        (&truncated, "truncated"),
+        (&corrupt, "sha256"),
+        (&missing, "does not exist"),
+        (&a_dir, "not a file"),
+        (&broken_zip, "zip"),
+    ] {
+        let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", path.display())]);
+        r.assert_fails_with(needle);
+        assert_eq!(r.code, Some(1), "{}", r.stderr);
+        assert_eq!(tree(&dd.db().join("etcd")), before_etcd, "db/etcd changed after refusing {}", path.display());
+        assert_eq!(tree(&dd.db().join("etcd-old")), before_old, "etcd-old changed after refusing {}", path.display());
+        assert!(!dd.db().join("reset-flag").exists());
+        assert!(!files(&dd.db()).iter().any(|f| f.starts_with("etcd-old-") || f.starts_with("etcd-restore")), "{:?}", files(&dd.db()));
+    }
+
+    let r = dd.run(&[&format!("--cluster-reset-restore-path={}", snap.display())]);
+    r.assert_fails_with("needs --cluster-reset");
+    let r = dd.run(&["--cluster-reset", "--server=https://127.0.0.1:6443"]);
+    r.assert_fails_with("--server");
+    assert_eq!(tree(&dd.db().join("etcd")), before_etcd);
+
+    // A server running on the data dir holds the lock: no reset underneath it.
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())]);
+    r.assert_fails_with("already running");
+    s.stop();
+}
+
+#[test]
+fn a_crash_at_any_step_of_the_reset_leaves_old_or_new_data_whole() {
+    let base = DataDir::new(EtcdVersion::V3_5);
+    let s = base.start(&["--etcd-disable-snapshots"]);
+    put(&base, &[("in-snapshot", "1")]);
+    let snap = save(&base, &[]);
+    put(&base, &[("after-snapshot", "2")]);
+    s.stop();
+    let old = kv(&[("after-snapshot", "2"), ("in-snapshot", "1")]);
+    let new = kv(&[("in-snapshot", "1")]);
+
+    for (step, expect) in [(1, &old), (2, &old), (3, &new), (4, &new)] {
+        let dd = DataDir::new(EtcdVersion::V3_5);
+        let o = std::process::Command::new("cp").arg("-a").arg(base.path()).arg(dd.path()).output().unwrap();
+        assert!(o.status.success());
+        let r = bin::run(
+            dd.command(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())])
+                .env("K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER", step.to_string()),
+        );
+        assert!(r.code.is_none(), "step {step}: expected an abort, got {:?}\n{}", r.code, r.stderr);
+        assert!(!dd.db().join("reset-flag").exists(), "step {step}");
+        let s = dd.start(&["--etcd-disable-snapshots"]);
+        assert_eq!(&all_keys(&dd), expect, "step {step}: wrong data after the crash\n{}", s.log_text());
+        assert_eq!(member_count(&dd), 1);
+        s.stop();
+        assert!(
+            !files(&dd.db()).iter().any(|f| f.starts_with("etcd-restore")),
+            "step {step}: leftovers {:?}",
+            files(&dd.db())
+        );
+        // And a reset run after the crash completes.
+        let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())]);
+        assert_reset_done(&r, &dd);
+    }
+}
