@@ -156,7 +156,12 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
     name::validate_file_name(&node).context("--node-name")?;
     let local = common.local_store();
     local.ensure_dirs()?;
-    let remote = common.s3.open().await?;
+    // An unreachable S3 must not cost the local snapshot: remember why, save locally, then fail.
+    let (remote, remote_err) = match common.s3.open().await {
+        Ok(r) => (r, None),
+        Err(e) if common.s3.enabled && common.s3.bucket.is_some() => (None, Some(e)),
+        Err(e) => return Err(e),
+    };
     let mut conn = common.etcd_config()?.connect().await?;
     let opts = SaveOptions { prefix: common.name.clone(), node, compress: common.compress, token_hash: common.token_hash() };
     let progress = bar();
@@ -164,6 +169,9 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
     let saved = &outcome.local;
     let mut out = std::io::stdout().lock();
     writeln!(out, "Snapshot {} saved to {}", saved.metadata.name, local.location(&saved.metadata.name))?;
+    if let Some(e) = remote_err {
+        bail!("snapshot {} is saved locally at {}, but it was not uploaded: {e:#}", saved.metadata.name, saved.path.display());
+    }
     if let (Some(remote), Some(upload)) = (&remote, outcome.upload) {
         match upload {
             Ok(_) => writeln!(out, "Snapshot {} uploaded to {}", saved.metadata.name, remote.location(&saved.metadata.name))?,

@@ -1,0 +1,213 @@
+//! `etcd-snapshot` with `--s3` against a real S3 server (s3s-fs, SigV4 on) and real etcd.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tests::support::bin::{self, run};
+use tests::support::etcd::{etcdutl_status, Etcd, EtcdVersion};
+use tests::support::s3::{closed_endpoint, HangingEndpoint, S3Server, TlsProxy, ACCESS_KEY, SECRET_KEY};
+
+/// `etcd-snapshot <args>` against etcd, with a local dir and S3 flags for `endpoint`.
+fn snap_s3(etcd: &Etcd, dir: &Path, endpoint: &str, bucket: &str, node: &str, args: &[&str]) -> Command {
+    snap_s3_secret(etcd, dir, endpoint, bucket, node, args, SECRET_KEY)
+}
+
+fn snap_s3_secret(etcd: &Etcd, dir: &Path, endpoint: &str, bucket: &str, node: &str, args: &[&str], secret: &str) -> Command {
+    let mut c = bin::cmd();
+    c.arg("etcd-snapshot")
+        .args(args)
+        .args(["--etcd-endpoints", &etcd.endpoint, "--node-name", node, "--dir"])
+        .arg(dir)
+        .args(["--s3", "--s3-endpoint", endpoint, "--s3-bucket", bucket, "--s3-folder", "backups/k3s"])
+        .args(["--s3-access-key", ACCESS_KEY, "--s3-secret-key", secret]);
+    c
+}
+
+fn insecure(c: &mut Command) -> &mut Command {
+    c.arg("--s3-insecure")
+}
+
+fn local_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().file_name().into_string().unwrap()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Objects of the test bucket as s3s-fs stores them (one file per object, under the bucket dir).
+fn object_path(s3: &S3Server, bucket: &str, key: &str) -> PathBuf {
+    s3.root.join(bucket).join(key)
+}
+
+fn assert_no_secret(out: &bin::Run) {
+    assert!(!out.stdout.contains(SECRET_KEY) && !out.stderr.contains(SECRET_KEY), "the secret key leaked:\n{}\n{}", out.stdout, out.stderr);
+}
+
+#[test]
+fn save_with_s3_uploads_the_same_bytes_with_metadata_and_keeps_the_local_copy() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put_many("/registry/s3/", 30);
+    etcd.load_mib("/registry/big/", 24); // big enough for a multipart upload
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let r = run(insecure(&mut snap_s3(&etcd, &dir, &s3.endpoint, "snaps", "n1", &["save"])));
+    r.assert_ok();
+    assert_no_secret(&r);
+    let names = local_files(&dir);
+    assert_eq!(names.len(), 1);
+    let local = std::fs::read(dir.join(&names[0])).unwrap();
+    let remote = std::fs::read(object_path(&s3, "snaps", &format!("backups/k3s/{}", names[0]))).unwrap();
+    assert!(local == remote, "the object must be byte-identical to the local file");
+    etcdutl_status(&dir.join(&names[0]));
+    // metadata document beside it, and user metadata on the object
+    let meta = std::fs::read(object_path(&s3, "snaps", &format!("backups/k3s/.metadata/{}", names[0]))).unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    assert_eq!(m["nodeName"], "n1");
+    assert_eq!(m["size"].as_u64(), Some(local.len() as u64));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let details = rt.block_on(async {
+        let mut cfg = s3.config("snaps");
+        cfg.folder = "backups/k3s".into();
+        let store = s3_backend::S3Store::connect(&cfg).await.unwrap();
+        store.head_details(&names[0]).await.unwrap().unwrap()
+    });
+    assert!(details.user_metadata.iter().any(|(k, v)| k.eq_ignore_ascii_case("k3s-node-name") && v == "n1"), "{:?}", details.user_metadata);
+    assert_eq!(details.content_type.as_deref(), Some("application/octet-stream"));
+}
+
+#[test]
+fn ls_delete_and_prune_act_on_s3_with_retention_across_nodes() {
+    let etcd = Etcd::start(EtcdVersion::V3_4);
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let tmp = tempfile::tempdir().unwrap();
+    let (d1, d2) = (tmp.path().join("n1/snapshots"), tmp.path().join("n2/snapshots"));
+    for i in 0..3 {
+        run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["save"]))).assert_ok();
+        run(insecure(&mut snap_s3(&etcd, &d2, &s3.endpoint, "snaps", "n2", &["save"]))).assert_ok();
+        if i == 0 {
+            run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["save", "--name", "other"]))).assert_ok();
+        }
+    }
+    // ls --s3 shows local rows and s3:// rows
+    let ls = run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["ls"])));
+    ls.assert_ok();
+    let s3_rows: Vec<&str> = ls.stdout.lines().filter(|l| l.contains("s3://snaps/backups/k3s/")).collect();
+    assert_eq!(s3_rows.len(), 7, "{}", ls.stdout);
+    let file_rows = ls.stdout.lines().filter(|l| l.contains("file://")).count();
+    assert_eq!(file_rows, 4, "{}", ls.stdout);
+
+    // prune --s3 keeps the 2 newest on-demand snapshots across both nodes in S3
+    let mut all_on_demand: Vec<(i64, String)> = s3_rows
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .filter(|n| n.starts_with("on-demand-"))
+        .map(|n| (n.rsplit('-').next().unwrap().parse().unwrap(), n))
+        .collect();
+    all_on_demand.sort();
+    let r = run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["prune", "--s3-retention", "2", "--snapshot-retention", "1"])));
+    r.assert_ok();
+    let folder = s3.root.join("snaps/backups/k3s");
+    let left = local_files(&folder);
+    let on_demand_left: Vec<&String> = left.iter().filter(|n| n.starts_with("on-demand-")).collect();
+    assert_eq!(on_demand_left.len(), 2, "{left:?}");
+    let newest_ts = all_on_demand.iter().map(|(t, _)| *t).max().unwrap();
+    assert!(on_demand_left.iter().any(|n| n.ends_with(&newest_ts.to_string())), "the newest is kept: {left:?}");
+    assert!(left.iter().any(|n| n.starts_with("other-")), "other prefixes are untouched: {left:?}");
+    // local retention applied to n1's dir only
+    assert_eq!(local_files(&d1).iter().filter(|n| n.starts_with("on-demand-")).count(), 1);
+    assert_eq!(local_files(&d2).len(), 3);
+
+    // delete --s3 removes the object, its metadata and the local file
+    let victim = on_demand_left[0].clone();
+    let r = run(insecure(&mut snap_s3(&etcd, &d2, &s3.endpoint, "snaps", "n2", &["delete", &victim])));
+    r.assert_ok();
+    assert!(!folder.join(&victim).exists());
+    assert!(!folder.join(".metadata").join(&victim).exists());
+}
+
+fn assert_fault(etcd: &Etcd, endpoint: &str, bucket: &str, extra: &[&str], needle: &str) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let mut c = snap_s3(etcd, &dir, endpoint, bucket, "n1", &["save"]);
+    c.args(extra);
+    let r = run(&mut c);
+    r.assert_fails_with(needle);
+    assert_eq!(r.code, Some(1));
+    assert_no_secret(&r);
+    assert!(r.stderr.contains("saved locally"), "says the local copy is kept: {}", r.stderr);
+    let names = local_files(&dir);
+    assert_eq!(names.len(), 1, "the local snapshot is kept: {names:?}");
+    etcdutl_status(&dir.join(&names[0]));
+}
+
+#[test]
+fn s3_faults_are_clear_errors_and_the_local_snapshot_is_kept() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    assert_fault(&etcd, &s3.endpoint, "no-such-bucket", &["--s3-insecure"], "no-such-bucket");
+    let wrong = tempfile::tempdir().unwrap();
+    let mut c = snap_s3_secret(&etcd, &wrong.path().join("s"), &s3.endpoint, "snaps", "n1", &["save"], "wrong-secret-key-123");
+    c.arg("--s3-insecure");
+    let r = run(&mut c);
+    r.assert_fails_with("saved locally");
+    assert!(r.stderr.to_lowercase().contains("access") || r.stderr.to_lowercase().contains("signature"), "{}", r.stderr);
+    assert!(!r.stderr.contains("wrong-secret-key-123"), "{}", r.stderr);
+    assert_fault(&etcd, &closed_endpoint(), "snaps", &["--s3-insecure"], "saved locally");
+    let hang = HangingEndpoint::start();
+    assert_fault(&etcd, &hang.endpoint, "snaps", &["--s3-insecure", "--s3-timeout", "2s"], "saved locally");
+    let tls = TlsProxy::start(&s3);
+    assert_fault(&etcd, &tls.endpoint, "snaps", &[], "certificate");
+}
+
+#[test]
+fn s3_over_tls_with_the_endpoint_ca_or_skip_verify_works() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let tls = TlsProxy::start(&s3);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let mut c = snap_s3(&etcd, &dir, &tls.endpoint, "snaps", "n1", &["save"]);
+    c.arg("--s3-endpoint-ca").arg(&tls.ca_file);
+    run(&mut c).assert_ok();
+    let mut c = snap_s3(&etcd, &dir, &tls.endpoint, "snaps", "n1", &["save", "--s3-skip-ssl-verify"]);
+    run(&mut c).assert_ok();
+    let objects: Vec<String> = local_files(&s3.root.join("snaps/backups/k3s")).into_iter().filter(|f| !f.starts_with('.')).collect();
+    assert_eq!(objects.len(), 2, "{objects:?}");
+}
+
+#[test]
+fn s3_killed_during_a_save_leaves_no_object_and_keeps_the_local_snapshot() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.load_mib("/big/", 200);
+    let mut s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let mut c = snap_s3(&etcd, &dir, &s3.endpoint, "snaps", "n1", &["save", "--s3-insecure"]);
+    let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Kill S3 once the local .part is growing: the multipart upload is under way.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !local_files(&dir).iter().any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 16 << 20).unwrap_or(false)) {
+        assert!(std::time::Instant::now() < deadline, "the save never started");
+        if child.try_wait().unwrap().is_some() {
+            let r: bin::Run = child.wait_with_output().unwrap().into();
+            panic!("the save ended before S3 could be killed: {}", r.stderr);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    s3.kill();
+    let r: bin::Run = child.wait_with_output().unwrap().into();
+    r.assert_fails_with("saved locally");
+    assert_no_secret(&r);
+    let names = local_files(&dir);
+    assert_eq!(names.len(), 1, "{names:?}");
+    etcdutl_status(&dir.join(&names[0]));
+    s3.restart();
+    assert!(!object_path(&s3, "snaps", &names[0]).exists(), "no complete object under the name");
+}
