@@ -5,6 +5,7 @@
 //! a file. This crate never prints, never parses flags and knows nothing of S3 or signals: callers
 //! pass a [`tokio_util::sync::CancellationToken`] and read [`tracing`] events.
 
+pub mod bbolt;
 pub mod compress;
 pub mod error;
 pub mod etcd;
@@ -15,6 +16,7 @@ pub mod name;
 pub mod progress;
 pub mod retention;
 pub mod save;
+pub mod status;
 pub mod store;
 
 pub use error::{Error, Result};
