@@ -240,3 +240,68 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     r.assert_fails_with("already running");
     s.stop();
 }
+
+fn s3_flags(s3: &tests::support::s3::S3Server, bucket: &str) -> Vec<String> {
+    vec![
+        "--etcd-s3".into(),
+        format!("--etcd-s3-endpoint={}", s3.endpoint),
+        "--etcd-s3-insecure".into(),
+        format!("--etcd-s3-access-key={}", tests::support::s3::ACCESS_KEY),
+        format!("--etcd-s3-secret-key={}", tests::support::s3::SECRET_KEY),
+        format!("--etcd-s3-bucket={bucket}"),
+        "--etcd-s3-timeout=3s".into(),
+    ]
+}
+
+#[test]
+fn s3_down_during_scheduled_snapshots_keeps_local_counts_the_failure_and_recovers() {
+    let mut s3 = tests::support::s3::S3Server::start();
+    s3.create_bucket("snaps");
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let mut flags = s3_flags(&s3, "snaps");
+    flags.push("--etcd-snapshot-schedule-cron=@every 2s".into());
+    flags.push("--etcd-snapshot-retention=3".into());
+    flags.push("--etcd-s3-retention=2".into());
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let s = dd.start(&args);
+    let local = "k3s_snapshot_scheduled_taken_total{store=\"local\"}";
+    let remote = "k3s_snapshot_scheduled_taken_total{store=\"s3\"}";
+    let remote_failed = "k3s_snapshot_scheduled_failed_total{store=\"s3\"}";
+    wait_until("a snapshot in s3", Duration::from_secs(60), || metric(&s, remote) >= 1.0);
+    assert!(files(&s3.root.join("snaps")).iter().any(|f| f.starts_with("etcd-snapshot-node-a-")));
+
+    s3.kill();
+    let local_before = metric(&s, local);
+    wait_until("an s3 failure to be counted", Duration::from_secs(60), || metric(&s, remote_failed) >= 1.0);
+    assert!(metric(&s, local) > local_before, "the local snapshot of a failed upload must be kept");
+    assert_eq!(metric(&s, "k3s_snapshot_last_failed{store=\"s3\"}"), 1.0);
+    assert_eq!(metric(&s, "k3s_snapshot_last_failed{store=\"local\"}"), 0.0);
+    assert!(files(&dd.snapshots()).iter().any(|f| f.starts_with("etcd-snapshot-node-a-")));
+
+    s3.restart();
+    let remote_before = metric(&s, remote);
+    wait_until("the next upload to succeed", Duration::from_secs(60), || metric(&s, remote) > remote_before);
+    wait_until("the failure flag to clear", Duration::from_secs(10), || {
+        metric(&s, "k3s_snapshot_last_failed{store=\"s3\"}") == 0.0
+    });
+    // S3 retention across the folder.
+    wait_until("s3 retention", Duration::from_secs(30), || {
+        files(&s3.root.join("snaps")).iter().filter(|f| f.starts_with("etcd-snapshot-node-a-")).count() <= 2
+    });
+    assert!(!s.log_text().contains(tests::support::s3::SECRET_KEY), "the secret key leaked into the logs");
+    s.stop();
+}
+
+#[test]
+fn etcd_dying_stops_the_server_with_its_last_lines() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let mut s = dd.start(&["--etcd-disable-snapshots"]);
+    let pids = etcd_pids(&dd.path());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let status = s.wait(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{}", s.log_text());
+    let log = s.log_text();
+    assert!(log.contains("etcd exited unexpectedly"), "{log}");
+    assert!(log.contains("last lines"), "{log}");
+}
