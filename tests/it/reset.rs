@@ -300,3 +300,71 @@ fn a_crash_at_any_step_of_the_reset_leaves_old_or_new_data_whole() {
         assert_reset_done(&r, &dd);
     }
 }
+
+fn s3_flags(s3: &tests::support::s3::S3Server, bucket: &str) -> Vec<String> {
+    vec![
+        "--etcd-s3".into(),
+        format!("--etcd-s3-endpoint={}", s3.endpoint),
+        "--etcd-s3-insecure".into(),
+        format!("--etcd-s3-access-key={}", tests::support::s3::ACCESS_KEY),
+        format!("--etcd-s3-secret-key={}", tests::support::s3::SECRET_KEY),
+        format!("--etcd-s3-bucket={bucket}"),
+    ]
+}
+
+#[test]
+fn restore_by_s3_object_name_downloads_verifies_and_restores() {
+    let s3 = tests::support::s3::S3Server::start();
+    s3.create_bucket("snaps");
+    let flags = s3_flags(&s3, "snaps");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("from-s3", "1")]);
+    let snap = save(&dd, &flags);
+    let name = snap.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(s3.root.join("snaps").join(&name).is_file(), "not uploaded: {:?}", files(&s3.root.join("snaps")));
+    std::fs::remove_file(&snap).unwrap();
+    put(&dd, &[("not-in-snapshot", "2")]);
+    s.stop();
+
+    let mut missing = vec!["--cluster-reset", "--cluster-reset-restore-path=no-such-snapshot-1"];
+    missing.extend(&flags);
+    dd.run(&missing).assert_fails_with("no-such-snapshot-1");
+    assert!(!dd.db().join("etcd-old").exists());
+
+    let restore = format!("--cluster-reset-restore-path={name}");
+    let mut args = vec!["--cluster-reset", restore.as_str()];
+    args.extend(&flags);
+    let r = dd.run(&args);
+    assert_reset_done(&r, &dd);
+    assert!(snap.is_file(), "the object was not downloaded into the snapshot dir");
+    assert!(!r.stderr.contains(tests::support::s3::SECRET_KEY));
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("from-s3", "1")]));
+    s.stop();
+}
+
+#[test]
+fn a_snapshot_taken_with_another_token_restores_with_a_warning() {
+    let a = DataDir::new(EtcdVersion::V3_5);
+    // A scheduled snapshot: its metadata carries the server's token hash (of the secret only, so
+    // that the same --token on a fresh data dir, with a new CA, matches).
+    let s = a.start(&["--etcd-snapshot-schedule-cron=@every 1s", "--token=first-secret"]);
+    put(&a, &[("k", "v")]);
+    let scheduled = || files(&a.snapshots()).into_iter().find(|f| f.starts_with("etcd-snapshot-node-a-") && !f.ends_with(".part"));
+    tests::support::server::wait_until("a scheduled snapshot", std::time::Duration::from_secs(30), || scheduled().is_some());
+    let snap = a.snapshots().join(scheduled().unwrap());
+    s.stop();
+    let same = DataDir::new(EtcdVersion::V3_5);
+    let restore = format!("--cluster-reset-restore-path={}", snap.display());
+    let r = same.run(&["--cluster-reset", &restore, "--token=first-secret"]);
+    assert_reset_done(&r, &same);
+    assert!(!r.stderr.contains("different token"), "{}", r.stderr);
+
+    let other = DataDir::new(EtcdVersion::V3_5);
+    let r = other.run(&["--cluster-reset", &restore, "--token=second-secret"]);
+    assert_reset_done(&r, &other);
+    assert!(r.stderr.contains("different token"), "{}", r.stderr);
+    assert!(!r.stderr.contains("second-secret") && !r.stderr.contains("first-secret"), "a token leaked: {}", r.stderr);
+}
