@@ -231,6 +231,16 @@ fn corrupt_truncated_missing_and_foreign_snapshots_are_refused_and_nothing_chang
     // `compress::extract_single`, unit-tested in the core).
     let broken_zip = bad.path().join("broken.zip");
     std::fs::write(&broken_zip, b"PK\x05\x06 not really a zip").unwrap();
+    // Pages zeroed behind meta pages 0 and 1, then a fresh trailer: the sha256 matches, the bbolt
+    // structure does not.
+    let broken_pages = bad.path().join("broken-pages");
+    let mut img = bytes[..bytes.len() - 32].to_vec();
+    for b in &mut img[2 * 4096..] {
+        *b = 0;
+    }
+    let trailer = <sha2::Sha256 as sha2::Digest>::digest(&img);
+    img.extend_from_slice(&trailer);
+    std::fs::write(&broken_pages, &img).unwrap();
     let missing = bad.path().join("missing");
     let a_dir = bad.path().to_path_buf();
 
@@ -242,6 +252,7 @@ fn corrupt_truncated_missing_and_foreign_snapshots_are_refused_and_nothing_chang
         (&missing, "does not exist"),
         (&a_dir, "not a file"),
         (&broken_zip, "zip"),
+        (&broken_pages, "refusing to restore"),
     ] {
         let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", path.display())]);
         r.assert_fails_with(needle);

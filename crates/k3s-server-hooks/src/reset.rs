@@ -1,5 +1,10 @@
 //! `--cluster-reset [--cluster-reset-restore-path=PATH]` (SPEC §6).
 //!
+//! A snapshot must carry etcd's SHA-256 trailer (what the Maintenance `Snapshot` API and
+//! `etcdctl snapshot save` write) and pass the native bbolt check: a file without a trailer (a
+//! copy of `member/snap/db`, or a truncated download) is refused rather than restored with
+//! `--skip-hash-check`, because nothing could then tell a torn file from a whole one.
+//!
 //! [`prepare`] runs every check and changes nothing but the snapshot dir (a download or a zip
 //! extraction lands there). [`execute`] then restores into `db/etcd-restore.tmp`, renames it to
 //! `db/etcd-restore` (complete), and swaps: `etcd-old` → `etcd-old-<secs>`, `etcd` → `etcd-old`,
@@ -164,6 +169,15 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
             raw.display()
         )));
     }
+    // The bbolt structure, natively: a snapshot whose trailer matches but whose pages are broken
+    // (a bad disk, a bug in whatever wrote it) is refused here rather than by etcd after the swap.
+    {
+        let raw = raw.clone();
+        tokio::task::spawn_blocking(move || k3s_snapshot_core::status::check(&raw))
+            .await
+            .map_err(|e| Error::Reset(format!("check task failed: {e}")))?
+            .map_err(|e| Error::Reset(format!("{e}; refusing to restore it, nothing was changed")))?;
+    }
     if let Some(md) = metadata {
         token_check(cfg, &md);
     }
@@ -281,7 +295,6 @@ pub async fn execute(
     cfg: &ServerConfig,
     bins: &EtcdBinaries,
     mut launch: EtcdLaunch,
-    _token: &Token,
     plan: ResetPlan,
     cancel: &CancellationToken,
 ) -> Result<()> {

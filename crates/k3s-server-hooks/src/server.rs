@@ -190,7 +190,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let launch = cfg.etcd_launch(tls_files.clone());
 
     if let Some(plan) = plan {
-        return reset::execute(&cfg, &bins, launch, &token, plan, &cancel).await;
+        return reset::execute(&cfg, &bins, launch, plan, &cancel).await;
     }
 
     create_private_dir(&dd.etcd())?;
