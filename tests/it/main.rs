@@ -1,4 +1,5 @@
-
+mod snapshot;
 mod s3_store;
 mod server;
+mod snapshot_s3;
 mod reset;

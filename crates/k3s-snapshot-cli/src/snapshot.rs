@@ -131,7 +131,7 @@ impl CommonArgs {
             Some(t) => t.clone(),
             None => std::fs::read_to_string(self.data_dir().join("server/token")).ok()?.trim().to_string(),
         };
-        (!token.is_empty()).then(|| name::token_hash(&token))
+        (!token.is_empty()).then(|| k3s_server_hooks::token::metadata_token_hash(&token))
     }
 
     fn etcd_config(&self) -> anyhow::Result<EtcdClientConfig> {

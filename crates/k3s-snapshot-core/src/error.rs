@@ -21,12 +21,15 @@ pub enum Error {
     #[error("cannot {action} {path}: {}", one_line(cause))]
     Io { action: &'static str, path: PathBuf, cause: std::io::Error },
 
+    #[cfg(feature = "etcd")]
     #[error("cannot reach etcd at {endpoints}: {}; check --etcd-endpoints (or the server's etcd config) and that etcd is running", one_line(cause))]
     EtcdUnreachable { endpoints: String, cause: etcd_client::Error },
 
+    #[cfg(feature = "etcd")]
     #[error("etcd snapshot stream from {endpoints} failed after {received} bytes: {}; no snapshot was kept", one_line(cause))]
     EtcdStream { endpoints: String, received: u64, cause: etcd_client::Error },
 
+    #[cfg(feature = "etcd")]
     #[error("etcd at {endpoints}: {}", one_line(cause))]
     Etcd { endpoints: String, cause: etcd_client::Error },
 

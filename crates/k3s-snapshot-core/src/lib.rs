@@ -8,6 +8,7 @@
 pub mod bbolt;
 pub mod compress;
 pub mod error;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod integrity;
 pub mod list;
@@ -15,6 +16,7 @@ pub mod metadata;
 pub mod name;
 pub mod progress;
 pub mod retention;
+#[cfg(feature = "etcd")]
 pub mod save;
 pub mod status;
 pub mod store;
