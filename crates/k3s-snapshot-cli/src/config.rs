@@ -150,14 +150,7 @@ fn scalar(v: &serde_yaml::Value) -> Option<String> {
 }
 
 /// The default data dir: `/var/lib/rancher/k3s` for root, `~/.rancher/k3s` otherwise.
-pub fn default_data_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/var/lib/rancher/k3s")
-    } else {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
-        home.join(".rancher/k3s")
-    }
-}
+pub use k3s_server_hooks::layout::default_data_dir;
 
 /// The node name default: the host name.
 pub fn default_node_name() -> String {
