@@ -84,8 +84,8 @@ impl Tee {
 /// Picks a free name for this second, or the next free second, and creates its `.part` with
 /// `O_EXCL`, so that two saves in the same second never write the same file.
 fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::File, RemoveOnDrop)> {
-    let mut ts = Utc::now().timestamp();
-    for _ in 0..1000 {
+    let first = Utc::now().timestamp();
+    for ts in first..first + 1000 {
         let file = name::snapshot_name(&opts.prefix, &opts.node, ts);
         let path = store.dir().join(&file);
         let zip = store.dir().join(format!("{file}{ZIP_SUFFIX}"));
@@ -102,7 +102,6 @@ fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::F
                 Err(e) => return Err(Error::Io { action: "create snapshot", path: part, cause: e }),
             }
         }
-        ts += 1;
     }
     Err(Error::Invalid(format!("no free snapshot name for {} in {}", opts.prefix, store.dir().display())))
 }

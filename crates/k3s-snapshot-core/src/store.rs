@@ -296,10 +296,9 @@ impl SnapshotStore for LocalStore {
             None => (self.dir.clone(), prefix.to_string(), String::new()),
         };
         let fut = async move {
-            let listed = tokio::task::spawn_blocking(move || LocalStore::list_dir(&dir, &file_prefix))
+            tokio::task::spawn_blocking(move || LocalStore::list_dir(&dir, &file_prefix))
                 .await
-                .map_err(|e| Error::Invalid(format!("listing task failed: {e}")))?;
-            Ok::<_, Error>(listed?)
+                .map_err(|e| Error::Invalid(format!("listing task failed: {e}")))?
         };
         futures::stream::once(fut)
             .flat_map(move |res| {
