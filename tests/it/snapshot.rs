@@ -380,3 +380,32 @@ fn status_refuses_corrupt_truncated_and_foreign_files() {
         assert!(!r.stderr.contains("panicked"), "{what}: {}", r.stderr);
     }
 }
+
+#[test]
+fn sigterm_during_a_save_leaves_no_part_and_no_snapshot() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.load_mib("/big/", 300);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    let mut child = snap(&etcd, &dir, &["save"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !files(&dir).iter().any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 1 << 20).unwrap_or(false)) {
+        assert!(std::time::Instant::now() < deadline, "save never started writing");
+        if child.try_wait().unwrap().is_some() {
+            let out: Run = child.wait_with_output().unwrap().into();
+            panic!("save finished before it could be signalled: {}", out.stderr);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(st.success());
+    let out: Run = child.wait_with_output().unwrap().into();
+    out.assert_fails_with("cancelled");
+    assert_eq!(out.code, Some(1));
+    assert_nothing_written(&dir);
+    assert!(files(&tmp.path().join(".metadata")).is_empty());
+}
