@@ -30,6 +30,10 @@ pub enum Error {
     EtcdStream { endpoints: String, received: u64, cause: etcd_client::Error },
 
     #[cfg(feature = "etcd")]
+    #[error("etcd at {endpoints} cannot confirm that it is part of a quorum ({detail}); no snapshot was taken, because a member cut off from its cluster may hold stale data; check its connection to the other members")]
+    NoQuorum { endpoints: String, detail: String },
+
+    #[cfg(feature = "etcd")]
     #[error("etcd at {endpoints}: {}", one_line(cause))]
     Etcd { endpoints: String, cause: etcd_client::Error },
 

@@ -13,6 +13,10 @@ use crate::{Error, Result};
 /// How long to wait for etcd to answer the first request.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a member may take to confirm that it is part of a quorum. etcd itself gives up on a
+/// linearizable read after its request timeout (7 s with default settings).
+pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Endpoints and TLS material for a client of etcd.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -111,6 +115,22 @@ impl EtcdClientConfig {
             revision: status.header().map(|h| h.revision()).unwrap_or_default(),
             db_size: status.db_size(),
         })
+    }
+}
+
+impl EtcdConnection {
+    /// A linearizable read, which the member can only answer once the leader has confirmed that
+    /// it still leads a quorum. A member cut off from the others answers `Status` and streams its
+    /// local database just the same, so without this a partitioned member's snapshot would look
+    /// current while its data may be behind the cluster.
+    pub async fn confirm_quorum(&mut self) -> Result<()> {
+        let read = self.client.get("health", Some(etcd_client::GetOptions::new().with_count_only()));
+        let detail = match tokio::time::timeout(QUORUM_TIMEOUT, read).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(cause)) => crate::error::one_line(&cause),
+            Err(_) => format!("no answer to a linearizable read within {}s", QUORUM_TIMEOUT.as_secs()),
+        };
+        Err(Error::NoQuorum { endpoints: self.endpoints.clone(), detail })
     }
 }
 

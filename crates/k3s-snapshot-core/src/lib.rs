@@ -20,5 +20,6 @@ pub mod retention;
 pub mod save;
 pub mod status;
 pub mod store;
+pub mod transfer;
 
 pub use error::{Error, Result};

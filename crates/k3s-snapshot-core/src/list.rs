@@ -4,7 +4,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::metadata::{SnapshotMetadata, METADATA_DIR};
+use crate::metadata::SnapshotMetadata;
 use crate::name;
 use crate::store::SnapshotStore;
 use crate::Result;
@@ -54,27 +54,11 @@ pub async fn list_snapshots(store: &dyn SnapshotStore, with_metadata: bool) -> R
     Ok(entries)
 }
 
-/// Reads and parses `.metadata/<file>`; a missing or unreadable document is `None` (logged).
+/// Reads `.metadata/<file>`; a missing document is `None`, an unreadable one is logged and `None`,
+/// so that one bad document does not hide the listing.
 pub async fn read_metadata(store: &dyn SnapshotStore, file: &str) -> Option<SnapshotMetadata> {
-    let key = format!("{METADATA_DIR}/{file}");
-    let (info, mut body) = match store.get(&key).await {
-        Ok(x) => x,
-        Err(crate::Error::NotFound { .. }) => return None,
-        Err(e) => {
-            tracing::debug!(snapshot = %file, error = %e, "no metadata");
-            return None;
-        }
-    };
-    if info.size > 1 << 20 {
-        tracing::warn!(snapshot = %file, size = info.size, "metadata document too large, ignored");
-        return None;
-    }
-    let mut buf = Vec::with_capacity(info.size as usize);
-    while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.ok()?);
-    }
-    match SnapshotMetadata::from_json(&buf) {
-        Ok(m) => Some(m),
+    match crate::transfer::fetch_metadata(store, file).await {
+        Ok(m) => m,
         Err(e) => {
             tracing::warn!(snapshot = %file, error = %e, "unreadable metadata, ignored");
             None

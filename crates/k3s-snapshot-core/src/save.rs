@@ -19,7 +19,7 @@ use crate::integrity::TrailerCheck;
 use crate::metadata::SnapshotMetadata;
 use crate::name::{self, ZIP_SUFFIX};
 use crate::progress::Progress;
-use crate::store::{durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, PutOptions, RemoveOnDrop, SnapshotStore};
+use crate::store::{durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, PutOptions, RemoveOnDrop};
 use crate::{Error, Result};
 
 /// What to save and where.
@@ -135,6 +135,11 @@ async fn save_inner(
     name::validate_prefix(&opts.prefix)?;
     name::validate_file_name(&opts.node)?;
     store.ensure_dirs()?;
+    // Only a member that is part of a quorum has current data to snapshot.
+    tokio::select! {
+        r = conn.confirm_quorum() => r?,
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    }
     let (file, part_file, guard) = reserve(store, opts)?;
     let path = store.dir().join(&file);
     let part = part_path(&path);
@@ -321,33 +326,17 @@ pub async fn upload_existing(
     cancel: &CancellationToken,
 ) -> Result<u64> {
     let file = &saved.metadata.name;
-    let (info, mut source) = local.get(file).await?;
-    progress.start(&format!("upload {file}"), Some(info.size));
     let content_type = if saved.metadata.compressed { "application/zip" } else { "application/octet-stream" };
     let opts = PutOptions {
         content_type: content_type.into(),
         user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
-        size_hint: Some(info.size),
+        size_hint: None,
     };
-    // Pump the file through a tee so that progress is reported here, where it is borrowed.
-    let (tee, body) = tee_channel(8);
-    let pump = async move {
-        while let Some(chunk) = source.next().await {
-            let Ok(chunk) = chunk else { return };
-            let len = chunk.len() as u64;
-            if !tee.send(chunk).await {
-                return;
-            }
-            progress.advance(len);
-        }
-        tee.finish().await;
-    };
-    let put = async { tokio::join!(pump, remote.put(file, body, opts)).1 };
+    let path = local.path_of(file)?;
     let n = tokio::select! {
-        r = put => r?,
+        r = crate::transfer::upload_file(remote, file, &path, opts, progress) => r?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
-    progress.finish();
     put_metadata(remote, saved).await?;
     Ok(n)
 }

@@ -1,8 +1,7 @@
 //! Moving whole snapshots between a local file and any [`SnapshotStore`]: download with
 //! verification, upload with a size hint and progress, and reading a snapshot's metadata object.
 //!
-//! Nothing here knows about S3; these functions only use the trait, so they could live in
-//! `k3s-snapshot-core` (they are here because the S3 side is their first user).
+//! Nothing here knows about S3; these functions only use the trait.
 
 use std::path::{Path, PathBuf};
 
@@ -10,11 +9,11 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use k3s_snapshot_core::metadata::SnapshotMetadata;
-use k3s_snapshot_core::name;
-use k3s_snapshot_core::progress::{NoProgress, Progress};
-use k3s_snapshot_core::store::{create_private_dir, durable_rename, part_path, PutOptions, RemoveOnDrop, SnapshotStore};
-use k3s_snapshot_core::{Error, Result};
+use crate::metadata::SnapshotMetadata;
+use crate::name;
+use crate::progress::{NoProgress, Progress};
+use crate::store::{create_private_dir, durable_rename, part_path, PutOptions, RemoveOnDrop, SnapshotStore};
+use crate::{Error, Result};
 
 /// Downloads snapshot `file` from `store` into `into_dir/file` (mode 0600), through
 /// `into_dir/file.part`, fsync and rename. With `expected`, the size and SHA-256 are checked
@@ -176,7 +175,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
     use chrono::Utc;
-    use k3s_snapshot_core::store::LocalStore;
+    use crate::store::LocalStore;
     use std::os::unix::fs::PermissionsExt;
 
     fn meta(file: &str, data: &[u8]) -> SnapshotMetadata {
