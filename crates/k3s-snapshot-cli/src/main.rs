@@ -135,3 +135,89 @@ fn spawn_signal_handler(cancel: CancellationToken) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("k3s-snapshot").chain(args.iter().copied()))
+    }
+
+    fn snapshot_args(args: &[&str]) -> snapshot::SnapshotArgs {
+        match parse(args).unwrap().command {
+            Command::EtcdSnapshot(a) => a,
+            other => panic!("not etcd-snapshot: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bare_etcd_snapshot_is_save_with_k3s_defaults() {
+        let a = snapshot_args(&["etcd-snapshot"]);
+        assert!(a.command.is_none());
+        assert_eq!(a.common.name, "on-demand");
+        assert_eq!(a.common.retention, 5);
+        assert!(!a.common.compress && !a.common.s3.enabled);
+        assert_eq!(a.common.s3.endpoint, "s3.amazonaws.com");
+        assert_eq!(a.common.s3.region, "us-east-1");
+        assert_eq!(a.common.s3.retention, 5);
+        assert_eq!(a.common.s3.timeout, std::time::Duration::from_secs(300));
+    }
+
+    #[test]
+    fn both_spellings_of_the_snapshot_and_s3_flags_parse() {
+        for (dir, ret, compress, s3, bucket, folder) in [
+            ("--dir", "--snapshot-retention", "--snapshot-compress", "--s3", "--s3-bucket", "--s3-folder"),
+            ("--etcd-snapshot-dir", "--etcd-snapshot-retention", "--etcd-snapshot-compress", "--etcd-s3", "--etcd-s3-bucket", "--etcd-s3-folder"),
+        ] {
+            let a = snapshot_args(&["etcd-snapshot", "prune", dir, "/x", ret, "3", compress, s3, bucket, "b", folder, "f"]);
+            assert!(matches!(a.command, Some(snapshot::SnapshotCommand::Prune)));
+            assert_eq!(a.common.dir.as_deref(), Some(std::path::Path::new("/x")));
+            assert_eq!(a.common.retention, 3);
+            assert!(a.common.compress && a.common.s3.enabled);
+            assert_eq!(a.common.s3.bucket.as_deref(), Some("b"));
+            assert_eq!(a.common.s3.folder, "f");
+        }
+    }
+
+    #[test]
+    fn flags_may_come_before_or_after_the_subcommand() {
+        let a = snapshot_args(&["etcd-snapshot", "--name", "x", "save", "--node-name", "n"]);
+        assert_eq!(a.common.name, "x");
+        assert_eq!(a.common.node_name.as_deref(), Some("n"));
+    }
+
+    #[test]
+    fn ls_aliases_and_output_formats() {
+        for alias in ["ls", "list", "l"] {
+            let a = snapshot_args(&["etcd-snapshot", alias, "-o", "yaml"]);
+            assert!(matches!(a.command, Some(snapshot::SnapshotCommand::Ls { output: snapshot::OutputFormat::Yaml })));
+        }
+        assert!(parse(&["etcd-snapshot", "ls", "-o", "xml"]).is_err());
+    }
+
+    #[test]
+    fn s3_options_all_parse() {
+        let a = snapshot_args(&[
+            "etcd-snapshot", "--s3", "--s3-endpoint", "h:9000", "--s3-endpoint-ca", "/ca.pem", "--s3-skip-ssl-verify",
+            "--s3-access-key", "AK", "--s3-secret-key", "SK", "--s3-session-token", "ST", "--s3-region", "eu-west-1",
+            "--s3-insecure", "--s3-timeout", "30s", "--s3-retention", "-1", "--s3-bucket-lookup-type", "path",
+            "--s3-proxy", "http://proxy:3128",
+        ]);
+        let s = &a.common.s3;
+        assert_eq!(s.endpoint, "h:9000");
+        assert!(s.skip_ssl_verify && s.insecure);
+        assert_eq!(s.timeout.as_secs(), 30);
+        assert_eq!(s.retention, -1);
+        assert_eq!(s.bucket_lookup, s3args::BucketLookup::Path);
+        let debug = format!("{s:?}");
+        assert!(!debug.contains("SK") && !debug.contains("ST"), "secrets redacted: {debug}");
+    }
+
+    #[test]
+    fn delete_needs_a_name_and_retention_needs_a_number() {
+        assert!(parse(&["etcd-snapshot", "delete"]).is_err());
+        assert!(parse(&["etcd-snapshot", "prune", "--snapshot-retention", "five"]).is_err());
+        assert!(parse(&["etcd-snapshot", "status"]).is_err());
+    }
+}
