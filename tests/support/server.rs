@@ -22,17 +22,26 @@ pub struct DataDir {
     pub api_port: u16,
     pub client_port: u16,
     pub peer_port: u16,
+    /// Advertise and bind address: `127.0.0.1`, or another loopback address for a cluster.
+    pub ip: String,
 }
 
 impl DataDir {
     pub fn new(version: EtcdVersion) -> DataDir {
+        DataDir::on(version, "node-a", "127.0.0.1")
+    }
+
+    /// A data dir for a server named `node` on loopback address `ip` (all of 127.0.0.0/8 is
+    /// loopback on Linux), so that three servers can run side by side.
+    pub fn on(version: EtcdVersion, node: &str, ip: &str) -> DataDir {
         DataDir {
             tmp: tempfile::tempdir().unwrap(),
             version,
-            node: "node-a".into(),
+            node: node.into(),
             api_port: free_port(),
             client_port: free_port(),
             peer_port: free_port(),
+            ip: ip.into(),
         }
     }
 
@@ -61,6 +70,8 @@ impl DataDir {
             ("--etcd-bin-dir", self.version.bin_dir().display().to_string()),
             ("--etcd-snapshot-jitter", "0s".to_string()),
         ];
+        let address = [("--advertise-address", self.ip.clone()), ("--bind-address", self.ip.clone())];
+        let defaults = defaults.into_iter().chain(address.into_iter().filter(|_| self.ip != "127.0.0.1"));
         // A flag given in `extra` (as --flag=value) replaces its default.
         for (flag, value) in defaults {
             if !extra.iter().any(|e| e.starts_with(&format!("{flag}="))) {
@@ -78,6 +89,13 @@ impl DataDir {
 
     /// Starts a server and waits until it runs.
     pub fn start(&self, extra: &[&str]) -> Server {
+        let mut s = self.spawn(extra);
+        s.wait_for_log(RUNNING, Duration::from_secs(120));
+        s
+    }
+
+    /// Starts a server without waiting for it (a member that needs its peers to have quorum).
+    pub fn spawn(&self, extra: &[&str]) -> Server {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.tmp.path().join(format!("server-{n}.log"));
@@ -89,9 +107,22 @@ impl DataDir {
             .stderr(file)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start k3s-snapshot server: {e}"));
-        let mut s = Server { child: Some(child), log, data_dir: self.path(), api_port: self.api_port };
-        s.wait_for_log(RUNNING, Duration::from_secs(120));
-        s
+        Server { child: Some(child), log, data_dir: self.path(), api_port: self.api_port, ip: self.ip.clone() }
+    }
+
+    /// `https://IP:API_PORT`: what a joining server passes to `--server`.
+    pub fn url(&self) -> String {
+        format!("https://{}:{}", self.ip, self.api_port)
+    }
+
+    /// The cluster token this server wrote (`server/token`).
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.path().join("server/token")).unwrap().trim().to_string()
+    }
+
+    /// `--server` and `--token` to join the cluster of `first`.
+    pub fn join_args(first: &DataDir, token: &str) -> Vec<String> {
+        vec![format!("--server={}", first.url()), format!("--token={token}")]
     }
 
     /// etcd client config the server wrote for tools.
@@ -106,6 +137,7 @@ pub struct Server {
     pub log: PathBuf,
     pub data_dir: PathBuf,
     pub api_port: u16,
+    pub ip: String,
 }
 
 impl Server {
@@ -162,9 +194,9 @@ impl Server {
         assert!(s.success(), "server exited with {s}:\n{}", self.log_text());
     }
 
-    /// `https://127.0.0.1:PORT`
+    /// `https://IP:PORT`
     pub fn api(&self) -> String {
-        format!("https://127.0.0.1:{}", self.api_port)
+        format!("https://{}:{}", self.ip, self.api_port)
     }
 
     /// An https client that trusts the cluster CA.

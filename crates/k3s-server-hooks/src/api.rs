@@ -5,7 +5,7 @@
 //! | `GET /ping` | none | `pong` |
 //! | `GET /cacerts` | none | the cluster CA PEM (its SHA-256 is the hash in the token) |
 //! | `GET /metrics` | none | Prometheus text: scheduled snapshots per store |
-//! | `GET /db/info` | token | etcd members as JSON |
+//! | `GET /db/info` | token | etcd members and leader as JSON ([`DbInfo`]) |
 //! | `GET /db/ca-material` | token | the CAs with their keys, for a joining server ([`CaMaterial`]) |
 //!
 //! "token" means `Authorization: Bearer <token>` or basic auth `server:<token>`; the token may be
@@ -22,6 +22,7 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine;
 use k3s_snapshot_core::etcd::EtcdClientConfig;
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::layout::DataDir;
@@ -136,34 +137,73 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
+/// One etcd member as `/db/info` lists it (ids in lowercase hex, as etcdctl prints them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    pub id: String,
+    /// Empty for a member that was added and has not started yet.
+    pub name: String,
+    #[serde(rename = "peerURLs")]
+    pub peer_urls: Vec<String>,
+    #[serde(rename = "clientURLs")]
+    pub client_urls: Vec<String>,
+    #[serde(rename = "isLearner", default)]
+    pub is_learner: bool,
+}
+
+impl MemberInfo {
+    /// The id as a number; 0 when it does not parse.
+    pub fn id_u64(&self) -> u64 {
+        u64::from_str_radix(&self.id, 16).unwrap_or(0)
+    }
+}
+
+/// The answer of `/db/info`: the members, and the leader as this server's etcd sees it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DbInfo {
+    pub members: Vec<MemberInfo>,
+    /// Hex id of the leader; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+}
+
+impl DbInfo {
+    pub fn leader(&self) -> Option<&MemberInfo> {
+        self.leader.as_ref().and_then(|l| self.members.iter().find(|m| &m.id == l))
+    }
+}
+
+/// The members and leader of the cluster, through this server's etcd.
+pub async fn db_info_of(etcd: &EtcdClientConfig) -> k3s_snapshot_core::Result<DbInfo> {
+    let mut conn = etcd.connect().await?;
+    let err = |endpoints: &String| {
+        let endpoints = endpoints.clone();
+        move |cause| k3s_snapshot_core::Error::Etcd { endpoints, cause }
+    };
+    let resp = conn.client.member_list().await.map_err(err(&conn.endpoints))?;
+    let leader = conn.client.status().await.map_err(err(&conn.endpoints))?.leader();
+    Ok(DbInfo {
+        members: resp
+            .members()
+            .iter()
+            .map(|m| MemberInfo {
+                id: format!("{:x}", m.id()),
+                name: m.name().to_string(),
+                peer_urls: m.peer_urls().to_vec(),
+                client_urls: m.client_urls().to_vec(),
+                is_learner: m.is_learner(),
+            })
+            .collect(),
+        leader: (leader != 0).then(|| format!("{leader:x}")),
+    })
+}
+
 async fn db_info(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     if !authorized(&s, &headers) {
         return unauthorized();
     }
-    let members = async {
-        let mut conn = s.etcd.connect().await?;
-        let resp = conn
-            .client
-            .member_list()
-            .await
-            .map_err(|cause| k3s_snapshot_core::Error::Etcd { endpoints: conn.endpoints.clone(), cause })?;
-        Ok::<_, k3s_snapshot_core::Error>(
-            resp.members()
-                .iter()
-                .map(|m| {
-                    serde_json::json!({
-                        "id": format!("{:x}", m.id()),
-                        "name": m.name(),
-                        "peerURLs": m.peer_urls(),
-                        "clientURLs": m.client_urls(),
-                        "isLearner": m.is_learner(),
-                    })
-                })
-                .collect::<Vec<_>>(),
-        )
-    };
-    match members.await {
-        Ok(m) => axum::Json(serde_json::json!({ "members": m })).into_response(),
+    match db_info_of(&s.etcd).await {
+        Ok(info) => axum::Json(info).into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response(),
     }
 }

@@ -53,6 +53,14 @@ pub enum Error {
     #[error("supervisor api: {0}")]
     Api(String),
 
+    /// Joining a cluster with `--server`: a refusal or a failed step, saying what was left behind.
+    #[error("join: {0}")]
+    Join(String),
+
+    /// An etcd data dir whose write-ahead log cannot be read.
+    #[error("etcd wal: {0}")]
+    Wal(String),
+
     #[error("cancelled")]
     Cancelled,
 }

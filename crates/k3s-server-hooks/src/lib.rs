@@ -1,8 +1,9 @@
 //! What a k3s-like server embeds to run etcd and its snapshots: the data-dir layout
 //! ([`layout::DataDir`]), the cluster token and certificates ([`token`], [`tls`]), one server per
 //! data dir ([`lock`]), supervision of a real `etcd` process ([`etcd_proc`]), scheduled snapshots
-//! ([`schedule`], [`scheduler`], [`metrics`]), the supervisor HTTPS API ([`api`]) and
-//! `--cluster-reset` ([`reset`]). [`server::run`] ties them together.
+//! ([`schedule`], [`scheduler`], [`metrics`]), the supervisor HTTPS API ([`api`]),
+//! `--cluster-reset` ([`reset`]) and joining a cluster with `--server` ([`join`], [`wal`]).
+//! [`server::run`] ties them together.
 //!
 //! This crate never parses flags and never prints: the binary turns flags into a
 //! [`server::ServerConfig`], passes a [`tokio_util::sync::CancellationToken`] for shutdown, and
@@ -11,6 +12,7 @@
 pub mod api;
 pub mod error;
 pub mod etcd_proc;
+pub mod join;
 pub mod layout;
 pub mod lock;
 pub mod metrics;
@@ -20,5 +22,6 @@ pub mod scheduler;
 pub mod server;
 pub mod tls;
 pub mod token;
+pub mod wal;
 
 pub use error::{Error, Result};

@@ -20,6 +20,7 @@ use crate::schedule::Schedule;
 use crate::scheduler::SnapshotJob;
 use crate::tls::TlsFiles;
 use crate::token::Token;
+use crate::join::{self, JoinPlan};
 use crate::{api, reset, scheduler, tls, Error, Result};
 
 /// Downloads a snapshot object by name into a directory, verified against its metadata, and
@@ -101,10 +102,8 @@ impl ServerConfig {
                 "--cluster-reset cannot be used with --server: reset the server that holds the data, then rejoin the others".into(),
             ));
         }
-        if self.server_url.is_some() {
-            return Err(Error::Config(
-                "joining a cluster with --server is not supported by this build yet; start without --server".into(),
-            ));
+        if let Some(url) = &self.server_url {
+            join::validate_server_url(url)?;
         }
         if self.advertise_address.is_unspecified() {
             return Err(Error::Config("--advertise-address must be a concrete address, not 0.0.0.0 or ::".into()));
@@ -126,8 +125,13 @@ impl ServerConfig {
         format!("https://{}", SocketAddr::new(self.advertise_address, port))
     }
 
+    /// `https://ADVERTISE:PEER_PORT`: this server's etcd peer URL.
+    pub fn peer_url(&self) -> String {
+        self.url(self.etcd_peer_port)
+    }
+
     pub fn etcd_launch(&self, tls: TlsFiles) -> EtcdLaunch {
-        let peer_url = self.url(self.etcd_peer_port);
+        let peer_url = self.peer_url();
         EtcdLaunch {
             name: self.node_name.clone(),
             data_dir: self.data_dir.etcd(),
@@ -180,6 +184,19 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     };
     let job_schedule = if plan.is_none() { cfg.snapshots.schedule.clone() } else { None };
 
+    // Joining: everything the cluster can refuse is asked before anything is written.
+    let join_plan = match (&cfg.server_url, &plan) {
+        (Some(_), None) => match join::prepare(&cfg, &cancel).await {
+            Ok(p) => Some(p),
+            Err(Error::Cancelled) => return Ok(()),
+            Err(e) => return Err(e),
+        },
+        _ => None,
+    };
+    if let Some(JoinPlan::Fresh(fresh)) = &join_plan {
+        fresh.install(&dd)?;
+    }
+
     let mut ips = vec![cfg.advertise_address];
     if !cfg.bind_address.is_unspecified() {
         ips.push(cfg.bind_address);
@@ -187,7 +204,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let tls_files = tls::ensure(&dd, &cfg.node_name, &ips)?;
     let cluster_ca_pem = std::fs::read_to_string(&tls_files.cluster_ca).map_err(Error::io("read", &tls_files.cluster_ca))?;
     let token = Token::ensure(&dd, cfg.token.as_deref(), cluster_ca_pem.as_bytes())?;
-    let launch = cfg.etcd_launch(tls_files.clone());
+    let mut launch = cfg.etcd_launch(tls_files.clone());
 
     if let Some(plan) = plan {
         return reset::execute(&cfg, &bins, launch, plan, &cancel).await;
@@ -196,16 +213,58 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     create_private_dir(&dd.etcd())?;
     let client = launch.client_config();
     client.save(&dd.etcd_client_config())?;
-    let mut etcd = EtcdProcess::start(&bins, &launch).await?;
-    match etcd.wait_ready(&client, cfg.etcd_ready_timeout, &cancel).await {
-        Ok(_) => {}
-        Err(Error::Cancelled) => {
-            etcd.stop(cfg.etcd_stop_grace).await?;
-            return Ok(());
+    // A new member: added as a learner; promoted once its etcd caught up. A member restarting
+    // from its data that was still a learner is promoted the same way.
+    let (added, promotion) = match &join_plan {
+        Some(JoinPlan::Fresh(fresh)) => {
+            let added = match join::add_member(&cfg, fresh, &tls_files, &cancel).await {
+                Ok(a) => a,
+                Err(Error::Cancelled) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            launch.initial_cluster = added.initial_cluster.clone();
+            launch.initial_cluster_state = "existing".into();
+            let promotion = (added.cluster().clone(), added.member_id);
+            (Some(added), Some(promotion))
         }
+        Some(JoinPlan::Member { member_id, info }) => {
+            launch.initial_cluster_state = "existing".into();
+            let promotion = info.as_ref().and_then(|i| join::restart_promotion(i, *member_id, &tls_files)).map(|c| (c, *member_id));
+            (None, promotion)
+        }
+        None => (None, None),
+    };
+    let mut etcd = match EtcdProcess::start(&bins, &launch).await {
+        Ok(e) => e,
+        Err(e) => {
+            if let Some(a) = &added {
+                a.undo().await;
+            }
+            return Err(e);
+        }
+    };
+    let ready = async {
+        etcd.wait_ready(&client, cfg.etcd_ready_timeout, &cancel).await?;
+        if let Some((cluster, id)) = &promotion {
+            tokio::select! {
+                r = join::promote(cluster, *id, cfg.etcd_ready_timeout, &cancel) => r?,
+                e = etcd.exited() => return Err(e),
+            }
+        }
+        Ok(())
+    }
+    .await;
+    match ready {
+        Ok(()) => {}
         Err(e) => {
             let _ = etcd.stop(cfg.etcd_stop_grace).await;
-            return Err(e);
+            if let Some(a) = &added {
+                a.undo().await;
+            }
+            return match e {
+                Error::Cancelled => Ok(()),
+                e => Err(e),
+            };
         }
     }
     if dd.reset_flag().exists() {

@@ -92,15 +92,47 @@ impl CaMaterial {
         Ok(CaMaterial { cas })
     }
 
-    /// Writes the CAs into a data dir, replacing any there.
+    /// The certificate PEM of one of [`CA_NAMES`].
+    pub fn cert(&self, name: &str) -> Option<&str> {
+        self.cas.iter().find(|c| c.0 == name).map(|c| c.1.as_str())
+    }
+
+    /// Checks that every CA is there and is a CA certificate with its key.
+    pub fn validate(&self) -> Result<()> {
+        for name in CA_NAMES {
+            let Some((_, cert, key)) = self.cas.iter().find(|c| c.0 == name) else {
+                return Err(Error::Tls { action: "use the CA material".into(), detail: format!("CA {name} is missing") });
+            };
+            let kp = KeyPair::from_pem(key).map_err(tls_err(format!("read the key of CA {name}")))?;
+            Issuer::from_ca_cert_pem(cert, kp).map_err(tls_err(format!("read CA {name}")))?;
+        }
+        if let Some((name, ..)) = self.cas.iter().find(|c| !CA_NAMES.contains(&c.0.as_str())) {
+            return Err(Error::Tls { action: "use the CA material".into(), detail: format!("unknown CA {name:?}") });
+        }
+        Ok(())
+    }
+
+    /// Writes the CAs into a data dir, replacing any there. The tools' client certificate
+    /// (`etcd/client.*`, otherwise kept across starts) is removed when the etcd CA changes, so
+    /// that [`ensure`] mints one the new CA signed.
     pub fn install(&self, dd: &DataDir) -> Result<()> {
+        self.validate()?;
+        let (etcd_ca, _) = ca_paths(dd, CA_NAMES[1]);
+        let etcd_ca_changed = std::fs::read_to_string(&etcd_ca).ok().as_deref() != self.cert(CA_NAMES[1]);
         for (name, cert, key) in &self.cas {
-            if !CA_NAMES.contains(&name.as_str()) {
-                return Err(Error::Tls { action: "install CA material".into(), detail: format!("unknown CA {name:?}") });
-            }
             let (c, k) = ca_paths(dd, name);
             write_private(&k, key.as_bytes())?;
             write_private(&c, cert.as_bytes())?;
+        }
+        if etcd_ca_changed {
+            let files = TlsFiles::new(dd);
+            for p in [&files.etcd_client_cert, &files.etcd_client_key] {
+                match std::fs::remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::Io { action: "remove", path: p.clone(), cause: e }),
+                }
+            }
         }
         Ok(())
     }
@@ -225,5 +257,32 @@ mod tests {
         let m = CaMaterial::load(&dd).unwrap();
         assert_eq!(m.cas.len(), 3);
         assert!(!format!("{m:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn installed_cas_replace_the_local_ones_and_the_client_cert_is_reissued() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let (da, db) = (DataDir::new(a.path()), DataDir::new(b.path()));
+        ensure(&da, "a", &[]).unwrap();
+        let fb = ensure(&db, "b", &[]).unwrap();
+        let old_client = std::fs::read(&fb.etcd_client_cert).unwrap();
+        let m = CaMaterial::load(&da).unwrap();
+        m.install(&db).unwrap();
+        assert!(!fb.etcd_client_cert.exists(), "a client cert of the old CA was kept");
+        let fb = ensure(&db, "b", &[]).unwrap();
+        assert_ne!(std::fs::read(&fb.etcd_client_cert).unwrap(), old_client);
+        assert_eq!(std::fs::read(&fb.cluster_ca).unwrap(), std::fs::read(TlsFiles::new(&da).cluster_ca).unwrap());
+        // Installing the same CAs again keeps the client cert.
+        let kept = std::fs::read(&fb.etcd_client_cert).unwrap();
+        m.install(&db).unwrap();
+        assert_eq!(std::fs::read(&fb.etcd_client_cert).unwrap(), kept);
+
+        let mut bad = m.clone();
+        bad.cas[1].2 = "not a key".into();
+        assert!(bad.install(&db).is_err());
+        let mut missing = m.clone();
+        missing.cas.pop();
+        assert!(missing.validate().unwrap_err().to_string().contains("missing"));
     }
 }

@@ -56,6 +56,17 @@ impl Token {
         Token { ca_hash: Some(ca_hash(ca_pem)), secret: hex::encode(bytes) }
     }
 
+    /// The same secret bound to a CA: what a joiner stores once the CA it fetched passed the check.
+    pub fn bound_to(&self, ca_pem: &[u8]) -> Token {
+        Token { ca_hash: Some(ca_hash(ca_pem)), secret: self.secret.clone() }
+    }
+
+    /// Writes `server/token` (0600), replacing what is there.
+    pub fn store(&self, dd: &DataDir) -> Result<()> {
+        k3s_snapshot_core::store::write_file_atomic(&dd.token(), format!("{}\n", self.full()).as_bytes())?;
+        Ok(())
+    }
+
     pub fn secret(&self) -> &str {
         &self.secret
     }

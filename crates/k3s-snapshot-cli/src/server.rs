@@ -29,10 +29,12 @@ pub struct ServerArgs {
     /// Cluster token (shared secret); generated on first start when not given
     #[arg(short = 't', long, env = "K3S_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Server to join, https://HOST:6443
+    /// Server to join, https://HOST:6443: fetch the cluster's CAs with --token and become a new etcd member
+    /// (a server that is already a member starts from its own data)
     #[arg(short = 's', long, env = "K3S_URL")]
     pub server: Option<String>,
-    /// Initialize a new cluster with embedded etcd (the default for a first server)
+    /// Initialize a new cluster with embedded etcd; accepted for k3s compatibility: a server
+    /// without --server always starts a new cluster (or its existing one)
     #[arg(long, env = "K3S_CLUSTER_INIT")]
     pub cluster_init: bool,
     /// Forget all peers and become the sole member of a new cluster, then exit
@@ -219,5 +221,16 @@ mod tests {
         assert!(err.to_string().contains("needs --cluster-reset"), "{err}");
         let err = parse(&["--cluster-reset", "-s", "https://a:6443"]).to_config(None).unwrap().validate().unwrap_err();
         assert!(err.to_string().contains("--server"), "{err}");
+    }
+
+    #[test]
+    fn server_must_be_an_https_url() {
+        let c = parse(&["-s", "https://10.0.0.1:6443", "-t", "tok", "--cluster-init"]).to_config(None).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.server_url.as_deref(), Some("https://10.0.0.1:6443"));
+        for bad in ["http://10.0.0.1:6443", "10.0.0.1:6443"] {
+            let err = parse(&["-s", bad, "-t", "tok"]).to_config(None).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains("--server"), "{err}");
+        }
     }
 }
