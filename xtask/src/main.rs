@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod e2e;
 mod provision;
 
 use std::process::Command;
@@ -32,12 +33,15 @@ fn run() -> Result<()> {
         }
         "test" => test(&rest),
         "demo" => demo::run(),
+        "e2e" => e2e::run(&rest),
         "bench" => bench::run(&rest),
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
                  tasks:\n  \
                  test [ARGS]   provision etcd 3.4.23 + 3.5.1, s3s-fs and nginx if missing, then run the whole suite\n  \
+                 e2e [--seed N] [--iterations N] [--only NAME,…] [--etcd 3.5|3.4]\n                \
+                 network namespaces (root): restore, S3 restore, HA restore and faults, on etcd 3.5.1 and 3.4.23\n  \
                  demo          provision, start a throwaway etcd and show save, ls and prune\n  \
                  bench [--size-mib N] [--runs N]   compare save/restore speed and memory with etcdctl/etcdutl\n  \
                  provision     only install what is missing and print the environment the tests use"
