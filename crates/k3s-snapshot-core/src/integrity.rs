@@ -55,6 +55,16 @@ impl TrailerCheck {
         self.total
     }
 
+    /// Like [`TrailerCheck::finish`], and also returns the SHA-256 of every byte fed (image and
+    /// trailer: the snapshot file's checksum), taken from the same pass over the image rather than
+    /// a second hash of the whole stream.
+    pub fn finish_with_stream_sha256(self, name: &str) -> Result<[u8; 32]> {
+        let mut stream = self.image.clone();
+        stream.update(&self.held);
+        self.finish(name)?;
+        Ok(stream.finalize().into())
+    }
+
     /// Compares the held-back 32 bytes with the hash of everything before them.
     pub fn finish(self, name: &str) -> Result<()> {
         if self.held.len() < TRAILER_LEN || self.total < 1024 {
@@ -133,6 +143,25 @@ mod tests {
             }
             c.finish("t").unwrap_or_else(|e| panic!("chunk {chunk}: {e}"));
         }
+    }
+
+    #[test]
+    fn stream_sha256_is_the_hash_of_every_byte_fed() {
+        let image: Vec<u8> = (0..9000u32).map(|i| (i * 13) as u8).collect();
+        let s = stream(&image);
+        for chunk in [1, 31, 32, 33, 4096] {
+            let mut c = TrailerCheck::new();
+            for part in s.chunks(chunk) {
+                c.update(part);
+            }
+            let got = c.finish_with_stream_sha256("t").unwrap_or_else(|e| panic!("chunk {chunk}: {e}"));
+            assert_eq!(got.as_slice(), Sha256::digest(&s).as_slice(), "chunk {chunk}");
+        }
+        let mut bad = s.clone();
+        bad[10] ^= 1;
+        let mut c = TrailerCheck::new();
+        c.update(&bad);
+        assert!(matches!(c.finish_with_stream_sha256("t"), Err(Error::Checksum { .. })));
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -156,8 +155,8 @@ async fn save_inner(
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
     let mut w = tokio::io::BufWriter::with_capacity(4 << 20, tokio::fs::File::from_std(part_file));
+    // One SHA-256 pass serves both the trailer check and the file's checksum for the metadata.
     let mut check = TrailerCheck::new();
-    let mut sha = Sha256::new();
     progress.start(&file, None);
     loop {
         let msg = tokio::select! {
@@ -171,7 +170,6 @@ async fn save_inner(
         };
         let blob = resp.blob();
         check.update(blob);
-        sha.update(blob);
         w.write_all(blob).await.map_err(Error::io("write", &part))?;
         if let Some(t) = &tee {
             if !t.send(Bytes::copy_from_slice(blob)).await {
@@ -183,7 +181,7 @@ async fn save_inner(
     }
     progress.finish();
     let raw_size = check.total();
-    check.finish(&file)?;
+    let raw_sha256 = check.finish_with_stream_sha256(&file)?;
     w.flush().await.map_err(Error::io("write", &part))?;
     let f = w.into_inner();
     f.sync_all().await.map_err(Error::io("fsync", &part))?;
@@ -208,7 +206,7 @@ async fn save_inner(
         .map_err(|e| Error::Invalid(format!("compression task failed: {e}")))??;
         zipped
     } else {
-        (path, raw_size, hex::encode(sha.finalize()))
+        (path, raw_size, hex::encode(raw_sha256))
     };
     let stored_name = stored.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     let metadata = SnapshotMetadata {
