@@ -1,7 +1,500 @@
-//! `cargo xtask bench`: speed and memory against etcdctl/etcdutl in the same run.
+//! `cargo xtask bench`: speed and memory of the release `k3s-snapshot` against etcd's own tools,
+//! measured in the same run on the same etcd, interleaved (reference, ours, reference, ours, …)
+//! so that noise from other work on the machine falls on both, and reported as medians.
+//!
+//! Scenarios, for each db size:
+//! - `save`: `etcdctl snapshot save` vs `etcd-snapshot save --etcd-endpoints … --dir …`
+//! - `save+s3`: `etcdctl snapshot save` then `curl` PUT of the file (what k3s does: save, then
+//!   upload) vs `etcd-snapshot save --s3 …` (local file and upload in one pass)
+//! - `restore`: `etcdutl snapshot restore` + etcd start until `/health` is true + SIGTERM stop vs
+//!   `server --cluster-reset --cluster-reset-restore-path` (which does all three)
+//! - `status`: `etcdutl snapshot status -w json` vs `etcd-snapshot status -o json`
+//!
+//! Peak RSS is the kernel's: `wait4`'s `ru_maxrss` of our process (see [`measure`]).
 
-use anyhow::{bail, Result};
+mod chart;
+mod measure;
+mod servers;
 
-pub fn run(_args: &[String]) -> Result<()> {
-    bail!("the benchmark is not built yet (issue 7); BENCHMARKS.md says what was measured by hand")
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use crate::provision::{self, workspace_root};
+use crate::run_checked;
+use measure::{Measure, Measured};
+use servers::{EtcdSpec, S3};
+
+const USAGE: &str = "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]";
+
+#[derive(Debug)]
+struct Args {
+    sizes_mib: Vec<usize>,
+    runs: usize,
+    only: Vec<Scenario>,
+    chart: bool,
+    keep: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Save,
+    SaveS3,
+    Restore,
+    Status,
+}
+
+impl Scenario {
+    const ALL: [Scenario; 4] = [Scenario::Save, Scenario::SaveS3, Scenario::Restore, Scenario::Status];
+
+    fn key(self) -> &'static str {
+        match self {
+            Scenario::Save => "save",
+            Scenario::SaveS3 => "save+s3",
+            Scenario::Restore => "restore",
+            Scenario::Status => "status",
+        }
+    }
+
+    fn reference(self) -> &'static str {
+        match self {
+            Scenario::Save => "etcdctl snapshot save",
+            Scenario::SaveS3 => "etcdctl snapshot save + curl PUT",
+            Scenario::Restore => "etcdutl snapshot restore + etcd start + stop",
+            Scenario::Status => "etcdutl snapshot status",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "save" => Scenario::Save,
+            "s3" | "save+s3" => Scenario::SaveS3,
+            "restore" => Scenario::Restore,
+            "status" => Scenario::Status,
+            _ => bail!("unknown scenario {s:?}; the scenarios are save, s3, restore, status"),
+        })
+    }
+}
+
+fn parse_args(args: &[String]) -> Result<Args> {
+    let mut a = Args { sizes_mib: vec![1024], runs: 3, only: Scenario::ALL.to_vec(), chart: false, keep: false };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        match flag.as_str() {
+            "--size-mib" => {
+                let v = value()?;
+                a.sizes_mib = v.split(',').map(|s| s.trim().parse::<usize>().with_context(|| format!("--size-mib {v:?}"))).collect::<Result<_>>()?;
+                a.sizes_mib.sort_unstable();
+                a.sizes_mib.dedup();
+                if a.sizes_mib.first() == Some(&0) {
+                    bail!("--size-mib must be at least 1");
+                }
+            }
+            "--runs" => {
+                a.runs = value()?.parse().context("--runs")?;
+                if a.runs == 0 {
+                    bail!("--runs must be at least 1");
+                }
+            }
+            "--only" => a.only = value()?.split(',').map(Scenario::parse).collect::<Result<_>>()?,
+            "--chart" => a.chart = true,
+            "--keep" => a.keep = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => bail!("unknown flag {flag:?}\n{USAGE}"),
+        }
+    }
+    Ok(a)
+}
+
+/// One scenario at one size: every run of ours and of the reference.
+struct Row {
+    scenario: Scenario,
+    ours: Vec<Measured>,
+    reference: Vec<Duration>,
+    reference_rss_kib: Vec<u64>,
+}
+
+impl Row {
+    fn new(scenario: Scenario) -> Self {
+        Row { scenario, ours: Vec::new(), reference: Vec::new(), reference_rss_kib: Vec::new() }
+    }
+
+    fn ours_median(&self) -> f64 {
+        median(self.ours.iter().map(|m| m.wall.as_secs_f64()).collect())
+    }
+
+    fn reference_median(&self) -> f64 {
+        median(self.reference.iter().map(Duration::as_secs_f64).collect())
+    }
+
+    fn ratio(&self) -> f64 {
+        self.ours_median() / self.reference_median()
+    }
+
+    /// Our peak RSS, KiB: `ru_maxrss`, except for the reset, whose `ru_maxrss` is etcd's (its
+    /// child): there the sampled `VmHWM` of our own process.
+    fn our_peak_kib(&self) -> u64 {
+        let own = |m: &Measured| if self.scenario == Scenario::Restore { m.own_hwm_kib.unwrap_or(m.maxrss_kib) } else { m.maxrss_kib };
+        self.ours.iter().map(own).max().unwrap_or(0)
+    }
+
+    /// The largest anonymous (heap, stacks) RSS sampled in any of our runs, KiB.
+    fn our_anon_peak_kib(&self) -> u64 {
+        self.ours.iter().filter_map(|m| m.anon_peak_kib).max().unwrap_or(0)
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Everything the scenarios share.
+struct Bench {
+    bin: PathBuf,
+    etcd_dir: PathBuf,
+    endpoint: String,
+    s3: S3,
+    work: PathBuf,
+    logs: PathBuf,
+    runs: usize,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let args = parse_args(args)?;
+    let tools = provision::ensure_all()?;
+    let root = workspace_root();
+    eprintln!("xtask bench: building k3s-snapshot (release)");
+    let mut build = Command::new(crate::cargo());
+    build.current_dir(&root).args(["build", "--quiet", "--locked", "--release", "-p", "k3s-snapshot-cli"]);
+    run_checked(&mut build, "build k3s-snapshot in release mode")?;
+    let out_dir = root.join("target/bench");
+    let work = out_dir.join(format!("work-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = run_in(&args, &tools, &root.join("target/release/k3s-snapshot"), &work, &out_dir);
+    if args.keep {
+        eprintln!("xtask bench: kept {}", work.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    result
+}
+
+fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_dir: &Path) -> Result<()> {
+    let logs = work.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let quota = format!("--quota-backend-bytes={}", 16u64 << 30);
+    let spec = EtcdSpec::new("bench", work.join("etcd"))?;
+    let etcd = servers::start_etcd(&tools.etcd35, &spec, &[&quota], &logs.join("etcd.log"))?;
+    let s3 = servers::start_s3(&tools.s3s_fs, &work.join("s3"), &logs.join("s3s-fs.log"))?;
+    let b = Bench {
+        bin: bin.to_path_buf(),
+        etcd_dir: tools.etcd35.clone(),
+        endpoint: etcd.client_url.clone(),
+        s3,
+        work: work.to_path_buf(),
+        logs,
+        runs: args.runs,
+    };
+    let machine = machine();
+    let mut sizes = Vec::new();
+    let mut loaded = 0;
+    for &size in &args.sizes_mib {
+        servers::load(&tools.etcd35.join("etcdctl"), &b.endpoint, loaded, size, 6)?;
+        loaded = size;
+        // One snapshot made by etcd's own tool, read by the restore and status scenarios.
+        let snap = work.join("reference.db");
+        let _ = std::fs::remove_file(&snap);
+        Measure::default().run(etcdctl(&b).args(["snapshot", "save"]).arg(&snap), &b.logs.join("setup.log"))?;
+        let snap_bytes = std::fs::metadata(&snap)?.len();
+        eprintln!("xtask bench: {size} MiB of values, snapshot {:.1} MiB", snap_bytes as f64 / MIB);
+        let mut rows = Vec::new();
+        for &sc in &args.only {
+            eprintln!("xtask bench: {size} MiB: {} ({} runs each, interleaved)", sc.key(), b.runs);
+            let row = match sc {
+                Scenario::Save => bench_save(&b)?,
+                Scenario::SaveS3 => bench_save_s3(&b)?,
+                Scenario::Restore => bench_restore(&b, &snap)?,
+                Scenario::Status => bench_status(&b, &snap)?,
+            };
+            rows.push(row);
+        }
+        print_report(size, snap_bytes, args.runs, &rows);
+        sizes.push((size, snap_bytes, rows));
+    }
+    drop(etcd);
+
+    let results = results_json(&machine, args.runs, &sizes);
+    let path = out_dir.join("results.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
+    println!("\nwrote {}", path.display());
+    if args.chart {
+        let png = out_dir.join("bench.png");
+        chart::draw(&png, &sizes.iter().map(|(s, _, rows)| (*s, rows.as_slice())).collect::<Vec<_>>())?;
+        println!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn etcdctl(b: &Bench) -> Command {
+    let mut c = Command::new(b.etcd_dir.join("etcdctl"));
+    c.args(["--endpoints", &b.endpoint]);
+    c
+}
+
+/// Our binary with a clean environment for the variables it reads.
+fn ours(b: &Bench) -> Command {
+    let mut c = Command::new(&b.bin);
+    for v in [
+        "K3S_DATA_DIR", "K3S_NODE_NAME", "K3S_TOKEN", "K3S_URL", "K3S_CONFIG_FILE", "K3S_CLUSTER_INIT", "K3S_CLUSTER_RESET",
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "K3S_SNAPSHOT_LOG", "K3S_ETCD_BIN_DIR",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn our_save(b: &Bench, dir: &Path) -> Command {
+    let mut c = ours(b);
+    c.args(["etcd-snapshot", "save", "--etcd-endpoints", &b.endpoint, "--node-name", "bench", "--name", "bench"])
+        .arg("--data-dir")
+        .arg(b.work.join("k3s"))
+        .arg("--dir")
+        .arg(dir);
+    c
+}
+
+fn reset_dir(d: &Path) -> Result<()> {
+    if d.exists() {
+        std::fs::remove_dir_all(d).with_context(|| format!("remove {}", d.display()))?;
+    }
+    std::fs::create_dir_all(d)?;
+    Ok(())
+}
+
+fn bench_save(b: &Bench) -> Result<Row> {
+    let mut row = Row::new(Scenario::Save);
+    let (dir_ref, dir_ours) = (b.work.join("save-ref"), b.work.join("save-ours"));
+    let log = b.logs.join("save.log");
+    for _ in 0..b.runs {
+        reset_dir(&dir_ref)?;
+        measure::sync();
+        let m = Measure::default().run(etcdctl(b).args(["snapshot", "save"]).arg(dir_ref.join("etcdctl.db")), &log)?;
+        row.reference.push(m.wall);
+        row.reference_rss_kib.push(m.maxrss_kib);
+        reset_dir(&dir_ref)?;
+
+        reset_dir(&dir_ours)?;
+        measure::sync();
+        row.ours.push(Measure::sampled().run(&mut our_save(b, &dir_ours), &log)?);
+        reset_dir(&dir_ours)?;
+    }
+    Ok(row)
+}
+
+fn bench_save_s3(b: &Bench) -> Result<Row> {
+    let mut row = Row::new(Scenario::SaveS3);
+    let (dir_ref, dir_ours) = (b.work.join("s3-ref"), b.work.join("s3-ours"));
+    let log = b.logs.join("save-s3.log");
+    for _ in 0..b.runs {
+        reset_dir(&dir_ref)?;
+        b.s3.clear()?;
+        measure::sync();
+        let file = dir_ref.join("etcdctl.db");
+        let save = Measure::default().run(etcdctl(b).args(["snapshot", "save"]).arg(&file), &log)?;
+        let put = Measure::default().run(&mut b.s3.curl_put(&file, "etcdctl.db"), &log)?;
+        if std::fs::metadata(b.s3.root.join(servers::BUCKET).join("etcdctl.db"))?.len() != std::fs::metadata(&file)?.len() {
+            bail!("the curl upload did not store the whole snapshot");
+        }
+        row.reference.push(save.wall + put.wall);
+        row.reference_rss_kib.push(save.maxrss_kib.max(put.maxrss_kib));
+        reset_dir(&dir_ref)?;
+
+        reset_dir(&dir_ours)?;
+        b.s3.clear()?;
+        measure::sync();
+        let mut c = our_save(b, &dir_ours);
+        c.args(["--s3", "--s3-endpoint", &b.s3.endpoint, "--s3-insecure", "--s3-bucket", servers::BUCKET])
+            .args(["--s3-access-key", servers::ACCESS_KEY, "--s3-secret-key", servers::SECRET_KEY]);
+        row.ours.push(Measure::sampled().run(&mut c, &log)?);
+        let uploaded = std::fs::read_dir(b.s3.root.join(servers::BUCKET))?.count();
+        if uploaded == 0 {
+            bail!("etcd-snapshot save --s3 uploaded nothing; see {}", log.display());
+        }
+        reset_dir(&dir_ours)?;
+    }
+    b.s3.clear()?;
+    Ok(row)
+}
+
+fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
+    let mut row = Row::new(Scenario::Restore);
+    let (dir_ref, dir_ours) = (b.work.join("restore-ref"), b.work.join("restore-ours"));
+    let log = b.logs.join("restore.log");
+    for _ in 0..b.runs {
+        reset_dir(&dir_ref)?;
+        let spec = EtcdSpec::new("bench", dir_ref.join("etcd"))?;
+        measure::sync();
+        let mut c = Command::new(b.etcd_dir.join("etcdutl"));
+        c.args(["snapshot", "restore"])
+            .arg(snap)
+            .arg(format!("--data-dir={}", spec.data_dir.display()))
+            .arg(format!("--name={}", spec.name))
+            .arg(format!("--initial-cluster={}", spec.initial_cluster()))
+            .arg(format!("--initial-advertise-peer-urls={}", spec.peer_url()));
+        let started = std::time::Instant::now();
+        let restore = Measure::default().run(&mut c, &log)?;
+        let etcd = servers::start_etcd(&b.etcd_dir, &spec, &[], &log)?;
+        etcd.stop()?;
+        row.reference.push(started.elapsed());
+        row.reference_rss_kib.push(restore.maxrss_kib);
+        reset_dir(&dir_ref)?;
+
+        reset_dir(&dir_ours)?;
+        measure::sync();
+        let mut c = ours(b);
+        c.args(["server", "--cluster-reset", "--cluster-reset-restore-path"])
+            .arg(snap)
+            .arg("--data-dir")
+            .arg(&dir_ours)
+            .arg("--etcd-bin-dir")
+            .arg(&b.etcd_dir)
+            .args(["--node-name", "bench", "--token", "bench-token", "--bind-address", "127.0.0.1"])
+            .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
+            .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
+            .args(["--https-listen-port", &crate::demo::free_port()?.to_string()]);
+        row.ours.push(Measure::sampled().run(&mut c, &log)?);
+        reset_dir(&dir_ours)?;
+    }
+    Ok(row)
+}
+
+fn bench_status(b: &Bench, snap: &Path) -> Result<Row> {
+    let mut row = Row::new(Scenario::Status);
+    let log = b.logs.join("status.log");
+    let scratch = b.work.join("status-dir");
+    for _ in 0..b.runs {
+        let mut c = Command::new(b.etcd_dir.join("etcdutl"));
+        c.args(["snapshot", "status", "-w", "json"]).arg(snap);
+        let m = Measure::default().run(&mut c, &log)?;
+        row.reference.push(m.wall);
+        row.reference_rss_kib.push(m.maxrss_kib);
+
+        reset_dir(&scratch)?;
+        let mut c = ours(b);
+        c.args(["etcd-snapshot", "status", "-o", "json"]).arg(snap).arg("--data-dir").arg(b.work.join("k3s")).arg("--dir").arg(&scratch);
+        row.ours.push(Measure::sampled().run(&mut c, &log)?);
+    }
+    Ok(row)
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
+    println!("\n== db with {size} MiB of values (snapshot {:.1} MiB), median of {runs} interleaved runs", snap_bytes as f64 / MIB);
+    println!("{:<9} {:>9} {:>9} {:>7} {:>13} {:>10}  reference", "scenario", "ours", "ref", "ratio", "our peak RSS", "(anon)");
+    for r in rows {
+        println!(
+            "{:<9} {:>8.2}s {:>8.2}s {:>6.2}x {:>9.1} MiB {:>6.1} MiB  {}",
+            r.scenario.key(),
+            r.ours_median(),
+            r.reference_median(),
+            r.ratio(),
+            mib(r.our_peak_kib()),
+            mib(r.our_anon_peak_kib()),
+            r.scenario.reference()
+        );
+    }
+    println!();
+    let save_alone = rows.iter().find(|r| r.scenario == Scenario::Save).map(Row::reference_median);
+    for r in rows {
+        let line = match r.scenario {
+            Scenario::Save => format!("save: {:.2}x etcdctl snapshot save (target <= 1.05x)", r.ratio()),
+            Scenario::SaveS3 => {
+                let alone = save_alone.map(|s| format!("; {:.2}x etcdctl snapshot save alone (target <= 1.25x)", r.ours_median() / s)).unwrap_or_default();
+                format!("save+s3: {:.2}x etcdctl snapshot save + curl PUT{alone}", r.ratio())
+            }
+            Scenario::Restore => format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x)", r.ratio()),
+            Scenario::Status => format!("status: {:.2}x etcdutl snapshot status", r.ratio()),
+        };
+        println!("{line}");
+    }
+    let rss: Vec<String> = rows.iter().map(|r| format!("{} {:.1} MiB", r.scenario.key(), mib(r.our_peak_kib()))).collect();
+    println!("peak RSS: {} (target <= 64 MiB)", rss.join(", "));
+}
+
+struct Machine {
+    date: String,
+    cores: usize,
+    mem_gib: f64,
+    kernel: String,
+    etcd: String,
+    s3s_fs: String,
+}
+
+fn machine() -> Machine {
+    let first_line = |prog: &str, args: &[&str]| {
+        Command::new(prog)
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().trim().to_string())
+            .unwrap_or_default()
+    };
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0.0);
+    Machine {
+        date: first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        mem_gib: mem_kib / 1024.0 / 1024.0,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+        etcd: "3.5.1".into(),
+        s3s_fs: first_line("s3s-fs", &["--version"]),
+    }
+}
+
+fn results_json(m: &Machine, runs: usize, sizes: &[(usize, u64, Vec<Row>)]) -> serde_json::Value {
+    let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect::<Vec<_>>();
+    json!({
+        "date": m.date,
+        "machine": { "cores": m.cores, "mem_gib": (m.mem_gib * 10.0).round() / 10.0, "kernel": m.kernel, "etcd": m.etcd, "s3s_fs": m.s3s_fs },
+        "runs": runs,
+        "sizes": sizes.iter().map(|(size, snap, rows)| json!({
+            "values_mib": size,
+            "snapshot_bytes": snap,
+            "scenarios": rows.iter().map(|r| json!({
+                "scenario": r.scenario.key(),
+                "reference": r.scenario.reference(),
+                "ours_s": secs(&r.ours.iter().map(|m| m.wall).collect::<Vec<_>>()),
+                "reference_s": secs(&r.reference),
+                "ours_median_s": r.ours_median(),
+                "reference_median_s": r.reference_median(),
+                "ratio": r.ratio(),
+                "our_peak_rss_kib": r.our_peak_kib(),
+                "our_anon_peak_kib_sampled": r.our_anon_peak_kib(),
+                "our_maxrss_with_children_kib": r.ours.iter().map(|m| m.maxrss_kib).max(),
+                "reference_peak_rss_kib": r.reference_rss_kib.iter().max(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -1,0 +1,99 @@
+//! `--chart`: median time against db size, one colour per scenario, ours solid and the reference
+//! dashed. A PNG drawn with plotters' bitmap backend; its text is rendered with ab_glyph from a
+//! TrueType font found on the machine (Debian `fonts-dejavu-core`), so no system library is linked.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use plotters::prelude::*;
+use plotters::style::FontStyle;
+
+use super::{Row, Scenario};
+
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+];
+
+fn register_font() -> Result<()> {
+    let path: PathBuf = FONT_CANDIDATES
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .context("--chart needs a TrueType font and found none (install Debian's fonts-dejavu-core)")?;
+    let bytes: &'static [u8] = Box::leak(std::fs::read(&path).with_context(|| format!("read {}", path.display()))?.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("{} is not a font ab_glyph can read", path.display()))
+}
+
+fn colour(s: Scenario) -> RGBColor {
+    match s {
+        Scenario::Save => RGBColor(31, 119, 180),
+        Scenario::SaveS3 => RGBColor(214, 39, 40),
+        Scenario::Restore => RGBColor(44, 160, 44),
+        Scenario::Status => RGBColor(148, 103, 189),
+    }
+}
+
+/// `sizes`: each db size (MiB of values) with its rows, in increasing size.
+pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
+    if sizes.len() < 2 {
+        bail!("--chart draws time against db size and needs at least two sizes, e.g. --size-mib 256,512,1024");
+    }
+    register_font()?;
+    let x_max = sizes.iter().map(|(s, _)| *s).max().unwrap_or(1) as f64 * 1.05;
+    let y_max = sizes
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().flat_map(|r| [r.ours_median(), r.reference_median()]))
+        .fold(0.0f64, f64::max)
+        * 1.1;
+    let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| sizes.iter().all(|(_, rows)| rows.iter().any(|r| r.scenario == *s))).collect();
+
+    let root = BitMapBackend::new(png, (1000, 650)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("k3s-snapshot vs etcd tools: median time by db size (solid: ours, dashed: reference)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max.max(0.1))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("MiB of values in etcd")
+        .y_desc("seconds")
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for s in scenarios {
+        let c = colour(s);
+        let pick = |f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
+            sizes.iter().filter_map(|(size, rows)| rows.iter().find(|r| r.scenario == s).map(|r| (*size as f64, f(r)))).collect()
+        };
+        let ours = pick(Row::ours_median);
+        let reference = pick(Row::reference_median);
+        chart
+            .draw_series(LineSeries::new(ours.clone(), c.stroke_width(3)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(format!("{} (ours)", s.key()))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart.draw_series(ours.iter().map(|p| Circle::new(*p, 4, c.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart
+            .draw_series(DashedLineSeries::new(reference, 8, 6, c.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(s.reference().to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], c.stroke_width(1)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("write {}: {e}", png.display()))?;
+    Ok(())
+}
