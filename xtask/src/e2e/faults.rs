@@ -385,12 +385,24 @@ pub fn kill9(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
                 let was_running = bg.kill9();
                 let stage = if was_running { stage } else { "after it finished" };
                 // A SIGKILL of the server leaves its etcd (a separate process) running; a service
-                // manager kills the whole unit, so do that, and count it.
-                let left: Vec<u32> = n.etcd_pids().into_iter().chain(n.restore_tool_pids()).collect();
-                if !left.is_empty() {
+                // manager kills the whole unit, so do that, and count it. A child forked just
+                // before the kill may exec etcd a moment later, so look until two looks agree.
+                let mut found = false;
+                loop {
+                    let left = n.leftover_pids();
+                    if left.is_empty() {
+                        tick(Duration::from_millis(300))?;
+                        if n.leftover_pids().is_empty() {
+                            break;
+                        }
+                        continue;
+                    }
+                    found = true;
+                    kill_and_wait(&left);
+                }
+                if found {
                     orphans += 1;
                     orphan_note = " (etcd or its restore tool outlived the server; killed)".into();
-                    kill_and_wait(&left);
                 }
                 // The next run is either the same reset again (it must complete, or be refused
                 // because the killed one had finished) or a normal start.

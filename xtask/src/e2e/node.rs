@@ -151,12 +151,15 @@ pub fn pids_with_arg(programs: &[&str], needle: &str) -> Vec<u32> {
     out
 }
 
-/// Whether a process has released its resources: gone, or a zombie. (Its command line empties
-/// before its sockets close, so [`pids_with_arg`] alone is too early to start a successor.)
+/// Whether a process has released its files and sockets: gone, or a zombie with no thread left.
+/// (Its command line empties before its sockets close, and a multi-threaded process's leader
+/// turns zombie while its other threads still hold the descriptor table, so neither alone says
+/// that a successor can bind its ports.)
 fn exited(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return true };
     let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
-    matches!(state, Some('Z' | 'X') | None)
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map(|rd| rd.count()).unwrap_or(0);
+    matches!(state, Some('Z' | 'X') | None) && threads <= 1
 }
 
 /// SIGKILL and wait (up to 10 s) until the processes have released their ports and files.
@@ -381,6 +384,15 @@ impl Node {
     /// Live etcd processes of this node's data dir.
     pub fn etcd_pids(&self) -> Vec<u32> {
         pids_with_arg(&["etcd"], &format!("--data-dir={}", self.db().display()))
+    }
+
+    /// Every process of this node's data dir: etcd, a restore tool, a server (or a child it
+    /// forked that has not exec'd etcd yet).
+    pub fn leftover_pids(&self) -> Vec<u32> {
+        let mut v = self.etcd_pids();
+        v.extend(self.restore_tool_pids());
+        v.extend(pids_with_arg(&["k3s-snapshot"], &format!("--data-dir={}", self.data().display())));
+        v
     }
 
     /// Live `etcdutl`/`etcdctl snapshot restore` processes writing into this node's data dir.
