@@ -3,3 +3,21 @@
 //! panics with a message naming `cargo xtask test`, which installs it: tests never skip.
 
 pub mod support;
+
+/// Makes, for each named `fn(EtcdVersion)`, a module with one test per supported etcd version
+/// (`name::etcd_3_5`, `name::etcd_3_4`), so a failure names the version.
+#[macro_export]
+macro_rules! on_both_versions {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn etcd_3_5() {
+                super::$name(tests::support::etcd::EtcdVersion::V3_5)
+            }
+            #[test]
+            fn etcd_3_4() {
+                super::$name(tests::support::etcd::EtcdVersion::V3_4)
+            }
+        }
+    )*};
+}

@@ -15,22 +15,7 @@ const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restar
 const ALREADY_MEMBER: &str = "already a member of the cluster";
 const ADDED: &str = "added this server to the cluster as a learner";
 
-macro_rules! on_both_versions {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn etcd_3_5() {
-                super::$name(tests::support::etcd::EtcdVersion::V3_5)
-            }
-            #[test]
-            fn etcd_3_4() {
-                super::$name(tests::support::etcd::EtcdVersion::V3_4)
-            }
-        }
-    )*};
-}
-
-on_both_versions!(
+tests::on_both_versions!(
     three_servers_join_and_refusals_join_nothing,
     users_ha_procedure_from_a_local_snapshot,
     users_ha_procedure_from_s3_with_every_node_snapshotting,

@@ -11,22 +11,7 @@ use tests::support::server::{block_on, connect, files, DataDir};
 
 const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
 
-macro_rules! on_both_versions {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn etcd_3_5() {
-                super::$name(tests::support::etcd::EtcdVersion::V3_5)
-            }
-            #[test]
-            fn etcd_3_4() {
-                super::$name(tests::support::etcd::EtcdVersion::V3_4)
-            }
-        }
-    )*};
-}
-
-on_both_versions!(
+tests::on_both_versions!(
     users_procedure_restores_exactly_the_snapshot,
     etcdctl_snapshot_of_a_plain_etcd_restores,
     cluster_reset_without_a_path_keeps_the_data_and_leaves_one_member,

@@ -10,22 +10,7 @@ use tests::support::bin;
 use tests::support::etcd::EtcdVersion;
 use tests::support::server::{block_on, connect, etcd_pids, files, wait_until, DataDir, Server};
 
-macro_rules! on_both_versions {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[test]
-            fn etcd_3_5() {
-                super::$name(tests::support::etcd::EtcdVersion::V3_5)
-            }
-            #[test]
-            fn etcd_3_4() {
-                super::$name(tests::support::etcd::EtcdVersion::V3_4)
-            }
-        }
-    )*};
-}
-
-on_both_versions!(
+tests::on_both_versions!(
     etcd_answers_only_tls_with_the_client_cert,
     scheduled_snapshots_fire_and_retention_holds,
     etcd_snapshot_save_works_against_the_running_server,
