@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: speed and memory of the release `k3s-snapshot` against etcd's own tools,
-//! measured in the same run on the same etcd, interleaved (reference, ours, reference, ours, …)
+//! measured in the same run on the same etcd, interleaved (reference, ours, ours, reference, …)
 //! so that noise from other work on the machine falls on both, and reported as medians.
 //!
 //! Scenarios, for each db size:
@@ -289,31 +289,55 @@ fn reset_dir(d: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench_save(b: &Bench) -> Result<Row> {
-    let mut row = Row::new(Scenario::Save);
-    let (dir_ref, dir_ours) = (b.work.join("save-ref"), b.work.join("save-ours"));
-    let log = b.logs.join("save.log");
-    for _ in 0..b.runs {
-        reset_dir(&dir_ref)?;
-        measure::sync();
-        let m = Measure::default().run(etcdctl(b).args(["snapshot", "save"]).arg(dir_ref.join("etcdctl.db")), &log)?;
-        row.reference.push(m.wall);
-        row.reference_rss_kib.push(m.maxrss_kib);
-        reset_dir(&dir_ref)?;
+/// One reference run: its wall time and peak RSS (KiB).
+type RefRun = (Duration, u64);
 
-        reset_dir(&dir_ours)?;
-        measure::sync();
-        row.ours.push(Measure::sampled().run(&mut our_save(b, &dir_ours), &log)?);
-        reset_dir(&dir_ours)?;
+/// Runs both sides `b.runs` times, interleaved, alternating which goes first (reference, ours,
+/// ours, reference, …) so that neither always runs right after the other's writeback.
+fn interleaved(b: &Bench, scenario: Scenario, mut reference: impl FnMut() -> Result<RefRun>, mut ours: impl FnMut() -> Result<Measured>) -> Result<Row> {
+    let mut row = Row::new(scenario);
+    for i in 0..b.runs {
+        let mut ref_run = |row: &mut Row| -> Result<()> {
+            let (wall, rss) = reference()?;
+            row.reference.push(wall);
+            row.reference_rss_kib.push(rss);
+            Ok(())
+        };
+        if i % 2 == 0 {
+            ref_run(&mut row)?;
+            row.ours.push(ours()?);
+        } else {
+            row.ours.push(ours()?);
+            ref_run(&mut row)?;
+        }
     }
     Ok(row)
 }
 
+fn bench_save(b: &Bench) -> Result<Row> {
+    let (dir_ref, dir_ours) = (b.work.join("save-ref"), b.work.join("save-ours"));
+    let log = b.logs.join("save.log");
+    let reference = || {
+        reset_dir(&dir_ref)?;
+        measure::sync();
+        let m = Measure::default().run(etcdctl(b).args(["snapshot", "save"]).arg(dir_ref.join("etcdctl.db")), &log)?;
+        reset_dir(&dir_ref)?;
+        Ok((m.wall, m.maxrss_kib))
+    };
+    let our_run = || {
+        reset_dir(&dir_ours)?;
+        measure::sync();
+        let m = Measure::sampled().run(&mut our_save(b, &dir_ours), &log)?;
+        reset_dir(&dir_ours)?;
+        Ok(m)
+    };
+    interleaved(b, Scenario::Save, reference, our_run)
+}
+
 fn bench_save_s3(b: &Bench) -> Result<Row> {
-    let mut row = Row::new(Scenario::SaveS3);
     let (dir_ref, dir_ours) = (b.work.join("s3-ref"), b.work.join("s3-ours"));
     let log = b.logs.join("save-s3.log");
-    for _ in 0..b.runs {
+    let reference = || {
         reset_dir(&dir_ref)?;
         b.s3.clear()?;
         measure::sync();
@@ -323,32 +347,32 @@ fn bench_save_s3(b: &Bench) -> Result<Row> {
         if std::fs::metadata(b.s3.root.join(servers::BUCKET).join("etcdctl.db"))?.len() != std::fs::metadata(&file)?.len() {
             bail!("the curl upload did not store the whole snapshot");
         }
-        row.reference.push(save.wall + put.wall);
-        row.reference_rss_kib.push(save.maxrss_kib.max(put.maxrss_kib));
         reset_dir(&dir_ref)?;
-
+        Ok((save.wall + put.wall, save.maxrss_kib.max(put.maxrss_kib)))
+    };
+    let our_run = || {
         reset_dir(&dir_ours)?;
         b.s3.clear()?;
         measure::sync();
         let mut c = our_save(b, &dir_ours);
         c.args(["--s3", "--s3-endpoint", &b.s3.endpoint, "--s3-insecure", "--s3-bucket", servers::BUCKET])
             .args(["--s3-access-key", servers::ACCESS_KEY, "--s3-secret-key", servers::SECRET_KEY]);
-        row.ours.push(Measure::sampled().run(&mut c, &log)?);
-        let uploaded = std::fs::read_dir(b.s3.root.join(servers::BUCKET))?.count();
-        if uploaded == 0 {
+        let m = Measure::sampled().run(&mut c, &log)?;
+        if std::fs::read_dir(b.s3.root.join(servers::BUCKET))?.count() == 0 {
             bail!("etcd-snapshot save --s3 uploaded nothing; see {}", log.display());
         }
         reset_dir(&dir_ours)?;
-    }
+        Ok(m)
+    };
+    let row = interleaved(b, Scenario::SaveS3, reference, our_run)?;
     b.s3.clear()?;
     Ok(row)
 }
 
 fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
-    let mut row = Row::new(Scenario::Restore);
     let (dir_ref, dir_ours) = (b.work.join("restore-ref"), b.work.join("restore-ours"));
     let log = b.logs.join("restore.log");
-    for _ in 0..b.runs {
+    let reference = || {
         reset_dir(&dir_ref)?;
         let spec = EtcdSpec::new("bench", dir_ref.join("etcd"))?;
         measure::sync();
@@ -363,10 +387,11 @@ fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
         let restore = Measure::default().run(&mut c, &log)?;
         let etcd = servers::start_etcd(&b.etcd_dir, &spec, &[], &log)?;
         etcd.stop()?;
-        row.reference.push(started.elapsed());
-        row.reference_rss_kib.push(restore.maxrss_kib);
+        let wall = started.elapsed();
         reset_dir(&dir_ref)?;
-
+        Ok((wall, restore.maxrss_kib))
+    };
+    let our_run = || {
         reset_dir(&dir_ours)?;
         measure::sync();
         let mut c = ours(b);
@@ -380,29 +405,29 @@ fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
             .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
             .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
             .args(["--https-listen-port", &crate::demo::free_port()?.to_string()]);
-        row.ours.push(Measure::sampled().run(&mut c, &log)?);
+        let m = Measure::sampled().run(&mut c, &log)?;
         reset_dir(&dir_ours)?;
-    }
-    Ok(row)
+        Ok(m)
+    };
+    interleaved(b, Scenario::Restore, reference, our_run)
 }
 
 fn bench_status(b: &Bench, snap: &Path) -> Result<Row> {
-    let mut row = Row::new(Scenario::Status);
     let log = b.logs.join("status.log");
     let scratch = b.work.join("status-dir");
-    for _ in 0..b.runs {
+    let reference = || {
         let mut c = Command::new(b.etcd_dir.join("etcdutl"));
         c.args(["snapshot", "status", "-w", "json"]).arg(snap);
         let m = Measure::default().run(&mut c, &log)?;
-        row.reference.push(m.wall);
-        row.reference_rss_kib.push(m.maxrss_kib);
-
+        Ok((m.wall, m.maxrss_kib))
+    };
+    let our_run = || {
         reset_dir(&scratch)?;
         let mut c = ours(b);
         c.args(["etcd-snapshot", "status", "-o", "json"]).arg(snap).arg("--data-dir").arg(b.work.join("k3s")).arg("--dir").arg(&scratch);
-        row.ours.push(Measure::sampled().run(&mut c, &log)?);
-    }
-    Ok(row)
+        Measure::sampled().run(&mut c, &log)
+    };
+    interleaved(b, Scenario::Status, reference, our_run)
 }
 
 fn mib(kib: u64) -> f64 {
