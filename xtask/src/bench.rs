@@ -110,6 +110,9 @@ fn parse_args(args: &[String]) -> Result<Args> {
             _ => bail!("unknown flag {flag:?}\n{USAGE}"),
         }
     }
+    if a.chart && a.sizes_mib.len() < 2 {
+        bail!("--chart draws time against db size and needs at least two sizes, e.g. --size-mib 256,512,1024");
+    }
     Ok(a)
 }
 
@@ -177,6 +180,9 @@ struct Bench {
 
 pub fn run(args: &[String]) -> Result<()> {
     let args = parse_args(args)?;
+    if args.chart {
+        chart::font()?;
+    }
     let tools = provision::ensure_all()?;
     let root = workspace_root();
     eprintln!("xtask bench: building k3s-snapshot (release)");
@@ -187,8 +193,9 @@ pub fn run(args: &[String]) -> Result<()> {
     let work = out_dir.join(format!("work-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = run_in(&args, &tools, &root.join("target/release/k3s-snapshot"), &work, &out_dir);
-    if args.keep {
-        eprintln!("xtask bench: kept {}", work.display());
+    if args.keep || result.is_err() {
+        // A failure's message points at logs in here.
+        eprintln!("xtask bench: kept {} (remove it when done)", work.display());
     } else {
         let _ = std::fs::remove_dir_all(&work);
     }
@@ -522,4 +529,42 @@ fn results_json(m: &Machine, runs: usize, sizes: &[(usize, u64, Vec<Row>)]) -> s
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args> {
+        parse_args(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn defaults_are_one_gib_three_runs_every_scenario() {
+        let a = parse(&[]).unwrap();
+        assert_eq!((a.sizes_mib, a.runs, a.only, a.chart, a.keep), (vec![1024], 3, Scenario::ALL.to_vec(), false, false));
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let a = parse(&["--size-mib", "512,128,512", "--runs", "5", "--only", "s3,status", "--chart", "--keep"]).unwrap();
+        assert_eq!(a.sizes_mib, vec![128, 512], "sorted and deduplicated");
+        assert_eq!(a.runs, 5);
+        assert_eq!(a.only, vec![Scenario::SaveS3, Scenario::Status]);
+        assert!(a.chart && a.keep);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [&["--runs", "0"][..], &["--size-mib", "0"], &["--size-mib", "x"], &["--only", "load"], &["--frobnicate"], &["--runs"], &["--chart"]] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(Vec::new()).is_nan());
+    }
 }

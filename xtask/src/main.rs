@@ -43,7 +43,8 @@ fn run() -> Result<()> {
                  e2e [--seed N] [--iterations N] [--only NAME,…] [--etcd 3.5|3.4]\n                \
                  network namespaces (root): restore, S3 restore, HA restore and faults, on etcd 3.5.1 and 3.4.23\n  \
                  demo          provision, start a throwaway etcd and show save, ls and prune\n  \
-                 bench [--size-mib N] [--runs N]   compare save/restore speed and memory with etcdctl/etcdutl\n  \
+                 bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]\n                \
+                 release k3s-snapshot vs etcdctl/etcdutl: save, save+S3, reset-restore, status; medians, peak RSS\n  \
                  provision     only install what is missing and print the environment the tests use"
             );
             if task == "help" {

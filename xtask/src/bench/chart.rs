@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use plotters::prelude::*;
 use plotters::style::FontStyle;
 
@@ -17,12 +17,17 @@ const FONT_CANDIDATES: &[&str] = &[
     "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
 ];
 
-fn register_font() -> Result<()> {
-    let path: PathBuf = FONT_CANDIDATES
+/// The font the chart's text is drawn with; checked before measuring, so that `--chart` fails early.
+pub fn font() -> Result<PathBuf> {
+    FONT_CANDIDATES
         .iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
-        .context("--chart needs a TrueType font and found none (install Debian's fonts-dejavu-core)")?;
+        .context("--chart needs a TrueType font and found none (install Debian's fonts-dejavu-core)")
+}
+
+fn register_font() -> Result<()> {
+    let path = font()?;
     let bytes: &'static [u8] = Box::leak(std::fs::read(&path).with_context(|| format!("read {}", path.display()))?.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
         .map_err(|_| anyhow::anyhow!("{} is not a font ab_glyph can read", path.display()))
@@ -37,11 +42,8 @@ fn colour(s: Scenario) -> RGBColor {
     }
 }
 
-/// `sizes`: each db size (MiB of values) with its rows, in increasing size.
+/// `sizes`: each db size (MiB of values) with its rows, in increasing size; at least two.
 pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
-    if sizes.len() < 2 {
-        bail!("--chart draws time against db size and needs at least two sizes, e.g. --size-mib 256,512,1024");
-    }
     register_font()?;
     let x_max = sizes.iter().map(|(s, _)| *s).max().unwrap_or(1) as f64 * 1.05;
     let y_max = sizes
