@@ -290,3 +290,35 @@ fn etcd_dying_stops_the_server_with_its_last_lines() {
     assert!(log.contains("etcd exited unexpectedly"), "{log}");
     assert!(log.contains("last lines"), "{log}");
 }
+
+/// A server killed with SIGKILL leaves its etcd running (its own process group) until etcd next
+/// writes to its closed log pipe; the next start must not fail on the busy port, and tidies the
+/// partial files a kill leaves. (The reaping itself is unit-tested in `etcd_proc`.)
+#[test]
+fn a_server_killed_with_sigkill_starts_again_despite_its_orphaned_etcd() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&[]);
+    let pid = s.pid();
+    assert!(!etcd_pids(&dd.path()).is_empty(), "etcd runs");
+    let st = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    assert!(st.success());
+    drop(s);
+    // A stale partial snapshot, as a kill during a save leaves.
+    let part = dd.snapshots().join("etcd-snapshot-n-1.part");
+    std::fs::create_dir_all(dd.snapshots()).unwrap();
+    std::fs::write(&part, b"partial").unwrap();
+    let old = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options().write(true).open(&part).unwrap().set_modified(old).unwrap();
+    let orphans = etcd_pids(&dd.path());
+    let mut s = dd.start(&[]);
+    for o in orphans {
+        assert!(!std::path::Path::new(&format!("/proc/{o}/cmdline")).exists() || std::fs::read(format!("/proc/{o}/cmdline")).unwrap().is_empty(), "orphan {o} is gone");
+    }
+    assert!(!part.exists(), "the stale .part is tidied");
+    block_on(async {
+        let mut c = connect(&dd).await;
+        c.client.put("after-restart", "ok", None).await.unwrap();
+    });
+    s.sigterm();
+    assert!(s.wait(Duration::from_secs(60)).success());
+}

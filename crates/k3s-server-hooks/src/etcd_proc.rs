@@ -348,3 +348,98 @@ pub async fn run_tool(program: &Path, args: &[String], envs: &[(&str, &str)]) ->
     }
     Ok(())
 }
+
+/// Kills etcd (and etcdutl/etcdctl restores) left running on this data dir by a server that was
+/// itself killed (SIGKILL leaves its children running, and they hold the ports). Only called
+/// while holding the data-dir lock, so no live server of ours owns them. Returns how many.
+pub async fn reap_orphans(db_dir: &Path) -> usize {
+    let db = std::fs::canonicalize(db_dir).unwrap_or_else(|_| db_dir.to_path_buf());
+    let pids = orphans_on(&db);
+    for &pid in &pids {
+        tracing::warn!(pid, db = %db.display(), "stopping an etcd left running by a server that did not shut down");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+    // Wait until they are gone, so that their ports and files are free.
+    for _ in 0..200 {
+        if pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    pids.len()
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}
+
+/// Processes named etcd/etcdutl/etcdctl whose `--data-dir` lies under `db`.
+fn orphans_on(db: &Path) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let Some(prog) = args.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default())
+        else {
+            continue;
+        };
+        if !matches!(prog.as_str(), "etcd" | "etcdutl" | "etcdctl") {
+            continue;
+        }
+        let data_dir = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--data-dir") {
+            Some(v) if v.starts_with('=') => Some(v[1..].to_string()),
+            Some("") => args.get(i + 1).cloned(),
+            _ => None,
+        });
+        let Some(d) = data_dir else { continue };
+        let d = std::fs::canonicalize(&d).unwrap_or_else(|_| PathBuf::from(&d));
+        if d.starts_with(db) && !is_zombie(pid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod reap_tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// A stand-in whose command line reads `etcd … --data-dir=DIR` (a shell loop named etcd).
+    fn fake_etcd(data_dir: &Path) -> std::process::Child {
+        std::process::Command::new("/bin/sh")
+            .arg0("etcd")
+            .args(["-c", "while :; do sleep 1; done", "etcd"])
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .spawn()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_orphaned_etcd_on_this_data_dir_is_stopped_and_no_other() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("server/db");
+        std::fs::create_dir_all(db.join("etcd")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("elsewhere")).unwrap();
+        let mut ours = fake_etcd(&db.join("etcd"));
+        let mut other = fake_etcd(&tmp.path().join("elsewhere"));
+        // The stand-ins are up once their command lines are readable.
+        while std::fs::read(format!("/proc/{}/cmdline", ours.id())).map(|c| c.is_empty()).unwrap_or(true) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(reap_orphans(&db).await, 1);
+        let st = ours.wait().unwrap();
+        assert!(!st.success(), "killed: {st}");
+        assert!(other.try_wait().unwrap().is_none(), "an etcd of another data dir is left alone");
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+}

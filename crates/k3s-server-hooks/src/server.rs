@@ -165,6 +165,12 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let dd = cfg.data_dir.clone();
     prepare_data_dir(&dd)?;
     let _lock = DataDirLock::acquire(&dd)?;
+    // With the lock held, an etcd still running on this data dir belongs to a server that was
+    // killed; it would hold the ports and the database.
+    crate::etcd_proc::reap_orphans(&dd.db()).await;
+    // Partial files of saves or downloads that a kill interrupted (never listed, but never
+    // tidied either). Ten minutes without a write means no one is writing them.
+    cfg.snapshot_store().remove_stale_parts(std::time::Duration::from_secs(600));
     let bins = EtcdBinaries::find(cfg.etcd_bin_dir.as_deref())?;
     if cfg.cluster_reset && dd.reset_flag().exists() {
         return Err(Error::Reset(reset::previously_reset_message(&dd)));

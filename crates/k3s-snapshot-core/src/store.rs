@@ -185,6 +185,33 @@ impl LocalStore {
         nix_access_w(&self.dir)
     }
 
+    /// Removes `.part` files (of snapshots and metadata) not written to for `older_than`: what a
+    /// killed save or download left. A write in progress touches its file continuously, so it is
+    /// never taken for stale. Returns the removed paths.
+    pub fn remove_stale_parts(&self, older_than: std::time::Duration) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for dir in [&self.dir, &self.metadata_dir] {
+            let Ok(rd) = std::fs::read_dir(dir) else { continue };
+            for e in rd.flatten() {
+                let path = e.path();
+                if !e.file_name().to_string_lossy().ends_with(name::PART_SUFFIX) {
+                    continue;
+                }
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= older_than);
+                if stale && std::fs::remove_file(&path).is_ok() {
+                    tracing::info!(path = %path.display(), "removed a partial file left by an interrupted save or download");
+                    removed.push(path);
+                }
+            }
+        }
+        removed
+    }
+
     fn list_dir(dir: &Path, prefix: &str) -> Result<Vec<ObjectInfo>> {
         let rd = match std::fs::read_dir(dir) {
             Ok(rd) => rd,
@@ -377,6 +404,20 @@ mod tests {
         assert_eq!(std::fs::read(store.dir().join("k-n-1")).unwrap(), b"old");
         let names: Vec<_> = std::fs::read_dir(store.dir()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn stale_part_files_are_removed_fresh_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(tmp.path().join("snapshots"));
+        store.ensure_dirs().unwrap();
+        std::fs::write(store.dir().join("s-n-1.part"), b"x").unwrap();
+        std::fs::write(store.metadata_dir().join("s-n-1.part"), b"x").unwrap();
+        std::fs::write(store.dir().join("s-n-2"), b"x").unwrap();
+        assert!(store.remove_stale_parts(std::time::Duration::from_secs(3600)).is_empty(), "fresh parts stay");
+        let removed = store.remove_stale_parts(std::time::Duration::ZERO);
+        assert_eq!(removed.len(), 2);
+        assert!(store.dir().join("s-n-2").exists(), "snapshots are never touched");
     }
 
     #[tokio::test]
