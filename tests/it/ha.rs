@@ -32,12 +32,17 @@ fn with(a: &[String], b: &[&str]) -> Vec<String> {
 
 /// Data dirs of three servers, node-1..3 on 127.0.0.1..3.
 fn nodes(v: EtcdVersion) -> [DataDir; 3] {
-    [DataDir::on(v, "node-1", "127.0.0.1"), DataDir::on(v, "node-2", "127.0.0.2"), DataDir::on(v, "node-3", "127.0.0.3")]
+    [
+        DataDir::on(v, "node-1", "127.0.0.1"),
+        DataDir::on(v, "node-2", "127.0.0.2"),
+        DataDir::on(v, "node-3", "127.0.0.3"),
+    ]
 }
 
 /// node-1 with `--cluster-init`, then node-2 and node-3 joining it; `extra` for every server.
 fn start_cluster(n: &[DataDir; 3], extra: &[&str]) -> Vec<Server> {
-    let first = n[0].start(&with(&["--cluster-init".to_string()], extra).iter().map(String::as_str).collect::<Vec<_>>());
+    let first =
+        n[0].start(&with(&["--cluster-init".to_string()], extra).iter().map(String::as_str).collect::<Vec<_>>());
     let token = n[0].token();
     let mut servers = vec![first];
     for d in &n[1..] {
@@ -127,7 +132,8 @@ fn save(dd: &DataDir, args: &[&str]) -> String {
     let before = files(&dd.snapshots());
     let r = snapshot_cmd(dd, &with(&["save".to_string()], args).iter().map(String::as_str).collect::<Vec<_>>());
     r.assert_ok();
-    let new: Vec<_> = files(&dd.snapshots()).into_iter().filter(|f| !before.contains(f) && !f.ends_with(".part")).collect();
+    let new: Vec<_> =
+        files(&dd.snapshots()).into_iter().filter(|f| !before.contains(f) && !f.ends_with(".part")).collect();
     assert_eq!(new.len(), 1, "{new:?}\n{}", r.stderr);
     new[0].clone()
 }
@@ -172,7 +178,10 @@ fn three_servers_join_and_refusals_join_nothing(v: EtcdVersion) {
     assert_eq!(members(&n[0]), before, "a refused joiner changed the member list");
 
     // A joiner whose etcd fails after MemberAdd removes its member again, and a retry joins.
-    let r = n[1].run(&strs(&with(&DataDir::join_args(&n[0], &token), &["--etcd-disable-snapshots", "--etcd-arg=snapshot-count=not-a-number"])));
+    let r = n[1].run(&strs(&with(
+        &DataDir::join_args(&n[0], &token),
+        &["--etcd-disable-snapshots", "--etcd-arg=snapshot-count=not-a-number"],
+    )));
     r.assert_fails_with("etcd exited");
     assert!(r.stderr.contains(ADDED), "the failure was not after MemberAdd:\n{}", r.stderr);
     assert!(r.stderr.contains("removed this server's member from the cluster again"), "{}", r.stderr);
@@ -190,7 +199,10 @@ fn three_servers_join_and_refusals_join_nothing(v: EtcdVersion) {
     assert_eq!(members(&n[2]), m);
     // The joiners hold the cluster's CA and token.
     for d in &n[1..] {
-        assert_eq!(std::fs::read(d.path().join("server/tls/server-ca.crt")).unwrap(), std::fs::read(n[0].path().join("server/tls/server-ca.crt")).unwrap());
+        assert_eq!(
+            std::fs::read(d.path().join("server/tls/server-ca.crt")).unwrap(),
+            std::fs::read(n[0].path().join("server/tls/server-ca.crt")).unwrap()
+        );
         assert_eq!(d.token(), token, "{}", d.node);
     }
 
@@ -231,7 +243,8 @@ fn users_ha_procedure_from_a_local_snapshot(v: EtcdVersion) {
     stop_all(servers);
 
     // S1: reset with the restore path, and exits.
-    let r = n[0].run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", n[0].snapshots().join(&snap).display())]);
+    let r = n[0]
+        .run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", n[0].snapshots().join(&snap).display())]);
     assert_reset_done(&r, &n[0]);
     // S1 starts.
     let s1 = n[0].start(&quiet);
@@ -278,7 +291,10 @@ fn users_ha_procedure_from_s3_with_every_node_snapshotting(v: EtcdVersion) {
     let s3f = s3_flags(&s3, "snaps");
     let objects = || files(&s3.root.join("snaps/ha"));
     let n = nodes(v);
-    let scheduled = with(&s3f, &["--etcd-snapshot-schedule-cron=@every 2s", "--etcd-snapshot-retention=2", "--etcd-s3-retention=2"]);
+    let scheduled = with(
+        &s3f,
+        &["--etcd-snapshot-schedule-cron=@every 2s", "--etcd-snapshot-retention=2", "--etcd-s3-retention=2"],
+    );
     let servers = start_cluster(&n, &strs(&scheduled));
     let token = n[0].token();
 
@@ -372,17 +388,24 @@ fn restarted_member_keeps_its_membership_and_two_of_three_keep_working(v: EtcdVe
     wait_until("a write with one of three servers gone", Duration::from_secs(60), || {
         block_on(async {
             let Ok(mut c) = n[0].etcd_config().connect().await else { return false };
-            tokio::time::timeout(Duration::from_secs(5), c.client.put("after-loss", "2", None)).await.is_ok_and(|r| r.is_ok())
+            tokio::time::timeout(Duration::from_secs(5), c.client.put("after-loss", "2", None))
+                .await
+                .is_ok_and(|r| r.is_ok())
         })
     });
     assert_eq!(get(&n[1], "after-loss").as_deref(), Some("2"));
     for (s, before) in servers.iter().zip(taken) {
-        wait_until("scheduled snapshots after the loss", Duration::from_secs(60), || metric(s, LOCAL_TAKEN) >= before + 2.0);
+        wait_until("scheduled snapshots after the loss", Duration::from_secs(60), || {
+            metric(s, LOCAL_TAKEN) >= before + 2.0
+        });
         assert_eq!(metric(s, "k3s_snapshot_last_failed{store=\"local\"}"), 0.0);
     }
     for d in &n[..2] {
         let own = format!("etcd-snapshot-{}-", d.node);
-        let local: Vec<_> = files(&d.snapshots()).into_iter().filter(|f| f.starts_with("etcd-snapshot-") && !f.ends_with(".part")).collect();
+        let local: Vec<_> = files(&d.snapshots())
+            .into_iter()
+            .filter(|f| f.starts_with("etcd-snapshot-") && !f.ends_with(".part"))
+            .collect();
         assert!(local.iter().all(|f| f.starts_with(&own)), "{local:?}");
         assert!(local.len() <= 2 + 1, "local retention: {local:?}");
     }

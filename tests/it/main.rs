@@ -1,6 +1,6 @@
-mod snapshot;
+mod ha;
+mod reset;
 mod s3_store;
 mod server;
+mod snapshot;
 mod snapshot_s3;
-mod reset;
-mod ha;

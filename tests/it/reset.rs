@@ -151,7 +151,10 @@ fn zip_in_k3s_layout_restores_from_any_working_dir(v: EtcdVersion) {
     let moved = elsewhere.path().join(zip.file_name().unwrap());
     std::fs::rename(&zip, &moved).unwrap();
     let rel = pathdiff(&moved, cwd.path());
-    let r = bin::run(dd.command(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", rel.display())]).current_dir(cwd.path()));
+    let r = bin::run(
+        dd.command(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", rel.display())])
+            .current_dir(cwd.path()),
+    );
     assert_reset_done(&r, &dd);
     assert!(files(cwd.path()).is_empty(), "something was written to the working dir: {:?}", files(cwd.path()));
     let raw = moved.file_stem().unwrap().to_string_lossy().into_owned();
@@ -245,7 +248,11 @@ fn corrupt_truncated_missing_and_foreign_snapshots_are_refused_and_nothing_chang
         assert_eq!(tree(&dd.db().join("etcd")), before_etcd, "db/etcd changed after refusing {}", path.display());
         assert_eq!(tree(&dd.db().join("etcd-old")), before_old, "etcd-old changed after refusing {}", path.display());
         assert!(!dd.db().join("reset-flag").exists());
-        assert!(!files(&dd.db()).iter().any(|f| f.starts_with("etcd-old-") || f.starts_with("etcd-restore")), "{:?}", files(&dd.db()));
+        assert!(
+            !files(&dd.db()).iter().any(|f| f.starts_with("etcd-old-") || f.starts_with("etcd-restore")),
+            "{:?}",
+            files(&dd.db())
+        );
     }
 
     let r = dd.run(&[&format!("--cluster-reset-restore-path={}", snap.display())]);
@@ -348,8 +355,11 @@ fn a_snapshot_taken_with_another_token_restores_with_a_warning() {
     // that the same --token on a fresh data dir, with a new CA, matches).
     let s = a.start(&["--etcd-snapshot-schedule-cron=@every 1s", "--token=first-secret"]);
     put(&a, &[("k", "v")]);
-    let scheduled = || files(&a.snapshots()).into_iter().find(|f| f.starts_with("etcd-snapshot-node-a-") && !f.ends_with(".part"));
-    tests::support::server::wait_until("a scheduled snapshot", std::time::Duration::from_secs(30), || scheduled().is_some());
+    let scheduled =
+        || files(&a.snapshots()).into_iter().find(|f| f.starts_with("etcd-snapshot-node-a-") && !f.ends_with(".part"));
+    tests::support::server::wait_until("a scheduled snapshot", std::time::Duration::from_secs(30), || {
+        scheduled().is_some()
+    });
     let snap = a.snapshots().join(scheduled().unwrap());
     s.stop();
     let same = DataDir::new(EtcdVersion::V3_5);

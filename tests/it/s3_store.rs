@@ -42,7 +42,9 @@ fn chunked(data: Bytes, chunk: usize) -> ByteStream {
 
 /// `data` in pieces, then an error: a source that fails mid-way.
 fn failing_after(data: Bytes, chunk: usize) -> ByteStream {
-    chunked(data, chunk).chain(futures::stream::once(async { Err(std::io::Error::other("boom: the source failed")) })).boxed()
+    chunked(data, chunk)
+        .chain(futures::stream::once(async { Err(std::io::Error::other("boom: the source failed")) }))
+        .boxed()
 }
 
 async fn read_all(mut body: ByteStream) -> Vec<u8> {
@@ -191,7 +193,10 @@ async fn s3_multipart_upload_of_40_mib_round_trips_with_metadata() {
     assert_eq!(details.content_type.as_deref(), Some("application/zip"));
     assert_eq!(
         details.user_metadata,
-        vec![("k3s-node-name".to_string(), "n1".to_string()), ("k3s-token-hash".to_string(), "0123456789ab".to_string())]
+        vec![
+            ("k3s-node-name".to_string(), "n1".to_string()),
+            ("k3s-token-hash".to_string(), "0123456789ab".to_string())
+        ]
     );
 
     let started = Instant::now();
@@ -366,7 +371,8 @@ async fn s3_over_tls_with_skip_ssl_verify_works() {
 async fn s3_server_killed_mid_multipart_upload_leaves_no_object() {
     let mut server = S3Server::start();
     server.create_bucket("snaps");
-    let store = S3Store::connect(&S3Config { timeout: Duration::from_secs(10), ..server.config("snaps") }).await.unwrap();
+    let store =
+        S3Store::connect(&S3Config { timeout: Duration::from_secs(10), ..server.config("snaps") }).await.unwrap();
 
     // 20 MiB, then wait for the test to kill the server, then 20 MiB more.
     let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
@@ -416,7 +422,8 @@ async fn s3_listing_of_2500_objects_pages_and_prune_keeps_the_newest() {
     const N: i64 = 2500;
     const BASE: i64 = 1_700_000_000;
     // Snapshots of three nodes, interleaved in time; metadata for the 5 oldest and 5 newest.
-    let mut all: Vec<(String, i64)> = (0..N).map(|i| (format!("on-demand-n{}-{}", i % 3 + 1, BASE + i), BASE + i)).collect();
+    let mut all: Vec<(String, i64)> =
+        (0..N).map(|i| (format!("on-demand-n{}-{}", i % 3 + 1, BASE + i), BASE + i)).collect();
     let mut puts: Vec<String> = all.iter().map(|(k, _)| k.clone()).collect();
     for (k, _) in all.iter().take(5).chain(all.iter().skip(N as usize - 5)) {
         puts.push(SnapshotMetadata::key_for(k));
@@ -484,10 +491,7 @@ async fn s3_download_snapshot_checks_size_and_sha256_before_renaming() {
         total_key: None,
         token_hash: None,
     };
-    store
-        .put(&SnapshotMetadata::key_for(file), chunked(Bytes::from(meta.to_json()), 64), opts())
-        .await
-        .unwrap();
+    store.put(&SnapshotMetadata::key_for(file), chunked(Bytes::from(meta.to_json()), 64), opts()).await.unwrap();
     let fetched = fetch_metadata(&store, file).await.unwrap().expect("metadata was stored");
     assert_eq!(fetched, meta);
 

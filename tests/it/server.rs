@@ -41,9 +41,7 @@ async fn get_as(s: &Server, path: &str, auth: Option<&str>, basic: Option<(&str,
 /// The value of one metric line, 0 when absent.
 fn metric(s: &Server, line_start: &str) -> f64 {
     let (_, text) = block_on(get(s, "/metrics", None));
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse::<f64>().unwrap()))
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(line_start).map(|v| v.trim().parse::<f64>().unwrap())).unwrap_or(0.0)
 }
 
 fn etcd_answers_only_tls_with_the_client_cert(v: EtcdVersion) {
@@ -53,7 +51,9 @@ fn etcd_answers_only_tls_with_the_client_cert(v: EtcdVersion) {
     for d in ["server", "server/db", "server/tls", "server/tls/etcd", "server/db/etcd"] {
         assert_eq!(mode(&root.join(d)), 0o700, "{d}");
     }
-    for f in ["server/token", "server/tls/etcd/client.key", "server/tls/etcd/server-client.key", "server/db/etcd/config"] {
+    for f in
+        ["server/token", "server/tls/etcd/client.key", "server/tls/etcd/server-client.key", "server/db/etcd/config"]
+    {
         assert_eq!(mode(&root.join(f)), 0o600, "{f}");
     }
     let token = std::fs::read_to_string(root.join("server/token")).unwrap().trim().to_string();
@@ -71,7 +71,8 @@ fn etcd_answers_only_tls_with_the_client_cert(v: EtcdVersion) {
         assert!(c.version.starts_with(&v.label()[..3]), "{} vs {}", c.version, v.label());
 
         let https = format!("https://127.0.0.1:{}", dd.client_port);
-        let plain = EtcdClientConfig { endpoints: vec![format!("http://127.0.0.1:{}", dd.client_port)], ..Default::default() };
+        let plain =
+            EtcdClientConfig { endpoints: vec![format!("http://127.0.0.1:{}", dd.client_port)], ..Default::default() };
         assert!(plain.connect().await.is_err(), "plain http must not reach etcd");
         let no_cert = EtcdClientConfig {
             endpoints: vec![https],
@@ -312,7 +313,11 @@ fn a_server_killed_with_sigkill_starts_again_despite_its_orphaned_etcd() {
     let orphans = etcd_pids(&dd.path());
     let mut s = dd.start(&[]);
     for o in orphans {
-        assert!(!std::path::Path::new(&format!("/proc/{o}/cmdline")).exists() || std::fs::read(format!("/proc/{o}/cmdline")).unwrap().is_empty(), "orphan {o} is gone");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{o}/cmdline")).exists()
+                || std::fs::read(format!("/proc/{o}/cmdline")).unwrap().is_empty(),
+            "orphan {o} is gone"
+        );
     }
     assert!(!part.exists(), "the stale .part is tidied");
     block_on(async {

@@ -153,7 +153,8 @@ fn prune_keeps_the_newest_of_its_name_and_never_touches_other_files() {
     for f in foreign {
         std::fs::write(dir.join(f), b"not a snapshot").unwrap();
     }
-    let mut before: Vec<String> = files(&dir).into_iter().filter(|f| f.starts_with("keep-n1-") && !foreign.contains(&f.as_str())).collect();
+    let mut before: Vec<String> =
+        files(&dir).into_iter().filter(|f| f.starts_with("keep-n1-") && !foreign.contains(&f.as_str())).collect();
     before.sort_by_key(|f| f.rsplit('-').next().unwrap().parse::<i64>().unwrap());
     assert_eq!(before.len(), 4);
     run(&mut snap(&etcd, &dir, &["prune", "--name", "keep", "--snapshot-retention", "2"])).assert_ok();
@@ -239,7 +240,9 @@ fn etcd_killed_mid_stream_leaves_no_snapshot() {
         // Wait until bytes are arriving (a .part file that grows), then kill etcd.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let growing = files(&dir).iter().any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 1 << 20).unwrap_or(false));
+            let growing = files(&dir).iter().any(|f| {
+                f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 1 << 20).unwrap_or(false)
+            });
             if growing {
                 break;
             }
@@ -309,7 +312,11 @@ fn config_file_is_below_env_and_command_line_and_unknown_keys_warn() {
     let r = run(&mut c);
     r.assert_ok();
     assert!(r.stderr.contains("unknown key \"no-such-key\""), "warns: {}", r.stderr);
-    assert!(files(&dir).iter().any(|f| f.starts_with("fromfile-filenode-") && f.ends_with(".zip")), "{:?}", files(&dir));
+    assert!(
+        files(&dir).iter().any(|f| f.starts_with("fromfile-filenode-") && f.ends_with(".zip")),
+        "{:?}",
+        files(&dir)
+    );
     // env beats file
     let mut c = bin::cmd();
     base(&mut c);
@@ -393,7 +400,10 @@ fn sigterm_during_a_save_leaves_no_part_and_no_snapshot() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !files(&dir).iter().any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 1 << 20).unwrap_or(false)) {
+    while !files(&dir)
+        .iter()
+        .any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 1 << 20).unwrap_or(false))
+    {
         assert!(std::time::Instant::now() < deadline, "save never started writing");
         if child.try_wait().unwrap().is_some() {
             let out: Run = child.wait_with_output().unwrap().into();

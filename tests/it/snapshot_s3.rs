@@ -12,7 +12,15 @@ fn snap_s3(etcd: &Etcd, dir: &Path, endpoint: &str, bucket: &str, node: &str, ar
     snap_s3_secret(etcd, dir, endpoint, bucket, node, args, SECRET_KEY)
 }
 
-fn snap_s3_secret(etcd: &Etcd, dir: &Path, endpoint: &str, bucket: &str, node: &str, args: &[&str], secret: &str) -> Command {
+fn snap_s3_secret(
+    etcd: &Etcd,
+    dir: &Path,
+    endpoint: &str,
+    bucket: &str,
+    node: &str,
+    args: &[&str],
+    secret: &str,
+) -> Command {
     let mut c = bin::cmd();
     c.arg("etcd-snapshot")
         .args(args)
@@ -41,7 +49,12 @@ fn object_path(s3: &S3Server, bucket: &str, key: &str) -> PathBuf {
 }
 
 fn assert_no_secret(out: &bin::Run) {
-    assert!(!out.stdout.contains(SECRET_KEY) && !out.stderr.contains(SECRET_KEY), "the secret key leaked:\n{}\n{}", out.stdout, out.stderr);
+    assert!(
+        !out.stdout.contains(SECRET_KEY) && !out.stderr.contains(SECRET_KEY),
+        "the secret key leaked:\n{}\n{}",
+        out.stdout,
+        out.stderr
+    );
 }
 
 #[test]
@@ -74,7 +87,11 @@ fn save_with_s3_uploads_the_same_bytes_with_metadata_and_keeps_the_local_copy() 
         let store = s3_backend::S3Store::connect(&cfg).await.unwrap();
         store.head_details(&names[0]).await.unwrap().unwrap()
     });
-    assert!(details.user_metadata.iter().any(|(k, v)| k.eq_ignore_ascii_case("k3s-node-name") && v == "n1"), "{:?}", details.user_metadata);
+    assert!(
+        details.user_metadata.iter().any(|(k, v)| k.eq_ignore_ascii_case("k3s-node-name") && v == "n1"),
+        "{:?}",
+        details.user_metadata
+    );
     assert_eq!(details.content_type.as_deref(), Some("application/octet-stream"));
 }
 
@@ -89,7 +106,8 @@ fn ls_delete_and_prune_act_on_s3_with_retention_across_nodes() {
         run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["save"]))).assert_ok();
         run(insecure(&mut snap_s3(&etcd, &d2, &s3.endpoint, "snaps", "n2", &["save"]))).assert_ok();
         if i == 0 {
-            run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["save", "--name", "other"]))).assert_ok();
+            run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["save", "--name", "other"])))
+                .assert_ok();
         }
     }
     // ls --s3 shows local rows and s3:// rows
@@ -108,7 +126,14 @@ fn ls_delete_and_prune_act_on_s3_with_retention_across_nodes() {
         .map(|n| (n.rsplit('-').next().unwrap().parse().unwrap(), n))
         .collect();
     all_on_demand.sort();
-    let r = run(insecure(&mut snap_s3(&etcd, &d1, &s3.endpoint, "snaps", "n1", &["prune", "--s3-retention", "2", "--snapshot-retention", "1"])));
+    let r = run(insecure(&mut snap_s3(
+        &etcd,
+        &d1,
+        &s3.endpoint,
+        "snaps",
+        "n1",
+        &["prune", "--s3-retention", "2", "--snapshot-retention", "1"],
+    )));
     r.assert_ok();
     let folder = s3.root.join("snaps/backups/k3s");
     let left = local_files(&folder);
@@ -151,11 +176,16 @@ fn s3_faults_are_clear_errors_and_the_local_snapshot_is_kept() {
     s3.create_bucket("snaps");
     assert_fault(&etcd, &s3.endpoint, "no-such-bucket", &["--s3-insecure"], "no-such-bucket");
     let wrong = tempfile::tempdir().unwrap();
-    let mut c = snap_s3_secret(&etcd, &wrong.path().join("s"), &s3.endpoint, "snaps", "n1", &["save"], "wrong-secret-key-123");
+    let mut c =
+        snap_s3_secret(&etcd, &wrong.path().join("s"), &s3.endpoint, "snaps", "n1", &["save"], "wrong-secret-key-123");
     c.arg("--s3-insecure");
     let r = run(&mut c);
     r.assert_fails_with("saved locally");
-    assert!(r.stderr.to_lowercase().contains("access") || r.stderr.to_lowercase().contains("signature"), "{}", r.stderr);
+    assert!(
+        r.stderr.to_lowercase().contains("access") || r.stderr.to_lowercase().contains("signature"),
+        "{}",
+        r.stderr
+    );
     assert!(!r.stderr.contains("wrong-secret-key-123"), "{}", r.stderr);
     assert_fault(&etcd, &closed_endpoint(), "snaps", &["--s3-insecure"], "saved locally");
     let hang = HangingEndpoint::start();
@@ -177,7 +207,8 @@ fn s3_over_tls_with_the_endpoint_ca_or_skip_verify_works() {
     run(&mut c).assert_ok();
     let mut c = snap_s3(&etcd, &dir, &tls.endpoint, "snaps", "n1", &["save", "--s3-skip-ssl-verify"]);
     run(&mut c).assert_ok();
-    let objects: Vec<String> = local_files(&s3.root.join("snaps/backups/k3s")).into_iter().filter(|f| !f.starts_with('.')).collect();
+    let objects: Vec<String> =
+        local_files(&s3.root.join("snaps/backups/k3s")).into_iter().filter(|f| !f.starts_with('.')).collect();
     assert_eq!(objects.len(), 2, "{objects:?}");
 }
 
@@ -193,7 +224,10 @@ fn s3_killed_during_a_save_leaves_no_object_and_keeps_the_local_snapshot() {
     let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     // Kill S3 once the local .part is growing: the multipart upload is under way.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !local_files(&dir).iter().any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 16 << 20).unwrap_or(false)) {
+    while !local_files(&dir)
+        .iter()
+        .any(|f| f.ends_with(".part") && std::fs::metadata(dir.join(f)).map(|m| m.len() > 16 << 20).unwrap_or(false))
+    {
         assert!(std::time::Instant::now() < deadline, "the save never started");
         if child.try_wait().unwrap().is_some() {
             let r: bin::Run = child.wait_with_output().unwrap().into();

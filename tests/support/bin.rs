@@ -5,9 +5,9 @@ use std::process::{Command, Output};
 
 /// Path of the `k3s-snapshot` binary: `K3S_SNAPSHOT_BIN`, else `target/debug/k3s-snapshot`.
 pub fn path() -> PathBuf {
-    let p = std::env::var_os("K3S_SNAPSHOT_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/k3s-snapshot")
-    });
+    let p = std::env::var_os("K3S_SNAPSHOT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/k3s-snapshot"));
     assert!(
         p.is_file(),
         "the k3s-snapshot binary is not built at {}: run `cargo xtask test` (it builds it and installs etcd and s3s-fs)",
@@ -20,8 +20,17 @@ pub fn path() -> PathBuf {
 pub fn cmd() -> Command {
     let mut c = Command::new(path());
     for v in [
-        "K3S_DATA_DIR", "K3S_NODE_NAME", "K3S_TOKEN", "K3S_URL", "K3S_CONFIG_FILE", "K3S_CLUSTER_INIT",
-        "K3S_CLUSTER_RESET", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "K3S_SNAPSHOT_LOG",
+        "K3S_DATA_DIR",
+        "K3S_NODE_NAME",
+        "K3S_TOKEN",
+        "K3S_URL",
+        "K3S_CONFIG_FILE",
+        "K3S_CLUSTER_INIT",
+        "K3S_CLUSTER_RESET",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "K3S_SNAPSHOT_LOG",
     ] {
         c.env_remove(v);
     }
@@ -49,11 +58,7 @@ impl Run {
     #[track_caller]
     pub fn assert_fails_with(&self, needle: &str) -> &Self {
         assert!(!self.ok(), "expected failure, got success\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
-        assert!(
-            self.stderr.contains(needle),
-            "stderr does not mention {needle:?}\nstderr:\n{}",
-            self.stderr
-        );
+        assert!(self.stderr.contains(needle), "stderr does not mention {needle:?}\nstderr:\n{}", self.stderr);
         self
     }
 }

@@ -29,7 +29,10 @@ impl EtcdVersion {
             EtcdVersion::V3_5 => "K3S_SNAPSHOT_ETCD35_BIN_DIR",
         };
         let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-            panic!("{var} is not set: etcd {} is needed; run the suite with `cargo xtask test`, which installs it", self.label())
+            panic!(
+                "{var} is not set: etcd {} is needed; run the suite with `cargo xtask test`, which installs it",
+                self.label()
+            )
         });
         assert!(
             dir.join("etcd").is_file(),
@@ -99,7 +102,12 @@ impl Etcd {
             if self.ctl(&["endpoint", "health"]).status.success() {
                 return;
             }
-            assert!(Instant::now() < deadline, "etcd {} did not become healthy in 30s: {}", self.version.label(), self.log());
+            assert!(
+                Instant::now() < deadline,
+                "etcd {} did not become healthy in 30s: {}",
+                self.version.label(),
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }

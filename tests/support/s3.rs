@@ -22,7 +22,11 @@ pub const SECRET_KEY: &str = "s3cr3t-Zq8vN2kW7xR4pL9m";
 /// `s3s-fs`: `K3S_SNAPSHOT_S3S_FS`, else on `PATH`. Panics, naming `cargo xtask test`, when missing.
 pub fn s3s_fs_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("K3S_SNAPSHOT_S3S_FS").map(PathBuf::from) {
-        assert!(p.is_file(), "K3S_SNAPSHOT_S3S_FS={} is not a file: run `cargo xtask test`, which installs s3s-fs", p.display());
+        assert!(
+            p.is_file(),
+            "K3S_SNAPSHOT_S3S_FS={} is not a file: run `cargo xtask test`, which installs s3s-fs",
+            p.display()
+        );
         return p;
     }
     which("s3s-fs").unwrap_or_else(|| {
@@ -33,7 +37,11 @@ pub fn s3s_fs_bin() -> PathBuf {
 /// nginx: `K3S_SNAPSHOT_NGINX`, else on `PATH`, else `/usr/sbin/nginx`.
 pub fn nginx_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("K3S_SNAPSHOT_NGINX").map(PathBuf::from) {
-        assert!(p.is_file(), "K3S_SNAPSHOT_NGINX={} is not a file: run `cargo xtask test`, which installs nginx", p.display());
+        assert!(
+            p.is_file(),
+            "K3S_SNAPSHOT_NGINX={} is not a file: run `cargo xtask test`, which installs nginx",
+            p.display()
+        );
         return p;
     }
     which("nginx").or_else(|| Some(PathBuf::from("/usr/sbin/nginx")).filter(|p| p.is_file())).unwrap_or_else(|| {
@@ -54,9 +62,16 @@ fn wait_listening(port: u16, child: &mut Child, what: &str, log: &Path) {
             return;
         }
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening on port {port}:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+            panic!(
+                "{what} exited with {status} before listening on port {port}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
         }
-        assert!(Instant::now() < deadline, "{what} did not listen on port {port} within 20s:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not listen on port {port} within 20s:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -160,7 +160,11 @@ impl Server {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("server exited ({status}) before logging {needle:?}:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "server did not log {needle:?} within {timeout:?}:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "server did not log {needle:?} within {timeout:?}:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -202,10 +206,7 @@ impl Server {
     /// An https client that trusts the cluster CA.
     pub fn http(&self) -> reqwest::Client {
         let ca = std::fs::read(self.data_dir.join("server/tls/server-ca.crt")).unwrap();
-        reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-            .build()
-            .unwrap()
+        reqwest::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap()).build().unwrap()
     }
 }
 
@@ -216,7 +217,8 @@ impl Drop for Server {
             let _ = c.wait();
             // The server was killed, so its etcd (in its own process group) is killed here.
             for pid in etcd_pids(&self.data_dir) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
             }
         }
     }

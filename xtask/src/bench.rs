@@ -28,7 +28,8 @@ use crate::run_checked;
 use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
-const USAGE: &str = "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]";
+const USAGE: &str =
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]";
 
 #[derive(Debug)]
 struct Args {
@@ -87,7 +88,10 @@ fn parse_args(args: &[String]) -> Result<Args> {
         match flag.as_str() {
             "--size-mib" => {
                 let v = value()?;
-                a.sizes_mib = v.split(',').map(|s| s.trim().parse::<usize>().with_context(|| format!("--size-mib {v:?}"))).collect::<Result<_>>()?;
+                a.sizes_mib = v
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().with_context(|| format!("--size-mib {v:?}")))
+                    .collect::<Result<_>>()?;
                 a.sizes_mib.sort_unstable();
                 a.sizes_mib.dedup();
                 if a.sizes_mib.first() == Some(&0) {
@@ -144,7 +148,13 @@ impl Row {
     /// Our peak RSS, KiB: `ru_maxrss`, except for the reset, whose `ru_maxrss` is etcd's (its
     /// child): there the sampled `VmHWM` of our own process.
     fn our_peak_kib(&self) -> u64 {
-        let own = |m: &Measured| if self.scenario == Scenario::Restore { m.own_hwm_kib.unwrap_or(m.maxrss_kib) } else { m.maxrss_kib };
+        let own = |m: &Measured| {
+            if self.scenario == Scenario::Restore {
+                m.own_hwm_kib.unwrap_or(m.maxrss_kib)
+            } else {
+                m.maxrss_kib
+            }
+        };
         self.ours.iter().map(own).max().unwrap_or(0)
     }
 
@@ -270,8 +280,18 @@ fn etcdctl(b: &Bench) -> Command {
 fn ours(b: &Bench) -> Command {
     let mut c = Command::new(&b.bin);
     for v in [
-        "K3S_DATA_DIR", "K3S_NODE_NAME", "K3S_TOKEN", "K3S_URL", "K3S_CONFIG_FILE", "K3S_CLUSTER_INIT", "K3S_CLUSTER_RESET",
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "K3S_SNAPSHOT_LOG", "K3S_ETCD_BIN_DIR",
+        "K3S_DATA_DIR",
+        "K3S_NODE_NAME",
+        "K3S_TOKEN",
+        "K3S_URL",
+        "K3S_CONFIG_FILE",
+        "K3S_CLUSTER_INIT",
+        "K3S_CLUSTER_RESET",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "K3S_SNAPSHOT_LOG",
+        "K3S_ETCD_BIN_DIR",
     ] {
         c.env_remove(v);
     }
@@ -301,7 +321,12 @@ type RefRun = (Duration, u64);
 
 /// Runs both sides `b.runs` times, interleaved, alternating which goes first (reference, ours,
 /// ours, reference, …) so that neither always runs right after the other's writeback.
-fn interleaved(b: &Bench, scenario: Scenario, mut reference: impl FnMut() -> Result<RefRun>, mut ours: impl FnMut() -> Result<Measured>) -> Result<Row> {
+fn interleaved(
+    b: &Bench,
+    scenario: Scenario,
+    mut reference: impl FnMut() -> Result<RefRun>,
+    mut ours: impl FnMut() -> Result<Measured>,
+) -> Result<Row> {
     let mut row = Row::new(scenario);
     for i in 0..b.runs {
         let mut ref_run = |row: &mut Row| -> Result<()> {
@@ -351,7 +376,9 @@ fn bench_save_s3(b: &Bench) -> Result<Row> {
         let file = dir_ref.join("etcdctl.db");
         let save = Measure::default().run(etcdctl(b).args(["snapshot", "save"]).arg(&file), &log)?;
         let put = Measure::default().run(&mut b.s3.curl_put(&file, "etcdctl.db"), &log)?;
-        if std::fs::metadata(b.s3.root.join(servers::BUCKET).join("etcdctl.db"))?.len() != std::fs::metadata(&file)?.len() {
+        if std::fs::metadata(b.s3.root.join(servers::BUCKET).join("etcdctl.db"))?.len()
+            != std::fs::metadata(&file)?.len()
+        {
             bail!("the curl upload did not store the whole snapshot");
         }
         reset_dir(&dir_ref)?;
@@ -362,8 +389,12 @@ fn bench_save_s3(b: &Bench) -> Result<Row> {
         b.s3.clear()?;
         measure::sync();
         let mut c = our_save(b, &dir_ours);
-        c.args(["--s3", "--s3-endpoint", &b.s3.endpoint, "--s3-insecure", "--s3-bucket", servers::BUCKET])
-            .args(["--s3-access-key", servers::ACCESS_KEY, "--s3-secret-key", servers::SECRET_KEY]);
+        c.args(["--s3", "--s3-endpoint", &b.s3.endpoint, "--s3-insecure", "--s3-bucket", servers::BUCKET]).args([
+            "--s3-access-key",
+            servers::ACCESS_KEY,
+            "--s3-secret-key",
+            servers::SECRET_KEY,
+        ]);
         let m = Measure::sampled().run(&mut c, &log)?;
         if std::fs::read_dir(b.s3.root.join(servers::BUCKET))?.count() == 0 {
             bail!("etcd-snapshot save --s3 uploaded nothing; see {}", log.display());
@@ -431,7 +462,12 @@ fn bench_status(b: &Bench, snap: &Path) -> Result<Row> {
     let our_run = || {
         reset_dir(&scratch)?;
         let mut c = ours(b);
-        c.args(["etcd-snapshot", "status", "-o", "json"]).arg(snap).arg("--data-dir").arg(b.work.join("k3s")).arg("--dir").arg(&scratch);
+        c.args(["etcd-snapshot", "status", "-o", "json"])
+            .arg(snap)
+            .arg("--data-dir")
+            .arg(b.work.join("k3s"))
+            .arg("--dir")
+            .arg(&scratch);
         Measure::sampled().run(&mut c, &log)
     };
     interleaved(b, Scenario::Status, reference, our_run)
@@ -442,8 +478,14 @@ fn mib(kib: u64) -> f64 {
 }
 
 fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
-    println!("\n== db with {size} MiB of values (snapshot {:.1} MiB), median of {runs} interleaved runs", snap_bytes as f64 / MIB);
-    println!("{:<9} {:>9} {:>9} {:>7} {:>13} {:>10}  reference", "scenario", "ours", "ref", "ratio", "our peak RSS", "(anon)");
+    println!(
+        "\n== db with {size} MiB of values (snapshot {:.1} MiB), median of {runs} interleaved runs",
+        snap_bytes as f64 / MIB
+    );
+    println!(
+        "{:<9} {:>9} {:>9} {:>7} {:>13} {:>10}  reference",
+        "scenario", "ours", "ref", "ratio", "our peak RSS", "(anon)"
+    );
     for r in rows {
         println!(
             "{:<9} {:>8.2}s {:>8.2}s {:>6.2}x {:>9.1} MiB {:>6.1} MiB  {}",
@@ -462,15 +504,20 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
         let line = match r.scenario {
             Scenario::Save => format!("save: {:.2}x etcdctl snapshot save (target <= 1.05x)", r.ratio()),
             Scenario::SaveS3 => {
-                let alone = save_alone.map(|s| format!("; {:.2}x etcdctl snapshot save alone (target <= 1.25x)", r.ours_median() / s)).unwrap_or_default();
+                let alone = save_alone
+                    .map(|s| format!("; {:.2}x etcdctl snapshot save alone (target <= 1.25x)", r.ours_median() / s))
+                    .unwrap_or_default();
                 format!("save+s3: {:.2}x etcdctl snapshot save + curl PUT{alone}", r.ratio())
             }
-            Scenario::Restore => format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x)", r.ratio()),
+            Scenario::Restore => {
+                format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x)", r.ratio())
+            }
             Scenario::Status => format!("status: {:.2}x etcdutl snapshot status", r.ratio()),
         };
         println!("{line}");
     }
-    let rss: Vec<String> = rows.iter().map(|r| format!("{} {:.1} MiB", r.scenario.key(), mib(r.our_peak_kib()))).collect();
+    let rss: Vec<String> =
+        rows.iter().map(|r| format!("{} {:.1} MiB", r.scenario.key(), mib(r.our_peak_kib()))).collect();
     println!("peak RSS: {} (target <= 64 MiB)", rss.join(", "));
 }
 
@@ -493,7 +540,9 @@ fn machine() -> Machine {
     };
     let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0.0);
     Machine {
         date: first_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
@@ -542,12 +591,16 @@ mod tests {
     #[test]
     fn defaults_are_one_gib_three_runs_every_scenario() {
         let a = parse(&[]).unwrap();
-        assert_eq!((a.sizes_mib, a.runs, a.only, a.chart, a.keep), (vec![1024], 3, Scenario::ALL.to_vec(), false, false));
+        assert_eq!(
+            (a.sizes_mib, a.runs, a.only, a.chart, a.keep),
+            (vec![1024], 3, Scenario::ALL.to_vec(), false, false)
+        );
     }
 
     #[test]
     fn every_flag_parses() {
-        let a = parse(&["--size-mib", "512,128,512", "--runs", "5", "--only", "s3,status", "--chart", "--keep"]).unwrap();
+        let a =
+            parse(&["--size-mib", "512,128,512", "--runs", "5", "--only", "s3,status", "--chart", "--keep"]).unwrap();
         assert_eq!(a.sizes_mib, vec![128, 512], "sorted and deduplicated");
         assert_eq!(a.runs, 5);
         assert_eq!(a.only, vec![Scenario::SaveS3, Scenario::Status]);
@@ -556,7 +609,15 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused() {
-        for bad in [&["--runs", "0"][..], &["--size-mib", "0"], &["--size-mib", "x"], &["--only", "load"], &["--frobnicate"], &["--runs"], &["--chart"]] {
+        for bad in [
+            &["--runs", "0"][..],
+            &["--size-mib", "0"],
+            &["--size-mib", "x"],
+            &["--only", "load"],
+            &["--frobnicate"],
+            &["--runs"],
+            &["--chart"],
+        ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }
     }

@@ -64,7 +64,8 @@ pub fn start_etcd(bin_dir: &Path, data: &Path) -> Result<(KillOnDrop, String)> {
 }
 
 fn show(cmd: &mut Command) -> Result<()> {
-    let shown: Vec<String> = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
+    let shown: Vec<String> =
+        std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
     println!("\n$ {}", shown.join(" "));
     run_checked(cmd, "run a demo step")
 }
@@ -100,7 +101,10 @@ fn demo(etcd_dir: &Path, bin: &Path, work: &Path) -> Result<()> {
     let dir = work.join("snapshots");
     let snap = |args: &[&str]| {
         let mut c = Command::new(bin);
-        c.arg("etcd-snapshot").args(args).args(["--etcd-endpoints", &endpoint, "--node-name", "demo-node", "--dir"]).arg(&dir);
+        c.arg("etcd-snapshot")
+            .args(args)
+            .args(["--etcd-endpoints", &endpoint, "--node-name", "demo-node", "--dir"])
+            .arg(&dir);
         c
     };
     println!("\n== three on-demand snapshots, one compressed");
@@ -150,7 +154,11 @@ fn server_demo(etcd_dir: &Path, bin: &Path, work: &Path) -> Result<()> {
     let snapshots = data.join("server/db/snapshots");
     let count = || {
         std::fs::read_dir(&snapshots)
-            .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("etcd-snapshot-")).count())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter(|e| e.file_name().to_string_lossy().starts_with("etcd-snapshot-"))
+                    .count()
+            })
             .unwrap_or(0)
     };
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -160,7 +168,10 @@ fn server_demo(etcd_dir: &Path, bin: &Path, work: &Path) -> Result<()> {
             bail!("the server exited ({st}); its log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
         }
         if Instant::now() > deadline {
-            bail!("no scheduled snapshots within 90s; the server's log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default());
+            bail!(
+                "no scheduled snapshots within 90s; the server's log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }

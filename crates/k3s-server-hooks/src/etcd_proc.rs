@@ -187,7 +187,10 @@ impl EtcdProcess {
             // Its own process group: a Ctrl-C in a terminal reaches us only, and we stop etcd in order.
             .process_group(0)
             .spawn()
-            .map_err(|e| Error::Binary { program: bins.etcd.display().to_string(), detail: format!("cannot start it: {e}") })?;
+            .map_err(|e| Error::Binary {
+                program: bins.etcd.display().to_string(),
+                detail: format!("cannot start it: {e}"),
+            })?;
         let last = Arc::new(Mutex::new(VecDeque::new()));
         let mut logs = Vec::new();
         macro_rules! pump {
@@ -264,10 +267,11 @@ impl EtcdProcess {
             }
             let attempt = async {
                 let mut conn = client.connect().await?;
-                let status = conn.client.status().await.map_err(|cause| k3s_snapshot_core::Error::Etcd {
-                    endpoints: conn.endpoints.clone(),
-                    cause,
-                })?;
+                let status = conn
+                    .client
+                    .status()
+                    .await
+                    .map_err(|cause| k3s_snapshot_core::Error::Etcd { endpoints: conn.endpoints.clone(), cause })?;
                 if status.leader() == 0 {
                     return Err(k3s_snapshot_core::Error::Invalid("etcd has no leader yet".into()));
                 }
@@ -387,7 +391,9 @@ fn orphans_on(db: &Path) -> Vec<i32> {
         }
         let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
         let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        let Some(prog) = args.first().map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default())
+        let Some(prog) = args
+            .first()
+            .map(|a| Path::new(a).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default())
         else {
             continue;
         };

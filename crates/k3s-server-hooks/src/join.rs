@@ -80,7 +80,10 @@ pub struct Fresh {
 
 impl std::fmt::Debug for Fresh {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fresh").field("server", &self.server).field("members", &self.info.members.len()).finish_non_exhaustive()
+        f.debug_struct("Fresh")
+            .field("server", &self.server)
+            .field("members", &self.info.members.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -96,7 +99,11 @@ impl Fresh {
 
 /// Checks `--server` without the network: an `https://HOST[:PORT]` URL.
 pub fn validate_server_url(url: &str) -> Result<()> {
-    let bad = |why: &str| Error::Config(format!("--server {url:?} {why}; give the supervisor URL of a server of the cluster, https://HOST:6443"));
+    let bad = |why: &str| {
+        Error::Config(format!(
+            "--server {url:?} {why}; give the supervisor URL of a server of the cluster, https://HOST:6443"
+        ))
+    };
     let parsed = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
     if parsed.scheme() != "https" {
         return Err(bad("must use https"));
@@ -134,15 +141,21 @@ fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client> {
         // The CA is what this request fetches; it is checked against the token's hash after.
         None => b.danger_accept_invalid_certs(true),
         Some(pem) => {
-            let cert = reqwest::Certificate::from_pem(pem.as_bytes())
-                .map_err(|e| Error::Join(format!("the cluster CA served by --server is not a PEM certificate: {}", one_line(&e))))?;
+            let cert = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
+                Error::Join(format!("the cluster CA served by --server is not a PEM certificate: {}", one_line(&e)))
+            })?;
             b.tls_built_in_root_certs(false).add_root_certificate(cert)
         }
     };
     b.build().map_err(|e| Error::Join(format!("cannot build an https client: {}", one_line(&e))))
 }
 
-async fn get(http: &reqwest::Client, server: &str, path: &str, token: Option<&str>) -> std::result::Result<String, Fetch> {
+async fn get(
+    http: &reqwest::Client,
+    server: &str,
+    path: &str,
+    token: Option<&str>,
+) -> std::result::Result<String, Fetch> {
     let url = format!("{server}{path}");
     let mut req = http.get(&url);
     if let Some(t) = token {
@@ -153,7 +166,9 @@ async fn get(http: &reqwest::Client, server: &str, path: &str, token: Option<&st
         Err(e) if e.is_connect() || e.is_timeout() => {
             return Err(Fetch::Unreachable(format!("cannot reach {url}: {}", one_line(&e))))
         }
-        Err(e) => return Err(Fetch::Refused(Error::Join(format!("GET {url} failed: {}; check --server", one_line(&e))))),
+        Err(e) => {
+            return Err(Fetch::Refused(Error::Join(format!("GET {url} failed: {}; check --server", one_line(&e)))))
+        }
     };
     let status = resp.status();
     if status == reqwest::StatusCode::UNAUTHORIZED {
@@ -166,7 +181,9 @@ async fn get(http: &reqwest::Client, server: &str, path: &str, token: Option<&st
         return Err(Fetch::Unreachable(format!("{url} answered 503: {}", body.trim())));
     }
     if !status.is_success() {
-        return Err(Fetch::Refused(Error::Join(format!("GET {url} answered {status}; is --server the supervisor port (--https-listen-port) of a server?"))));
+        return Err(Fetch::Refused(Error::Join(format!(
+            "GET {url} answered {status}; is --server the supervisor port (--https-listen-port) of a server?"
+        ))));
     }
     resp.text().await.map_err(|e| Fetch::Unreachable(format!("reading {url}: {}", one_line(&e))))
 }
@@ -190,8 +207,9 @@ async fn discover(server: &str, token: &Token, given: &str) -> std::result::Resu
     }
     let http = http_client(Some(&ca_pem)).map_err(Fetch::Refused)?;
     let body = get(&http, server, "/db/info", Some(given)).await?;
-    let info: DbInfo = serde_json::from_str(&body)
-        .map_err(|e| Fetch::Refused(Error::Join(format!("{server}/db/info is not what a server answers ({e}); check --server"))))?;
+    let info: DbInfo = serde_json::from_str(&body).map_err(|e| {
+        Fetch::Refused(Error::Join(format!("{server}/db/info is not what a server answers ({e}); check --server")))
+    })?;
     if info.members.is_empty() {
         return Err(Fetch::Unreachable(format!("{server}/db/info lists no etcd member")));
     }
@@ -206,11 +224,10 @@ pub async fn prepare(cfg: &ServerConfig, cancel: &CancellationToken) -> Result<J
         Some(t) => t.trim().to_string(),
         None => match std::fs::read_to_string(dd.token()) {
             Ok(t) if !t.trim().is_empty() => t.trim().to_string(),
-            _ => {
-                return Err(Error::Config(
-                    "--server needs --token (K3S_TOKEN): the cluster's token, from server/token on a server of the cluster".into(),
-                ))
-            }
+            _ => return Err(Error::Config(
+                "--server needs --token (K3S_TOKEN): the cluster's token, from server/token on a server of the cluster"
+                    .into(),
+            )),
         },
     };
     let token = Token::parse(&given);
@@ -229,7 +246,11 @@ pub async fn prepare(cfg: &ServerConfig, cancel: &CancellationToken) -> Result<J
                     Err(stale_data(
                         dd,
                         &server,
-                        &format!("belongs to member {:x}, which is not among the cluster's members ({})", local.member_id, names.join(", ")),
+                        &format!(
+                            "belongs to member {:x}, which is not among the cluster's members ({})",
+                            local.member_id,
+                            names.join(", ")
+                        ),
                     ))
                 }
             }
@@ -265,8 +286,9 @@ pub async fn prepare(cfg: &ServerConfig, cancel: &CancellationToken) -> Result<J
         Err(Fetch::Refused(e)) => return Err(e),
         Err(Fetch::Unreachable(why)) => return Err(Error::Join(format!("{why}; nothing was changed"))),
     };
-    let material: CaMaterial = serde_json::from_str(&body)
-        .map_err(|e| Error::Join(format!("{server}/db/ca-material is not what a server answers ({e}); nothing was changed")))?;
+    let material: CaMaterial = serde_json::from_str(&body).map_err(|e| {
+        Error::Join(format!("{server}/db/ca-material is not what a server answers ({e}); nothing was changed"))
+    })?;
     material.validate()?;
     if material.cert(CA_NAMES[0]) != Some(ca_pem.as_str()) {
         return Err(Error::Join(format!(
@@ -319,7 +341,10 @@ async fn call_retrying<T>(
             let later = retry_later(&e, also);
             Err((later, Error::Join(format!("etcd {what} at {endpoints} failed: {}", one_line(&e)))))
         }
-        Err(_) => Err((true, Error::Join(format!("etcd {what} at {endpoints} did not answer within {}s", ETCD_CALL_TIMEOUT.as_secs())))),
+        Err(_) => Err((
+            true,
+            Error::Join(format!("etcd {what} at {endpoints} did not answer within {}s", ETCD_CALL_TIMEOUT.as_secs())),
+        )),
     }
 }
 
@@ -383,7 +408,9 @@ impl Added {
         }
         .await;
         match removed {
-            Ok(()) => tracing::warn!(member_id = %id, "the join failed: removed this server's member from the cluster again, so that a retry can join anew"),
+            Ok(()) => {
+                tracing::warn!(member_id = %id, "the join failed: removed this server's member from the cluster again, so that a retry can join anew")
+            }
             Err(e) => tracing::error!(member_id = %id, error = %e,
                 "the join failed and this server's member could not be removed from the cluster; remove it with `etcdctl member remove {id}` before retrying"),
         }
@@ -391,7 +418,9 @@ impl Added {
         match std::fs::remove_dir_all(&member) {
             Ok(()) => tracing::info!(dir = %member.display(), "removed the etcd data of the failed join"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::error!(dir = %member.display(), error = %e, "cannot remove the etcd data of the failed join; delete it before retrying"),
+            Err(e) => {
+                tracing::error!(dir = %member.display(), error = %e, "cannot remove the etcd data of the failed join; delete it before retrying")
+            }
         }
     }
 }
@@ -399,7 +428,12 @@ impl Added {
 /// Adds this server to the cluster as a learner (`MemberAdd`), after clearing what an earlier
 /// attempt of this same server left (a member with its peer URL that never started, or this
 /// server's own old membership), and returns the `--initial-cluster` to start etcd with.
-pub async fn add_member(cfg: &ServerConfig, fresh: &Fresh, tls: &TlsFiles, cancel: &CancellationToken) -> Result<Added> {
+pub async fn add_member(
+    cfg: &ServerConfig,
+    fresh: &Fresh,
+    tls: &TlsFiles,
+    cancel: &CancellationToken,
+) -> Result<Added> {
     let peer_url = cfg.peer_url();
     let me = cfg.node_name.as_str();
     let urls = cluster_urls(&fresh.info, None);
@@ -441,7 +475,8 @@ pub async fn add_member(cfg: &ServerConfig, fresh: &Fresh, tls: &TlsFiles, cance
             Err((_, e)) => return Err(e),
         }
     };
-    let id = resp.member().map(|m| m.id()).ok_or_else(|| Error::Join("MemberAdd answered without the new member".into()))?;
+    let id =
+        resp.member().map(|m| m.id()).ok_or_else(|| Error::Join("MemberAdd answered without the new member".into()))?;
     let mut entries = Vec::new();
     for m in resp.member_list() {
         let name = if m.id() == id {
@@ -463,7 +498,12 @@ pub async fn add_member(cfg: &ServerConfig, fresh: &Fresh, tls: &TlsFiles, cance
 
 /// Promotes this server's member to a voting member once etcd accepts (the learner has caught
 /// up with the leader); returns at once when it is not a learner. Bounded by `timeout`.
-pub async fn promote(cluster: &EtcdClientConfig, member_id: u64, timeout: Duration, cancel: &CancellationToken) -> Result<()> {
+pub async fn promote(
+    cluster: &EtcdClientConfig,
+    member_id: u64,
+    timeout: Duration,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let id = format!("{member_id:x}");
     let started = tokio::time::Instant::now();
     let mut last;
@@ -473,7 +513,10 @@ pub async fn promote(cluster: &EtcdClientConfig, member_id: u64, timeout: Durati
             let endpoints = conn.endpoints.clone();
             let members = call(&endpoints, "MemberList", conn.client.member_list()).await?;
             match members.members().iter().find(|m| m.id() == member_id) {
-                None => Err((false, Error::Join(format!("member {id} is no longer in the cluster; it was removed while joining")))),
+                None => Err((
+                    false,
+                    Error::Join(format!("member {id} is no longer in the cluster; it was removed while joining")),
+                )),
                 Some(m) if !m.is_learner() => Ok(()),
                 Some(_) => call(&endpoints, "MemberPromote", conn.client.member_promote(member_id)).await.map(drop),
             }
@@ -541,7 +584,11 @@ mod tests {
     #[test]
     fn the_leader_comes_first_and_learners_are_skipped() {
         let info = DbInfo {
-            members: vec![member("1", "a", "10.0.0.1", false), member("2", "b", "10.0.0.2", false), member("3", "", "10.0.0.3", true)],
+            members: vec![
+                member("1", "a", "10.0.0.1", false),
+                member("2", "b", "10.0.0.2", false),
+                member("3", "", "10.0.0.3", true),
+            ],
             leader: Some("2".into()),
         };
         assert_eq!(cluster_urls(&info, None), ["https://10.0.0.2:2379", "https://10.0.0.1:2379"]);

@@ -58,14 +58,24 @@ impl SnapshotMetrics {
                 }
             }
         };
-        family("k3s_snapshot_scheduled_taken_total", "counter", "Scheduled snapshots stored successfully.", &|s| Some(s.taken.to_string()));
-        family("k3s_snapshot_scheduled_failed_total", "counter", "Scheduled snapshots that failed.", &|s| Some(s.failed.to_string()));
-        family("k3s_snapshot_last_success_timestamp_seconds", "gauge", "Unix time of the last successful scheduled snapshot.", &|s| {
-            s.last_success.map(|v| v.to_string())
+        family("k3s_snapshot_scheduled_taken_total", "counter", "Scheduled snapshots stored successfully.", &|s| {
+            Some(s.taken.to_string())
         });
-        family("k3s_snapshot_last_duration_seconds", "gauge", "Duration of the last successful scheduled snapshot.", &|s| {
-            s.last_duration_secs.map(|v| format!("{v:.3}"))
+        family("k3s_snapshot_scheduled_failed_total", "counter", "Scheduled snapshots that failed.", &|s| {
+            Some(s.failed.to_string())
         });
+        family(
+            "k3s_snapshot_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful scheduled snapshot.",
+            &|s| s.last_success.map(|v| v.to_string()),
+        );
+        family(
+            "k3s_snapshot_last_duration_seconds",
+            "gauge",
+            "Duration of the last successful scheduled snapshot.",
+            &|s| s.last_duration_secs.map(|v| format!("{v:.3}")),
+        );
         family("k3s_snapshot_last_size_bytes", "gauge", "Size of the last successful scheduled snapshot.", &|s| {
             s.last_size_bytes.map(|v| v.to_string())
         });

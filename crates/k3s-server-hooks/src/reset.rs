@@ -320,7 +320,8 @@ pub async fn execute(
             let (from, to) = (dd.etcd(), tmp.clone());
             tokio::task::spawn_blocking(move || {
                 let opts = fs_extra::dir::CopyOptions::new().content_only(true).overwrite(true);
-                fs_extra::dir::copy(&from, &to, &opts).map_err(|e| Error::Reset(format!("cannot copy {} to {}: {e}", from.display(), to.display())))?;
+                fs_extra::dir::copy(&from, &to, &opts)
+                    .map_err(|e| Error::Reset(format!("cannot copy {} to {}: {e}", from.display(), to.display())))?;
                 sync_tree(&to)
             })
             .await

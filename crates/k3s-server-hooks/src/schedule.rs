@@ -42,7 +42,9 @@ impl Schedule {
             "@daily" | "@midnight" => "0 0 * * *",
             "@hourly" => "0 * * * *",
             s if s.starts_with('@') => {
-                return Err(bad("unknown macro; use @yearly, @monthly, @weekly, @daily, @hourly or @every <duration>".into()))
+                return Err(bad(
+                    "unknown macro; use @yearly, @monthly, @weekly, @daily, @hourly or @every <duration>".into()
+                ))
             }
             s => s,
         };
@@ -223,7 +225,17 @@ mod tests {
 
     #[test]
     fn invalid_expressions_are_refused_and_quoted() {
-        for bad in ["", "* * *", "61 * * * *", "0 0 * * 8", "@sometimes", "@every", "@every 5x", "not cron at all x", "0 0 31 2 *"] {
+        for bad in [
+            "",
+            "* * *",
+            "61 * * * *",
+            "0 0 * * 8",
+            "@sometimes",
+            "@every",
+            "@every 5x",
+            "not cron at all x",
+            "0 0 31 2 *",
+        ] {
             let err = Schedule::parse(bad).unwrap_err().to_string();
             assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
         }

@@ -84,8 +84,7 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
             return;
         }
     };
-    let outcome =
-        save_and_upload(&mut conn, &job.local, job.remote.as_deref(), &job.save, &NoProgress, cancel).await;
+    let outcome = save_and_upload(&mut conn, &job.local, job.remote.as_deref(), &job.save, &NoProgress, cancel).await;
     match outcome {
         Err(k3s_snapshot_core::Error::Cancelled) => {
             tracing::info!("scheduled snapshot cancelled by shutdown; nothing partial was kept");

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdLaunch, EtcdProcess};
+use crate::join::{self, JoinPlan};
 use crate::layout::DataDir;
 use crate::lock::DataDirLock;
 use crate::metrics::SnapshotMetrics;
@@ -20,7 +21,6 @@ use crate::schedule::Schedule;
 use crate::scheduler::SnapshotJob;
 use crate::tls::TlsFiles;
 use crate::token::Token;
-use crate::join::{self, JoinPlan};
 use crate::{api, reset, scheduler, tls, Error, Result};
 
 /// Downloads a snapshot object by name into a directory, verified against its metadata, and
@@ -151,7 +151,8 @@ impl ServerConfig {
 
 /// Checks the data dir can be created and written, with a message naming the flag.
 fn prepare_data_dir(dd: &DataDir) -> Result<()> {
-    let wrap = |e: Error| Error::Config(format!("data dir {} is not usable ({e}); check --data-dir", dd.root().display()));
+    let wrap =
+        |e: Error| Error::Config(format!("data dir {} is not usable ({e}); check --data-dir", dd.root().display()));
     create_private_dir(&dd.db()).map_err(|e| wrap(e.into()))?;
     let probe = dd.server().join(".write-probe");
     std::fs::write(&probe, b"").map_err(|e| wrap(Error::Io { action: "write to", path: dd.server(), cause: e }))?;
@@ -183,11 +184,8 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let peer_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_peer_port);
     check_port_free("--etcd-client-port", client_addr)?;
     check_port_free("--etcd-peer-port", peer_addr)?;
-    let api_listener = if plan.is_none() {
-        Some(api::bind(SocketAddr::new(cfg.bind_address, cfg.https_listen_port))?)
-    } else {
-        None
-    };
+    let api_listener =
+        if plan.is_none() { Some(api::bind(SocketAddr::new(cfg.bind_address, cfg.https_listen_port))?) } else { None };
     let job_schedule = if plan.is_none() { cfg.snapshots.schedule.clone() } else { None };
 
     // Joining: everything the cluster can refuse is asked before anything is written.
@@ -208,7 +206,8 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         ips.push(cfg.bind_address);
     }
     let tls_files = tls::ensure(&dd, &cfg.node_name, &ips)?;
-    let cluster_ca_pem = std::fs::read_to_string(&tls_files.cluster_ca).map_err(Error::io("read", &tls_files.cluster_ca))?;
+    let cluster_ca_pem =
+        std::fs::read_to_string(&tls_files.cluster_ca).map_err(Error::io("read", &tls_files.cluster_ca))?;
     let token = Token::ensure(&dd, cfg.token.as_deref(), cluster_ca_pem.as_bytes())?;
     let mut launch = cfg.etcd_launch(tls_files.clone());
 
@@ -235,7 +234,8 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         }
         Some(JoinPlan::Member { member_id, info }) => {
             launch.initial_cluster_state = "existing".into();
-            let promotion = info.as_ref().and_then(|i| join::restart_promotion(i, *member_id, &tls_files)).map(|c| (c, *member_id));
+            let promotion =
+                info.as_ref().and_then(|i| join::restart_promotion(i, *member_id, &tls_files)).map(|c| (c, *member_id));
             (None, promotion)
         }
         None => (None, None),
@@ -289,7 +289,8 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         metrics: metrics.clone(),
     });
     let rustls = api::rustls_config(&tls_files)?;
-    let mut api_task = tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
+    let mut api_task =
+        tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
 
     if let Some(schedule) = job_schedule {
         let job = Arc::new(SnapshotJob {

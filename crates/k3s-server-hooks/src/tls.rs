@@ -101,7 +101,10 @@ impl CaMaterial {
     pub fn validate(&self) -> Result<()> {
         for name in CA_NAMES {
             let Some((_, cert, key)) = self.cas.iter().find(|c| c.0 == name) else {
-                return Err(Error::Tls { action: "use the CA material".into(), detail: format!("CA {name} is missing") });
+                return Err(Error::Tls {
+                    action: "use the CA material".into(),
+                    detail: format!("CA {name} is missing"),
+                });
             };
             let kp = KeyPair::from_pem(key).map_err(tls_err(format!("read the key of CA {name}")))?;
             Issuer::from_ca_cert_pem(cert, kp).map_err(tls_err(format!("read CA {name}")))?;

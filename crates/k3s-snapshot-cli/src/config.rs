@@ -65,12 +65,15 @@ pub fn merge(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Merged> {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if !explicit && e.kind() == std::io::ErrorKind::PermissionDenied => {
-            return Ok(Merged { argv, warnings: vec![format!("config file {} is not readable, ignored", path.display())] })
+            return Ok(Merged {
+                argv,
+                warnings: vec![format!("config file {} is not readable, ignored", path.display())],
+            })
         }
         Err(e) => return Err(e).with_context(|| format!("cannot read config file {}; fix --config", path.display())),
     };
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text)
-        .with_context(|| format!("config file {} is not valid YAML", path.display()))?;
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("config file {} is not valid YAML", path.display()))?;
     let map = match doc {
         serde_yaml::Value::Mapping(m) => m,
         serde_yaml::Value::Null => return Ok(Merged { argv, warnings: Vec::new() }),
@@ -154,10 +157,7 @@ pub use k3s_server_hooks::layout::default_data_dir;
 
 /// The node name default: the host name.
 pub fn default_node_name() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into())
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
 
 /// Parses durations like `5m`, `30s`, `1h`, `500ms`, `1h30m`, or plain seconds.

@@ -41,9 +41,12 @@ enum Command {
 
 fn init_logging(format: LogFormat, debug: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("K3S_SNAPSHOT_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(if debug { "debug,h2=info,hyper=info,tower=info,rustls=info" } else { "info" }));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let filter = EnvFilter::try_from_env("K3S_SNAPSHOT_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(if debug { "debug,h2=info,hyper=info,tower=info,rustls=info" } else { "info" })
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
@@ -168,9 +171,17 @@ mod tests {
     fn both_spellings_of_the_snapshot_and_s3_flags_parse() {
         for (dir, ret, compress, s3, bucket, folder) in [
             ("--dir", "--snapshot-retention", "--snapshot-compress", "--s3", "--s3-bucket", "--s3-folder"),
-            ("--etcd-snapshot-dir", "--etcd-snapshot-retention", "--etcd-snapshot-compress", "--etcd-s3", "--etcd-s3-bucket", "--etcd-s3-folder"),
+            (
+                "--etcd-snapshot-dir",
+                "--etcd-snapshot-retention",
+                "--etcd-snapshot-compress",
+                "--etcd-s3",
+                "--etcd-s3-bucket",
+                "--etcd-s3-folder",
+            ),
         ] {
-            let a = snapshot_args(&["etcd-snapshot", "prune", dir, "/x", ret, "3", compress, s3, bucket, "b", folder, "f"]);
+            let a =
+                snapshot_args(&["etcd-snapshot", "prune", dir, "/x", ret, "3", compress, s3, bucket, "b", folder, "f"]);
             assert!(matches!(a.command, Some(snapshot::SnapshotCommand::Prune)));
             assert_eq!(a.common.dir.as_deref(), Some(std::path::Path::new("/x")));
             assert_eq!(a.common.retention, 3);
@@ -199,10 +210,30 @@ mod tests {
     #[test]
     fn s3_options_all_parse() {
         let a = snapshot_args(&[
-            "etcd-snapshot", "--s3", "--s3-endpoint", "h:9000", "--s3-endpoint-ca", "/ca.pem", "--s3-skip-ssl-verify",
-            "--s3-access-key", "AK", "--s3-secret-key", "SK", "--s3-session-token", "ST", "--s3-region", "eu-west-1",
-            "--s3-insecure", "--s3-timeout", "30s", "--s3-retention", "-1", "--s3-bucket-lookup-type", "path",
-            "--s3-proxy", "http://proxy:3128",
+            "etcd-snapshot",
+            "--s3",
+            "--s3-endpoint",
+            "h:9000",
+            "--s3-endpoint-ca",
+            "/ca.pem",
+            "--s3-skip-ssl-verify",
+            "--s3-access-key",
+            "AK",
+            "--s3-secret-key",
+            "SK",
+            "--s3-session-token",
+            "ST",
+            "--s3-region",
+            "eu-west-1",
+            "--s3-insecure",
+            "--s3-timeout",
+            "30s",
+            "--s3-retention",
+            "-1",
+            "--s3-bucket-lookup-type",
+            "path",
+            "--s3-proxy",
+            "http://proxy:3128",
         ]);
         let s = &a.common.s3;
         assert_eq!(s.endpoint, "h:9000");

@@ -21,31 +21,75 @@ pub struct S3Args {
     #[arg(id = "etcd-s3", long = "etcd-s3", visible_alias = "s3", global = true)]
     pub enabled: bool,
     /// S3 endpoint, host[:port]
-    #[arg(id = "etcd-s3-endpoint", long = "etcd-s3-endpoint", visible_alias = "s3-endpoint", global = true, default_value = "s3.amazonaws.com")]
+    #[arg(
+        id = "etcd-s3-endpoint",
+        long = "etcd-s3-endpoint",
+        visible_alias = "s3-endpoint",
+        global = true,
+        default_value = "s3.amazonaws.com"
+    )]
     pub endpoint: String,
     /// PEM file of the CA that signed the S3 endpoint's certificate
     #[arg(id = "etcd-s3-endpoint-ca", long = "etcd-s3-endpoint-ca", visible_alias = "s3-endpoint-ca", global = true)]
     pub endpoint_ca: Option<PathBuf>,
     /// Do not verify the S3 endpoint's certificate
-    #[arg(id = "etcd-s3-skip-ssl-verify", long = "etcd-s3-skip-ssl-verify", visible_alias = "s3-skip-ssl-verify", global = true)]
+    #[arg(
+        id = "etcd-s3-skip-ssl-verify",
+        long = "etcd-s3-skip-ssl-verify",
+        visible_alias = "s3-skip-ssl-verify",
+        global = true
+    )]
     pub skip_ssl_verify: bool,
     /// S3 access key
-    #[arg(id = "etcd-s3-access-key", long = "etcd-s3-access-key", visible_alias = "s3-access-key", global = true, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    #[arg(
+        id = "etcd-s3-access-key",
+        long = "etcd-s3-access-key",
+        visible_alias = "s3-access-key",
+        global = true,
+        env = "AWS_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
     pub access_key: Option<String>,
     /// S3 secret key
-    #[arg(id = "etcd-s3-secret-key", long = "etcd-s3-secret-key", visible_alias = "s3-secret-key", global = true, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    #[arg(
+        id = "etcd-s3-secret-key",
+        long = "etcd-s3-secret-key",
+        visible_alias = "s3-secret-key",
+        global = true,
+        env = "AWS_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
     pub secret_key: Option<String>,
     /// S3 session token
-    #[arg(id = "etcd-s3-session-token", long = "etcd-s3-session-token", visible_alias = "s3-session-token", global = true, env = "AWS_SESSION_TOKEN", hide_env_values = true)]
+    #[arg(
+        id = "etcd-s3-session-token",
+        long = "etcd-s3-session-token",
+        visible_alias = "s3-session-token",
+        global = true,
+        env = "AWS_SESSION_TOKEN",
+        hide_env_values = true
+    )]
     pub session_token: Option<String>,
     /// S3 bucket
     #[arg(id = "etcd-s3-bucket", long = "etcd-s3-bucket", visible_alias = "s3-bucket", global = true)]
     pub bucket: Option<String>,
     /// S3 region
-    #[arg(id = "etcd-s3-region", long = "etcd-s3-region", visible_alias = "s3-region", global = true, default_value = "us-east-1")]
+    #[arg(
+        id = "etcd-s3-region",
+        long = "etcd-s3-region",
+        visible_alias = "s3-region",
+        global = true,
+        default_value = "us-east-1"
+    )]
     pub region: String,
     /// Folder (key prefix) in the bucket
-    #[arg(id = "etcd-s3-folder", long = "etcd-s3-folder", visible_alias = "s3-folder", global = true, default_value = "")]
+    #[arg(
+        id = "etcd-s3-folder",
+        long = "etcd-s3-folder",
+        visible_alias = "s3-folder",
+        global = true,
+        default_value = ""
+    )]
     pub folder: String,
     /// Talk to S3 over plain http
     #[arg(id = "etcd-s3-insecure", long = "etcd-s3-insecure", visible_alias = "s3-insecure", global = true)]
@@ -54,10 +98,24 @@ pub struct S3Args {
     #[arg(id = "etcd-s3-timeout", long = "etcd-s3-timeout", visible_alias = "s3-timeout", global = true, default_value = "5m", value_parser = crate::config::parse_duration)]
     pub timeout: Duration,
     /// Number of snapshots to keep in S3 per name prefix, across nodes (< 1 keeps all)
-    #[arg(id = "etcd-s3-retention", long = "etcd-s3-retention", visible_alias = "s3-retention", global = true, default_value_t = 5, allow_negative_numbers = true)]
+    #[arg(
+        id = "etcd-s3-retention",
+        long = "etcd-s3-retention",
+        visible_alias = "s3-retention",
+        global = true,
+        default_value_t = 5,
+        allow_negative_numbers = true
+    )]
     pub retention: i64,
     /// Bucket addressing: auto, dns (virtual host) or path
-    #[arg(id = "etcd-s3-bucket-lookup-type", long = "etcd-s3-bucket-lookup-type", visible_alias = "s3-bucket-lookup-type", global = true, value_enum, default_value = "auto")]
+    #[arg(
+        id = "etcd-s3-bucket-lookup-type",
+        long = "etcd-s3-bucket-lookup-type",
+        visible_alias = "s3-bucket-lookup-type",
+        global = true,
+        value_enum,
+        default_value = "auto"
+    )]
     pub bucket_lookup: BucketLookup,
     /// Proxy URL for S3 requests
     #[arg(id = "etcd-s3-proxy", long = "etcd-s3-proxy", visible_alias = "s3-proxy", global = true)]

@@ -91,7 +91,13 @@ pub struct CommonArgs {
     #[arg(long = "snapshot-compress", visible_alias = "etcd-snapshot-compress", global = true)]
     pub compress: bool,
     /// Number of snapshots of --name to keep when pruning (< 1 keeps all)
-    #[arg(long = "snapshot-retention", visible_alias = "etcd-snapshot-retention", global = true, default_value_t = 5, allow_negative_numbers = true)]
+    #[arg(
+        long = "snapshot-retention",
+        visible_alias = "etcd-snapshot-retention",
+        global = true,
+        default_value_t = 5,
+        allow_negative_numbers = true
+    )]
     pub retention: i64,
     /// Cluster token, for the token hash in snapshot metadata [default: ${data-dir}/server/token]
     #[arg(short = 't', long, global = true, env = "K3S_TOKEN", hide_env_values = true)]
@@ -179,18 +185,25 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
         Err(e) => return Err(e),
     };
     let mut conn = common.etcd_config()?.connect().await?;
-    let opts = SaveOptions { prefix: common.name.clone(), node, compress: common.compress, token_hash: common.token_hash() };
+    let opts =
+        SaveOptions { prefix: common.name.clone(), node, compress: common.compress, token_hash: common.token_hash() };
     let progress = bar();
     let outcome = save_and_upload(&mut conn, &local, remote.as_deref(), &opts, progress.as_ref(), cancel).await?;
     let saved = &outcome.local;
     let mut out = std::io::stdout().lock();
     writeln!(out, "Snapshot {} saved to {}", saved.metadata.name, local.location(&saved.metadata.name))?;
     if let Some(e) = remote_err {
-        bail!("snapshot {} is saved locally at {}, but it was not uploaded: {e:#}", saved.metadata.name, saved.path.display());
+        bail!(
+            "snapshot {} is saved locally at {}, but it was not uploaded: {e:#}",
+            saved.metadata.name,
+            saved.path.display()
+        );
     }
     if let (Some(remote), Some(upload)) = (&remote, outcome.upload) {
         match upload {
-            Ok(_) => writeln!(out, "Snapshot {} uploaded to {}", saved.metadata.name, remote.location(&saved.metadata.name))?,
+            Ok(_) => {
+                writeln!(out, "Snapshot {} uploaded to {}", saved.metadata.name, remote.location(&saved.metadata.name))?
+            }
             Err(e) => bail!(
                 "snapshot {} is saved locally at {}, but the upload to {} failed: {e}",
                 saved.metadata.name,
@@ -222,7 +235,14 @@ async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
 fn print_table(out: &mut impl Write, entries: &[SnapshotEntry]) -> std::io::Result<()> {
     let rows: Vec<[String; 4]> = entries
         .iter()
-        .map(|e| [e.name.clone(), e.location.clone(), e.size.to_string(), e.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)])
+        .map(|e| {
+            [
+                e.name.clone(),
+                e.location.clone(),
+                e.size.to_string(),
+                e.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ]
+        })
         .collect();
     let header = ["Name", "Location", "Size", "Created"].map(String::from);
     let mut widths = header.clone().map(|h| h.len());
@@ -232,7 +252,17 @@ fn print_table(out: &mut impl Write, entries: &[SnapshotEntry]) -> std::io::Resu
         }
     }
     for r in std::iter::once(&header).chain(rows.iter()) {
-        writeln!(out, "{:<w0$}  {:<w1$}  {:<w2$}  {}", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2])?;
+        writeln!(
+            out,
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2]
+        )?;
     }
     Ok(())
 }
@@ -274,7 +304,8 @@ async fn prune_cmd(common: &CommonArgs) -> anyhow::Result<()> {
     name::validate_prefix(&common.name).context("--name")?;
     let node = common.node();
     let local = common.local_store();
-    let deleted = prune(&local, &RetentionPolicy { prefix: &common.name, node: Some(&node), keep: common.retention }).await?;
+    let deleted =
+        prune(&local, &RetentionPolicy { prefix: &common.name, node: Some(&node), keep: common.retention }).await?;
     for d in &deleted {
         println!("Pruned {}", local.location(d));
     }

@@ -71,19 +71,9 @@ pub enum BoltError {
         "snapshot {} is truncated: {what} ends at byte {end} past the end of the file (len {len})",
         .path.display()
     )]
-    Truncated {
-        path: PathBuf,
-        what: String,
-        end: u64,
-        len: u64,
-    },
+    Truncated { path: PathBuf, what: String, end: u64, len: u64 },
     #[error("snapshot {} is corrupt: page {page} (byte offset {offset}): {detail}", .path.display())]
-    Corrupt {
-        path: PathBuf,
-        page: u64,
-        offset: u64,
-        detail: String,
-    },
+    Corrupt { path: PathBuf, page: u64, offset: u64, detail: String },
 }
 
 /// A bucket header: root page id (0 for inline buckets) and sequence.
@@ -136,9 +126,7 @@ impl Meta {
     /// Decodes and validates (magic, version, checksum) a meta structure;
     /// `buf` starts right after the page header.
     pub fn parse(buf: &[u8]) -> Result<Meta, String> {
-        let b = buf
-            .get(..META_SIZE)
-            .ok_or_else(|| format!("only {} bytes, a meta needs {META_SIZE}", buf.len()))?;
+        let b = buf.get(..META_SIZE).ok_or_else(|| format!("only {} bytes, a meta needs {META_SIZE}", buf.len()))?;
         let r32 = |o| le_u32(b, o).unwrap_or(0);
         let r64 = |o| le_u64(b, o).unwrap_or(0);
         let m = Meta {
@@ -146,10 +134,7 @@ impl Meta {
             version: r32(4),
             page_size: r32(8),
             flags: r32(12),
-            root: BucketHeader {
-                root: r64(16),
-                sequence: r64(24),
-            },
+            root: BucketHeader { root: r64(16), sequence: r64(24) },
             freelist: r64(32),
             pgid: r64(40),
             txid: r64(48),
@@ -163,10 +148,7 @@ impl Meta {
         }
         let sum = fnv1a64(&b[..META_CHECKSUM_OFFSET]);
         if sum != m.checksum {
-            return Err(format!(
-                "checksum mismatch (stored {:#018x}, computed {sum:#018x})",
-                m.checksum
-            ));
+            return Err(format!("checksum mismatch (stored {:#018x}, computed {sum:#018x})", m.checksum));
         }
         Ok(m)
     }
@@ -206,16 +188,10 @@ struct Page<'a> {
 
 impl<'a> Page<'a> {
     fn check_count(&self) -> Result<(), String> {
-        let need = usize::from(self.count)
-            .checked_mul(ELEMENT_SIZE)
-            .and_then(|n| n.checked_add(PAGE_HEADER_SIZE));
+        let need = usize::from(self.count).checked_mul(ELEMENT_SIZE).and_then(|n| n.checked_add(PAGE_HEADER_SIZE));
         match need {
             Some(n) if n <= self.buf.len() => Ok(()),
-            _ => Err(format!(
-                "element count {} does not fit in the page ({} bytes)",
-                self.count,
-                self.buf.len()
-            )),
+            _ => Err(format!("element count {} does not fit in the page ({} bytes)", self.count, self.buf.len())),
         }
     }
 
@@ -249,15 +225,12 @@ impl<'a> Page<'a> {
     /// Leaf element `i`: (flags, key, value).
     fn leaf(&self, i: usize) -> Result<(u32, &'a [u8], &'a [u8]), String> {
         let eo = PAGE_HEADER_SIZE + i * ELEMENT_SIZE;
-        let (flags, pos, ksize, vsize) = match (
-            le_u32(self.buf, eo),
-            le_u32(self.buf, eo + 4),
-            le_u32(self.buf, eo + 8),
-            le_u32(self.buf, eo + 12),
-        ) {
-            (Some(f), Some(p), Some(k), Some(v)) => (f, p, k, v),
-            _ => return Err(format!("leaf element {i} lies outside the page")),
-        };
+        let (flags, pos, ksize, vsize) =
+            match (le_u32(self.buf, eo), le_u32(self.buf, eo + 4), le_u32(self.buf, eo + 8), le_u32(self.buf, eo + 12))
+            {
+                (Some(f), Some(p), Some(k), Some(v)) => (f, p, k, v),
+                _ => return Err(format!("leaf element {i} lies outside the page")),
+            };
         let (ks, ke, ve) = self.elem_range(i, pos, ksize, vsize).ok_or_else(|| {
             format!(
                 "leaf element {i} (pos {pos}, key size {ksize}, value size {vsize}) runs past the end of the page ({} bytes)",
@@ -311,35 +284,23 @@ impl fmt::Debug for Db {
 impl Db {
     /// Opens a bbolt file; the whole file is the database image.
     pub fn open(path: &Path) -> Result<Db, BoltError> {
-        let file = File::open(path).map_err(|source| BoltError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| BoltError::Io { path: path.to_path_buf(), source })?;
         Self::open_file(path, &file, None)
     }
 
     /// Opens a bbolt file whose database image is only the first `image_len`
     /// bytes (e.g. an etcd snapshot followed by its sha256 trailer).
     pub fn open_image(path: &Path, image_len: u64) -> Result<Db, BoltError> {
-        let file = File::open(path).map_err(|source| BoltError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let file = File::open(path).map_err(|source| BoltError::Io { path: path.to_path_buf(), source })?;
         Self::open_file(path, &file, Some(image_len))
     }
 
     /// Maps an already opened file. `image_len` defaults to the file length.
     pub fn open_file(path: &Path, file: &File, image_len: Option<u64>) -> Result<Db, BoltError> {
-        let io_err = |source| BoltError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let io_err = |source| BoltError::Io { path: path.to_path_buf(), source };
         let len = file.metadata().map_err(io_err)?.len();
         if len == 0 {
-            return Err(BoltError::NotBolt {
-                path: path.to_path_buf(),
-                reason: "the file is empty".into(),
-            });
+            return Err(BoltError::NotBolt { path: path.to_path_buf(), reason: "the file is empty".into() });
         }
         if usize::try_from(len).is_err() {
             return Err(BoltError::NotBolt {
@@ -374,14 +335,7 @@ impl Db {
         };
         let data = &backing.bytes()[..image_len];
         let (page_size, meta, meta_page) = Self::read_metas(&path, data)?;
-        let db = Db {
-            path,
-            backing,
-            image_len,
-            page_size,
-            meta,
-            meta_page,
-        };
+        let db = Db { path, backing, image_len, page_size, meta, meta_page };
         db.validate_meta()?;
         Ok(db)
     }
@@ -510,12 +464,7 @@ impl Db {
 
     /// The root bucket.
     pub fn root(&self) -> Bucket<'_> {
-        Bucket {
-            db: self,
-            header: self.meta.root,
-            inline: None,
-            loc: self.meta_loc(),
-        }
+        Bucket { db: self, header: self.meta.root, inline: None, loc: self.meta_loc() }
     }
 
     /// Structural check of the whole database (like bbolt's `tx.Check`):
@@ -527,11 +476,7 @@ impl Db {
     }
 
     fn meta_loc(&self) -> Loc {
-        Loc {
-            page: self.meta_page,
-            offset: self.meta_page * u64::from(self.page_size),
-            inline: false,
-        }
+        Loc { page: self.meta_page, offset: self.meta_page * u64::from(self.page_size), inline: false }
     }
 
     fn corrupt_at(&self, page: u64, detail: String) -> BoltError {
@@ -549,11 +494,7 @@ impl Db {
             path: self.path.clone(),
             page: loc.page,
             offset: loc.offset,
-            detail: if loc.inline {
-                format!("inline bucket page: {detail}")
-            } else {
-                detail
-            },
+            detail: if loc.inline { format!("inline bucket page: {detail}") } else { detail },
         }
     }
 
@@ -567,24 +508,19 @@ impl Db {
         let ps = u64::from(self.page_size);
         let hwm = self.meta.pgid;
         let offset = id.saturating_mul(ps);
-        let loc = Loc {
-            page: id,
-            offset,
-            inline: false,
-        };
+        let loc = Loc { page: id, offset, inline: false };
         if id >= hwm {
             return Err(self.corrupt(loc, format!("page id is at or above the high-water mark {hwm}")));
         }
         let data = self.image();
-        let hdr = usize::try_from(offset)
-            .ok()
-            .and_then(|o| data.get(o..o.checked_add(PAGE_HEADER_SIZE)?))
-            .ok_or_else(|| BoltError::Truncated {
+        let hdr = usize::try_from(offset).ok().and_then(|o| data.get(o..o.checked_add(PAGE_HEADER_SIZE)?)).ok_or_else(
+            || BoltError::Truncated {
                 path: self.path.clone(),
                 what: format!("page {id}"),
                 end: offset.saturating_add(PAGE_HEADER_SIZE as u64),
                 len: self.image_len as u64,
-            })?;
+            },
+        )?;
         let hid = le_u64(hdr, 0).unwrap_or(0);
         let flags = le_u16(hdr, 8).unwrap_or(0);
         let count = le_u16(hdr, 10).unwrap_or(0);
@@ -594,37 +530,25 @@ impl Db {
         }
         let last = id.checked_add(u64::from(overflow));
         if last.is_none_or(|l| l >= hwm) {
-            return Err(self.corrupt(
-                loc,
-                format!("page with {overflow} overflow pages extends past the high-water mark {hwm}"),
-            ));
+            return Err(self
+                .corrupt(loc, format!("page with {overflow} overflow pages extends past the high-water mark {hwm}")));
         }
         let end = (u64::from(overflow) + 1).checked_mul(ps).and_then(|s| s.checked_add(offset));
-        let buf = end
-            .and_then(|e| usize::try_from(e).ok())
-            .and_then(|e| data.get(offset as usize..e))
-            .ok_or_else(|| BoltError::Truncated {
-                path: self.path.clone(),
-                what: format!("page {id}"),
-                end: end.unwrap_or(u64::MAX),
-                len: self.image_len as u64,
+        let buf =
+            end.and_then(|e| usize::try_from(e).ok()).and_then(|e| data.get(offset as usize..e)).ok_or_else(|| {
+                BoltError::Truncated {
+                    path: self.path.clone(),
+                    what: format!("page {id}"),
+                    end: end.unwrap_or(u64::MAX),
+                    len: self.image_len as u64,
+                }
             })?;
-        Ok(Page {
-            loc,
-            flags,
-            count,
-            overflow,
-            buf,
-        })
+        Ok(Page { loc, flags, count, overflow, buf })
     }
 
     /// Decodes an inline bucket page stored in `bytes` (the value after the bucket header).
     fn inline_page<'a>(&'a self, bytes: &'a [u8], parent: Loc) -> Result<Page<'a>, BoltError> {
-        let loc = Loc {
-            page: parent.page,
-            offset: self.offset_of(bytes),
-            inline: true,
-        };
+        let loc = Loc { page: parent.page, offset: self.offset_of(bytes), inline: true };
         if bytes.len() < PAGE_HEADER_SIZE {
             return Err(self.corrupt(loc, format!("only {} bytes, shorter than a page header", bytes.len())));
         }
@@ -633,13 +557,7 @@ impl Db {
         if flags != FLAG_LEAF {
             return Err(self.corrupt(loc, format!("page type is {}, expected leaf", flags_name(flags))));
         }
-        Ok(Page {
-            loc,
-            flags,
-            count,
-            overflow: 0,
-            buf: bytes,
-        })
+        Ok(Page { loc, flags, count, overflow: 0, buf: bytes })
     }
 
     fn bucket_from_value<'a>(&'a self, key: &[u8], value: &'a [u8], loc: Loc) -> Result<Bucket<'a>, BoltError> {
@@ -653,17 +571,8 @@ impl Db {
                 ),
             ));
         };
-        let inline = if root == 0 {
-            Some(value.get(BUCKET_HEADER_SIZE..).unwrap_or(&[]))
-        } else {
-            None
-        };
-        Ok(Bucket {
-            db: self,
-            header: BucketHeader { root, sequence },
-            inline,
-            loc,
-        })
+        let inline = if root == 0 { Some(value.get(BUCKET_HEADER_SIZE..).unwrap_or(&[])) } else { None };
+        Ok(Bucket { db: self, header: BucketHeader { root, sequence }, inline, loc })
     }
 }
 
@@ -728,10 +637,9 @@ impl<'a> Bucket<'a> {
             Some(bytes) => db.inline_page(bytes, self.loc)?,
             None => {
                 if self.header.root < 2 {
-                    return Err(db.corrupt(
-                        self.loc,
-                        format!("bucket root page {} is not a data page", self.header.root),
-                    ));
+                    return Err(
+                        db.corrupt(self.loc, format!("bucket root page {} is not a data page", self.header.root))
+                    );
                 }
                 db.page(self.header.root)?
             }
@@ -782,10 +690,7 @@ impl<'a> Bucket<'a> {
                     return Ok(None);
                 }
                 f => {
-                    return Err(db.corrupt(
-                        page.loc,
-                        format!("page type is {}, expected branch or leaf", flags_name(f)),
-                    ))
+                    return Err(db.corrupt(page.loc, format!("page type is {}, expected branch or leaf", flags_name(f))))
                 }
             }
         }
@@ -813,10 +718,7 @@ impl BitSet {
     }
 
     fn get(&self, i: u64) -> bool {
-        usize::try_from(i / 64)
-            .ok()
-            .and_then(|w| self.words.get(w))
-            .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+        usize::try_from(i / 64).ok().and_then(|w| self.words.get(w)).is_some_and(|w| w & (1u64 << (i % 64)) != 0)
     }
 
     fn set(&mut self, i: u64) {
@@ -859,17 +761,13 @@ impl<'a> Checker<'a> {
         if fl != NO_FREELIST {
             let hwm = db.meta.pgid;
             if fl < 2 || fl >= hwm {
-                return Err(db.corrupt(
-                    db.meta_loc(),
-                    format!("meta freelist page {fl} is outside the data pages [2, {hwm})"),
-                ));
+                return Err(
+                    db.corrupt(db.meta_loc(), format!("meta freelist page {fl} is outside the data pages [2, {hwm})"))
+                );
             }
             let p = db.page(fl)?;
             if p.flags != FLAG_FREELIST {
-                return Err(db.corrupt(
-                    p.loc,
-                    format!("page type is {}, expected freelist", flags_name(p.flags)),
-                ));
+                return Err(db.corrupt(p.loc, format!("page type is {}, expected freelist", flags_name(p.flags))));
             }
             for i in 0..=u64::from(p.overflow) {
                 c.reachable.set(fl + i);
@@ -894,10 +792,9 @@ impl<'a> Checker<'a> {
             for i in first..first + count {
                 let id = le_u64(p.buf, PAGE_HEADER_SIZE + (i as usize) * 8).unwrap_or(0);
                 if id < 2 || id >= hwm {
-                    return Err(db.corrupt(
-                        p.loc,
-                        format!("freelist lists page {id}, outside the data pages [2, {hwm})"),
-                    ));
+                    return Err(
+                        db.corrupt(p.loc, format!("freelist lists page {id}, outside the data pages [2, {hwm})"))
+                    );
                 }
                 if c.freed.get(id) {
                     return Err(db.corrupt(p.loc, format!("freelist lists page {id} twice")));
@@ -976,10 +873,9 @@ impl<'a> Checker<'a> {
                 self.bytes_left = b;
                 Ok(())
             }
-            _ => Err(self.db.corrupt(
-                loc,
-                "elements overlap: the walk found more elements or key/value bytes than the file holds",
-            )),
+            _ => Err(self
+                .db
+                .corrupt(loc, "elements overlap: the walk found more elements or key/value bytes than the file holds")),
         }
     }
 
@@ -1044,9 +940,7 @@ impl<'a> Checker<'a> {
         }
         let hwm = db.meta.pgid;
         if pgid < 2 || pgid >= hwm {
-            return Err(db
-                .corrupt(from, format!("references page {pgid}, outside the data pages [2, {hwm})"))
-                .into());
+            return Err(db.corrupt(from, format!("references page {pgid}, outside the data pages [2, {hwm})")).into());
         }
         if self.reachable.get(pgid) {
             return Err(db.corrupt(from, format!("page {pgid} is referenced more than once")).into());
@@ -1065,9 +959,7 @@ impl<'a> Checker<'a> {
         let r = match p.flags {
             FLAG_BRANCH => self.walk_branch(p, min, max, visit),
             FLAG_LEAF => self.walk_leaf(p, min, max, visit),
-            f => Err(db
-                .corrupt(p.loc, format!("page type is {}, expected branch or leaf", flags_name(f)))
-                .into()),
+            f => Err(db.corrupt(p.loc, format!("page type is {}, expected branch or leaf", flags_name(f))).into()),
         };
         self.depth -= 1;
         r
@@ -1092,11 +984,7 @@ impl<'a> Checker<'a> {
         for i in 0..n {
             self.charge(p.loc, key.len())?;
             self.check_order(p.loc, "branch", i, key, running, max)?;
-            let next = if i + 1 < n {
-                Some(p.branch(i + 1).map_err(|d| db.corrupt(p.loc, d))?)
-            } else {
-                None
-            };
+            let next = if i + 1 < n { Some(p.branch(i + 1).map_err(|d| db.corrupt(p.loc, d))?) } else { None };
             let upper = next.map(|(k, _)| k).or(max);
             let sub_max = self.walk_page(child, p.loc, Some(key), upper, visit)?;
             last = sub_max.or(Some(key));
@@ -1202,10 +1090,7 @@ pub(crate) mod testdb {
 
     impl Builder {
         pub(crate) fn new(ps: usize) -> Builder {
-            Builder {
-                ps,
-                pages: vec![vec![0; ps], vec![0; ps]],
-            }
+            Builder { ps, pages: vec![vec![0; ps], vec![0; ps]] }
         }
 
         /// Stores `body` (whose header id is patched) at the next free page id.
@@ -1298,19 +1183,9 @@ mod tests {
         let a = bucket_value(0, 0, &[(0, b"k1", b"v1"), (0, b"k2", b"v2")]);
         let bv = bucket_value(branch_b, 7, &[]);
         let cv = bucket_value(bucket_c, 0, &[]);
-        let root = b.leaf(&[
-            (LEAF_FLAG_BUCKET, b"a", &a),
-            (LEAF_FLAG_BUCKET, b"b", &bv),
-            (LEAF_FLAG_BUCKET, b"c", &cv),
-        ]);
-        Sample {
-            bytes: b.finish(root, NO_FREELIST),
-            leaf_b1,
-            leaf_b2,
-            branch_b,
-            bucket_c,
-            root,
-        }
+        let root =
+            b.leaf(&[(LEAF_FLAG_BUCKET, b"a", &a), (LEAF_FLAG_BUCKET, b"b", &bv), (LEAF_FLAG_BUCKET, b"c", &cv)]);
+        Sample { bytes: b.finish(root, NO_FREELIST), leaf_b1, leaf_b2, branch_b, bucket_c, root }
     }
 
     fn open(bytes: Vec<u8>) -> Result<Db, BoltError> {
@@ -1396,7 +1271,9 @@ mod tests {
 
     #[test]
     fn rejects_files_that_are_not_bbolt() {
-        for bytes in [vec![], vec![0u8; 10], vec![0u8; 1 << 16], (0..100_000u32).map(|i| (i * 7919 % 251) as u8).collect()] {
+        for bytes in
+            [vec![], vec![0u8; 10], vec![0u8; 1 << 16], (0..100_000u32).map(|i| (i * 7919 % 251) as u8).collect()]
+        {
             let e = open(bytes).unwrap_err().to_string();
             assert!(e.starts_with("snapshot /t/snap.db is not a bbolt database: "), "{e}");
         }
@@ -1453,7 +1330,10 @@ mod tests {
         let mut bytes = s.bytes.clone();
         put_u64(&mut bytes, page_off(ps, s.leaf_b2), 999);
         let e = check_err(bytes);
-        assert!(e.contains(&format!("page {} (byte offset", s.leaf_b2)) && e.contains("page header says it is page 999"), "{e}");
+        assert!(
+            e.contains(&format!("page {} (byte offset", s.leaf_b2)) && e.contains("page header says it is page 999"),
+            "{e}"
+        );
         // Overflow past the high-water mark.
         let mut bytes = s.bytes.clone();
         let o = page_off(ps, s.leaf_b2) + 12;
@@ -1500,7 +1380,10 @@ mod tests {
         let hdr = pos - 32;
         bytes[hdr + 8..hdr + 10].copy_from_slice(&FLAG_BRANCH.to_le_bytes());
         let e = check_err(bytes);
-        assert!(e.contains(&format!("page {} (byte offset {hdr}): inline bucket page: page type is branch", s.bucket_c)), "{e}");
+        assert!(
+            e.contains(&format!("page {} (byte offset {hdr}): inline bucket page: page type is branch", s.bucket_c)),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1522,7 +1405,8 @@ mod tests {
         let l2 = b.leaf(&[(0, b"c", b"")]);
         let br = b.branch(&[(b"b", l1), (b"c", l2)]);
         let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"x", &bucket_value(br, 0, &[]))]);
-        assert!(check_err(b.finish(root, NO_FREELIST)).contains("first leaf key 61 is below its key 62 in the parent branch"));
+        assert!(check_err(b.finish(root, NO_FREELIST))
+            .contains("first leaf key 61 is below its key 62 in the parent branch"));
 
         // Child's key not below the next branch key.
         let mut b = Builder::new(PS);
@@ -1530,7 +1414,8 @@ mod tests {
         let l2 = b.leaf(&[(0, b"c", b"")]);
         let br = b.branch(&[(b"a", l1), (b"c", l2)]);
         let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"x", &bucket_value(br, 0, &[]))]);
-        assert!(check_err(b.finish(root, NO_FREELIST)).contains("leaf key[1] 64 is not below the next key 63 in the parent branch"));
+        assert!(check_err(b.finish(root, NO_FREELIST))
+            .contains("leaf key[1] 64 is not below the next key 63 in the parent branch"));
 
         // Inline bucket out of order.
         let mut b = Builder::new(PS);

@@ -60,7 +60,13 @@ pub fn extract_single(zip_path: &Path, into_dir: &Path) -> Result<PathBuf> {
     }
     let mut entry = archive.by_index(0).map_err(|e| zerr(e.to_string()))?;
     let name = entry.name().to_string();
-    if name.is_empty() || name.contains('/') || name.contains('\\') || name.contains("..") || name.starts_with('.') || entry.is_dir() {
+    if name.is_empty()
+        || name.contains('/')
+        || name.contains('\\')
+        || name.contains("..")
+        || name.starts_with('.')
+        || entry.is_dir()
+    {
         return Err(zerr(format!("entry {name:?} has a path; a snapshot zip holds one plain file name")));
     }
     let out_path = into_dir.join(&name);

@@ -26,7 +26,10 @@ pub enum Error {
     EtcdUnreachable { endpoints: String, cause: etcd_client::Error },
 
     #[cfg(feature = "etcd")]
-    #[error("etcd snapshot stream from {endpoints} failed after {received} bytes: {}; no snapshot was kept", one_line(cause))]
+    #[error(
+        "etcd snapshot stream from {endpoints} failed after {received} bytes: {}; no snapshot was kept",
+        one_line(cause)
+    )]
     EtcdStream { endpoints: String, received: u64, cause: etcd_client::Error },
 
     #[cfg(feature = "etcd")]

@@ -77,7 +77,9 @@ impl EtcdClientConfig {
     /// [`CONNECT_TIMEOUT`], with a message that names it.
     pub async fn connect(&self) -> Result<EtcdConnection> {
         if self.endpoints.is_empty() {
-            return Err(Error::Invalid("no etcd endpoint: give --etcd-endpoints or --data-dir of a running server".into()));
+            return Err(Error::Invalid(
+                "no etcd endpoint: give --etcd-endpoints or --data-dir of a running server".into(),
+            ));
         }
         for e in &self.endpoints {
             if !(e.starts_with("http://") || e.starts_with("https://")) {

@@ -28,12 +28,14 @@ pub async fn list_snapshots(store: &dyn SnapshotStore, with_metadata: bool) -> R
     while let Some(obj) = listing.next().await {
         let obj = obj?;
         let Some(parsed) = name::parse(&obj.key) else { continue };
-        let created = Utc
-            .timestamp_opt(parsed.timestamp, 0)
-            .single()
-            .or(obj.modified)
-            .unwrap_or_else(Utc::now);
-        entries.push(SnapshotEntry { location: store.location(&obj.key), name: obj.key, size: obj.size, created, metadata: None });
+        let created = Utc.timestamp_opt(parsed.timestamp, 0).single().or(obj.modified).unwrap_or_else(Utc::now);
+        entries.push(SnapshotEntry {
+            location: store.location(&obj.key),
+            name: obj.key,
+            size: obj.size,
+            created,
+            metadata: None,
+        });
     }
     drop(listing);
     if with_metadata {

@@ -350,7 +350,11 @@ fn user_metadata(node: &str, token_hash: Option<&str>) -> Vec<(String, String)> 
 
 async fn put_metadata(remote: &dyn crate::store::SnapshotStore, saved: &SavedSnapshot) -> Result<()> {
     let doc = Bytes::from(saved.metadata.to_json());
-    let opts = PutOptions { content_type: "application/json".into(), user_metadata: Vec::new(), size_hint: Some(doc.len() as u64) };
+    let opts = PutOptions {
+        content_type: "application/json".into(),
+        user_metadata: Vec::new(),
+        size_hint: Some(doc.len() as u64),
+    };
     remote
         .put(&SnapshotMetadata::key_for(&saved.metadata.name), futures::stream::once(async { Ok(doc) }).boxed(), opts)
         .await?;

@@ -42,11 +42,7 @@ pub enum StatusError {
         "snapshot {} failed its sha256 integrity check: the trailer says {expected} but the data hashes to {actual}",
         .path.display()
     )]
-    TrailerMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    TrailerMismatch { path: PathBuf, expected: String, actual: String },
     #[error("snapshot {} is not an etcd snapshot: top-level key {name:?} is not a bucket", .path.display())]
     NotABucket { path: PathBuf, name: String },
     #[error(
@@ -138,10 +134,7 @@ impl SnapshotStatus {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StatusError + '_ {
-    move |source| StatusError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StatusError::Io { path: path.to_path_buf(), source }
 }
 
 fn has_trailer(file_len: u64) -> bool {
@@ -153,10 +146,7 @@ fn compare_trailer(computed: &[u8], stored: &[u8]) -> TrailerStatus {
     if computed == stored {
         TrailerStatus::Valid { sha256: actual }
     } else {
-        TrailerStatus::Mismatch {
-            expected: hex::encode(stored),
-            actual,
-        }
+        TrailerStatus::Mismatch { expected: hex::encode(stored), actual }
     }
 }
 
@@ -276,11 +266,7 @@ impl Acc {
         };
         match be_u64(v) {
             Some(n) => *slot = Some(n),
-            None => self.warnings.push(format!(
-                "meta/{} is {} bytes, expected 8",
-                String::from_utf8_lossy(k),
-                v.len()
-            )),
+            None => self.warnings.push(format!("meta/{} is {} bytes, expected 8", String::from_utf8_lossy(k), v.len())),
         }
     }
 
@@ -294,9 +280,7 @@ impl Acc {
                 client_urls: m.client_urls,
                 is_learner: m.is_learner,
             }),
-            Err(e) => self
-                .warnings
-                .push(format!("members entry {key} is not a valid member record: {e}")),
+            Err(e) => self.warnings.push(format!("members entry {key} is not a valid member record: {e}")),
         }
     }
 }
@@ -492,13 +476,7 @@ pub(crate) mod etcdtest {
                 .stderr(log)
                 .spawn()
                 .unwrap();
-            let etcd = Etcd {
-                child,
-                endpoint: client,
-                dir,
-                bins,
-                user: None,
-            };
+            let etcd = Etcd { child, endpoint: client, dir, bins, user: None };
             let deadline = Instant::now() + Duration::from_secs(20);
             while !etcd.healthy(cp) {
                 assert!(Instant::now() < deadline, "etcd did not become healthy: {}", etcd.log());
@@ -541,11 +519,7 @@ pub(crate) mod etcdtest {
                 si.write_all(input).unwrap();
             }
             let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "etcdctl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "etcdctl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
             String::from_utf8_lossy(&out.stdout).into_owned()
         }
 

@@ -66,18 +66,12 @@ pub trait SnapshotStore: Send + Sync {
 
 /// Creates a directory and its missing parents with mode 0700.
 pub fn create_private_dir(path: &Path) -> Result<()> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(Error::io("create directory", path))
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(Error::io("create directory", path))
 }
 
 /// fsyncs a directory so that a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io("fsync directory", dir))
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("fsync directory", dir))
 }
 
 /// Renames `from` to `to` and makes the rename durable.
@@ -91,12 +85,7 @@ pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let part = part_path(path);
     let res = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&part)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&part)?;
         f.write_all(bytes)?;
         f.sync_all()
     })();
@@ -380,7 +369,11 @@ mod tests {
         let store = LocalStore::new(tmp.path().join("db/snapshots"));
         store.ensure_dirs().unwrap();
         let n = store
-            .put("a-n-1", body(vec![Ok(Bytes::from_static(b"hello ")), Ok(Bytes::from_static(b"world"))]), PutOptions::default())
+            .put(
+                "a-n-1",
+                body(vec![Ok(Bytes::from_static(b"hello ")), Ok(Bytes::from_static(b"world"))]),
+                PutOptions::default(),
+            )
             .await
             .unwrap();
         assert_eq!(n, 11);
@@ -397,7 +390,11 @@ mod tests {
         let store = LocalStore::new(tmp.path().join("snapshots"));
         store.put("k-n-1", body(vec![Ok(Bytes::from_static(b"old"))]), PutOptions::default()).await.unwrap();
         let err = store
-            .put("k-n-1", body(vec![Ok(Bytes::from_static(b"new")), Err(std::io::Error::other("boom"))]), PutOptions::default())
+            .put(
+                "k-n-1",
+                body(vec![Ok(Bytes::from_static(b"new")), Err(std::io::Error::other("boom"))]),
+                PutOptions::default(),
+            )
             .await
             .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");

@@ -173,9 +173,9 @@ pub async fn fetch_metadata(store: &dyn SnapshotStore, file: &str) -> Result<Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::LocalStore;
     use bytes::Bytes;
     use chrono::Utc;
-    use crate::store::LocalStore;
     use std::os::unix::fs::PermissionsExt;
 
     fn meta(file: &str, data: &[u8]) -> SnapshotMetadata {

@@ -35,7 +35,9 @@ pub enum S3Error {
     #[error("cannot connect to s3 endpoint {endpoint}: {detail}; check --etcd-s3-endpoint and that the s3 server is running")]
     Unreachable { endpoint: String, detail: String },
 
-    #[error("tls with s3 endpoint {endpoint} failed: {detail}; pass --etcd-s3-endpoint-ca or --etcd-s3-skip-ssl-verify")]
+    #[error(
+        "tls with s3 endpoint {endpoint} failed: {detail}; pass --etcd-s3-endpoint-ca or --etcd-s3-skip-ssl-verify"
+    )]
     Certificate { endpoint: String, detail: String },
 
     #[error("tls with s3 endpoint {endpoint} failed: {detail}; check that the endpoint speaks https, or pass --etcd-s3-insecure for plain http")]

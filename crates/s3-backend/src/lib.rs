@@ -16,9 +16,11 @@ mod store;
 
 pub use config::{format_duration, BucketLookup, S3Config, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT};
 pub use error::S3Error;
-pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.
-pub use k3s_snapshot_core::transfer::{download_snapshot, download_snapshot_with_progress, fetch_metadata, upload_file};
+pub use k3s_snapshot_core::transfer::{
+    download_snapshot, download_snapshot_with_progress, fetch_metadata, upload_file,
+};
+pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
 
 /// The environment variables that route the S3 client through `proxy` (`--etcd-s3-proxy`),
 /// replacing any proxy settings already in the environment, as k3s does.

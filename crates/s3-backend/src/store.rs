@@ -144,20 +144,17 @@ impl S3Store {
             .app_info(Some(("k3s-snapshot".into(), env!("CARGO_PKG_VERSION").into())))
             .build()
             // The builder's errors are about the CA file or the TLS setup, never the credentials.
-            .map_err(|e| Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e))))?;
+            .map_err(|e| {
+                Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e)))
+            })?;
 
         let folder = cfg.folder_trimmed();
         let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
-        let describe =
-            if folder.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{folder}") };
+        let describe = if folder.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{folder}") };
         let store = S3Store {
             inner: Arc::new(Inner {
                 client,
-                classifier: Classifier {
-                    endpoint: endpoint.url(),
-                    bucket: bucket.clone(),
-                    region: region.to_string(),
-                },
+                classifier: Classifier { endpoint: endpoint.url(), bucket: bucket.clone(), region: region.to_string() },
                 bucket,
                 prefix,
                 describe,
@@ -259,7 +256,11 @@ fn check_proxy_env(cfg: &S3Config, https: bool) -> Result<()> {
 }
 
 fn check_ca_file(path: &std::path::Path) -> Result<()> {
-    let pem = std::fs::read(path).map_err(|cause| Error::Io { action: "read --etcd-s3-endpoint-ca", path: path.into(), cause })?;
+    let pem = std::fs::read(path).map_err(|cause| Error::Io {
+        action: "read --etcd-s3-endpoint-ca",
+        path: path.into(),
+        cause,
+    })?;
     match reqwest::Certificate::from_pem_bundle(&pem) {
         Ok(certs) if !certs.is_empty() => Ok(()),
         Ok(_) => Err(Error::Invalid(format!(
@@ -352,7 +353,13 @@ impl Inner {
         }
     }
 
-    async fn put_single(&self, key: &str, object: &str, data: SegmentedBytes, opts: &PutOptions) -> Result<(), S3Error> {
+    async fn put_single(
+        &self,
+        key: &str,
+        object: &str,
+        data: SegmentedBytes,
+        opts: &PutOptions,
+    ) -> Result<(), S3Error> {
         let data = Arc::new(data);
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
@@ -514,7 +521,9 @@ impl Inner {
             Ok(()) => tracing::debug!(key, store = %self.describe, "aborted multipart upload"),
             // The object never appeared; the parts stay until the bucket's lifecycle rules (or a
             // later abort) remove them.
-            Err(e) => tracing::warn!(key, store = %self.describe, upload_id, error = %e, "cannot abort multipart upload; no object was created, but its parts stay in the bucket until removed"),
+            Err(e) => {
+                tracing::warn!(key, store = %self.describe, upload_id, error = %e, "cannot abort multipart upload; no object was created, but its parts stay in the bucket until removed")
+            }
         }
     }
 
@@ -588,8 +597,12 @@ impl Drop for AbortOnDrop {
             return;
         }
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let (inner, key, object, id) =
-                (self.inner.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.object), std::mem::take(&mut self.upload_id));
+            let (inner, key, object, id) = (
+                self.inner.clone(),
+                std::mem::take(&mut self.key),
+                std::mem::take(&mut self.object),
+                std::mem::take(&mut self.upload_id),
+            );
             rt.spawn(async move { inner.abort_multipart(&key, &object, &id).await });
         }
     }
@@ -895,7 +908,8 @@ impl SnapshotStore for S3Store {
                         // minio puts keys into the request's XML unescaped.
                         let escaped = xml_escape(name);
                         list.push(
-                            ObjectToDelete::try_from(escaped.as_str()).map_err(|e| inner.classifier.classify(e.into()))?,
+                            ObjectToDelete::try_from(escaped.as_str())
+                                .map_err(|e| inner.classifier.classify(e.into()))?,
                         );
                     }
                     inner
@@ -909,7 +923,8 @@ impl SnapshotStore for S3Store {
                 })
                 .await
                 .map_err(|e| inner.storage_error("delete", &what, e))?;
-            let results = resp.result().map_err(|e| inner.storage_error("delete", &what, inner.classifier.classify(e)))?;
+            let results =
+                resp.result().map_err(|e| inner.storage_error("delete", &what, inner.classifier.classify(e)))?;
             let failed: Vec<_> = results
                 .into_iter()
                 .filter_map(|r| match r {
@@ -977,10 +992,13 @@ impl Download {
                 Ok(Some(Ok(chunk))) => {
                     self.offset += chunk.len() as u64;
                     if self.offset > self.size {
-                        return Some((Err(io_other(self.fail(S3Error::Invalid(format!(
-                            "the server sent more than the {} bytes it announced",
-                            self.size
-                        ))))), self));
+                        return Some((
+                            Err(io_other(self.fail(S3Error::Invalid(format!(
+                                "the server sent more than the {} bytes it announced",
+                                self.size
+                            ))))),
+                            self,
+                        ));
                     }
                     self.body = Some(body);
                     return Some((Ok(chunk), self));
@@ -990,10 +1008,9 @@ impl Download {
                     endpoint: self.inner.classifier.endpoint.clone(),
                     detail: format!("the download ended after {} of {} bytes", self.offset, self.size),
                 },
-                Ok(Some(Err(e))) => S3Error::Network {
-                    endpoint: self.inner.classifier.endpoint.clone(),
-                    detail: innermost_detail(&e),
-                },
+                Ok(Some(Err(e))) => {
+                    S3Error::Network { endpoint: self.inner.classifier.endpoint.clone(), detail: innermost_detail(&e) }
+                }
                 Err(_) => self.inner.timeout_error(),
             };
             drop(body);
@@ -1060,8 +1077,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_source_error_reaches_the_part_reader() {
-        let mut reader =
-            PartReader::new(stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(std::io::Error::other("boom"))]).boxed());
+        let mut reader = PartReader::new(
+            stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(std::io::Error::other("boom"))]).boxed(),
+        );
         assert!(reader.read(10).await.is_err());
     }
 
@@ -1088,7 +1106,9 @@ mod tests {
         );
         let err = error_in_body(&body, &reqwest::header::HeaderMap::new()).unwrap();
         assert_eq!(err.message().as_deref(), Some("We encountered an internal error"));
-        let ok = Bytes::from_static(b"<?xml version=\"1.0\"?><CompleteMultipartUploadResult></CompleteMultipartUploadResult>");
+        let ok = Bytes::from_static(
+            b"<?xml version=\"1.0\"?><CompleteMultipartUploadResult></CompleteMultipartUploadResult>",
+        );
         assert!(error_in_body(&ok, &reqwest::header::HeaderMap::new()).is_none());
     }
 

@@ -28,7 +28,8 @@ pub fn font() -> Result<PathBuf> {
 
 fn register_font() -> Result<()> {
     let path = font()?;
-    let bytes: &'static [u8] = Box::leak(std::fs::read(&path).with_context(|| format!("read {}", path.display()))?.into_boxed_slice());
+    let bytes: &'static [u8] =
+        Box::leak(std::fs::read(&path).with_context(|| format!("read {}", path.display()))?.into_boxed_slice());
     plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
         .map_err(|_| anyhow::anyhow!("{} is not a font ab_glyph can read", path.display()))
 }
@@ -51,12 +52,18 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
         .flat_map(|(_, rows)| rows.iter().flat_map(|r| [r.ours_median(), r.reference_median()]))
         .fold(0.0f64, f64::max)
         * 1.1;
-    let scenarios: Vec<Scenario> = Scenario::ALL.into_iter().filter(|s| sizes.iter().all(|(_, rows)| rows.iter().any(|r| r.scenario == *s))).collect();
+    let scenarios: Vec<Scenario> = Scenario::ALL
+        .into_iter()
+        .filter(|s| sizes.iter().all(|(_, rows)| rows.iter().any(|r| r.scenario == *s)))
+        .collect();
 
     let root = BitMapBackend::new(png, (1000, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("k3s-snapshot vs etcd tools: median time by db size (solid: ours, dashed: reference)", ("sans-serif", 20))
+        .caption(
+            "k3s-snapshot vs etcd tools: median time by db size (solid: ours, dashed: reference)",
+            ("sans-serif", 20),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -72,7 +79,10 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
     for s in scenarios {
         let c = colour(s);
         let pick = |f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
-            sizes.iter().filter_map(|(size, rows)| rows.iter().find(|r| r.scenario == s).map(|r| (*size as f64, f(r)))).collect()
+            sizes
+                .iter()
+                .filter_map(|(size, rows)| rows.iter().find(|r| r.scenario == s).map(|r| (*size as f64, f(r))))
+                .collect()
         };
         let ours = pick(Row::ours_median);
         let reference = pick(Row::reference_median);
@@ -86,7 +96,9 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
             .draw_series(DashedLineSeries::new(reference, 8, 6, c.stroke_width(2)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(s.reference().to_string())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], c.stroke_width(1)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 8, y), (x + 12, y), (x + 20, y)], c.stroke_width(1))
+            });
     }
     chart
         .configure_series_labels()

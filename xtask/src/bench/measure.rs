@@ -45,9 +45,17 @@ impl Measure {
     /// Runs `cmd` to completion with its stdout and stderr appended to `log`; fails, quoting the
     /// end of the log, when it exits unsuccessfully.
     pub fn run(&self, cmd: &mut Command, log: &Path) -> Result<Measured> {
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("open {}", log.display()))?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("open {}", log.display()))?;
         cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out);
-        let shown = format!("{} {}", cmd.get_program().to_string_lossy(), cmd.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" "));
+        let shown = format!(
+            "{} {}",
+            cmd.get_program().to_string_lossy(),
+            cmd.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        );
         let started = Instant::now();
         let child = cmd.spawn().with_context(|| format!("cannot start {shown}"))?;
         let pid = child.id() as i32;
@@ -84,7 +92,12 @@ impl Measure {
             let text = std::fs::read_to_string(log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(15).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            bail!("{} failed (wait status {status:#x}); last lines of {}:\n{}", cmd.get_program().to_string_lossy(), log.display(), tail.join("\n"));
+            bail!(
+                "{} failed (wait status {status:#x}); last lines of {}:\n{}",
+                cmd.get_program().to_string_lossy(),
+                log.display(),
+                tail.join("\n")
+            );
         }
         let sampled = |v: &AtomicU64| Some(v.load(Ordering::Relaxed)).filter(|k| self.sample && *k > 0);
         Ok(Measured { wall, maxrss_kib, own_hwm_kib: sampled(&hwm), anon_peak_kib: sampled(&anon) })
@@ -94,7 +107,9 @@ impl Measure {
 /// `VmHWM` and `RssAnon` of a live process, KiB.
 fn proc_status_kib(pid: i32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |name: &str| -> Option<u64> { s.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok() };
+    let field = |name: &str| -> Option<u64> {
+        s.lines().find(|l| l.starts_with(name))?.split_whitespace().nth(1)?.parse().ok()
+    };
     Some((field("VmHWM:")?, field("RssAnon:")?))
 }
 

@@ -127,7 +127,16 @@ pub fn start_s3(bin: &Path, root: &Path, log: &Path) -> Result<S3> {
     let port = free_port()?;
     let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
     let child = Command::new(bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--access-key",
+            ACCESS_KEY,
+            "--secret-key",
+            SECRET_KEY,
+        ])
         .arg(root)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -162,7 +171,13 @@ impl S3 {
         let mut c = Command::new("curl");
         c.args(["--silent", "--show-error", "--fail", "--output", "/dev/null"])
             .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
-            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD", "-H", "Content-Type: application/octet-stream", "-T"])
+            .args([
+                "-H",
+                "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "-T",
+            ])
             .arg(file)
             .arg(format!("http://{}/{BUCKET}/{key}", self.endpoint));
         c
@@ -196,7 +211,10 @@ pub fn load(etcdctl: &Path, endpoint: &str, from: usize, to: usize, parallel: us
                         child.stdin.take().context("etcdctl stdin")?.write_all(&value)?;
                         let out = child.wait_with_output()?;
                         if !out.status.success() {
-                            bail!("etcdctl put /bench/key-{i:06} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                            bail!(
+                                "etcdctl put /bench/key-{i:06} failed: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            );
                         }
                     }
                 })

@@ -52,7 +52,11 @@ struct Bg {
 impl Bg {
     fn spawn(cmd: &mut Command, dir: &Path, tag: &str) -> Result<Bg> {
         let (stdout, stderr) = (dir.join(format!("{tag}.out")), dir.join(format!("{tag}.err")));
-        let child = cmd.stdout(std::fs::File::create(&stdout)?).stderr(std::fs::File::create(&stderr)?).spawn().context("spawn")?;
+        let child = cmd
+            .stdout(std::fs::File::create(&stdout)?)
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()
+            .context("spawn")?;
         Ok(Bg { child: Some(child), stdout, stderr })
     }
 
@@ -124,7 +128,10 @@ pub fn check_listing(n: &Node, s3: Option<&[String]>) -> Result<usize> {
     for line in out.stdout.lines().skip(1).filter(|l| !l.trim().is_empty()) {
         let cols: Vec<&str> = line.split_whitespace().collect();
         let (name, location) = (cols[0], cols.get(1).copied().unwrap_or_default());
-        ensure!(!name.ends_with(".part") && !location.ends_with(".part"), "etcd-snapshot ls lists a partial file: {line}");
+        ensure!(
+            !name.ends_with(".part") && !location.ends_with(".part"),
+            "etcd-snapshot ls lists a partial file: {line}"
+        );
         let mut status = strings(&["status"]);
         if let Some(path) = location.strip_prefix("file://") {
             status.push(path.to_string());
@@ -174,7 +181,11 @@ pub fn s3_link_cut(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let took = t.elapsed();
     ensure!(!out.ok(), "the save succeeded with the S3 link cut: {}", out.stdout);
     ensure!(out.status.code() == Some(1), "the save exited {} (want 1)", out.status);
-    ensure!(out.stderr.contains("saved locally"), "the error does not say the snapshot is kept locally: {}", tail(&out.stderr, 3));
+    ensure!(
+        out.stderr.contains("saved locally"),
+        "the error does not say the snapshot is kept locally: {}",
+        tail(&out.stderr, 3)
+    );
     ensure!(!out.stderr.contains(S3_SECRET_KEY), "the S3 secret key appears in the error");
     let error_line = failure_summary(&tail(&out.stderr, 1));
     let local: Vec<String> = files(&n.snapshots()).into_iter().filter(|f| f.starts_with("on-demand-")).collect();
@@ -183,22 +194,37 @@ pub fn s3_link_cut(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let st = n.snapshot(&strings(&["status", &n.snapshots().join(&kept).display().to_string()]))?;
     ensure!(st.ok(), "the locally kept snapshot fails status ({})", st.describe());
     cut.heal()?;
-    ensure!(!ctx.s3.object(&bucket, &format!("k3s/{kept}")).exists(), "an object exists under the name of the failed upload");
+    ensure!(
+        !ctx.s3.object(&bucket, &format!("k3s/{kept}")).exists(),
+        "an object exists under the name of the failed upload"
+    );
     let listed = n.snapshot(&[strings(&["ls"]), s3.clone()].concat())?.check("ls --s3")?;
-    ensure!(!listed.stdout.lines().any(|l| l.contains(&format!("s3://{bucket}/k3s/{kept}"))), "ls --s3 lists the failed upload");
+    ensure!(
+        !listed.stdout.lines().any(|l| l.contains(&format!("s3://{bucket}/k3s/{kept}"))),
+        "ls --s3 lists the failed upload"
+    );
     // The next run, with the link back, uploads.
     let again = n.save(&s3)?;
-    ensure!(ctx.s3.object(&bucket, &format!("k3s/{again}")).is_file(), "the save after the link came back did not upload");
+    ensure!(
+        ctx.s3.object(&bucket, &format!("k3s/{again}")).is_file(),
+        "the save after the link came back did not upload"
+    );
     s.stop()?;
 
     // Scheduled: the server keeps the local snapshot, logs the failure, uploads the next one.
     let mut flags = s3.clone();
-    flags.extend(strings(&["--etcd-snapshot-schedule-cron=@every 3s", "--etcd-snapshot-retention=4", "--etcd-s3-retention=4"]));
+    flags.extend(strings(&[
+        "--etcd-snapshot-schedule-cron=@every 3s",
+        "--etcd-snapshot-retention=4",
+        "--etcd-s3-retention=4",
+    ]));
     let mut s = n.start(&flags)?;
     const UPLOADED: &str = "scheduled snapshot uploaded";
     const UPLOAD_FAILED: &str = "upload failed; the local snapshot is kept";
     s.wait_for_log(UPLOADED, Duration::from_secs(60))?;
-    wait_until("a scheduled save to stream", Duration::from_secs(60), || Ok(part_size(&n.snapshots(), "etcd-snapshot-") > 6 << 20))?;
+    wait_until("a scheduled save to stream", Duration::from_secs(60), || {
+        Ok(part_size(&n.snapshots(), "etcd-snapshot-") > 6 << 20)
+    })?;
     let mut cut = Cut::new(&ctx.net, "objstore")?;
     s.wait_for_log(UPLOAD_FAILED, Duration::from_secs(90))?;
     let uploads = s.log_count(UPLOADED);
@@ -231,17 +257,19 @@ pub fn partition(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let mut cut = Cut::new(&ctx.net, "node3")?;
     let failed_before = servers[2].log_count(FAILED);
     servers[2].wait_for_log_count(FAILED, failed_before + 2, Duration::from_secs(60))?;
-    let failure = servers[2]
-        .log_text()
-        .lines()
-        .rev()
-        .find(|l| l.contains(FAILED))
-        .map(String::from)
-        .unwrap_or_default();
-    ensure!(failure.to_lowercase().contains("quorum"), "the partitioned member's failure does not name the lost quorum: {failure}");
+    let failure =
+        servers[2].log_text().lines().rev().find(|l| l.contains(FAILED)).map(String::from).unwrap_or_default();
+    ensure!(
+        failure.to_lowercase().contains("quorum"),
+        "the partitioned member's failure does not name the lost quorum: {failure}"
+    );
     let on_demand = nodes[2].snapshot(&strings(&["save"]))?;
     ensure!(!on_demand.ok(), "an on-demand save on the partitioned member succeeded: {}", on_demand.stdout);
-    ensure!(on_demand.stderr.to_lowercase().contains("quorum"), "the on-demand failure does not name the lost quorum: {}", tail(&on_demand.stderr, 2));
+    ensure!(
+        on_demand.stderr.to_lowercase().contains("quorum"),
+        "the on-demand failure does not name the lost quorum: {}",
+        tail(&on_demand.stderr, 2)
+    );
     // A save that had passed its quorum check just before the cut may still finish (it was
     // current when it started); nothing may start later than that.
     let late: Vec<String> = files(&nodes[2].snapshots())
@@ -251,12 +279,19 @@ pub fn partition(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     ensure!(late.is_empty(), "the partitioned member saved snapshots after losing quorum: {late:?}");
     for (i, n) in nodes[..2].iter().enumerate() {
         let fresh = files(&n.snapshots()).iter().filter(|f| name_secs(f).is_some_and(|t| t > cut_at + 2)).count();
-        ensure!(fresh > 0, "{} (with quorum) took no snapshot during the partition: {}", n.name, tail(&servers[i].log_text(), 4));
+        ensure!(
+            fresh > 0,
+            "{} (with quorum) took no snapshot during the partition: {}",
+            n.name,
+            tail(&servers[i].log_text(), 4)
+        );
     }
     let healed_at = now_secs();
     cut.heal()?;
     wait_until("the healed member to take a snapshot again", Duration::from_secs(60), || {
-        Ok(files(&nodes[2].snapshots()).iter().any(|f| !f.ends_with(".part") && name_secs(f).is_some_and(|t| t > healed_at)))
+        Ok(files(&nodes[2].snapshots())
+            .iter()
+            .any(|f| !f.ends_with(".part") && name_secs(f).is_some_and(|t| t > healed_at)))
     })?;
     let stat = check_listing(&nodes[2], None)?;
     scenarios::stop_all(servers)?;
@@ -350,10 +385,12 @@ pub fn kill9(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
                 }
                 let bg = Bg::spawn(&mut n.snapshot_cmd(&args), dir, &format!("kill-{i}"))?;
                 tick(delay)?;
-                stage = if part_size(&n.snapshots(), "on-demand-") > 0 { "while streaming" } else { "outside the stream" };
+                stage =
+                    if part_size(&n.snapshots(), "on-demand-") > 0 { "while streaming" } else { "outside the stream" };
                 let was_running = bg.kill9();
                 let stage = if was_running { stage } else { "after it finished" };
-                check_listing(n, Some(&s3)).with_context(|| format!("iteration {i}: after kill -9 of {what} {stage}"))?;
+                check_listing(n, Some(&s3))
+                    .with_context(|| format!("iteration {i}: after kill -9 of {what} {stage}"))?;
                 n.save(&args[1..]).with_context(|| format!("iteration {i}: the save after the kill"))?;
                 iteration_log.push_str(&format!("#{i} {what} +{}ms {stage}; ", delay.as_millis()));
                 // Keep the listing short: on-demand snapshots beyond the newest 2 go.
@@ -377,7 +414,8 @@ pub fn kill9(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
                     "while the restored etcd ran"
                 } else if !n.restore_tool_pids().is_empty() {
                     "while etcdutl/etcdctl restored"
-                } else if files(&n.db()).iter().any(|f| f.starts_with("etcd-restore") || f.starts_with("etcd-old-tmp")) {
+                } else if files(&n.db()).iter().any(|f| f.starts_with("etcd-restore") || f.starts_with("etcd-old-tmp"))
+                {
                     "while swapping"
                 } else {
                     "before the restore or after it"
@@ -411,7 +449,10 @@ pub fn kill9(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
                 if rerun {
                     let out = n.run_server(&args, Duration::from_secs(180))?;
                     next = if out.ok() {
-                        ensure!(out.stderr.contains(RESET_DONE), "iteration {i}: the reset after the kill exited 0 without its message");
+                        ensure!(
+                            out.stderr.contains(RESET_DONE),
+                            "iteration {i}: the reset after the kill exited 0 without its message"
+                        );
                         "reset again, start"
                     } else if out.stderr.contains("previously reset") {
                         "reset refused (already done), start"
@@ -421,7 +462,8 @@ pub fn kill9(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
                 }
                 let s = n.start(&quiet).with_context(|| {
                     let ss = Command::new("ip").args(["netns", "exec", &n.ns, "ss", "-ltnpH"]).output();
-                    let listeners = ss.map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " | ")).unwrap_or_default();
+                    let listeners =
+                        ss.map(|o| String::from_utf8_lossy(&o.stdout).replace('\n', " | ")).unwrap_or_default();
                     format!("iteration {i}: the {next} after kill -9 of {what} {stage} (listening: {listeners})")
                 })?;
                 let now = Contents::read(n)?;
@@ -433,9 +475,11 @@ pub fn kill9(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
                 );
                 let members = n.member_count()?;
                 ensure!(members == 1, "iteration {i}: {members} members after the interrupted reset");
-                check_listing(n, Some(&s3)).with_context(|| format!("iteration {i}: after kill -9 of {what} {stage}"))?;
+                check_listing(n, Some(&s3))
+                    .with_context(|| format!("iteration {i}: after kill -9 of {what} {stage}"))?;
                 let got = if now == old { "old data" } else { "restored data" };
-                iteration_log.push_str(&format!("#{i} {what} +{}ms {stage}{orphan_note}, {next} → {got}; ", delay.as_millis()));
+                iteration_log
+                    .push_str(&format!("#{i} {what} +{}ms {stage}{orphan_note}, {next} → {got}; ", delay.as_millis()));
                 server = Some(s);
             }
         }
@@ -470,8 +514,16 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Result<Tmpfs> {
         std::fs::create_dir_all(at)?;
-        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(at).output()?;
-        ensure!(out.status.success(), "mount tmpfs at {}: {}", at.display(), String::from_utf8_lossy(&out.stderr).trim());
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(at)
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "mount tmpfs at {}: {}",
+            at.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         Ok(Tmpfs(at.to_path_buf()))
     }
 
@@ -500,7 +552,10 @@ pub fn disk_full(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     ensure!(!out.ok(), "a save into a full disk succeeded: {}", out.stdout);
     ensure!(out.status.code() == Some(1), "exit {} (want 1)", out.status);
     let msg = tail(&out.stderr, 1);
-    ensure!(msg.contains("No space left") || msg.to_lowercase().contains("space"), "the error does not say the disk is full: {msg}");
+    ensure!(
+        msg.contains("No space left") || msg.to_lowercase().contains("space"),
+        "the error does not say the disk is full: {msg}"
+    );
     let left: Vec<String> = files(&snapdir).into_iter().chain(files(&mnt.0.join(".metadata"))).collect();
     ensure!(left.is_empty(), "the failed save left files behind: {left:?}");
     s.stop()?;
@@ -512,7 +567,8 @@ pub fn disk_full(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
         &format!("--etcd-snapshot-dir={}", snapdir.display()),
     ]))?;
     s.wait_for_log_count("scheduled snapshot failed", 2, Duration::from_secs(60))?;
-    let line = s.log_text().lines().rev().find(|l| l.contains("scheduled snapshot failed")).unwrap_or_default().to_string();
+    let line =
+        s.log_text().lines().rev().find(|l| l.contains("scheduled snapshot failed")).unwrap_or_default().to_string();
     ensure!(line.contains("No space left"), "the scheduled failure does not say the disk is full: {line}");
     let left: Vec<String> = files(&snapdir).into_iter().filter(|f| !f.ends_with(".part")).collect();
     ensure!(left.is_empty(), "failed scheduled snapshots left files: {left:?}");

@@ -46,19 +46,28 @@ struct Opts {
     no_build: bool,
 }
 
-const USAGE: &str = "usage: cargo xtask e2e [--seed N] [--iterations N] [--only NAME[,NAME…]] [--etcd 3.5|3.4] [--keep] [--no-build]\n\
+const USAGE: &str =
+    "usage: cargo xtask e2e [--seed N] [--iterations N] [--only NAME[,NAME…]] [--etcd 3.5|3.4] [--keep] [--no-build]\n\
 scenarios: restore, s3-restore, ha-restore, s3-link-cut, partition, kill9, disk-full";
 
 fn parse(args: &[String]) -> Result<Opts> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
-    let mut o = Opts { seed: now % 1_000_000, iterations: 6, only: Vec::new(), versions: Vec::new(), keep: false, no_build: false };
+    let mut o = Opts {
+        seed: now % 1_000_000,
+        iterations: 6,
+        only: Vec::new(),
+        versions: Vec::new(),
+        keep: false,
+        no_build: false,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let (flag, inline) = match a.split_once('=') {
             Some((f, v)) => (f, Some(v.to_string())),
             None => (a.as_str(), None),
         };
-        let mut value = || inline.clone().or_else(|| it.next().cloned()).with_context(|| format!("{flag} needs a value\n{USAGE}"));
+        let mut value =
+            || inline.clone().or_else(|| it.next().cloned()).with_context(|| format!("{flag} needs a value\n{USAGE}"));
         match flag {
             "--seed" => o.seed = value()?.parse().context("--seed")?,
             "--iterations" => o.iterations = value()?.parse().context("--iterations")?,
@@ -142,10 +151,14 @@ impl RunLock {
                     let owner = std::fs::read_to_string(&path).unwrap_or_default().trim().parse::<u32>().ok();
                     // A live owner has a command line (a zombie's is empty) naming xtask.
                     let alive = |p: &u32| {
-                        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("xtask"))
+                        std::fs::read(format!("/proc/{p}/cmdline"))
+                            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("xtask"))
                     };
                     if let Some(pid) = owner.filter(alive) {
-                        bail!("another `cargo xtask e2e` runs (pid {pid}, lock {}); wait for it or stop it", path.display());
+                        bail!(
+                            "another `cargo xtask e2e` runs (pid {pid}, lock {}); wait for it or stop it",
+                            path.display()
+                        );
                     }
                     std::fs::remove_file(&path)?;
                 }
@@ -208,7 +221,13 @@ pub fn run(args: &[String]) -> Result<()> {
         }
     }
 
-    println!("e2e: seed {} (repeat with --seed {}), {} kill -9 iterations, logs in {}", opts.seed, opts.seed, opts.iterations, work.display());
+    println!(
+        "e2e: seed {} (repeat with --seed {}), {} kill -9 iterations, logs in {}",
+        opts.seed,
+        opts.seed,
+        opts.iterations,
+        work.display()
+    );
     let mut net = Net::create()?;
     let mut hosts = Vec::new();
     for (i, name) in ["node1", "node2", "node3"].iter().enumerate() {
@@ -237,7 +256,11 @@ pub fn run(args: &[String]) -> Result<()> {
                 Err(e) if e.downcast_ref::<Blocked>().is_some() => ("BLOCKED", format!("{e:#}")),
                 Err(e) => ("FAIL", format!("{e:#}")),
             };
-            println!("e2e: {name} on etcd {}: {result} in {secs:.1}s{}", etcd.label, if detail.is_empty() { String::new() } else { format!(": {detail}") });
+            println!(
+                "e2e: {name} on etcd {}: {result} in {secs:.1}s{}",
+                etcd.label,
+                if detail.is_empty() { String::new() } else { format!(": {detail}") }
+            );
             net::check_interrupted()?;
             if result == "PASS" && !opts.keep {
                 remove_dir_all_unmounted(&dir);
@@ -260,7 +283,12 @@ pub fn run(args: &[String]) -> Result<()> {
         }
         println!("{:<12}  {:<7}  {:<8}  {:>6.1}s  {detail}", r.scenario, r.etcd, r.result, r.secs);
     }
-    println!("total {:.0}s (seed {}); logs of failed scenarios in {}", started.elapsed().as_secs_f64(), opts.seed, work.display());
+    println!(
+        "total {:.0}s (seed {}); logs of failed scenarios in {}",
+        started.elapsed().as_secs_f64(),
+        opts.seed,
+        work.display()
+    );
     let bad = rows.iter().filter(|r| r.result != "PASS").count();
     if bad > 0 {
         bail!("{bad} of {} e2e scenarios did not pass", rows.len());

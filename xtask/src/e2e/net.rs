@@ -89,7 +89,8 @@ fn our_namespaces() -> Result<Vec<String>> {
 /// Kills every process inside a namespace (servers, their etcd, s3s-fs), then deletes it.
 fn remove_namespace(ns: &str) {
     for _ in 0..50 {
-        let pids: Vec<String> = ip_out(&["netns", "pids", ns]).unwrap_or_default().split_whitespace().map(String::from).collect();
+        let pids: Vec<String> =
+            ip_out(&["netns", "pids", ns]).unwrap_or_default().split_whitespace().map(String::from).collect();
         if pids.is_empty() {
             break;
         }
@@ -120,7 +121,8 @@ pub fn sweep(work_root: &Path) -> Result<()> {
         eprintln!("e2e: removing namespaces left by an earlier run: {}", leftovers.join(" "));
     }
     // Hosts first (their processes), the bridge namespace last.
-    for ns in leftovers.iter().filter(|n| n.as_str() != NET_NS).chain(leftovers.iter().filter(|n| n.as_str() == NET_NS)) {
+    for ns in leftovers.iter().filter(|n| n.as_str() != NET_NS).chain(leftovers.iter().filter(|n| n.as_str() == NET_NS))
+    {
         remove_namespace(ns);
     }
     if ip_out(&["-o", "link", "show"])?.contains(&format!(" {CTL_LINK}@")) {

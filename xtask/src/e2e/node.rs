@@ -16,7 +16,8 @@ use super::net::{check_interrupted, tick};
 
 /// The log line that says the server is up: etcd answered over TLS, the API listens.
 pub const RUNNING: &str = "server is running";
-pub const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now.";
+pub const RESET_DONE: &str =
+    "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now.";
 pub const S3_ACCESS_KEY: &str = "k3s-e2e-access";
 pub const S3_SECRET_KEY: &str = "k3s-e2e-Secret-7Hq2Lw9x";
 pub const S3_IP: &str = "10.77.0.100";
@@ -26,8 +27,18 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// Environment variables the binary reads, cleared so that the caller's shell cannot leak in.
 const CLEARED_ENV: &[&str] = &[
-    "K3S_DATA_DIR", "K3S_NODE_NAME", "K3S_TOKEN", "K3S_URL", "K3S_CONFIG_FILE", "K3S_CLUSTER_INIT", "K3S_CLUSTER_RESET",
-    "K3S_ETCD_BIN_DIR", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "K3S_SNAPSHOT_LOG",
+    "K3S_DATA_DIR",
+    "K3S_NODE_NAME",
+    "K3S_TOKEN",
+    "K3S_URL",
+    "K3S_CONFIG_FILE",
+    "K3S_CLUSTER_INIT",
+    "K3S_CLUSTER_RESET",
+    "K3S_ETCD_BIN_DIR",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "K3S_SNAPSHOT_LOG",
 ];
 
 /// `ip netns exec NS PROGRAM`, in its own process group so that a Ctrl-C reaches only us (we
@@ -175,7 +186,11 @@ pub fn kill(pids: &[u32], signal: &str) {
     if pids.is_empty() {
         return;
     }
-    let _ = Command::new("kill").arg(format!("-{signal}")).args(pids.iter().map(u32::to_string)).stderr(Stdio::null()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// Files in a directory, sorted (empty when it does not exist).
@@ -291,12 +306,19 @@ impl Node {
     /// `k3s-snapshot etcd-snapshot ARGS --data-dir D --node-name N` on this node.
     pub fn snapshot_cmd(&self, args: &[String]) -> Command {
         let mut c = in_ns(&self.ns, &self.bin);
-        c.arg("etcd-snapshot").args(args).arg(format!("--data-dir={}", self.data().display())).arg(format!("--node-name={}", self.name));
+        c.arg("etcd-snapshot")
+            .args(args)
+            .arg(format!("--data-dir={}", self.data().display()))
+            .arg(format!("--node-name={}", self.name));
         c
     }
 
     pub fn snapshot(&self, args: &[String]) -> Result<Out> {
-        run(&mut self.snapshot_cmd(args), Duration::from_secs(180), &format!("etcd-snapshot {} on {}", args.join(" "), self.name))
+        run(
+            &mut self.snapshot_cmd(args),
+            Duration::from_secs(180),
+            &format!("etcd-snapshot {} on {}", args.join(" "), self.name),
+        )
     }
 
     /// `etcd-snapshot save ARGS`; returns the new snapshot's file name.
@@ -305,7 +327,8 @@ impl Node {
         let mut a = vec!["save".to_string()];
         a.extend_from_slice(args);
         self.snapshot(&a)?.check(&format!("etcd-snapshot save on {}", self.name))?;
-        let new: Vec<String> = files(&self.snapshots()).into_iter().filter(|f| !before.contains(f) && !f.ends_with(".part")).collect();
+        let new: Vec<String> =
+            files(&self.snapshots()).into_iter().filter(|f| !before.contains(f) && !f.ends_with(".part")).collect();
         match new.as_slice() {
             [one] => Ok(one.clone()),
             _ => bail!("expected one new snapshot in {}, found {new:?}", self.snapshots().display()),
@@ -440,10 +463,18 @@ impl Server {
             }
             if let Some(status) = self.child.as_mut().map(Child::try_wait).transpose()?.flatten() {
                 self.child = None;
-                bail!("server on {} exited ({status}) before logging {needle:?}: {}", self.node, tail(&self.log_text(), 10));
+                bail!(
+                    "server on {} exited ({status}) before logging {needle:?}: {}",
+                    self.node,
+                    tail(&self.log_text(), 10)
+                );
             }
             if Instant::now() > deadline {
-                bail!("server on {} did not log {needle:?} within {timeout:?}: {}", self.node, tail(&self.log_text(), 10));
+                bail!(
+                    "server on {} did not log {needle:?} within {timeout:?}: {}",
+                    self.node,
+                    tail(&self.log_text(), 10)
+                );
             }
             tick(POLL)?;
         }
@@ -525,7 +556,10 @@ impl S3Host {
                 break;
             }
             if let Some(st) = child.try_wait()? {
-                bail!("s3s-fs exited ({st}) before listening: {}", tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 10));
+                bail!(
+                    "s3s-fs exited ({st}) before listening: {}",
+                    tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 10)
+                );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

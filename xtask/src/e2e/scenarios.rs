@@ -53,7 +53,12 @@ pub fn expect_contents(n: &Node, want: &Contents) -> Result<()> {
 pub fn reset(n: &Node, args: &[String]) -> Result<()> {
     let out = n.run_server(&with(&["--cluster-reset"], args), Duration::from_secs(180))?;
     ensure!(out.ok(), "cluster reset on {} failed ({})", n.name, out.describe());
-    ensure!(out.stderr.contains(RESET_DONE), "cluster reset on {} exited 0 without the reset message: {}", n.name, tail(&out.stderr, 6));
+    ensure!(
+        out.stderr.contains(RESET_DONE),
+        "cluster reset on {} exited 0 without the reset message: {}",
+        n.name,
+        tail(&out.stderr, 6)
+    );
     ensure!(n.db().join("reset-flag").is_file(), "cluster reset on {} wrote no reset-flag", n.name);
     ensure!(!out.stderr.contains(S3_SECRET_KEY), "the S3 secret key appears in the reset's output");
     Ok(())
@@ -112,7 +117,11 @@ pub fn s3_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let mut missing = s3.clone();
     missing.push("--cluster-reset-restore-path=no-such-snapshot-1".into());
     let out = n.run_server(&with(&["--cluster-reset"], &missing), Duration::from_secs(120))?;
-    ensure!(!out.ok() && out.stderr.contains("no-such-snapshot-1"), "restoring a missing object was not refused by name: {}", out.describe());
+    ensure!(
+        !out.ok() && out.stderr.contains("no-such-snapshot-1"),
+        "restoring a missing object was not refused by name: {}",
+        out.describe()
+    );
     ensure!(!n.db().join("etcd-old").exists(), "a refused restore moved the data");
     let mut args = s3.clone();
     args.push(format!("--cluster-reset-restore-path={snap}"));
@@ -188,7 +197,11 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     match stale.wait(Duration::from_secs(90)) {
         Ok(st) if !st.success() => {
             let log = stale.log_text();
-            ensure!(log.to_lowercase().contains("delete"), "a joiner with its old db failed without saying to delete it: {}", tail(&log, 4));
+            ensure!(
+                log.to_lowercase().contains("delete"),
+                "a joiner with its old db failed without saying to delete it: {}",
+                tail(&log, 4)
+            );
         }
         Ok(st) => bail!("a joiner with its old db exited {st} instead of refusing"),
         Err(e) => bail!("a joiner with its old db did not refuse: {e:#}"),
@@ -203,5 +216,8 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
         expect_contents(n, &want)?;
     }
     stop_all(servers)?;
-    Ok(format!("reset on node1, stale joiner refused, 2 rejoined: 3 members serve exactly the {} keys of {snap}", want.keys.len()))
+    Ok(format!(
+        "reset on node1, stale joiner refused, 2 rejoined: 3 members serve exactly the {} keys of {snap}",
+        want.keys.len()
+    ))
 }
