@@ -85,28 +85,6 @@ impl TrailerCheck {
     }
 }
 
-/// Checks the trailer of a snapshot file on disk, reading it once with a fixed buffer.
-/// Returns `Ok(false)` when the file has no trailer (`size % 512 != 32`), as files made by
-/// some tools may not.
-pub fn verify_file_trailer(path: &Path) -> Result<bool> {
-    let mut f = std::fs::File::open(path).map_err(Error::io("open snapshot", path))?;
-    let len = f.metadata().map_err(Error::io("stat snapshot", path))?.len();
-    if len % 512 != TRAILER_LEN as u64 {
-        return Ok(false);
-    }
-    let mut check = TrailerCheck::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(Error::io("read snapshot", path))?;
-        if n == 0 {
-            break;
-        }
-        check.update(&buf[..n]);
-    }
-    check.finish(&path.display().to_string())?;
-    Ok(true)
-}
-
 /// SHA-256 of a whole file, streamed, lowercase hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(Error::io("open", path))?;
