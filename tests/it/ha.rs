@@ -8,8 +8,8 @@ use std::time::Duration;
 use etcd_client::GetOptions;
 use tests::support::bin;
 use tests::support::etcd::EtcdVersion;
-use tests::support::s3::{S3Server, ACCESS_KEY, SECRET_KEY};
-use tests::support::server::{block_on, connect, files, wait_until, DataDir, Server};
+use tests::support::s3::{S3Server, SECRET_KEY};
+use tests::support::server::{block_on, connect, delete, files, put, wait_until, DataDir, Server};
 
 const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
 const ALREADY_MEMBER: &str = "already a member of the cluster";
@@ -86,19 +86,6 @@ fn get(dd: &DataDir, key: &str) -> Option<String> {
         let r = connect(dd).await.client.get(key, None).await.unwrap();
         r.kvs().first().map(|kv| kv.value_str().unwrap().to_string())
     })
-}
-
-fn put(dd: &DataDir, kvs: &[(&str, &str)]) {
-    block_on(async {
-        let mut c = connect(dd).await;
-        for (k, v) in kvs {
-            c.client.put(*k, *v, None).await.unwrap();
-        }
-    })
-}
-
-fn delete(dd: &DataDir, k: &str) {
-    block_on(async { connect(dd).await.client.delete(k, None).await.unwrap() });
 }
 
 /// A GET on a server's supervisor API (trusting the cluster CA), with an optional bearer token.
@@ -273,22 +260,11 @@ fn users_ha_procedure_from_a_local_snapshot(v: EtcdVersion) {
     stop_all(servers);
 }
 
-fn s3_flags(s3: &S3Server, bucket: &str) -> Vec<String> {
-    vec![
-        "--etcd-s3".into(),
-        format!("--etcd-s3-endpoint={}", s3.endpoint),
-        "--etcd-s3-insecure".into(),
-        format!("--etcd-s3-access-key={ACCESS_KEY}"),
-        format!("--etcd-s3-secret-key={SECRET_KEY}"),
-        format!("--etcd-s3-bucket={bucket}"),
-        "--etcd-s3-folder=ha".into(),
-    ]
-}
-
 fn users_ha_procedure_from_s3_with_every_node_snapshotting(v: EtcdVersion) {
     let s3 = S3Server::start();
     s3.create_bucket("snaps");
-    let s3f = s3_flags(&s3, "snaps");
+    let mut s3f = s3.server_flags("snaps");
+    s3f.push("--etcd-s3-folder=ha".into());
     let objects = || files(&s3.root.join("snaps/ha"));
     let n = nodes(v);
     let scheduled = with(

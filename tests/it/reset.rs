@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use etcd_client::GetOptions;
 use tests::support::bin;
 use tests::support::etcd::{Etcd, EtcdVersion};
-use tests::support::server::{block_on, connect, files, DataDir};
+use tests::support::server::{block_on, connect, delete, files, put, DataDir};
 
 const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
 
@@ -36,19 +36,6 @@ fn all_keys(dd: &DataDir) -> Vec<(String, String)> {
 
 fn member_count(dd: &DataDir) -> usize {
     block_on(async { connect(dd).await.client.member_list().await.unwrap().members().len() })
-}
-
-fn put(dd: &DataDir, kvs: &[(&str, &str)]) {
-    block_on(async {
-        let mut c = connect(dd).await;
-        for (k, v) in kvs {
-            c.client.put(*k, *v, None).await.unwrap();
-        }
-    })
-}
-
-fn delete(dd: &DataDir, k: &str) {
-    block_on(async { connect(dd).await.client.delete(k, None).await.unwrap() });
 }
 
 fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -304,22 +291,11 @@ fn a_crash_at_any_step_of_the_reset_leaves_old_or_new_data_whole() {
     }
 }
 
-fn s3_flags(s3: &tests::support::s3::S3Server, bucket: &str) -> Vec<String> {
-    vec![
-        "--etcd-s3".into(),
-        format!("--etcd-s3-endpoint={}", s3.endpoint),
-        "--etcd-s3-insecure".into(),
-        format!("--etcd-s3-access-key={}", tests::support::s3::ACCESS_KEY),
-        format!("--etcd-s3-secret-key={}", tests::support::s3::SECRET_KEY),
-        format!("--etcd-s3-bucket={bucket}"),
-    ]
-}
-
 #[test]
 fn restore_by_s3_object_name_downloads_verifies_and_restores() {
     let s3 = tests::support::s3::S3Server::start();
     s3.create_bucket("snaps");
-    let flags = s3_flags(&s3, "snaps");
+    let flags = s3.server_flags("snaps");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let dd = DataDir::new(EtcdVersion::V3_5);
     let s = dd.start(&["--etcd-disable-snapshots"]);

@@ -227,24 +227,13 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     s.stop();
 }
 
-fn s3_flags(s3: &tests::support::s3::S3Server, bucket: &str) -> Vec<String> {
-    vec![
-        "--etcd-s3".into(),
-        format!("--etcd-s3-endpoint={}", s3.endpoint),
-        "--etcd-s3-insecure".into(),
-        format!("--etcd-s3-access-key={}", tests::support::s3::ACCESS_KEY),
-        format!("--etcd-s3-secret-key={}", tests::support::s3::SECRET_KEY),
-        format!("--etcd-s3-bucket={bucket}"),
-        "--etcd-s3-timeout=3s".into(),
-    ]
-}
-
 #[test]
 fn s3_down_during_scheduled_snapshots_keeps_local_counts_the_failure_and_recovers() {
     let mut s3 = tests::support::s3::S3Server::start();
     s3.create_bucket("snaps");
     let dd = DataDir::new(EtcdVersion::V3_5);
-    let mut flags = s3_flags(&s3, "snaps");
+    let mut flags = s3.server_flags("snaps");
+    flags.push("--etcd-s3-timeout=3s".into());
     flags.push("--etcd-snapshot-schedule-cron=@every 2s".into());
     flags.push("--etcd-snapshot-retention=3".into());
     flags.push("--etcd-s3-retention=2".into());

@@ -140,6 +140,18 @@ impl S3Server {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// `server` flags that keep snapshots in `bucket` on this server (plain http).
+    pub fn server_flags(&self, bucket: &str) -> Vec<String> {
+        vec![
+            "--etcd-s3".into(),
+            format!("--etcd-s3-endpoint={}", self.endpoint),
+            "--etcd-s3-insecure".into(),
+            format!("--etcd-s3-access-key={ACCESS_KEY}"),
+            format!("--etcd-s3-secret-key={SECRET_KEY}"),
+            format!("--etcd-s3-bucket={bucket}"),
+        ]
+    }
+
     /// Plain-http configuration for `bucket`, with a 20 s timeout.
     pub fn config(&self, bucket: &str) -> S3Config {
         S3Config {

@@ -268,3 +268,18 @@ pub fn files(dir: &Path) -> Vec<String> {
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
 }
+
+/// Writes keys through the server's etcd (TLS, client certificate).
+pub fn put(dd: &DataDir, kvs: &[(&str, &str)]) {
+    block_on(async {
+        let mut c = connect(dd).await;
+        for (k, v) in kvs {
+            c.client.put(*k, *v, None).await.unwrap();
+        }
+    })
+}
+
+/// Deletes a key through the server's etcd.
+pub fn delete(dd: &DataDir, k: &str) {
+    block_on(async { connect(dd).await.client.delete(k, None).await.unwrap() });
+}

@@ -103,6 +103,21 @@ pub fn part_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// Creates (or truncates) `part` with mode 0600 for writing, with a guard that removes it unless
+/// disarmed after the rename into place.
+pub async fn create_part(part: &Path) -> Result<(tokio::fs::File, RemoveOnDrop)> {
+    let guard = RemoveOnDrop::new(part.to_path_buf());
+    let file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(part)
+        .await
+        .map_err(Error::io("create", part))?;
+    Ok((file, guard))
+}
+
 /// Removes a file when dropped, unless disarmed: the `.part` of an interrupted write.
 pub struct RemoveOnDrop(Option<PathBuf>);
 
@@ -254,15 +269,7 @@ impl SnapshotStore for LocalStore {
             create_private_dir(parent)?;
         }
         let part = part_path(&path);
-        let guard = RemoveOnDrop::new(part.clone());
-        let file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&part)
-            .await
-            .map_err(Error::io("create", &part))?;
+        let (file, guard) = create_part(&part).await?;
         let mut w = tokio::io::BufWriter::with_capacity(1 << 20, file);
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {

@@ -12,7 +12,7 @@ use tokio::io::AsyncWriteExt;
 use crate::metadata::SnapshotMetadata;
 use crate::name;
 use crate::progress::{NoProgress, Progress};
-use crate::store::{create_private_dir, durable_rename, part_path, PutOptions, RemoveOnDrop, SnapshotStore};
+use crate::store::{create_part, create_private_dir, durable_rename, part_path, PutOptions, SnapshotStore};
 use crate::{Error, Result};
 
 /// Downloads snapshot `file` from `store` into `into_dir/file` (mode 0600), through
@@ -49,15 +49,7 @@ pub async fn download_snapshot_with_progress(
             });
         }
     }
-    let guard = RemoveOnDrop::new(part.clone());
-    let f = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&part)
-        .await
-        .map_err(Error::io("create", &part))?;
+    let (f, guard) = create_part(&part).await?;
     let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
     let mut sha = Sha256::new();
     let mut n = 0u64;
