@@ -389,6 +389,33 @@ fn status_refuses_corrupt_truncated_and_foreign_files() {
 }
 
 #[test]
+fn status_checks_the_sha256_unless_told_to_skip_it() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put("/marker", "value-that-gets-a-flipped-byte");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+    let good = dir.join(files(&dir).remove(0));
+    let r = run(bin::cmd().args(["etcd-snapshot", "status"]).arg(&good));
+    r.assert_ok();
+    assert!(r.stdout.contains(" verified"), "{}", r.stdout);
+
+    // One byte of a value changed: every page is still well formed, only the hash can tell.
+    let mut bytes = std::fs::read(&good).unwrap();
+    let needle = b"value-that-gets-a-flipped-byte";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("the value is in the snapshot");
+    bytes[at] = b'V';
+    let bad = tmp.path().join("bad");
+    std::fs::write(&bad, &bytes).unwrap();
+    let r = run(bin::cmd().args(["etcd-snapshot", "status"]).arg(&bad));
+    assert_eq!(r.code, Some(1), "{}", r.stderr);
+    assert!(r.stderr.contains("failed its sha256 integrity check"), "{}", r.stderr);
+    let r = run(bin::cmd().args(["etcd-snapshot", "status", "--skip-hash-check"]).arg(&bad));
+    r.assert_ok();
+    assert!(r.stdout.contains(" not checked"), "{}", r.stdout);
+}
+
+#[test]
 fn sigterm_during_a_save_leaves_no_part_and_no_snapshot() {
     let etcd = Etcd::start(EtcdVersion::V3_5);
     etcd.load_mib("/big/", 300);

@@ -8,7 +8,9 @@
 //!   upload) vs `etcd-snapshot save --s3 …` (local file and upload in one pass)
 //! - `restore`: `etcdutl snapshot restore` + etcd start until `/health` is true + SIGTERM stop vs
 //!   `server --cluster-reset --cluster-reset-restore-path` (which does all three)
-//! - `status`: `etcdutl snapshot status -w json` vs `etcd-snapshot status -o json`
+//! - `status`: `etcdutl snapshot status -w json` vs `etcd-snapshot status -o json` (which also
+//!   hashes the file against its sha256 trailer), and `status-fast`: the same with
+//!   `--skip-hash-check` (the structure check and etcdutl's own reads only)
 //!
 //! Peak RSS is the kernel's: `wait4`'s `ru_maxrss` of our process (see [`measure`]).
 
@@ -29,7 +31,7 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,status-fast] [--chart] [--keep]";
 
 #[derive(Debug)]
 struct Args {
@@ -46,10 +48,12 @@ enum Scenario {
     SaveS3,
     Restore,
     Status,
+    StatusFast,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 4] = [Scenario::Save, Scenario::SaveS3, Scenario::Restore, Scenario::Status];
+    const ALL: [Scenario; 5] =
+        [Scenario::Save, Scenario::SaveS3, Scenario::Restore, Scenario::Status, Scenario::StatusFast];
 
     fn key(self) -> &'static str {
         match self {
@@ -57,6 +61,7 @@ impl Scenario {
             Scenario::SaveS3 => "save+s3",
             Scenario::Restore => "restore",
             Scenario::Status => "status",
+            Scenario::StatusFast => "status-fast",
         }
     }
 
@@ -65,7 +70,7 @@ impl Scenario {
             Scenario::Save => "etcdctl snapshot save",
             Scenario::SaveS3 => "etcdctl snapshot save + curl PUT",
             Scenario::Restore => "etcdutl snapshot restore + etcd start + stop",
-            Scenario::Status => "etcdutl snapshot status",
+            Scenario::Status | Scenario::StatusFast => "etcdutl snapshot status",
         }
     }
 
@@ -75,7 +80,8 @@ impl Scenario {
             "s3" | "save+s3" => Scenario::SaveS3,
             "restore" => Scenario::Restore,
             "status" => Scenario::Status,
-            _ => bail!("unknown scenario {s:?}; the scenarios are save, s3, restore, status"),
+            "status-fast" => Scenario::StatusFast,
+            _ => bail!("unknown scenario {s:?}; the scenarios are save, s3, restore, status, status-fast"),
         })
     }
 }
@@ -247,7 +253,8 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
                 Scenario::Save => bench_save(&b)?,
                 Scenario::SaveS3 => bench_save_s3(&b)?,
                 Scenario::Restore => bench_restore(&b, &snap)?,
-                Scenario::Status => bench_status(&b, &snap)?,
+                Scenario::Status => bench_status(&b, &snap, Scenario::Status)?,
+                Scenario::StatusFast => bench_status(&b, &snap, Scenario::StatusFast)?,
             };
             rows.push(row);
         }
@@ -450,7 +457,7 @@ fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
     interleaved(b, Scenario::Restore, reference, our_run)
 }
 
-fn bench_status(b: &Bench, snap: &Path) -> Result<Row> {
+fn bench_status(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
     let log = b.logs.join("status.log");
     let scratch = b.work.join("status-dir");
     let reference = || {
@@ -463,6 +470,7 @@ fn bench_status(b: &Bench, snap: &Path) -> Result<Row> {
         reset_dir(&scratch)?;
         let mut c = ours(b);
         c.args(["etcd-snapshot", "status", "-o", "json"])
+            .args((sc == Scenario::StatusFast).then_some("--skip-hash-check"))
             .arg(snap)
             .arg("--data-dir")
             .arg(b.work.join("k3s"))
@@ -470,7 +478,7 @@ fn bench_status(b: &Bench, snap: &Path) -> Result<Row> {
             .arg(&scratch);
         Measure::sampled().run(&mut c, &log)
     };
-    interleaved(b, Scenario::Status, reference, our_run)
+    interleaved(b, sc, reference, our_run)
 }
 
 fn mib(kib: u64) -> f64 {
@@ -483,12 +491,12 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
         snap_bytes as f64 / MIB
     );
     println!(
-        "{:<9} {:>9} {:>9} {:>7} {:>13} {:>10}  reference",
+        "{:<11} {:>9} {:>9} {:>7} {:>13} {:>10}  reference",
         "scenario", "ours", "ref", "ratio", "our peak RSS", "(anon)"
     );
     for r in rows {
         println!(
-            "{:<9} {:>8.2}s {:>8.2}s {:>6.2}x {:>9.1} MiB {:>6.1} MiB  {}",
+            "{:<11} {:>8.2}s {:>8.2}s {:>6.2}x {:>9.1} MiB {:>6.1} MiB  {}",
             r.scenario.key(),
             r.ours_median(),
             r.reference_median(),
@@ -512,7 +520,10 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
             Scenario::Restore => {
                 format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x)", r.ratio())
             }
-            Scenario::Status => format!("status: {:.2}x etcdutl snapshot status", r.ratio()),
+            Scenario::Status => format!("status: {:.2}x etcdutl snapshot status (with the sha256 check)", r.ratio()),
+            Scenario::StatusFast => {
+                format!("status --skip-hash-check: {:.2}x etcdutl snapshot status (target <= 1x)", r.ratio())
+            }
         };
         println!("{line}");
     }

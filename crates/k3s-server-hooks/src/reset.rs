@@ -6,8 +6,11 @@
 //! `--skip-hash-check`, because nothing could then tell a torn file from a whole one.
 //!
 //! [`prepare`] runs every check and changes nothing but the snapshot dir (a download or a zip
-//! extraction lands there). [`execute`] then restores into `db/etcd-restore.tmp`, renames it to
-//! `db/etcd-restore` (complete), and swaps: `etcd-old` → `etcd-old-<secs>`, `etcd` → `etcd-old`,
+//! extraction lands there) and the scratch dir `db/etcd-restore.tmp`: while the snapshot is checked
+//! natively (sha256 and bbolt structure, on two threads), `etcdutl snapshot restore` already
+//! restores it into that scratch dir on the other core; a failed check kills the restore and
+//! removes the dir, and so does dropping the [`ResetPlan`]. [`execute`] then fsyncs the restored
+//! dir, renames it to `db/etcd-restore` (complete), and swaps: `etcd-old` → `etcd-old-<secs>`, `etcd` → `etcd-old`,
 //! `etcd-restore` → `etcd`, each rename fsynced. A crash at any point leaves either the old data in
 //! `db/etcd`, or the new data complete in `db/etcd-restore` with `db/etcd` gone, which
 //! [`recover_interrupted`] (run at every start) moves into place. Without a path, `db/etcd` is
@@ -93,6 +96,26 @@ pub fn recover_interrupted(dd: &DataDir) -> Result<()> {
 pub struct ResetPlan {
     /// A verified snapshot to restore; `None` resets the existing data.
     pub snapshot: Option<PathBuf>,
+    /// The snapshot, already restored into `db/etcd-restore.tmp` (removed if the plan is dropped).
+    restored: Option<ScratchDir>,
+}
+
+/// A directory removed when dropped, unless kept.
+#[derive(Debug)]
+struct ScratchDir(Option<PathBuf>);
+
+impl ScratchDir {
+    fn keep(mut self) -> PathBuf {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = remove_dir_if_exists(&p);
+        }
+    }
 }
 
 /// Every check, before anything changes (SPEC §6).
@@ -105,7 +128,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
                 dd.etcd().display()
             )));
         }
-        return Ok(ResetPlan { snapshot: None });
+        return Ok(ResetPlan { snapshot: None, restored: None });
     };
     if bins.etcdutl.is_none() && bins.etcdctl.is_none() {
         return Err(Error::Binary {
@@ -165,19 +188,26 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     }
     // One read of the file: the sha256 trailer and, beside it, the bbolt structure natively, so a
     // snapshot whose trailer matches but whose pages are broken (a bad disk, a bug in whatever
-    // wrote it) is refused here rather than by etcd after the swap.
-    {
-        let raw = raw.clone();
-        tokio::task::spawn_blocking(move || k3s_snapshot_core::status::check(&raw))
+    // wrote it) is refused here rather than by etcd after the swap. Meanwhile etcd's tool restores
+    // it into the scratch dir. Both are waited for (so nothing still writes into the scratch dir
+    // when the guard removes it), and the check's verdict is reported first.
+    let scratch = ScratchDir(Some(cfg.data_dir.etcd_restore_tmp()));
+    let check = async {
+        let file = raw.clone();
+        tokio::task::spawn_blocking(move || k3s_snapshot_core::status::check(&file))
             .await
             .map_err(|e| Error::Reset(format!("check task failed: {e}")))?
             .map_err(|e| Error::Reset(format!("{e}; refusing to restore it, nothing was changed")))?;
-    }
+        tracing::info!(snapshot = %raw.display(), "snapshot verified");
+        Ok::<(), Error>(())
+    };
+    let (checked, restored) = tokio::join!(check, restore_into_scratch(cfg, bins, &raw));
+    checked?;
+    restored?;
     if let Some(md) = metadata {
         token_check(cfg, &md);
     }
-    tracing::info!(snapshot = %raw.display(), "snapshot verified");
-    Ok(ResetPlan { snapshot: Some(raw) })
+    Ok(ResetPlan { snapshot: Some(raw), restored: Some(scratch) })
 }
 
 /// `<dir>/../.metadata/<file>` of a local snapshot, when there.
@@ -251,18 +281,20 @@ fn move_old_aside(dd: &DataDir) -> Result<()> {
     Ok(())
 }
 
-async fn restore_snapshot(cfg: &ServerConfig, bins: &EtcdBinaries, launch: &EtcdLaunch, snapshot: &Path) -> Result<()> {
-    let dd = &cfg.data_dir;
-    let tmp = dd.etcd_restore_tmp();
+/// Restores `snapshot` into `db/etcd-restore.tmp` as the only member, with this server's name and
+/// peer URL (what [`ServerConfig::etcd_launch`] will start etcd with).
+async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> Result<()> {
+    let tmp = cfg.data_dir.etcd_restore_tmp();
     remove_dir_if_exists(&tmp)?;
+    let peer_url = cfg.peer_url();
     let args = vec![
         "snapshot".to_string(),
         "restore".to_string(),
         snapshot.display().to_string(),
         format!("--data-dir={}", tmp.display()),
-        format!("--name={}", launch.name),
-        format!("--initial-cluster={}", launch.initial_cluster),
-        format!("--initial-advertise-peer-urls={}", launch.peer_url),
+        format!("--name={}", cfg.node_name),
+        format!("--initial-cluster={}={peer_url}", cfg.node_name),
+        format!("--initial-advertise-peer-urls={peer_url}"),
     ];
     let (program, envs): (&Path, &[(&str, &str)]) = match (&bins.etcdutl, &bins.etcdctl) {
         (Some(u), _) => (u, &[]),
@@ -270,13 +302,18 @@ async fn restore_snapshot(cfg: &ServerConfig, bins: &EtcdBinaries, launch: &Etcd
         (None, None) => unreachable!("checked in prepare"),
     };
     tracing::info!(snapshot = %snapshot.display(), into = %tmp.display(), tool = %program.display(), "restoring the snapshot");
-    if let Err(e) = run_tool(program, &args, envs).await {
-        let _ = remove_dir_if_exists(&tmp);
-        return Err(Error::Reset(format!("restoring {} failed, nothing was changed: {e}", snapshot.display())));
-    }
+    run_tool(program, &args, envs)
+        .await
+        .map_err(|e| Error::Reset(format!("restoring {} failed, nothing was changed: {e}", snapshot.display())))
+}
+
+/// Makes the restored scratch dir private and durable, then renames it to `db/etcd-restore`.
+fn finish_restore(dd: &DataDir, scratch: ScratchDir) -> Result<()> {
+    let tmp = dd.etcd_restore_tmp();
     set_private(&tmp)?;
     sync_tree(&tmp)?;
     durable_rename(&tmp, &dd.etcd_restore())?;
+    scratch.keep();
     Ok(())
 }
 
@@ -294,9 +331,9 @@ pub async fn execute(
     cancel: &CancellationToken,
 ) -> Result<()> {
     let dd = &cfg.data_dir;
-    match &plan.snapshot {
-        Some(snapshot) => {
-            restore_snapshot(cfg, bins, &launch, snapshot).await?;
+    match plan.restored {
+        Some(scratch) => {
+            finish_restore(dd, scratch)?;
             abort_point(1);
             move_old_aside(dd)?;
             abort_point(2);

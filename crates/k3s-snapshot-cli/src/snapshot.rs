@@ -12,6 +12,7 @@ use k3s_snapshot_core::name;
 use k3s_snapshot_core::progress::{NoProgress, Progress};
 use k3s_snapshot_core::retention::{prune, RetentionPolicy};
 use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
+use k3s_snapshot_core::status::TrailerStatus;
 use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +55,9 @@ pub enum SnapshotCommand {
         /// Output format
         #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
         output: StatusFormat,
+        /// Do not hash the file against its sha256 trailer (the bbolt structure is still checked)
+        #[arg(long)]
+        skip_hash_check: bool,
     },
 }
 
@@ -168,7 +172,9 @@ pub async fn run(args: SnapshotArgs, cancel: CancellationToken) -> anyhow::Resul
         SnapshotCommand::Ls { output } => ls(common, output).await,
         SnapshotCommand::Delete { names } => delete(common, &names).await,
         SnapshotCommand::Prune => prune_cmd(common).await,
-        SnapshotCommand::Status { target, output } => status_cmd(common, &target, output).await,
+        SnapshotCommand::Status { target, output, skip_hash_check } => {
+            status_cmd(common, &target, output, !skip_hash_check).await
+        }
     }
 }
 
@@ -353,7 +359,7 @@ impl Progress for Bar {
     }
 }
 
-async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat) -> anyhow::Result<()> {
+async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, check_hash: bool) -> anyhow::Result<()> {
     let local = common.local_store();
     let as_path = PathBuf::from(target);
     // Work files (a download, an extracted zip) live in a private temp dir that is removed at the end.
@@ -380,7 +386,7 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat) -> 
         path = tokio::task::spawn_blocking(move || k3s_snapshot_core::compress::extract_single(&zip, &into)).await??;
     }
     let shown = path.clone();
-    let st = tokio::task::spawn_blocking(move || k3s_snapshot_core::status::status(&path)).await??;
+    let st = tokio::task::spawn_blocking(move || k3s_snapshot_core::status::status_with(&path, check_hash)).await??;
     let mut out = std::io::stdout().lock();
     match output {
         StatusFormat::Json => writeln!(out, "{}", st.etcdutl_json())?,
@@ -389,6 +395,12 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat) -> 
             writeln!(out, "{:<10x}  {:>10}  {:>10}  {:>12}", st.hash, st.revision, st.total_key, st.total_size)?;
             if let Some(ci) = st.consistent_index {
                 writeln!(out, "consistent index {ci}")?;
+            }
+            match &st.trailer {
+                TrailerStatus::Absent => writeln!(out, "sha256 trailer absent (not made by `snapshot save`)")?,
+                TrailerStatus::Valid { sha256 } => writeln!(out, "sha256 {sha256} verified")?,
+                TrailerStatus::Unchecked { expected } => writeln!(out, "sha256 {expected} not checked")?,
+                TrailerStatus::Mismatch { .. } => {}
             }
             for m in &st.members {
                 writeln!(out, "member {} {} {}", m.id, m.name, m.peer_urls.join(","))?;

@@ -2,7 +2,11 @@
 //!
 //! The file is memory-mapped and every structure is decoded with bounds-checked
 //! slicing, so a truncated or damaged file produces a [`BoltError`] instead of a
-//! panic. Tree walks track every page they visit (a bitset sized by the meta
+//! panic. Mapped pages count towards the process's resident set, so once the
+//! walks have touched [`RESIDENT_WINDOW`] bytes of pages the mapping's page-table
+//! entries are dropped ([`Db::release`]): the bytes stay in the kernel's page
+//! cache and fault back in unchanged, and the resident set stays bounded by the
+//! window instead of growing to the file's size. Tree walks track every page they visit (a bitset sized by the meta
 //! high-water mark, which is bounded by the file length) and limit their
 //! recursion depth, so reference cycles and absurdly deep trees are reported as
 //! corruption rather than looping or overflowing the stack.
@@ -24,6 +28,7 @@
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Magic number stored in both meta pages.
 pub const MAGIC: u32 = 0xED0C_DAED;
@@ -47,6 +52,8 @@ pub const FLAG_FREELIST: u16 = 0x10;
 pub const LEAF_FLAG_BUCKET: u32 = 0x01;
 /// Maximum combined depth of b+tree levels and bucket nesting followed by a walk.
 pub const MAX_DEPTH: u32 = 256;
+/// Bytes of mapped pages a walk may touch before the mapping is released (see the module docs).
+pub const RESIDENT_WINDOW: u64 = 24 << 20;
 
 const META_SIZE: usize = 64;
 const META_CHECKSUM_OFFSET: usize = 56;
@@ -166,6 +173,25 @@ impl Backing {
             Backing::Owned(v) => v,
         }
     }
+
+    /// Drops the page-table entries of `range` (all of the map when `None`).
+    fn release(&self, range: Option<(usize, usize)>) {
+        let Backing::Map(m) = self else { return };
+        #[allow(unsafe_code)]
+        // SAFETY: `MADV_DONTNEED` is destructive only for private, written
+        // pages. This is a read-only shared mapping of a file: dropping its
+        // page-table entries leaves the data in the page cache, and the next
+        // access faults in the same bytes, so every outstanding `&[u8]` into
+        // the map keeps seeing what it saw before.
+        let r = unsafe {
+            match range {
+                None => m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed),
+                Some((off, len)) => m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, off, len),
+            }
+        };
+        // Advice is an optimisation: on failure the pages simply stay mapped.
+        let _ = r;
+    }
 }
 
 /// Where a page (or an inline bucket page) lives, for error messages.
@@ -267,6 +293,8 @@ pub struct Db {
     page_size: u32,
     meta: Meta,
     meta_page: u64,
+    /// Bytes of pages handed out by [`Db::page`] since the last release.
+    touched: AtomicU64,
 }
 
 impl fmt::Debug for Db {
@@ -335,7 +363,7 @@ impl Db {
         };
         let data = &backing.bytes()[..image_len];
         let (page_size, meta, meta_page) = Self::read_metas(&path, data)?;
-        let db = Db { path, backing, image_len, page_size, meta, meta_page };
+        let db = Db { path, backing, image_len, page_size, meta, meta_page, touched: AtomicU64::new(0) };
         db.validate_meta()?;
         Ok(db)
     }
@@ -457,6 +485,25 @@ impl Db {
         self.backing.bytes().get(..self.image_len).unwrap_or(&[])
     }
 
+    /// Releases the resident pages of the whole mapping (no-op for in-memory
+    /// images). Borrowed slices stay valid and unchanged; see the module docs.
+    pub fn release(&self) {
+        self.touched.store(0, Ordering::Relaxed);
+        self.backing.release(None);
+    }
+
+    /// Releases the resident pages of `image()[start..start + len]`.
+    pub fn release_range(&self, start: usize, len: usize) {
+        self.backing.release(Some((start, len)));
+    }
+
+    fn note_touched(&self, bytes: usize) {
+        let before = self.touched.fetch_add(bytes as u64, Ordering::Relaxed);
+        if before + bytes as u64 >= RESIDENT_WINDOW {
+            self.release();
+        }
+    }
+
     /// Bytes of the file after the database image (e.g. etcd's sha256 trailer).
     pub fn bytes_after_image(&self) -> &[u8] {
         self.backing.bytes().get(self.image_len..).unwrap_or(&[])
@@ -543,6 +590,7 @@ impl Db {
                     len: self.image_len as u64,
                 }
             })?;
+        self.note_touched(buf.len());
         Ok(Page { loc, flags, count, overflow, buf })
     }
 

@@ -40,6 +40,7 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::SaveS3 => RGBColor(214, 39, 40),
         Scenario::Restore => RGBColor(44, 160, 44),
         Scenario::Status => RGBColor(148, 103, 189),
+        Scenario::StatusFast => RGBColor(255, 127, 14),
     }
 }
 
