@@ -1,5 +1,6 @@
 //! The storage trait's conformance suite, run for `LocalStore` and `S3Store`, and the S3 store
-//! against a real S3 server (`s3s-fs` with authentication, nginx for TLS): multipart uploads,
+//! against a real S3 server (`s3s-fs` with authentication, nginx for TLS): multipart and
+//! streamed single-request uploads,
 //! faults with clear messages, pagination and retention over thousands of objects.
 
 use std::collections::BTreeSet;
@@ -170,6 +171,96 @@ async fn s3_store_conforms() {
     assert_eq!(root.describe(), "s3://snaps");
     assert_eq!(root.location("s-n1-1"), "s3://snaps/s-n1-1");
     conformance(&root).await;
+}
+
+fn sized(len: usize) -> PutOptions {
+    PutOptions {
+        content_type: "application/octet-stream".into(),
+        user_metadata: vec![("k3s-node-name".into(), "n1".into())],
+        size_hint: Some(len as u64),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_upload_of_known_size_round_trips_with_metadata() {
+    let server = S3Server::start();
+    server.create_bucket("snaps");
+    let store = S3Store::connect(&S3Config { folder: "f".into(), ..server.config("snaps") }).await.unwrap();
+    // Larger than a part, so that without the size it would be a multipart upload.
+    let data = pattern(24 * MIB + 12345, 21);
+    let n = store.put("s-n1-1700000000", chunked(data.clone(), 64 * 1024), sized(data.len())).await.unwrap();
+    assert_eq!(n, data.len() as u64);
+    let details = store.head_details("s-n1-1700000000").await.unwrap().unwrap();
+    assert_eq!(details.info.size, data.len() as u64);
+    assert_eq!(details.content_type.as_deref(), Some("application/octet-stream"));
+    assert_eq!(details.user_metadata, vec![("k3s-node-name".to_string(), "n1".to_string())]);
+    let (_, body) = store.get("s-n1-1700000000").await.unwrap();
+    assert!(read_all(body).await == data[..], "the object differs from what was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_streamed_upload_that_fails_short_or_long_leaves_the_previous_object() {
+    let server = S3Server::start();
+    server.create_bucket("snaps");
+    let store = S3Store::connect(&server.config("snaps")).await.unwrap();
+    let old = pattern(MIB, 30);
+    store.put("s-n1-1700000000", chunked(old.clone(), MIB), opts()).await.unwrap();
+    let len = 20 * MIB;
+    let cases: Vec<(&str, ByteStream, &str)> = vec![
+        ("source error", failing_after(pattern(12 * MIB, 31), MIB), "boom: the source failed"),
+        ("short", chunked(pattern(12 * MIB, 32), MIB), "ended after"),
+        ("long", chunked(pattern(len + 1, 33), MIB), "longer"),
+        // The whole length arrives, and only then the source fails: still nothing stored.
+        ("error after the last byte", failing_after(pattern(len, 34), MIB), "boom: the source failed"),
+    ];
+    for (what, body, needle) in cases {
+        let err = store.put("s-n1-1700000000", body, sized(len)).await.unwrap_err().to_string();
+        assert!(err.contains("cannot upload s-n1-1700000000") && err.contains(needle), "{what}: {err}");
+        assert_no_secret(&err);
+        let (info, body) = store.get("s-n1-1700000000").await.unwrap();
+        assert_eq!(info.size, old.len() as u64, "{what}: the object changed");
+        assert!(read_all(body).await == old[..], "{what}: the object changed");
+    }
+    assert_eq!(keys(&store, "").await, strings(&["s-n1-1700000000"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_killed_mid_streamed_upload_leaves_no_object() {
+    let mut server = S3Server::start();
+    server.create_bucket("snaps");
+    let store =
+        S3Store::connect(&S3Config { timeout: Duration::from_secs(10), ..server.config("snaps") }).await.unwrap();
+    // 20 MiB, then wait for the test to kill the server, then 20 MiB more.
+    let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let first = chunked(pattern(20 * MIB, 40), MIB).inspect(move |c| {
+        if let Ok(c) = c {
+            counter.fetch_add(c.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let rest = futures::stream::once(async move {
+        let _ = resume_rx.await;
+        futures::stream::iter(vec![Ok(pattern(20 * MIB, 41))])
+    })
+    .flatten();
+    let body: ByteStream = first.chain(rest).boxed();
+    let uploader = store.clone();
+    let put = tokio::spawn(async move { uploader.put("s-n1-1700000000", body, sized(40 * MIB)).await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.load(std::sync::atomic::Ordering::SeqCst) < 20 * MIB {
+        assert!(Instant::now() < deadline, "the upload never took the first 20 MiB:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.kill();
+    resume_tx.send(()).unwrap();
+    let msg = put.await.unwrap().unwrap_err().to_string();
+    assert!(msg.contains("s3://snaps: cannot upload s-n1-1700000000") && msg.contains("s3 endpoint"), "{msg}");
+    assert_no_secret(&msg);
+    server.restart();
+    let store = S3Store::connect(&server.config("snaps")).await.unwrap();
+    assert!(store.head("s-n1-1700000000").await.unwrap().is_none(), "a half upload became an object");
+    assert!(keys(&store, "").await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,7 +546,7 @@ async fn s3_listing_of_2500_objects_pages_and_prune_keeps_the_newest() {
 
     // Retention over all nodes keeps the 7 newest by the timestamp in the name.
     let deleted = prune(&store, &RetentionPolicy { prefix: "on-demand", node: None, keep: 7 }).await.unwrap();
-    all.sort_by(|a, b| b.1.cmp(&a.1));
+    all.sort_by_key(|e| std::cmp::Reverse(e.1));
     let kept: BTreeSet<String> = all.iter().take(7).map(|(k, _)| k.clone()).collect();
     let doomed: BTreeSet<String> = all.iter().skip(7).map(|(k, _)| k.clone()).collect();
     assert_eq!(deleted.iter().cloned().collect::<BTreeSet<_>>(), doomed);

@@ -120,7 +120,9 @@ pub async fn save(
     save_inner(conn, store, opts, tee, None, progress, cancel).await
 }
 
-type NameHook = Box<dyn FnOnce(&str) + Send>;
+/// Told the snapshot's file name and, from etcd's first message, its announced size (the
+/// database plus the 32-byte trailer), before the first byte reaches the tee.
+type NameHook = Box<dyn FnOnce(&str, Option<u64>) + Send>;
 
 async fn save_inner(
     conn: &mut EtcdConnection,
@@ -143,9 +145,7 @@ async fn save_inner(
     let path = store.dir().join(&file);
     let part = part_path(&path);
     let started = std::time::Instant::now();
-    if let Some(hook) = on_name {
-        hook(&file);
-    }
+    let mut on_name = on_name;
     tracing::debug!(snapshot = %file, endpoints = %conn.endpoints, "saving snapshot");
 
     let endpoints = conn.endpoints.clone();
@@ -169,6 +169,11 @@ async fn save_inner(
             Err(cause) => return Err(Error::EtcdStream { endpoints, received: check.total(), cause }),
         };
         let blob = resp.blob();
+        if let Some(hook) = on_name.take() {
+            // etcd counts `remaining_bytes` over the database only; the trailer follows it.
+            let announced = (blob.len() as u64).checked_add(resp.remaining_bytes()).and_then(|n| n.checked_add(32));
+            hook(&file, announced);
+        }
         check.update(blob);
         w.write_all(blob).await.map_err(Error::io("write", &part))?;
         if let Some(t) = &tee {
@@ -180,6 +185,9 @@ async fn save_inner(
         progress.advance(blob.len() as u64);
     }
     progress.finish();
+    if let Some(hook) = on_name.take() {
+        hook(&file, None);
+    }
     let raw_size = check.total();
     let raw_sha256 = check.finish_with_stream_sha256(&file)?;
     w.flush().await.map_err(Error::io("write", &part))?;
@@ -264,25 +272,35 @@ pub async fn save_and_upload(
         let upload = upload_existing(local, remote, &saved, progress, cancel).await;
         return Ok(SaveOutcome { local: saved, upload: Some(upload) });
     }
-    // Pipelined: the name is not known until `save` reserves it, so the uploader learns it
-    // through a oneshot before the first byte arrives.
+    // Pipelined: the name is not known until `save` reserves it, nor the size until etcd's first
+    // message, so the uploader learns both through a oneshot before the first byte arrives. With
+    // the size, the store can send the whole snapshot as one streamed request.
     let (tee, body) = tee_channel(TEE_DEPTH);
-    let (name_tx, name_rx) = tokio::sync::oneshot::channel::<String>();
+    let (name_tx, name_rx) = tokio::sync::oneshot::channel::<(String, Option<u64>)>();
     let (node, token_hash) = (opts.node.clone(), opts.token_hash.clone());
     let upload = async move {
-        let Ok(file) = name_rx.await else {
+        let Ok((file, size_hint)) = name_rx.await else {
             return Err(Error::Cancelled);
         };
         let opts = PutOptions {
             content_type: "application/octet-stream".into(),
             user_metadata: user_metadata(&node, token_hash.as_deref()),
-            size_hint: None,
+            size_hint,
         };
         remote.put(&file, body, opts).await
     };
     let named_tee = NamedTee { tee, name_tx: Some(name_tx) };
     let (saved, uploaded) = tokio::join!(save_named(conn, local, opts, named_tee, progress, cancel), upload);
     let saved = saved?;
+    let uploaded = match uploaded {
+        Err(e) if !cancel.is_cancelled() => {
+            // The local snapshot is whole now, and a file can be sent again (with retries),
+            // which a consumed stream cannot.
+            tracing::warn!(snapshot = %saved.metadata.name, store = %remote.describe(), error = %e, "upload while saving failed; uploading the saved file");
+            upload_file_only(local, remote, &saved, progress, cancel).await
+        }
+        other => other,
+    };
     let upload = match uploaded {
         Ok(n) => put_metadata(remote, &saved).await.map(|()| n),
         Err(e) => Err(e),
@@ -295,7 +313,7 @@ pub async fn save_and_upload(
 
 struct NamedTee {
     tee: Tee,
-    name_tx: Option<tokio::sync::oneshot::Sender<String>>,
+    name_tx: Option<tokio::sync::oneshot::Sender<(String, Option<u64>)>>,
 }
 
 async fn save_named(
@@ -307,9 +325,9 @@ async fn save_named(
     cancel: &CancellationToken,
 ) -> Result<SavedSnapshot> {
     let name_tx = named.name_tx.take();
-    let hook = move |file: &str| {
+    let hook = move |file: &str, size: Option<u64>| {
         if let Some(tx) = name_tx {
-            let _ = tx.send(file.to_string());
+            let _ = tx.send((file.to_string(), size));
         }
     };
     save_inner(conn, local, opts, Some(named.tee), Some(Box::new(hook)), progress, cancel).await
@@ -317,6 +335,18 @@ async fn save_named(
 
 /// Uploads a snapshot that is already on disk, then its metadata.
 pub async fn upload_existing(
+    local: &LocalStore,
+    remote: &dyn crate::store::SnapshotStore,
+    saved: &SavedSnapshot,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<u64> {
+    let n = upload_file_only(local, remote, saved, progress, cancel).await?;
+    put_metadata(remote, saved).await?;
+    Ok(n)
+}
+
+async fn upload_file_only(
     local: &LocalStore,
     remote: &dyn crate::store::SnapshotStore,
     saved: &SavedSnapshot,
@@ -331,12 +361,10 @@ pub async fn upload_existing(
         size_hint: None,
     };
     let path = local.path_of(file)?;
-    let n = tokio::select! {
-        r = crate::transfer::upload_file(remote, file, &path, opts, progress) => r?,
-        _ = cancel.cancelled() => return Err(Error::Cancelled),
-    };
-    put_metadata(remote, saved).await?;
-    Ok(n)
+    tokio::select! {
+        r = crate::transfer::upload_file(remote, file, &path, opts, progress) => r,
+        _ = cancel.cancelled() => Err(Error::Cancelled),
+    }
 }
 
 /// The S3 user metadata k3s puts on a snapshot object.

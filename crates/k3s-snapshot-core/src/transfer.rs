@@ -86,9 +86,36 @@ pub async fn download_snapshot_with_progress(
     Ok(path)
 }
 
+/// Times [`upload_file`] sends a file whose upload failed with a retryable error.
+const FILE_UPLOAD_ATTEMPTS: u32 = 3;
+
 /// Uploads a local file to `store` under `key`, with its size as the hint (so that parts are
-/// large enough) and progress reporting. Returns the bytes stored.
+/// large enough, or the store sends it as one request) and progress reporting. A retryable
+/// failure sends the file again, up to three times in all: a store that streams the body in one
+/// request cannot retry it itself. Returns the bytes stored.
 pub async fn upload_file(
+    store: &dyn SnapshotStore,
+    key: &str,
+    path: &Path,
+    opts: PutOptions,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let mut delay = std::time::Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match upload_file_once(store, key, path, opts.clone(), progress).await {
+            Err(e) if e.is_retryable() && attempt < FILE_UPLOAD_ATTEMPTS => {
+                tracing::warn!(key, attempt, store = %store.describe(), error = %e, "upload failed; sending the file again in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn upload_file_once(
     store: &dyn SnapshotStore,
     key: &str,
     path: &Path,

@@ -205,7 +205,12 @@ impl Classifier {
         }
     }
 
-    fn classify_reqwest(&self, e: &reqwest::Error) -> S3Error {
+    /// An HTTP status without an S3 error document.
+    pub fn classify_status(&self, status: u16) -> S3Error {
+        S3Error::Status { endpoint: self.endpoint.clone(), status }
+    }
+
+    pub fn classify_reqwest(&self, e: &reqwest::Error) -> S3Error {
         let endpoint = self.endpoint.clone();
         if let Some(tls) = find_rustls_error(e) {
             let detail = tls.to_string();

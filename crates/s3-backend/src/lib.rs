@@ -13,6 +13,7 @@
 mod config;
 mod error;
 mod store;
+mod stream_put;
 
 pub use config::{format_duration, BucketLookup, S3Config, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT};
 pub use error::S3Error;
@@ -21,6 +22,7 @@ pub use k3s_snapshot_core::transfer::{
     download_snapshot, download_snapshot_with_progress, fetch_metadata, upload_file,
 };
 pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
+pub use stream_put::MAX_SINGLE_PUT;
 
 /// The environment variables that route the S3 client through `proxy` (`--etcd-s3-proxy`),
 /// replacing any proxy settings already in the environment, as k3s does.

@@ -3,8 +3,9 @@
 //! - Every request goes through [`Inner::call`], the one retry helper: it names the operation,
 //!   retries only what [`S3Error::is_retryable`] says is transient, with exponential backoff, and
 //!   bounds the whole operation (all attempts) by the configured timeout.
-//! - `put` sends one PUT for bodies smaller than a part, and otherwise a multipart upload whose
-//!   parts go up while the body is still streaming. Any failure, including the body stream
+//! - `put` sends one PUT for bodies smaller than a part; a larger body of known size (up to 5 GiB)
+//!   streams as one PUT ([`crate::stream_put`]); otherwise a multipart upload whose parts go up
+//!   while the body is still streaming. Any failure, including the body stream
 //!   yielding an error or the `put` future being dropped, aborts the upload: S3 only shows an
 //!   object once `CompleteMultipartUpload` succeeds, so nothing appears under the key.
 //! - `get` streams the body (constant memory), resumes with a ranged GET pinned to the ETag when
@@ -41,6 +42,7 @@ use k3s_snapshot_core::{Error, Result};
 
 use crate::config::{redact_url_password, BucketLookup, S3Config};
 use crate::error::{innermost_detail, is_no_such_upload, Classifier, S3Error};
+use crate::stream_put::{PutRequest, StreamPut, MAX_SINGLE_PUT};
 
 /// Smallest part the S3 API accepts (except the last one).
 pub const MIN_PART_SIZE: u64 = 5 << 20;
@@ -78,6 +80,7 @@ pub struct S3Store {
 
 struct Inner {
     client: MinioClient,
+    streamer: StreamPut,
     bucket: String,
     /// `folder/`, or empty for the bucket's root.
     prefix: String,
@@ -137,6 +140,13 @@ impl S3Store {
                 (!cfg.session_token.is_empty()).then_some(cfg.session_token.as_str()),
             )
         });
+        let streamer = StreamPut {
+            base: base.clone(),
+            provider: provider.clone(),
+            http: stream_put_client(cfg).map_err(|e| {
+                Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e)))
+            })?,
+        };
         let client = MinioClientBuilder::new(base)
             .provider(provider)
             .ssl_cert_file(cfg.endpoint_ca.as_deref())
@@ -154,6 +164,7 @@ impl S3Store {
         let store = S3Store {
             inner: Arc::new(Inner {
                 client,
+                streamer,
                 classifier: Classifier { endpoint: endpoint.url(), bucket: bucket.clone(), region: region.to_string() },
                 bucket,
                 prefix,
@@ -253,6 +264,24 @@ fn check_proxy_env(cfg: &S3Config, https: bool) -> Result<()> {
         redact_url_password(proxy),
         names[0]
     )))
+}
+
+/// The HTTP client of streamed PUTs, with the TLS choices minio's own client gets.
+fn stream_put_client(cfg: &S3Config) -> std::result::Result<reqwest::Client, reqwest::Error> {
+    let mut b = reqwest::Client::builder()
+        .no_gzip()
+        .tcp_nodelay(true)
+        .user_agent(concat!("k3s-snapshot/", env!("CARGO_PKG_VERSION")))
+        .danger_accept_invalid_certs(cfg.skip_ssl_verify);
+    if let Some(ca) = &cfg.endpoint_ca {
+        // Read and parsed by check_ca_file before this.
+        if let Ok(pem) = std::fs::read(ca) {
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
+                b = b.add_root_certificate(cert);
+            }
+        }
+    }
+    b.build()
 }
 
 fn check_ca_file(path: &std::path::Path) -> Result<()> {
@@ -772,9 +801,26 @@ impl SnapshotStore for S3Store {
     async fn put(&self, key: &str, body: ByteStream, opts: PutOptions) -> Result<u64> {
         let inner = &self.inner;
         let object = inner.object_name(key)?;
+        let started = std::time::Instant::now();
+        if let Some(len) = opts.size_hint.filter(|n| (DEFAULT_PART_SIZE..=MAX_SINGLE_PUT).contains(n)) {
+            let req = PutRequest {
+                bucket: &inner.bucket,
+                object: &object,
+                len,
+                content_type: &Inner::content_type(&opts),
+                user_metadata: &opts.user_metadata,
+                stall_timeout: inner.timeout,
+            };
+            inner
+                .streamer
+                .put(&inner.classifier, req, body)
+                .await
+                .map_err(|e| inner.storage_error("upload", key, e))?;
+            tracing::debug!(key, size = len, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded in one streamed request");
+            return Ok(len);
+        }
         let part_size = initial_part_size(opts.size_hint);
         let mut reader = PartReader::new(body);
-        let started = std::time::Instant::now();
         let (first, ended) = reader
             .read(part_size)
             .await

@@ -1,0 +1,292 @@
+//! One PUT request whose body streams from the caller, for bodies whose length is known before
+//! the first byte (etcd announces a snapshot's size in its first message; a file has a length).
+//!
+//! minio 0.4 holds every request body in memory and hashes it before signing, so this request is
+//! built from minio's public pieces (URL builder, header canonicalisation, dates, credentials)
+//! and signed here with SigV4 over `UNSIGNED-PAYLOAD`: the headers are signed, the body is not
+//! hashed up front. It goes out through its own `reqwest` client set up like minio's (same CA
+//! file, same skip-verify choice, environment proxies).
+//!
+//! Why one request instead of a multipart upload: nothing is buffered but the chunks in flight,
+//! and the server stores the object once. A multipart upload makes S3 servers that assemble
+//! parts on completion (s3s-fs among them) read and write every byte a second time.
+//!
+//! What it cannot do is retry: the body is consumed as it goes. Callers that can produce the
+//! body again (a file) retry around it; see `k3s_snapshot_core::transfer::upload_file`.
+//!
+//! Atomicity: S3 stores an object only when a PUT's whole body arrived. [`ExactBody`] makes sure
+//! a body that errs, ends early or runs long never lets the last byte go out: the final chunk is
+//! held back until the source has ended, so a failure aborts the request before it completes.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use hmac::{Hmac, Mac};
+use minio::s3::creds::{Provider, StaticProvider};
+use minio::s3::http::BaseUrl;
+use minio::s3::minio_error_response::MinioErrorResponse;
+use minio::s3::multimap_ext::{Multimap, MultimapExt};
+use minio::s3::types::{BucketName, ObjectKey};
+use minio::s3::utils::{sha256_hash, to_amz_date, to_signer_date, utc_now};
+use sha2::Sha256;
+use tokio::time::Instant;
+
+use k3s_snapshot_core::store::ByteStream;
+
+use crate::error::{innermost_detail, Classifier, S3Error};
+
+/// The largest object S3 accepts in one PUT.
+pub const MAX_SINGLE_PUT: u64 = 5 << 30;
+
+/// What a streamed PUT needs besides the body: where, who, and how to reach it.
+pub(crate) struct StreamPut {
+    pub base: BaseUrl,
+    pub provider: Option<StaticProvider>,
+    pub http: reqwest::Client,
+}
+
+/// One streamed PUT.
+pub(crate) struct PutRequest<'a> {
+    pub bucket: &'a str,
+    pub object: &'a str,
+    pub len: u64,
+    pub content_type: &'a str,
+    pub user_metadata: &'a [(String, String)],
+    /// No progress (no body chunk taken, or no answer after the body) for this long fails it.
+    pub stall_timeout: Duration,
+}
+
+fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
+    // HMAC takes keys of any length; `new_from_slice` cannot fail for it.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("hmac accepts any key"));
+    m.update(data);
+    m.finalize().into_bytes().to_vec()
+}
+
+impl StreamPut {
+    /// Sends `body` (exactly `req.len` bytes) to `bucket/object` as one request.
+    pub async fn put(&self, classifier: &Classifier, req: PutRequest<'_>, body: ByteStream) -> Result<(), S3Error> {
+        let bucket = BucketName::new(req.bucket).map_err(|e| classifier.classify(e.into()))?;
+        let object = ObjectKey::new(req.object).map_err(|e| classifier.classify(e.into()))?;
+        let query = Multimap::new();
+        let region = &self.base.region;
+        let url = self
+            .base
+            .build_url(&reqwest::Method::PUT, region, &query, Some(&bucket), Some(&object))
+            .map_err(|e| classifier.classify(e.into()))?;
+
+        let date = utc_now();
+        let mut headers = Multimap::new();
+        headers.add("host", url.host_header_value());
+        headers.add("content-type", req.content_type);
+        headers.add("content-length", req.len.to_string());
+        headers.add("x-amz-content-sha256", "UNSIGNED-PAYLOAD");
+        headers.add("x-amz-date", to_amz_date(date));
+        for (k, v) in req.user_metadata {
+            headers.add(format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
+        }
+        let mut authorization = None;
+        if let Some(provider) = &self.provider {
+            let creds = provider.fetch();
+            if let Some(token) = creds.session_token {
+                headers.add("x-amz-security-token", token);
+            }
+            let (signed, canonical) = headers.get_canonical_headers();
+            let canonical_request = format!(
+                "PUT\n{}\n{}\n{canonical}\n\n{signed}\nUNSIGNED-PAYLOAD",
+                url.path,
+                query.get_canonical_query_string()
+            );
+            let day = to_signer_date(date);
+            let scope = format!("{day}/{}/s3/aws4_request", region.as_str());
+            let to_sign = format!(
+                "AWS4-HMAC-SHA256\n{}\n{scope}\n{}",
+                to_amz_date(date),
+                sha256_hash(canonical_request.as_bytes())
+            );
+            let mut key = hmac_sha256(format!("AWS4{}", creds.secret_key).as_bytes(), day.as_bytes());
+            for part in [region.as_str().as_bytes(), b"s3", b"aws4_request"] {
+                key = hmac_sha256(&key, part);
+            }
+            let signature = hex::encode(hmac_sha256(&key, to_sign.as_bytes()));
+            authorization = Some(format!(
+                "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed}, Signature={signature}",
+                creds.access_key
+            ));
+        }
+
+        let progress = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let body = ExactBody::new(body, req.len, progress.clone(), started);
+        let mut request = self.http.put(url.to_string());
+        if let Some(a) = authorization {
+            request = request.header("authorization", a);
+        }
+        for (k, vs) in headers.iter_all() {
+            for v in vs {
+                request = request.header(k.as_str(), v.as_str());
+            }
+        }
+        let send = request.body(reqwest::Body::wrap_stream(body)).send();
+        tokio::pin!(send);
+        // Stalled, not slow: the deadline moves on whenever the server takes another chunk.
+        let resp = loop {
+            let last = started + Duration::from_millis(progress.load(Ordering::Relaxed));
+            tokio::select! {
+                r = &mut send => break r,
+                _ = tokio::time::sleep_until(last + req.stall_timeout) => {
+                    let now = started + Duration::from_millis(progress.load(Ordering::Relaxed));
+                    if now == last {
+                        return Err(S3Error::Timeout { endpoint: classifier.endpoint.clone(), timeout: req.stall_timeout });
+                    }
+                }
+            }
+        };
+        let resp = resp.map_err(|e| match source_error(&e) {
+            Some(detail) => S3Error::Source(detail),
+            None => classifier.classify_reqwest(&e),
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let headers = resp.headers().clone();
+        let text = resp.bytes().await.unwrap_or_default();
+        Err(match MinioErrorResponse::new_from_body(text, headers) {
+            Ok(doc) => classifier.classify_response(&doc),
+            Err(_) => classifier.classify_status(status.as_u16()),
+        })
+    }
+}
+
+/// The message of our own body's failure, when that is what ended the request.
+fn source_error(e: &reqwest::Error) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(b) = err.downcast_ref::<BodyError>() {
+            return Some(b.0.clone());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Why the body stream stopped short of a whole object.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BodyError(String);
+
+/// The caller's stream, made to yield exactly `len` bytes or fail: the chunk that completes the
+/// length is only passed on once the source has ended, so neither a source error after it nor
+/// extra bytes can slip past a completed request. Records when the last chunk was taken.
+struct ExactBody {
+    src: ByteStream,
+    len: u64,
+    seen: u64,
+    held: Option<Bytes>,
+    done: bool,
+    progress: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl ExactBody {
+    fn new(src: ByteStream, len: u64, progress: Arc<AtomicU64>, started: Instant) -> Self {
+        ExactBody { src, len, seen: 0, held: None, done: false, progress, started }
+    }
+
+    fn fail(&mut self, msg: String) -> Poll<Option<Result<Bytes, BodyError>>> {
+        self.done = true;
+        self.held = None;
+        Poll::Ready(Some(Err(BodyError(msg))))
+    }
+}
+
+impl Stream for ExactBody {
+    type Item = Result<Bytes, BodyError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let this = &mut *self;
+        this.progress.store(this.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        loop {
+            match this.src.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return this.fail(innermost_detail(&e)),
+                Poll::Ready(Some(Ok(b))) if b.is_empty() => continue,
+                Poll::Ready(Some(Ok(b))) => {
+                    if this.held.is_some() {
+                        let len = this.len;
+                        return this.fail(format!("the data is longer than the {len} bytes announced"));
+                    }
+                    this.seen += b.len() as u64;
+                    if this.seen > this.len {
+                        let (seen, len) = (this.seen, this.len);
+                        return this.fail(format!("the data is longer ({seen}+ bytes) than the {len} announced"));
+                    }
+                    if this.seen < this.len {
+                        return Poll::Ready(Some(Ok(b)));
+                    }
+                    this.held = Some(b);
+                }
+                Poll::Ready(None) => {
+                    if this.seen < this.len {
+                        let (seen, len) = (this.seen, this.len);
+                        return this.fail(format!("the data ended after {seen} of the {len} bytes announced"));
+                    }
+                    this.done = true;
+                    return Poll::Ready(this.held.take().map(Ok));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::TryStreamExt;
+
+    fn body(chunks: Vec<std::io::Result<&'static [u8]>>) -> ByteStream {
+        futures::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()
+    }
+
+    async fn drain(src: ByteStream, len: u64) -> Result<Vec<u8>, String> {
+        let b = ExactBody::new(src, len, Arc::new(AtomicU64::new(0)), Instant::now());
+        b.map_ok(|c| c.to_vec()).try_concat().await.map_err(|e| e.to_string())
+    }
+
+    #[tokio::test]
+    async fn exact_body_passes_exactly_the_announced_bytes() {
+        let got = drain(body(vec![Ok(b"abc"), Ok(b""), Ok(b"de")]), 5).await.unwrap();
+        assert_eq!(got, b"abcde");
+        assert_eq!(drain(body(vec![]), 0).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn exact_body_fails_short_long_and_broken_sources() {
+        let e = drain(body(vec![Ok(b"abc")]), 5).await.unwrap_err();
+        assert!(e.contains("ended after 3 of the 5 bytes"), "{e}");
+        let e = drain(body(vec![Ok(b"abc"), Ok(b"def")]), 5).await.unwrap_err();
+        assert!(e.contains("longer"), "{e}");
+        let e = drain(body(vec![Ok(b"abcde"), Ok(b"f")]), 5).await.unwrap_err();
+        assert!(e.contains("longer"), "{e}");
+        let e = drain(body(vec![Ok(b"ab"), Err(std::io::Error::other("etcd went away"))]), 5).await.unwrap_err();
+        assert!(e.contains("etcd went away"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn the_last_chunk_waits_for_the_end_of_the_source() {
+        // A source error after the last byte must still fail the body, not complete it.
+        let src = body(vec![Ok(b"abcde"), Err(std::io::Error::other("trailer mismatch"))]);
+        let mut b = ExactBody::new(src, 5, Arc::new(AtomicU64::new(0)), Instant::now());
+        let first = b.next().await.unwrap();
+        assert!(first.is_err(), "the complete chunk was released before the source ended");
+    }
+}
