@@ -50,6 +50,12 @@ fn saved_snapshot_restores_with_etcdutl_and_has_etcds_revision() {
         let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
         assert_eq!(m["nodeName"], "n1");
         assert_eq!(m["etcdRevision"].as_i64(), Some(revision));
+        // The key count read back from the saved file, as etcdutl counts it, also in `ls -o json`.
+        assert_eq!(m["totalKey"].as_u64(), status["totalKey"].as_u64(), "{v:?}: {m}");
+        let rows = ls_json(&etcd, &dir);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let row = rows[0].to_string();
+        assert!(row.contains(&format!("\"totalKey\":{}", status["totalKey"])), "{v:?}: {row}");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);

@@ -57,8 +57,26 @@ pub fn etcdutl() -> PathBuf {
     EtcdVersion::V3_5.bin_dir().join("etcdutl")
 }
 
+/// A port free on every address right now, for a server a test is about to start.
+///
+/// Not the kernel's choice (`bind(:0)`): that comes from the ephemeral range (32768-60999 here),
+/// where any outgoing connection of a parallel test may take the same number as its source port
+/// between this call and the server's bind. Ports come from 20000-31999 instead, handed out by a
+/// process-wide counter (no two tests of this process get the same), starting at an offset from
+/// the process id (a second test process starts elsewhere).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 60) * 200;
+    for _ in 0..COUNT {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % COUNT) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}-{}", FIRST + COUNT - 1);
 }
 
 /// A running etcd with plain-http client and peer URLs on 127.0.0.1.
