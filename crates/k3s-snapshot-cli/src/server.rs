@@ -113,7 +113,16 @@ impl ServerArgs {
                     if expected.is_none() {
                         tracing::warn!(snapshot = %file, store = %store.describe(), "the snapshot has no metadata; its size and sha256 cannot be checked against it");
                     }
-                    s3_backend::download_snapshot(store.as_ref(), &file, &into, expected.as_ref()).await
+                    // A bar on a terminal (an operator running the reset by hand), nothing in a log.
+                    let progress = crate::snapshot::bar();
+                    s3_backend::download_snapshot_with_progress(
+                        store.as_ref(),
+                        &file,
+                        &into,
+                        expected.as_ref(),
+                        progress.as_ref(),
+                    )
+                    .await
                 })
             });
             f

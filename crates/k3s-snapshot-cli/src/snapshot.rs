@@ -325,7 +325,7 @@ async fn prune_cmd(common: &CommonArgs) -> anyhow::Result<()> {
 }
 
 /// A progress bar on stderr when it is a terminal; nothing otherwise.
-fn bar() -> Arc<dyn Progress> {
+pub(crate) fn bar() -> Arc<dyn Progress> {
     if std::io::stderr().is_terminal() {
         Arc::new(Bar(indicatif::ProgressBar::hidden()))
     } else {
@@ -372,7 +372,15 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
         if common.s3.enabled {
             let Some(remote) = common.s3.open().await? else { unreachable!("--s3 is on") };
             let meta = s3_backend::fetch_metadata(remote.as_ref(), target).await?;
-            s3_backend::download_snapshot(remote.as_ref(), target, scratch.path(), meta.as_ref()).await?
+            let progress = bar();
+            s3_backend::download_snapshot_with_progress(
+                remote.as_ref(),
+                target,
+                scratch.path(),
+                meta.as_ref(),
+                progress.as_ref(),
+            )
+            .await?
         } else {
             local.dir().join(target)
         }

@@ -311,9 +311,10 @@ pub async fn save_and_upload(
     let (saved, uploaded) = tokio::join!(save_named(conn, local, opts, named_tee, progress, cancel), upload);
     let saved = saved?;
     let uploaded = match uploaded {
-        Err(e) if !cancel.is_cancelled() => {
+        Err(e) if e.is_retryable() && !cancel.is_cancelled() => {
             // The local snapshot is whole now, and a file can be sent again (with retries),
-            // which a consumed stream cannot.
+            // which a consumed stream cannot. Final errors (credentials, bucket, a timeout
+            // that already took --etcd-s3-timeout) are not worth a second wait.
             tracing::warn!(snapshot = %saved.metadata.name, store = %remote.describe(), error = %e, "upload while saving failed; uploading the saved file");
             upload_file_only(local, remote, &saved, progress, cancel).await
         }

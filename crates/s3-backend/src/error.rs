@@ -60,11 +60,12 @@ pub enum S3Error {
 }
 
 impl S3Error {
-    /// Whether trying again may succeed: network failures, 5xx, throttling. Authentication,
-    /// missing buckets, certificates, timeouts (the deadline has passed) and other 4xx are final.
+    /// Whether trying again may succeed: network failures, 5xx, throttling, and a body that failed
+    /// (a caller that can produce it again, from a file, may resend it). Authentication, missing
+    /// buckets, certificates, timeouts (the deadline has passed) and other 4xx are final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            S3Error::Unreachable { .. } | S3Error::Network { .. } => true,
+            S3Error::Unreachable { .. } | S3Error::Network { .. } | S3Error::Source(_) => true,
             S3Error::Server { retryable, .. } => *retryable,
             S3Error::Status { status, .. } => status_is_retryable(*status),
             S3Error::NoSuchBucket { .. }
@@ -74,7 +75,6 @@ impl S3Error {
             | S3Error::Timeout { .. }
             | S3Error::Certificate { .. }
             | S3Error::Tls { .. }
-            | S3Error::Source(_)
             | S3Error::Invalid(_) => false,
         }
     }
