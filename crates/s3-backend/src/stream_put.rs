@@ -17,10 +17,15 @@
 //! Atomicity: S3 stores an object only when a PUT's whole body arrived. [`ExactBody`] makes sure
 //! a body that errs, ends early or runs long never lets the last byte go out: the final chunk is
 //! held back until the source has ended, so a failure aborts the request before it completes.
+//!
+//! The body belongs to the HTTP connection's task, which outlives this request's future when the
+//! network is cut (until TCP gives up, minutes later). The caller's source therefore sits in a
+//! shared slot that [`StreamPut::put`] empties when it returns or is dropped: the source (etcd's
+//! tee, a file) is released at once, and the connection's next poll of the body fails.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -122,7 +127,8 @@ impl StreamPut {
 
         let progress = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
-        let body = ExactBody::new(body, req.len, progress.clone(), started);
+        let source = Source(Arc::new(Mutex::new(Some(body))));
+        let body = ExactBody::new(source.0.clone(), req.len, progress.clone(), started);
         let mut request = self.http.put(url.to_string());
         if let Some(a) = authorization {
             request = request.header("authorization", a);
@@ -164,6 +170,19 @@ impl StreamPut {
     }
 }
 
+/// The caller's body, shared with the connection's task; emptied when the request is over.
+type SourceSlot = Arc<Mutex<Option<ByteStream>>>;
+
+/// Empties the slot when dropped, i.e. whenever [`StreamPut::put`] returns or is dropped.
+struct Source(SourceSlot);
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        let taken = self.0.lock().map(|mut s| s.take()).unwrap_or_default();
+        drop(taken);
+    }
+}
+
 /// The message of our own body's failure, when that is what ended the request.
 fn source_error(e: &reqwest::Error) -> Option<String> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
@@ -185,7 +204,7 @@ struct BodyError(String);
 /// length is only passed on once the source has ended, so neither a source error after it nor
 /// extra bytes can slip past a completed request. Records when the last chunk was taken.
 struct ExactBody {
-    src: ByteStream,
+    src: SourceSlot,
     len: u64,
     seen: u64,
     held: Option<Bytes>,
@@ -195,7 +214,7 @@ struct ExactBody {
 }
 
 impl ExactBody {
-    fn new(src: ByteStream, len: u64, progress: Arc<AtomicU64>, started: Instant) -> Self {
+    fn new(src: SourceSlot, len: u64, progress: Arc<AtomicU64>, started: Instant) -> Self {
         ExactBody { src, len, seen: 0, held: None, done: false, progress, started }
     }
 
@@ -215,8 +234,15 @@ impl Stream for ExactBody {
         }
         let this = &mut *self;
         this.progress.store(this.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let slot = this.src.clone();
+        let Ok(mut guard) = slot.lock() else {
+            return this.fail("the upload's source is unusable".into());
+        };
+        let Some(src) = guard.as_mut() else {
+            return this.fail("the upload was given up".into());
+        };
         loop {
-            match this.src.poll_next_unpin(cx) {
+            match src.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => return this.fail(innermost_detail(&e)),
                 Poll::Ready(Some(Ok(b))) if b.is_empty() => continue,
@@ -257,8 +283,12 @@ mod tests {
         futures::stream::iter(chunks.into_iter().map(|c| c.map(Bytes::from_static))).boxed()
     }
 
+    fn slot(src: ByteStream) -> SourceSlot {
+        Arc::new(Mutex::new(Some(src)))
+    }
+
     async fn drain(src: ByteStream, len: u64) -> Result<Vec<u8>, String> {
-        let b = ExactBody::new(src, len, Arc::new(AtomicU64::new(0)), Instant::now());
+        let b = ExactBody::new(slot(src), len, Arc::new(AtomicU64::new(0)), Instant::now());
         b.map_ok(|c| c.to_vec()).try_concat().await.map_err(|e| e.to_string())
     }
 
@@ -285,8 +315,23 @@ mod tests {
     async fn the_last_chunk_waits_for_the_end_of_the_source() {
         // A source error after the last byte must still fail the body, not complete it.
         let src = body(vec![Ok(b"abcde"), Err(std::io::Error::other("trailer mismatch"))]);
-        let mut b = ExactBody::new(src, 5, Arc::new(AtomicU64::new(0)), Instant::now());
+        let mut b = ExactBody::new(slot(src), 5, Arc::new(AtomicU64::new(0)), Instant::now());
         let first = b.next().await.unwrap();
         assert!(first.is_err(), "the complete chunk was released before the source ended");
+    }
+
+    #[tokio::test]
+    async fn giving_up_releases_the_source_even_while_the_body_lives() {
+        // The source's end is observable: a channel whose sender sees the receiver go.
+        let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(1);
+        let src = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) }).boxed();
+        let source = Source(slot(src));
+        let mut body = ExactBody::new(source.0.clone(), 10, Arc::new(AtomicU64::new(0)), Instant::now());
+        tx.send(Ok(Bytes::from_static(b"abc"))).await.unwrap();
+        assert_eq!(body.next().await.unwrap().unwrap(), Bytes::from_static(b"abc"));
+        drop(source); // the request gave up; `body` is still held (by a stuck connection)
+        assert!(tx.is_closed(), "the source is still held");
+        let e = body.next().await.unwrap().unwrap_err().to_string();
+        assert!(e.contains("given up"), "{e}");
     }
 }
