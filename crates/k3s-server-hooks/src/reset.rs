@@ -8,10 +8,10 @@
 //! [`prepare`] runs every check and changes nothing but the snapshot dir (a download or a zip
 //! extraction lands there) and the scratch dir `db/etcd-restore.tmp`: while the snapshot is checked
 //! natively (sha256 and bbolt structure, on two threads), `etcdutl snapshot restore` already
-//! restores it into that scratch dir on the other core; a failed check kills the restore and
-//! removes the dir, and so does dropping the [`ResetPlan`]. [`execute`] then fsyncs the restored
-//! dir, renames it to `db/etcd-restore` (complete), and swaps: `etcd-old` → `etcd-old-<secs>`, `etcd` → `etcd-old`,
-//! `etcd-restore` → `etcd`, each rename fsynced. A crash at any point leaves either the old data in
+//! restores it into that scratch dir on the other core. If either fails, the dir is removed once
+//! both are done, and so it is when the [`ResetPlan`] is dropped unused. [`execute`] then fsyncs
+//! the restored dir, renames it to `db/etcd-restore` (complete), and swaps: `etcd-old` →
+//! `etcd-old-<secs>`, `etcd` → `etcd-old`, `etcd-restore` → `etcd`, each rename fsynced. A crash at any point leaves either the old data in
 //! `db/etcd`, or the new data complete in `db/etcd-restore` with `db/etcd` gone, which
 //! [`recover_interrupted`] (run at every start) moves into place. Without a path, `db/etcd` is
 //! copied to `db/etcd-old.tmp`, which becomes `etcd-old` the same way, and etcd runs with
@@ -105,8 +105,8 @@ pub struct ResetPlan {
 struct ScratchDir(Option<PathBuf>);
 
 impl ScratchDir {
-    fn keep(mut self) -> PathBuf {
-        self.0.take().unwrap_or_default()
+    fn keep(mut self) {
+        self.0 = None;
     }
 }
 
@@ -293,7 +293,7 @@ async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot:
         snapshot.display().to_string(),
         format!("--data-dir={}", tmp.display()),
         format!("--name={}", cfg.node_name),
-        format!("--initial-cluster={}={peer_url}", cfg.node_name),
+        format!("--initial-cluster={}", cfg.initial_cluster_of_one()),
         format!("--initial-advertise-peer-urls={peer_url}"),
     ];
     let (program, envs): (&Path, &[(&str, &str)]) = match (&bins.etcdutl, &bins.etcdctl) {

@@ -130,13 +130,18 @@ impl ServerConfig {
         self.url(self.etcd_peer_port)
     }
 
+    /// `--initial-cluster` of this server alone: `<node name>=<peer URL>`.
+    pub fn initial_cluster_of_one(&self) -> String {
+        format!("{}={}", self.node_name, self.peer_url())
+    }
+
     pub fn etcd_launch(&self, tls: TlsFiles) -> EtcdLaunch {
         let peer_url = self.peer_url();
         EtcdLaunch {
             name: self.node_name.clone(),
             data_dir: self.data_dir.etcd(),
             client_url: self.url(self.etcd_client_port),
-            initial_cluster: format!("{}={}", self.node_name, peer_url),
+            initial_cluster: self.initial_cluster_of_one(),
             peer_url,
             initial_cluster_state: "new".into(),
             force_new_cluster: false,

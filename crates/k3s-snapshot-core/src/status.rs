@@ -24,7 +24,7 @@ use crate::bbolt::{BoltError, Checker, Db, Value};
 pub const TRAILER_LEN: u64 = 32;
 /// Images at least this large are hashed on a second thread while the tree is walked.
 const PARALLEL_SHA_MIN: usize = 4 << 20;
-/// Buffer size used by [`verify_trailer`].
+/// Read size of [`verify_trailer`], and the chunk after which the mapped hasher releases its pages.
 const READ_BUF: usize = 1 << 20;
 
 /// Errors from [`status`] and [`check`].
