@@ -1,7 +1,8 @@
 //! Three real servers on 127.0.0.1, 127.0.0.2 and 127.0.0.3, each with its own data dir, on etcd
 //! 3.5.1 and 3.4.23: joining with `--server`/`--token` (and the refusals that join nothing), the
 //! user's HA restore from a local snapshot and from S3, a restarted member that keeps its
-//! membership, and a cluster that loses one server and keeps working.
+//! membership, a cluster that loses one server and keeps working, and a joiner that crashes
+//! half-way through its join and joins on its next start.
 
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ tests::on_both_versions!(
     users_ha_procedure_from_a_local_snapshot,
     users_ha_procedure_from_s3_with_every_node_snapshotting,
     restarted_member_keeps_its_membership_and_two_of_three_keep_working,
+    a_joiner_that_crashes_mid_join_joins_on_its_next_start,
 );
 
 fn strs(v: &[String]) -> Vec<&str> {
@@ -386,4 +388,38 @@ fn restarted_member_keeps_its_membership_and_two_of_three_keep_working(v: EtcdVe
         assert!(local.len() <= 2 + 1, "local retention: {local:?}");
     }
     stop_all(servers);
+}
+
+/// A joiner killed (abort, so nothing cleans up) right after `MemberAdd`, and another killed while
+/// its learner runs unpromoted: each next start ends with every member a voter and the data shared.
+fn a_joiner_that_crashes_mid_join_joins_on_its_next_start(v: EtcdVersion) {
+    let n = nodes(v);
+    let first = n[0].start(&["--cluster-init"]);
+    let token = n[0].token();
+    put(&n[0], &[("before", "0")]);
+    let join = DataDir::join_args(&n[0], &token);
+
+    // Crash after MemberAdd, before etcd started: the cluster holds an unstarted learner.
+    let r = bin::run(n[1].command(&strs(&join)).env("K3S_SNAPSHOT_TEST_JOIN_ABORT_AT", "added"));
+    assert!(!r.ok() && r.stderr.contains("aborting here"), "{}", r.stderr);
+    let m = members(&n[0]);
+    assert_eq!(m.len(), 2, "{m:?}");
+    assert!(m.iter().any(|(_, name, learner)| name.is_empty() && *learner), "no unstarted learner: {m:?}");
+    let s2 = n[1].start(&strs(&join));
+    assert_eq!(voters(&n[0]), 2, "{:?}", members(&n[0]));
+    assert!(members(&n[0]).iter().any(|(_, name, _)| name == "node-2"), "{:?}", members(&n[0]));
+    put(&n[1], &[("via-node-2", "2")]);
+    assert_eq!(get(&n[0], "via-node-2").as_deref(), Some("2"));
+
+    // Crash while the learner's etcd runs, before promotion: its etcd outlives the server.
+    let r = bin::run(n[2].command(&strs(&join)).env("K3S_SNAPSHOT_TEST_JOIN_ABORT_AT", "learner-running"));
+    assert!(!r.ok() && r.stderr.contains("aborting here"), "{}", r.stderr);
+    assert!(members(&n[0]).iter().any(|(_, name, learner)| name == "node-3" && *learner), "{:?}", members(&n[0]));
+    let s3 = n[2].start(&strs(&join));
+    assert!(s3.log_text().contains(ALREADY_MEMBER), "{}", s3.log_text());
+    wait_until("node-3 promoted after its restart", Duration::from_secs(60), || voters(&n[0]) == 3);
+    assert_eq!(members(&n[0]).len(), 3, "{:?}", members(&n[0]));
+    assert_eq!(get(&n[2], "before").as_deref(), Some("0"));
+    assert_eq!(get(&n[2], "via-node-2").as_deref(), Some("2"));
+    stop_all(vec![first, s2, s3]);
 }

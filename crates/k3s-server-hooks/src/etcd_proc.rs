@@ -365,12 +365,22 @@ pub async fn reap_orphans(db_dir: &Path) -> usize {
     }
     // Wait until they are gone, so that their ports and files are free.
     for _ in 0..200 {
-        if pids.iter().all(|p| !Path::new(&format!("/proc/{p}")).exists() || is_zombie(*p)) {
+        if pids.iter().all(|p| has_exited(*p)) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     pids.len()
+}
+
+/// Whether a process has let go of everything: gone, or a zombie with no thread left. A
+/// multi-threaded process (etcd is Go) killed with SIGKILL can show its main thread as a zombie
+/// while other threads are still exiting and still hold its files, sockets included.
+fn has_exited(pid: i32) -> bool {
+    if !is_zombie(pid) {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count() <= 1).unwrap_or(true)
 }
 
 fn is_zombie(pid: i32) -> bool {

@@ -49,10 +49,7 @@ pub fn previously_reset_message(dd: &DataDir) -> String {
 }
 
 fn abort_point(step: u32) {
-    if std::env::var(ABORT_ENV).ok().and_then(|v| v.parse::<u32>().ok()) == Some(step) {
-        eprintln!("{ABORT_ENV}={step}: aborting after step {step}");
-        std::process::abort();
-    }
+    crate::crash::point(ABORT_ENV, &step.to_string());
 }
 
 fn remove_dir_if_exists(p: &Path) -> Result<()> {

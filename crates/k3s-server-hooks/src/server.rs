@@ -154,6 +154,10 @@ impl ServerConfig {
     }
 }
 
+/// For crash tests of a join: `added` aborts right after `MemberAdd` (before etcd starts),
+/// `learner-running` once the new learner's etcd is ready but not yet promoted.
+const JOIN_ABORT_ENV: &str = "K3S_SNAPSHOT_TEST_JOIN_ABORT_AT";
+
 /// Checks the data dir can be created and written, with a message naming the flag.
 fn prepare_data_dir(dd: &DataDir) -> Result<()> {
     let wrap =
@@ -232,6 +236,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
                 Err(Error::Cancelled) => return Ok(()),
                 Err(e) => return Err(e),
             };
+            crate::crash::point(JOIN_ABORT_ENV, "added");
             launch.initial_cluster = added.initial_cluster.clone();
             launch.initial_cluster_state = "existing".into();
             let promotion = (added.cluster().clone(), added.member_id);
@@ -256,6 +261,9 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     };
     let ready = async {
         etcd.wait_ready(&client, cfg.etcd_ready_timeout, &cancel).await?;
+        if added.is_some() {
+            crate::crash::point(JOIN_ABORT_ENV, "learner-running");
+        }
         if let Some((cluster, id)) = &promotion {
             tokio::select! {
                 r = join::promote(cluster, *id, cfg.etcd_ready_timeout, &cancel) => r?,
