@@ -173,6 +173,27 @@ async fn s3_store_conforms() {
     conformance(&root).await;
 }
 
+/// 40 MiB: 20 MiB, then a pause until the returned sender fires (or is dropped), then 20 MiB more;
+/// with a count of the bytes taken from it so far.
+fn paused_body(
+    seed: u64,
+) -> (ByteStream, tokio::sync::oneshot::Sender<()>, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = sent.clone();
+    let first = chunked(pattern(20 * MIB, seed), MIB).inspect(move |c| {
+        if let Ok(c) = c {
+            counter.fetch_add(c.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let rest = futures::stream::once(async move {
+        let _ = resume_rx.await;
+        futures::stream::iter(vec![Ok(pattern(20 * MIB, seed + 1))])
+    })
+    .flatten();
+    (first.chain(rest).boxed(), resume_tx, sent)
+}
+
 fn sized(len: usize) -> PutOptions {
     PutOptions {
         content_type: "application/octet-stream".into(),
@@ -231,20 +252,7 @@ async fn s3_server_killed_mid_streamed_upload_leaves_no_object() {
     let store =
         S3Store::connect(&S3Config { timeout: Duration::from_secs(10), ..server.config("snaps") }).await.unwrap();
     // 20 MiB, then wait for the test to kill the server, then 20 MiB more.
-    let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
-    let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = sent.clone();
-    let first = chunked(pattern(20 * MIB, 40), MIB).inspect(move |c| {
-        if let Ok(c) = c {
-            counter.fetch_add(c.len(), std::sync::atomic::Ordering::SeqCst);
-        }
-    });
-    let rest = futures::stream::once(async move {
-        let _ = resume_rx.await;
-        futures::stream::iter(vec![Ok(pattern(20 * MIB, 41))])
-    })
-    .flatten();
-    let body: ByteStream = first.chain(rest).boxed();
+    let (body, resume_tx, sent) = paused_body(40);
     let uploader = store.clone();
     let put = tokio::spawn(async move { uploader.put("s-n1-1700000000", body, sized(40 * MIB)).await });
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -467,14 +475,7 @@ async fn s3_server_killed_mid_multipart_upload_leaves_no_object() {
         S3Store::connect(&S3Config { timeout: Duration::from_secs(10), ..server.config("snaps") }).await.unwrap();
 
     // 20 MiB, then wait for the test to kill the server, then 20 MiB more.
-    let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
-    let first = chunked(pattern(20 * MIB, 6), MIB);
-    let rest = futures::stream::once(async move {
-        let _ = resume_rx.await;
-        futures::stream::iter(vec![Ok(pattern(20 * MIB, 7))])
-    })
-    .flatten();
-    let body: ByteStream = first.chain(rest).boxed();
+    let (body, resume_tx, _) = paused_body(6);
     let uploader = store.clone();
     let put = tokio::spawn(async move { uploader.put("s-n1-1700000000", body, opts()).await });
 
