@@ -16,22 +16,29 @@ pub fn path() -> PathBuf {
     p
 }
 
+/// Environment variables `k3s-snapshot` reads (its clap `env` names); xtask keeps the same list.
+const OUR_ENV: &[&str] = &[
+    "K3S_DATA_DIR",
+    "K3S_NODE_NAME",
+    "K3S_TOKEN",
+    "K3S_URL",
+    "K3S_CONFIG_FILE",
+    "K3S_CLUSTER_INIT",
+    "K3S_CLUSTER_RESET",
+    "K3S_ETCD_BIN_DIR",
+    "K3S_SNAPSHOT_JITTER",
+    "K3S_DEBUG",
+    "K3S_LOG_FORMAT",
+    "K3S_SNAPSHOT_LOG",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
 /// A `k3s-snapshot` command with a clean environment for the variables it reads.
 pub fn cmd() -> Command {
     let mut c = Command::new(path());
-    for v in [
-        "K3S_DATA_DIR",
-        "K3S_NODE_NAME",
-        "K3S_TOKEN",
-        "K3S_URL",
-        "K3S_CONFIG_FILE",
-        "K3S_CLUSTER_INIT",
-        "K3S_CLUSTER_RESET",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "K3S_SNAPSHOT_LOG",
-    ] {
+    for v in OUR_ENV {
         c.env_remove(v);
     }
     c

@@ -286,20 +286,7 @@ fn etcdctl(b: &Bench) -> Command {
 /// Our binary with a clean environment for the variables it reads.
 fn ours(b: &Bench) -> Command {
     let mut c = Command::new(&b.bin);
-    for v in [
-        "K3S_DATA_DIR",
-        "K3S_NODE_NAME",
-        "K3S_TOKEN",
-        "K3S_URL",
-        "K3S_CONFIG_FILE",
-        "K3S_CLUSTER_INIT",
-        "K3S_CLUSTER_RESET",
-        "AWS_ACCESS_KEY_ID",
-        "AWS_SECRET_ACCESS_KEY",
-        "AWS_SESSION_TOKEN",
-        "K3S_SNAPSHOT_LOG",
-        "K3S_ETCD_BIN_DIR",
-    ] {
+    for v in crate::OUR_ENV {
         c.env_remove(v);
     }
     c

@@ -12,6 +12,27 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+/// Environment variables `k3s-snapshot` reads (its clap `env` names), cleared from every command
+/// of ours that the bench and the e2e start, so that the caller's shell cannot leak in. The test
+/// suite keeps the same list in `tests/support/bin.rs`.
+pub const OUR_ENV: &[&str] = &[
+    "K3S_DATA_DIR",
+    "K3S_NODE_NAME",
+    "K3S_TOKEN",
+    "K3S_URL",
+    "K3S_CONFIG_FILE",
+    "K3S_CLUSTER_INIT",
+    "K3S_CLUSTER_RESET",
+    "K3S_ETCD_BIN_DIR",
+    "K3S_SNAPSHOT_JITTER",
+    "K3S_DEBUG",
+    "K3S_LOG_FORMAT",
+    "K3S_SNAPSHOT_LOG",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+];
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("xtask: error: {e:#}");

@@ -25,28 +25,12 @@ pub const S3_PORT: u16 = 9000;
 
 const POLL: Duration = Duration::from_millis(100);
 
-/// Environment variables the binary reads, cleared so that the caller's shell cannot leak in.
-const CLEARED_ENV: &[&str] = &[
-    "K3S_DATA_DIR",
-    "K3S_NODE_NAME",
-    "K3S_TOKEN",
-    "K3S_URL",
-    "K3S_CONFIG_FILE",
-    "K3S_CLUSTER_INIT",
-    "K3S_CLUSTER_RESET",
-    "K3S_ETCD_BIN_DIR",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "K3S_SNAPSHOT_LOG",
-];
-
 /// `ip netns exec NS PROGRAM`, in its own process group so that a Ctrl-C reaches only us (we
 /// then stop it in order).
 pub fn in_ns(ns: &str, program: &Path) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).arg(program).stdin(Stdio::null()).process_group(0);
-    for v in CLEARED_ENV {
+    for v in crate::OUR_ENV {
         c.env_remove(v);
     }
     c
