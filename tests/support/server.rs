@@ -96,12 +96,16 @@ impl DataDir {
 
     /// Starts a server without waiting for it (a member that needs its peers to have quorum).
     pub fn spawn(&self, extra: &[&str]) -> Server {
+        self.spawn_command(self.command(extra))
+    }
+
+    /// Starts `cmd` (from [`DataDir::command`], changed by the caller) without waiting for it.
+    pub fn spawn_command(&self, mut cmd: Command) -> Server {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = self.tmp.path().join(format!("server-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
-        let child = self
-            .command(extra)
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file)

@@ -9,13 +9,23 @@
 //! | `GET /db/ca-material` | token | the CAs with their keys, for a joining server ([`CaMaterial`]) |
 //!
 //! "token" means `Authorization: Bearer <token>` or basic auth `server:<token>`; the token may be
-//! given in full (`K10…::server:…`) or as the bare secret. Anything else is 401.
+//! given in full (`K10…::server:…`) or as the bare secret. Anything else is 401, logged with the
+//! caller's address (never what it sent), and a source that keeps failing is answered 429 until
+//! its window passes.
+//!
+//! Hostile clients: the TLS handshake must finish within [`HANDSHAKE_TIMEOUT`] and the request
+//! head arrive within [`HEADER_READ_TIMEOUT`]; connections are not kept alive (a joiner makes a
+//! handful of requests), so none sits idle; at most [`MAX_CONNECTIONS`] are open at once, and
+//! more are closed as they arrive.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -31,6 +41,18 @@ use crate::tls::{CaMaterial, TlsFiles};
 use crate::token::Token;
 use crate::{Error, Result};
 
+/// How long a client has to finish the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send a request's head once connected.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections open at once; more are closed as they are accepted.
+pub const MAX_CONNECTIONS: usize = 512;
+/// Failed token checks a source may make per [`AUTH_WINDOW`] before it is answered 429.
+pub const AUTH_FAILURES_ALLOWED: u32 = 10;
+pub const AUTH_WINDOW: Duration = Duration::from_secs(60);
+/// Sources remembered at most; the oldest windows are forgotten first.
+const AUTH_SOURCES_KEPT: usize = 4096;
+
 /// What the handlers need.
 pub struct ApiState {
     pub data_dir: DataDir,
@@ -38,6 +60,39 @@ pub struct ApiState {
     pub cluster_ca_pem: String,
     pub etcd: EtcdClientConfig,
     pub metrics: Arc<SnapshotMetrics>,
+    pub auth_failures: AuthFailures,
+}
+
+/// Failed token checks per source address, in fixed windows.
+#[derive(Default)]
+pub struct AuthFailures {
+    by_source: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl AuthFailures {
+    /// Whether `ip` has used up its failures in the current window.
+    fn blocked(&self, ip: IpAddr) -> bool {
+        let map = self.by_source.lock().expect("auth failures");
+        map.get(&ip).is_some_and(|(start, n)| start.elapsed() < AUTH_WINDOW && *n >= AUTH_FAILURES_ALLOWED)
+    }
+
+    /// Counts a failure; returns the count in the current window.
+    fn record(&self, ip: IpAddr) -> u32 {
+        let mut map = self.by_source.lock().expect("auth failures");
+        if map.len() >= AUTH_SOURCES_KEPT && !map.contains_key(&ip) {
+            map.retain(|_, (start, _)| start.elapsed() < AUTH_WINDOW);
+            if map.len() >= AUTH_SOURCES_KEPT {
+                let oldest = map.iter().min_by_key(|(_, (start, _))| *start).map(|(k, _)| *k);
+                oldest.map(|k| map.remove(&k));
+            }
+        }
+        let entry = map.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= AUTH_WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+        entry.1
+    }
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -89,9 +144,20 @@ pub async fn serve(
 ) -> Result<()> {
     let addr = listener.local_addr().ok();
     let handle = axum_server::Handle::new();
-    let server = axum_server::from_tcp_rustls(listener, axum_server::tls_rustls::RustlsConfig::from_config(tls))
+    let acceptor =
+        axum_server::tls_rustls::RustlsAcceptor::new(axum_server::tls_rustls::RustlsConfig::from_config(tls))
+            .handshake_timeout(HANDSHAKE_TIMEOUT)
+            .acceptor(LimitAcceptor { open: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)) });
+    let mut server = axum_server::from_tcp(listener)
         .map_err(|e| Error::Api(format!("cannot serve: {e}")))?
+        .acceptor(acceptor)
         .handle(handle.clone());
+    server
+        .http_builder()
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false);
     let shutdown = {
         let handle = handle.clone();
         let cancel = cancel.clone();
@@ -102,7 +168,85 @@ pub async fn serve(
     };
     tokio::spawn(shutdown);
     tracing::info!(addr = ?addr, "supervisor api listening");
-    server.serve(router(state).into_make_service()).await.map_err(|e| Error::Api(format!("server failed: {e}")))
+    server
+        .serve(router(state).into_make_service_with_connect_info::<SocketAddr>())
+        .await
+        .map_err(|e| Error::Api(format!("server failed: {e}")))
+}
+
+/// Holds one of [`MAX_CONNECTIONS`] permits for as long as the connection lives; a connection
+/// beyond the cap is closed at once.
+#[derive(Clone)]
+struct LimitAcceptor {
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+impl<S> axum_server::accept::Accept<tokio::net::TcpStream, S> for LimitAcceptor {
+    type Stream = Permitted;
+    type Service = S;
+    type Future = std::future::Ready<std::io::Result<(Permitted, S)>>;
+
+    fn accept(&self, stream: tokio::net::TcpStream, service: S) -> Self::Future {
+        std::future::ready(match self.open.clone().try_acquire_owned() {
+            Ok(permit) => Ok((Permitted { stream, _permit: permit }, service)),
+            Err(_) => {
+                tracing::warn!(peer = ?stream.peer_addr().ok(), limit = MAX_CONNECTIONS,
+                    "supervisor api: too many open connections; closing a new one");
+                Err(std::io::Error::other("connection limit reached"))
+            }
+        })
+    }
+}
+
+/// A connection and its permit.
+struct Permitted {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for Permitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Permitted {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Checks the token; a failure is logged with the source and counted, and a source over its
+/// allowance gets 429 without its credential being looked at.
+fn check_auth(state: &ApiState, peer: SocketAddr, path: &str, headers: &HeaderMap) -> Option<Response> {
+    let ip = peer.ip();
+    if state.auth_failures.blocked(ip) {
+        return Some(
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, AUTH_WINDOW.as_secs().to_string())],
+                "too many failed token checks\n",
+            )
+                .into_response(),
+        );
+    }
+    if authorized(state, headers) {
+        return None;
+    }
+    let failures = state.auth_failures.record(ip);
+    let presented = if headers.contains_key(header::AUTHORIZATION) { "a wrong token" } else { "no token" };
+    tracing::warn!(source = %ip, path, failures_in_window = failures, "supervisor api: refused a request with {presented}");
+    Some(unauthorized())
 }
 
 fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
@@ -201,9 +345,13 @@ pub async fn db_info_of(etcd: &EtcdClientConfig) -> k3s_snapshot_core::Result<Db
     })
 }
 
-async fn db_info(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    if !authorized(&s, &headers) {
-        return unauthorized();
+async fn db_info(
+    State(s): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = check_auth(&s, peer, "/db/info", &headers) {
+        return refused;
     }
     match db_info_of(&s.etcd).await {
         Ok(info) => axum::Json(info).into_response(),
@@ -211,9 +359,13 @@ async fn db_info(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response
     }
 }
 
-async fn ca_material(State(s): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
-    if !authorized(&s, &headers) {
-        return unauthorized();
+async fn ca_material(
+    State(s): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(refused) = check_auth(&s, peer, "/db/ca-material", &headers) {
+        return refused;
     }
     match CaMaterial::load(&s.data_dir) {
         Ok(m) => axum::Json(m).into_response(),

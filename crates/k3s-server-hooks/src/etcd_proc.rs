@@ -135,6 +135,7 @@ pub struct EtcdProcess {
     child: Child,
     last: Arc<Mutex<VecDeque<String>>>,
     logs: Vec<tokio::task::JoinHandle<()>>,
+    _registered: Option<crate::children::Registered>,
 }
 
 fn remember(last: &Mutex<VecDeque<String>>, line: String) {
@@ -180,6 +181,8 @@ impl EtcdProcess {
             force_new_cluster = launch.force_new_cluster, "starting etcd");
         let mut child = Command::new(&bins.etcd)
             .args(&args)
+            .env_clear()
+            .envs(crate::children::env())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -209,7 +212,8 @@ impl EtcdProcess {
         }
         pump!(child.stdout.take());
         pump!(child.stderr.take());
-        Ok(EtcdProcess { child, last, logs })
+        let _registered = crate::children::register(child.id());
+        Ok(EtcdProcess { child, last, logs, _registered })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -330,14 +334,23 @@ impl EtcdProcess {
 /// Output of a short-lived tool (etcdutl, etcdctl) run to completion, its output logged at debug.
 pub async fn run_tool(program: &Path, args: &[String], envs: &[(&str, &str)]) -> Result<()> {
     tracing::debug!(program = %program.display(), ?args, "running");
-    let out = Command::new(program)
+    let cannot = |e: std::io::Error| Error::Binary {
+        program: program.display().to_string(),
+        detail: format!("cannot run it: {e}"),
+    };
+    let child = Command::new(program)
         .args(args)
+        .env_clear()
+        .envs(crate::children::env())
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
-        .map_err(|e| Error::Binary { program: program.display().to_string(), detail: format!("cannot run it: {e}") })?;
+        .spawn()
+        .map_err(cannot)?;
+    let _registered = crate::children::register(child.id());
+    let out = child.wait_with_output().await.map_err(cannot)?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     for line in text.lines() {
         tracing::debug!(target: "etcd", "{line}");

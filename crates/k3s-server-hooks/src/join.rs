@@ -231,6 +231,12 @@ pub async fn prepare(cfg: &ServerConfig, cancel: &CancellationToken) -> Result<J
         },
     };
     let token = Token::parse(&given);
+    if token.is_empty() {
+        return Err(Error::Config(
+            "--token has no secret (it ends in '::server:' with nothing after it): give the whole token of the cluster"
+                .into(),
+        ));
+    }
 
     if dd.etcd().join("member").is_dir() {
         let local = wal::member_of(&dd.etcd())

@@ -10,6 +10,7 @@
 //! reads [`tracing`] events.
 
 pub mod api;
+pub mod children;
 mod crash;
 pub mod error;
 pub mod etcd_proc;

@@ -144,34 +144,45 @@ fn expand_dow(field: &str) -> std::result::Result<Option<String>, String> {
     Ok(Some(list.join(",")))
 }
 
-/// Go's `time.ParseDuration` for the units a schedule needs: `h`, `m`, `s`, `ms`, and sequences
-/// such as `1h30m`.
+/// The longest duration any flag or schedule takes: a year. Longer is surely a typo, and bounding
+/// it keeps every later addition to a time from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// A Go-style duration (`30s`, `5m`, `1h30m`, `1.5s`, `250ms`), as k3s's flags and robfig/cron's
+/// `@every` take them; at most [`MAX_DURATION`]. Never panics: absurd numbers are errors.
 pub fn parse_go_duration(s: &str) -> std::result::Result<Duration, String> {
     if s.is_empty() {
-        return Err("@every needs a duration such as 30s, 5m or 1h".into());
+        return Err("empty duration: write it like 30s, 5m or 1h".into());
     }
-    let mut total = Duration::ZERO;
+    let too_long = || format!("duration {s:?} is too long: at most {}h", MAX_DURATION.as_secs() / 3600);
+    let mut total_ms: f64 = 0.0;
     let mut rest = s;
     while !rest.is_empty() {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         if num_end == 0 {
-            return Err(format!("duration {s:?}: expected a number"));
+            return Err(format!("duration {s:?}: expected a number; write it like 30s, 5m or 1h"));
+        }
+        if num_end > 24 {
+            return Err(too_long());
         }
         let n: f64 = rest[..num_end].parse().map_err(|_| format!("duration {s:?}: bad number"))?;
         rest = &rest[num_end..];
         let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let secs = match &rest[..unit_end] {
-            "h" => 3600.0,
-            "m" => 60.0,
-            "s" => 1.0,
-            "ms" => 0.001,
+        let ms = match &rest[..unit_end] {
+            "h" => 3_600_000.0,
+            "m" => 60_000.0,
+            "s" => 1000.0,
+            "ms" => 1.0,
             "" => return Err(format!("duration {s:?}: missing unit (h, m, s or ms)")),
-            u => return Err(format!("duration {s:?}: unknown unit {u:?}")),
+            u => return Err(format!("duration {s:?}: unknown unit {u:?}; use h, m, s or ms")),
         };
         rest = &rest[unit_end..];
-        total += Duration::from_secs_f64(n * secs);
+        total_ms += n * ms;
+        if !total_ms.is_finite() || total_ms > MAX_DURATION.as_millis() as f64 {
+            return Err(too_long());
+        }
     }
-    Ok(total)
+    Ok(Duration::from_secs_f64(total_ms / 1000.0))
 }
 
 #[cfg(test)]
@@ -199,6 +210,24 @@ mod tests {
         assert_eq!(s.next_after(t).unwrap(), t + chrono::Duration::seconds(2));
         assert_eq!(parse_go_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse_go_duration("1.5s").unwrap(), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn absurd_durations_are_errors_not_panics() {
+        for s in [
+            "10000000000000s",
+            &"9".repeat(400),
+            &format!("{}s", "9".repeat(400)),
+            "18446744073709551615s",
+            "8785h",
+            "1e400s",
+        ] {
+            let err = parse_go_duration(s).unwrap_err();
+            assert!(err.contains("too long") || err.contains("bad number") || err.contains("unit"), "{s}: {err}");
+        }
+        assert!(parse_go_duration("8784h").is_ok());
+        let err = Schedule::parse("@every 10000000000000s").unwrap_err().to_string();
+        assert!(err.contains("@every 10000000000000s") && err.contains("too long"), "{err}");
     }
 
     #[test]

@@ -172,6 +172,7 @@ fn prepare_data_dir(dd: &DataDir) -> Result<()> {
 /// Runs the server until `cancel` (then returns `Ok`), or performs a cluster reset and returns.
 pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     cfg.validate()?;
+    raise_open_file_limit();
     let dd = cfg.data_dir.clone();
     prepare_data_dir(&dd)?;
     let _lock = DataDirLock::acquire(&dd)?;
@@ -300,6 +301,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         cluster_ca_pem,
         etcd: client.clone(),
         metrics: metrics.clone(),
+        auth_failures: Default::default(),
     });
     let rustls = api::rustls_config(&tls_files)?;
     let mut api_task =
@@ -355,4 +357,18 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     }
     etcd.stop(cfg.etcd_stop_grace).await?;
     outcome
+}
+
+/// Raises the soft limit on open files to the hard limit: API connections, etcd clients, `.part`
+/// files and uploads all need descriptors, and the usual soft limit (1024) is low for a server.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
+    }
 }

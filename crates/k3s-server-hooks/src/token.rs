@@ -38,16 +38,23 @@ pub fn metadata_token_hash(token: &str) -> String {
 
 impl Token {
     /// Parses the full form, or takes the whole string as a bare secret (`--token mysecret`).
+    /// `K10<hash>::server:` with nothing after it parses to an empty secret (never to the whole
+    /// string, which anyone can compute from `/cacerts`); [`Token::is_empty`] tells.
     pub fn parse(s: &str) -> Token {
         let s = s.trim();
         if let Some(rest) = s.strip_prefix(PREFIX) {
             if let Some((hash, secret)) = rest.split_once(SEPARATOR) {
-                if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) && !secret.is_empty() {
-                    return Token { ca_hash: Some(hash.to_ascii_lowercase()), secret: secret.to_string() };
+                if hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Token { ca_hash: Some(hash.to_ascii_lowercase()), secret: secret.trim().to_string() };
                 }
             }
         }
         Token { ca_hash: None, secret: s.to_string() }
+    }
+
+    /// A token with no secret authenticates nobody and is refused wherever one is taken.
+    pub fn is_empty(&self) -> bool {
+        self.secret.is_empty()
     }
 
     /// A new random secret bound to a CA.
@@ -92,6 +99,9 @@ impl Token {
     /// constant time.
     pub fn matches(&self, presented: &str) -> bool {
         let p = Token::parse(presented);
+        if self.is_empty() || p.is_empty() {
+            return false;
+        }
         if let (Some(a), Some(b)) = (&p.ca_hash, &self.ca_hash) {
             if !ct_eq(a.as_bytes(), b.as_bytes()) {
                 return false;
@@ -111,7 +121,18 @@ impl Token {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::Io { action: "read token", path, cause: e }),
         };
+        if stored.as_ref().is_some_and(Token::is_empty) {
+            return Err(Error::Token(format!(
+                "{} holds no token secret (it is empty, or ends in '::server:' with nothing after it): write the cluster's token into it, or remove it and start with --token (K3S_TOKEN) or none to have one generated",
+                path.display()
+            )));
+        }
         let given = given.filter(|g| !g.trim().is_empty()).map(Token::parse);
+        if given.as_ref().is_some_and(Token::is_empty) {
+            return Err(Error::Token(
+                "--token ends in '::server:' with no secret after it: give the whole token of the cluster".into(),
+            ));
+        }
         if let Some(g) = &given {
             if let Some(h) = g.ca_hash() {
                 if h != hash {
@@ -177,6 +198,35 @@ mod tests {
         let b = Token::parse("s3cr3t");
         assert_eq!(a.metadata_hash(), b.metadata_hash());
         assert!(!format!("{a:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn an_empty_secret_matches_nothing() {
+        let hash = "b".repeat(64);
+        let empty = Token::parse(&format!("K10{hash}::server:"));
+        assert!(empty.is_empty());
+        assert!(!empty.matches(""));
+        assert!(!empty.matches(&format!("K10{hash}::server:")));
+        let t = Token::parse("s3cr3t");
+        assert!(!t.matches(""));
+        assert!(!t.matches(&format!("K10{hash}::server:")));
+        assert!(Token::parse("  ").is_empty());
+    }
+
+    #[test]
+    fn ensure_refuses_an_empty_or_secretless_token_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path());
+        std::fs::create_dir_all(dd.server()).unwrap();
+        for content in ["".to_string(), " \n".to_string(), format!("K10{}::server:\n", ca_hash(b"ca"))] {
+            std::fs::write(dd.token(), &content).unwrap();
+            let err = Token::ensure(&dd, None, b"ca").unwrap_err().to_string();
+            assert!(err.contains("holds no token secret") && err.contains("--token"), "{content:?}: {err}");
+            assert_eq!(std::fs::read_to_string(dd.token()).unwrap(), content, "the file is left as it was");
+        }
+        std::fs::remove_file(dd.token()).unwrap();
+        let err = Token::ensure(&dd, Some(&format!("K10{}::server:", ca_hash(b"ca"))), b"ca").unwrap_err();
+        assert!(err.to_string().contains("no secret"), "{err}");
     }
 
     #[test]

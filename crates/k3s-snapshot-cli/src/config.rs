@@ -160,36 +160,13 @@ pub fn default_node_name() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
 }
 
-/// Parses durations like `5m`, `30s`, `1h`, `500ms`, `1h30m`, or plain seconds.
+/// Parses durations like `5m`, `30s`, `1h`, `500ms`, `1h30m`, or plain seconds; at most a year.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(std::time::Duration::from_secs(secs));
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return k3s_server_hooks::schedule::parse_go_duration(&format!("{s}s"));
     }
-    let mut total = std::time::Duration::ZERO;
-    let mut rest = s;
-    if rest.is_empty() {
-        return Err("empty duration".into());
-    }
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!("invalid duration {s:?}: write it like 30s, 5m or 1h"));
-        }
-        let n: u64 = rest[..digits].parse().map_err(|_| format!("invalid duration {s:?}"))?;
-        rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        total += match unit {
-            "ms" => std::time::Duration::from_millis(n),
-            "s" => std::time::Duration::from_secs(n),
-            "m" => std::time::Duration::from_secs(n * 60),
-            "h" => std::time::Duration::from_secs(n * 3600),
-            _ => return Err(format!("invalid duration {s:?}: unknown unit {unit:?}; use ms, s, m or h")),
-        };
-    }
-    Ok(total)
+    k3s_server_hooks::schedule::parse_go_duration(s)
 }
 
 #[cfg(test)]
@@ -204,5 +181,8 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
         assert!(parse_duration("5 minutes").is_err());
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("18446744073709551615s").unwrap_err().contains("too long"));
+        assert!(parse_duration("18446744073709551615").unwrap_err().contains("too long"));
+        assert!(parse_duration("9999999999999999h").unwrap_err().contains("too long"));
     }
 }

@@ -4,6 +4,7 @@
 
 mod config;
 mod s3args;
+mod secret;
 mod server;
 mod snapshot;
 
@@ -116,23 +117,28 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGTERM or SIGINT cancels the token; a second one exits at once.
+/// SIGTERM, SIGINT or SIGHUP cancels the token (a lost terminal must not leave etcd running
+/// without us); a second one stops our child processes (etcd, etcdutl) at once and exits.
 fn spawn_signal_handler(cancel: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+            (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+        else {
             return;
         };
         for n in 0..2 {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+            };
             if n == 0 {
-                tracing::info!("signal received, shutting down");
+                tracing::info!(signal = name, "signal received, shutting down");
                 cancel.cancel();
             } else {
-                tracing::warn!("second signal, exiting now");
+                tracing::warn!(signal = name, "second signal: killing etcd and exiting now");
+                k3s_server_hooks::children::kill_all();
                 std::process::exit(130);
             }
         }
@@ -151,6 +157,38 @@ mod tests {
         match parse(args).unwrap().command {
             Command::EtcdSnapshot(a) => a,
             other => panic!("not etcd-snapshot: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn debug_of_the_parsed_arguments_shows_no_secret() {
+        let secrets = ["tok-Secret-1", "s3-Secret-2", "session-Secret-3"];
+        for args in [
+            vec![
+                "server",
+                "--token",
+                secrets[0],
+                "--etcd-s3-secret-key",
+                secrets[1],
+                "--etcd-s3-session-token",
+                secrets[2],
+            ],
+            vec![
+                "etcd-snapshot",
+                "save",
+                "--token",
+                secrets[0],
+                "--s3-secret-key",
+                secrets[1],
+                "--s3-session-token",
+                secrets[2],
+            ],
+        ] {
+            let shown = format!("{:?}", parse(&args).unwrap());
+            for s in secrets {
+                assert!(!shown.contains(s), "{s} in {shown}");
+            }
+            assert!(shown.contains("<redacted>"), "{shown}");
         }
     }
 

@@ -28,7 +28,7 @@ pub struct ServerArgs {
     pub config: Option<PathBuf>,
     /// Cluster token (shared secret); generated on first start when not given
     #[arg(short = 't', long, env = "K3S_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<crate::secret::Secret>,
     /// Server to join, https://HOST:6443: fetch the cluster's CAs with --token and become a new etcd member
     /// (a server that is already a member starts from its own data)
     #[arg(short = 's', long, env = "K3S_URL")]
@@ -130,7 +130,7 @@ impl ServerArgs {
         Ok(ServerConfig {
             data_dir: DataDir::new(self.data_dir.clone().unwrap_or_else(config::default_data_dir)),
             node_name: self.node_name.clone().unwrap_or_else(config::default_node_name),
-            token: self.token.clone().filter(|t| !t.trim().is_empty()),
+            token: self.token.as_ref().map(|t| t.expose().to_string()).filter(|t| !t.trim().is_empty()),
             server_url: self.server.clone().filter(|s| !s.is_empty()),
             cluster_reset: self.cluster_reset,
             cluster_reset_restore_path: self.cluster_reset_restore_path.clone().filter(|p| !p.is_empty()),

@@ -105,7 +105,7 @@ pub struct CommonArgs {
     pub retention: i64,
     /// Cluster token, for the token hash in snapshot metadata [default: ${data-dir}/server/token]
     #[arg(short = 't', long, global = true, env = "K3S_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<crate::secret::Secret>,
     /// etcd endpoints, comma separated [default: from ${data-dir}/server/db/etcd/config]
     #[arg(long, global = true, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
@@ -138,7 +138,7 @@ impl CommonArgs {
 
     fn token_hash(&self) -> Option<String> {
         let token = match &self.token {
-            Some(t) => t.clone(),
+            Some(t) => t.expose().to_string(),
             None => std::fs::read_to_string(self.data_dir().join("server/token")).ok()?.trim().to_string(),
         };
         (!token.is_empty()).then(|| k3s_server_hooks::token::metadata_token_hash(&token))

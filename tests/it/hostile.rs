@@ -1,0 +1,177 @@
+//! Hostile input and hostile neighbours: one regression test per finding of the security review
+//! (issue 14), named after what broke. Every case here failed before its fix.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tests::support::etcd::EtcdVersion;
+use tests::support::server::{block_on, DataDir, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Status and body of `GET path` with optional basic credentials or an Authorization header.
+async fn get(s: &Server, path: &str, basic: Option<(&str, &str)>, authorization: Option<&str>) -> (u16, String) {
+    let mut req = s.http().get(format!("{}{path}", s.api()));
+    if let Some((user, password)) = basic {
+        req = req.basic_auth(user, Some(password));
+    }
+    if let Some(a) = authorization {
+        req = req.header("Authorization", a);
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[test]
+fn an_empty_token_file_stops_the_server_saying_how_to_set_one() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    std::fs::create_dir_all(dd.path().join("server")).unwrap();
+    for content in ["", "  \n"] {
+        std::fs::write(dd.path().join("server/token"), content).unwrap();
+        let run = dd.run(&[]);
+        run.assert_fails_with("holds no token secret");
+        run.assert_fails_with("--token");
+    }
+}
+
+#[test]
+fn a_token_file_with_a_ca_hash_and_no_secret_stops_the_server() {
+    // What an empty secret became after one restart: `K10<hash>::server:`, computable by anyone
+    // from /cacerts. It must not become the secret.
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&[]);
+    s.stop();
+    let full = dd.token();
+    let (head, _) = full.split_once("::server:").unwrap();
+    std::fs::write(dd.path().join("server/token"), format!("{head}::server:\n")).unwrap();
+    dd.run(&[]).assert_fails_with("holds no token secret");
+}
+
+#[test]
+fn basic_auth_with_an_empty_password_gets_no_ca_material() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&[]);
+    let (head, _) = dd.token().split_once("::server:").map(|(h, t)| (h.to_string(), t.to_string())).unwrap();
+    let secretless = format!("{head}::server:");
+    for (basic, auth) in [
+        (Some(("server", "")), None),
+        (Some(("server", secretless.as_str())), None),
+        (None, Some(format!("Bearer {secretless}"))),
+        (None, Some("Bearer ".to_string())),
+    ] {
+        let (code, body) = block_on(get(&s, "/db/ca-material", basic, auth.as_deref()));
+        assert_eq!(code, 401, "{basic:?} {auth:?} got {code}: {body}");
+        assert!(!body.contains("PRIVATE KEY"));
+    }
+    let (code, body) = block_on(get(&s, "/db/ca-material", Some(("server", &dd.token())), None));
+    assert_eq!(code, 200, "{body}");
+    s.stop();
+}
+
+#[test]
+fn failed_token_checks_are_logged_without_the_secret_and_rate_limited() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&[]);
+    let wrong = "wrong-guess-Hq3xT";
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        codes.push(block_on(get(&s, "/db/info", Some(("server", wrong)), None)).0);
+    }
+    assert!(codes[..10].iter().all(|c| *c == 401), "{codes:?}");
+    assert!(codes[10..].iter().all(|c| *c == 429), "{codes:?}");
+    // Once over its allowance a source is refused even with the right token, until the window ends.
+    let (code, _) = block_on(get(&s, "/db/info", Some(("server", &dd.token())), None));
+    assert_eq!(code, 429);
+    // Endpoints without authentication still answer.
+    assert_eq!(block_on(get(&s, "/ping", None, None)).0, 200);
+    let log = s.log_text();
+    assert!(log.contains("refused a request") && log.contains("127.0.0.1"), "{log}");
+    assert!(!log.contains(wrong), "the presented credential was logged");
+    s.stop();
+}
+
+/// A TLS connection to the supervisor API trusting the cluster CA.
+async fn tls_connect(s: &Server) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let ca = std::fs::read(s.data_dir.join("server/tls/server-ca.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca.as_slice()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect((s.ip.as_str(), s.api_port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from(s.ip.clone()).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
+}
+
+#[test]
+fn half_sent_requests_are_closed_and_do_not_stop_the_api() {
+    // The server inherits a low soft limit on open files (as from a login shell) and must raise it.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard > 4096 {
+        setrlimit(Resource::RLIMIT_NOFILE, 4096, hard).unwrap();
+    }
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&[]);
+    block_on(async {
+        // 300 clients that finish the handshake, send half a request head, and stall.
+        let mut stalled = Vec::new();
+        for _ in 0..300 {
+            let mut c = tls_connect(&s).await;
+            c.write_all(b"GET /db/info HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+            c.flush().await.unwrap();
+            stalled.push(c);
+        }
+        // The API still answers others.
+        let (code, body) = get(&s, "/ping", None, None).await;
+        assert_eq!((code, body.as_str()), (200, "pong"));
+        // And the stalled ones are closed by the server once the head is overdue (10 s), instead
+        // of being held for ever.
+        let started = Instant::now();
+        for c in &mut stalled {
+            let mut buf = [0u8; 256];
+            let left = Duration::from_secs(30).saturating_sub(started.elapsed());
+            let read = tokio::time::timeout(left, c.read(&mut buf)).await;
+            assert!(read.is_ok(), "a half-sent request was still open after {:?}", started.elapsed());
+        }
+    });
+    // Descriptors were not the limit either: the server raised its soft limit to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", s.pid())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap().to_string();
+    let nums: Vec<&str> = line.split_whitespace().filter(|w| w.chars().all(|c| c.is_ascii_digit())).collect();
+    assert_eq!(nums[0], hard.to_string(), "soft open-file limit not raised to the hard one: {line}");
+    s.stop();
+}
+
+#[test]
+fn our_secrets_proxies_and_etcd_variables_do_not_reach_etcd() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let planted = [
+        ("K3S_TOKEN", "leaky-Token-5Jx"),
+        ("AWS_SECRET_ACCESS_KEY", "leaky-Secret-8Qw"),
+        ("AWS_SESSION_TOKEN", "leaky-Session-2Zr"),
+        ("HTTPS_PROXY", "http://127.0.0.1:9"),
+        ("NO_PROXY", ""),
+        // etcd would take this as --listen-client-urls and stop answering where we expect it.
+        ("ETCD_LISTEN_CLIENT_URLS", "http://127.0.0.1:9"),
+        ("ETCD_NAME", "hijacked"),
+    ];
+    let mut cmd = dd.command(&[]);
+    cmd.envs(planted);
+    let mut s = dd.spawn_command(cmd);
+    s.wait_for_log(tests::support::server::RUNNING, Duration::from_secs(120));
+    let pids = tests::support::server::etcd_pids(&dd.path());
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let environ = std::fs::read(format!("/proc/{}/environ", pids[0])).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    for (k, v) in planted {
+        assert!(!environ.split('\0').any(|e| e.starts_with(&format!("{k}="))), "{k} reached etcd");
+        if !v.is_empty() {
+            assert!(!environ.contains(v), "{k}'s value reached etcd");
+        }
+    }
+    s.stop();
+}
