@@ -175,3 +175,37 @@ fn our_secrets_proxies_and_etcd_variables_do_not_reach_etcd() {
     }
     s.stop();
 }
+
+fn signal(s: &Server, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid() as i32), sig).unwrap();
+}
+
+#[test]
+fn sighup_stops_the_server_and_its_etcd() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let mut s = dd.start(&[]);
+    assert_eq!(tests::support::server::etcd_pids(&dd.path()).len(), 1);
+    signal(&s, nix::sys::signal::Signal::SIGHUP);
+    let status = s.wait(Duration::from_secs(60));
+    assert!(status.success(), "{status}:\n{}", s.log_text());
+    assert!(s.log_text().contains("SIGHUP"));
+    assert_eq!(tests::support::server::etcd_pids(&dd.path()), Vec::<u32>::new(), "etcd left running");
+}
+
+#[test]
+fn a_second_signal_kills_etcd_before_exiting() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let mut s = dd.start(&[]);
+    let etcd = tests::support::server::etcd_pids(&dd.path());
+    assert_eq!(etcd.len(), 1);
+    signal(&s, nix::sys::signal::Signal::SIGTERM);
+    s.wait_for_log("shutting down", Duration::from_secs(10));
+    signal(&s, nix::sys::signal::Signal::SIGINT);
+    let status = s.wait(Duration::from_secs(60));
+    // Either the graceful stop won the race (0) or the second signal did (130); etcd is gone both ways.
+    assert!(matches!(status.code(), Some(0) | Some(130)), "{status}:\n{}", s.log_text());
+    tests::support::server::wait_until("etcd to be gone", Duration::from_secs(10), || {
+        !std::path::Path::new(&format!("/proc/{}", etcd[0])).exists()
+            || std::fs::read_to_string(format!("/proc/{}/stat", etcd[0])).is_ok_and(|st| st.contains(") Z "))
+    });
+}
