@@ -209,3 +209,62 @@ fn a_second_signal_kills_etcd_before_exiting() {
             || std::fs::read_to_string(format!("/proc/{}/stat", etcd[0])).is_ok_and(|st| st.contains(") Z "))
     });
 }
+
+/// An HTTPS server on loopback that answers every request with `response` (a lying supervisor
+/// API: the joiner talks to it before it can verify anything). Runs until the test ends.
+fn lying_supervisor(response: Vec<u8>) -> u16 {
+    let (_, cert_pem, key_pem) = tests::support::s3::make_certs();
+    let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes()).map(Result::unwrap).collect();
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes()).unwrap().unwrap();
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let response = Arc::new(response);
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { return };
+                let (acceptor, response) = (acceptor.clone(), response.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let mut buf = [0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls.write_all(&response).await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+    });
+    port
+}
+
+#[test]
+fn a_joiner_refuses_a_huge_cacerts_answer_and_escapes_an_error_body() {
+    let mut huge = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-pem-file\r\nConnection: close\r\n\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'A', 3 << 20));
+    let garbled =
+        b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n\x1b[2J\x1b[31mfake prompt$ \x07".to_vec();
+    let port = lying_supervisor(huge);
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let run = dd.run(&[&format!("--server=https://127.0.0.1:{port}"), "--token=some-secret"]);
+    run.assert_fails_with("answered more than");
+    assert!(!dd.db().join("etcd/member").exists(), "nothing may be written for a refused join");
+
+    // A 503 means "try again later": the joiner waits, and says why in its log, escaped.
+    let port = lying_supervisor(garbled);
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let mut s = dd.spawn(&[&format!("--server=https://127.0.0.1:{port}"), "--token=some-secret"]);
+    s.wait_for_log("answered 503", Duration::from_secs(30));
+    let log = s.log_text();
+    assert!(!log.contains('\x1b') && !log.contains('\x07'), "raw control bytes in the log: {log:?}");
+    assert!(log.contains("fake prompt"), "{log}");
+}

@@ -280,7 +280,7 @@ impl Drop for TlsProxy {
 }
 
 /// A CA and a server certificate for 127.0.0.1 and localhost signed by it: (ca, cert, key) PEMs.
-fn make_certs() -> (String, String, String) {
+pub fn make_certs() -> (String, String, String) {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);

@@ -177,15 +177,49 @@ async fn get(
         ))));
     }
     if status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
-        let body = resp.text().await.unwrap_or_default();
-        return Err(Fetch::Unreachable(format!("{url} answered 503: {}", body.trim())));
+        // The server is not verified yet when this is /cacerts: what it says is shown escaped
+        // and short.
+        let body = read_capped(resp, 4096).await.unwrap_or_default();
+        return Err(Fetch::Unreachable(format!(
+            "{url} answered 503: {}",
+            k3s_snapshot_core::status::printable(body.trim())
+        )));
     }
     if !status.is_success() {
         return Err(Fetch::Refused(Error::Join(format!(
             "GET {url} answered {status}; is --server the supervisor port (--https-listen-port) of a server?"
         ))));
     }
-    resp.text().await.map_err(|e| Fetch::Unreachable(format!("reading {url}: {}", one_line(&e))))
+    read_capped(resp, MAX_BODY).await.map_err(|e| match e {
+        Capped::TooLarge => Fetch::Refused(Error::Join(format!(
+            "{url} answered more than {MAX_BODY} bytes; is --server the supervisor port of a server? nothing was changed"
+        ))),
+        Capped::Read(e) => Fetch::Unreachable(format!("reading {url}: {}", one_line(&e))),
+    })
+}
+
+/// The largest answer a joiner reads from the supervisor API (a CA bundle, the CA material or
+/// the member list are a few KiB).
+const MAX_BODY: usize = 1 << 20;
+
+enum Capped {
+    TooLarge,
+    Read(reqwest::Error),
+}
+
+/// The body as text, refused beyond `limit` bytes without reading more than that.
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> std::result::Result<String, Capped> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(Capped::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(Capped::Read)? {
+        if body.len() + chunk.len() > limit {
+            return Err(Capped::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Steps 1 and 2: the CA, checked against the token, and the members, with the token.

@@ -242,6 +242,10 @@ enum Special {
     Other,
 }
 
+/// Member records and warnings kept at most: a crafted file can hold millions of either.
+pub const MAX_MEMBERS: usize = 64;
+pub const MAX_WARNINGS: usize = 32;
+
 #[derive(Default)]
 struct Acc {
     crc: u32,
@@ -251,6 +255,19 @@ struct Acc {
     term: Option<u64>,
     members: Vec<Member>,
     warnings: Vec<String>,
+    /// Member records and warnings beyond the caps, counted only.
+    members_dropped: u64,
+    warnings_dropped: u64,
+}
+
+/// `s` with control characters, quotes and backslashes escaped and at most 256 characters:
+/// text read from a snapshot goes to terminals and logs.
+pub fn printable(s: &str) -> String {
+    let mut out: String = s.chars().take(256).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 256 {
+        out.push('…');
+    }
+    out
 }
 
 #[derive(serde::Deserialize)]
@@ -279,21 +296,35 @@ impl Acc {
         };
         match be_u64(v) {
             Some(n) => *slot = Some(n),
-            None => self.warnings.push(format!("meta/{} is {} bytes, expected 8", String::from_utf8_lossy(k), v.len())),
+            None => self.warn(format!("meta/{} is {} bytes, expected 8", String::from_utf8_lossy(k), v.len())),
+        }
+    }
+
+    fn warn(&mut self, w: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(w);
+        } else {
+            self.warnings_dropped += 1;
         }
     }
 
     fn member(&mut self, k: &[u8], v: &[u8]) {
-        let key = String::from_utf8_lossy(k).into_owned();
+        let key = printable(&String::from_utf8_lossy(k));
+        if self.members.len() >= MAX_MEMBERS {
+            self.members_dropped += 1;
+            return;
+        }
         match serde_json::from_slice::<MemberJson>(v) {
             Ok(m) => self.members.push(Member {
                 id: m.id.map(|id| format!("{id:x}")).unwrap_or(key),
-                name: m.name,
-                peer_urls: m.peer_urls,
-                client_urls: m.client_urls,
+                name: printable(&m.name),
+                peer_urls: m.peer_urls.iter().take(16).map(|u| printable(u)).collect(),
+                client_urls: m.client_urls.iter().take(16).map(|u| printable(u)).collect(),
                 is_learner: m.is_learner,
             }),
-            Err(e) => self.warnings.push(format!("members entry {key} is not a valid member record: {e}")),
+            Err(e) => {
+                self.warn(format!("members entry {key} is not a valid member record: {}", printable(&e.to_string())))
+            }
         }
     }
 }
@@ -362,7 +393,16 @@ fn status_of(db: &Db, trailer_present: bool, check_hash: bool) -> Result<Snapsho
         trailer,
         page_size: db.page_size(),
         txid: db.meta().txid,
-        warnings: acc.warnings,
+        warnings: {
+            let mut w = acc.warnings;
+            if acc.members_dropped > 0 {
+                w.push(format!("{} more member records not shown (at most {MAX_MEMBERS})", acc.members_dropped));
+            }
+            if acc.warnings_dropped > 0 {
+                w.push(format!("{} more warnings not shown", acc.warnings_dropped));
+            }
+            w
+        },
     })
 }
 
@@ -794,5 +834,40 @@ mod tests {
         assert_eq!(st.warnings.len(), 2, "{:?}", st.warnings);
         let e = status_from_bytes(name, b"hello".to_vec()).unwrap_err().to_string();
         assert!(e.starts_with("snapshot /e/snap.db is not a bbolt database"), "{e}");
+    }
+
+    /// Crafted snapshots: what a hostile file makes `status` keep and print.
+    mod hostile {
+        use super::*;
+
+        #[test]
+        fn member_records_and_warnings_are_capped_and_escaped() {
+            let mut b = Builder::new(65536);
+            let bad: Vec<(Vec<u8>, Vec<u8>)> =
+                (0..150u32).map(|i| (format!("bad{i:03}").into_bytes(), b"{".to_vec())).collect();
+            let good: Vec<(Vec<u8>, Vec<u8>)> = (0..100u32)
+                .map(|i| {
+                    let v =
+                        format!(r#"{{"id":{},"name":"\u001b[31mevil\nname","peerURLs":["http://x\u0007"]}}"#, i + 1);
+                    (format!("m{i:03}").into_bytes(), v.into_bytes())
+                })
+                .collect();
+            let mut entries: Vec<(u32, &[u8], &[u8])> =
+                bad.iter().chain(good.iter()).map(|(k, v)| (0, k.as_slice(), v.as_slice())).collect();
+            entries.sort_by(|a, b| a.1.cmp(b.1));
+            let members = bucket_value(0, 0, &entries);
+            let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"members", &members)]);
+            let st = status_from_bytes(Path::new("/e/crafted.db"), b.finish(root, NO_FREELIST)).unwrap();
+            assert_eq!(st.members.len(), MAX_MEMBERS);
+            // The capped warnings, then one line per cap saying how much was left out.
+            assert_eq!(st.warnings.len(), MAX_WARNINGS + 2, "{:?}", st.warnings);
+            assert!(st.warnings.iter().any(|w| w.contains("more warnings not shown")));
+            assert!(st.warnings.iter().any(|w| w.contains("more member records not shown")));
+            for m in &st.members {
+                assert!(!m.name.chars().any(char::is_control), "{:?}", m.name);
+                assert!(m.name.contains("\\u{1b}[31mevil\\nname"), "{:?}", m.name);
+                assert!(!m.peer_urls.iter().any(|u| u.chars().any(char::is_control)));
+            }
+        }
     }
 }
