@@ -290,8 +290,7 @@ fn a_server_killed_with_sigkill_starts_again_despite_its_orphaned_etcd() {
     let s = dd.start(&[]);
     let pid = s.pid();
     assert!(!etcd_pids(&dd.path()).is_empty(), "etcd runs");
-    let st = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
-    assert!(st.success());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
     drop(s);
     // A stale partial snapshot, as a kill during a save leaves.
     let part = dd.snapshots().join("etcd-snapshot-n-1.part");

@@ -444,8 +444,7 @@ fn sigterm_during_a_save_leaves_no_part_and_no_snapshot() {
         }
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let st = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(st.success());
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let out: Run = child.wait_with_output().unwrap().into();
     out.assert_fails_with("cancelled");
     assert_eq!(out.code, Some(1));

@@ -202,8 +202,7 @@ fn server_demo(etcd_dir: &Path, bin: &Path, work: &Path) -> Result<()> {
         println!("  {line}");
     }
     // SIGTERM: the server stops etcd and exits 0.
-    let pid = server.0.id().to_string();
-    run_checked(Command::new("kill").args(["-TERM", &pid]), "stop the server")?;
+    crate::signal(server.0.id(), nix::sys::signal::Signal::SIGTERM).context("stop the server")?;
     let st = server.0.wait()?;
     println!("\nserver stopped on SIGTERM ({st})");
     Ok(())

@@ -97,6 +97,12 @@ fn test(extra: &[String]) -> Result<()> {
     run_checked(&mut test, "run the test suite")
 }
 
+/// Sends `sig` to `pid` (no `kill` binary: a minimal Debian has none without procps).
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) -> Result<()> {
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).with_context(|| format!("send {sig} to {pid}"))
+}
+
 pub fn cargo() -> String {
     std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
 }

@@ -94,7 +94,9 @@ fn remove_namespace(ns: &str) {
         if pids.is_empty() {
             break;
         }
-        let _ = Command::new("kill").arg("-KILL").args(&pids).stderr(Stdio::null()).status();
+        for pid in pids.iter().filter_map(|p| p.parse::<u32>().ok()) {
+            let _ = crate::signal(pid, nix::sys::signal::Signal::SIGKILL);
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = ip(&["netns", "del", ns]);

@@ -170,11 +170,12 @@ pub fn kill(pids: &[u32], signal: &str) {
     if pids.is_empty() {
         return;
     }
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .args(pids.iter().map(u32::to_string))
-        .stderr(Stdio::null())
-        .status();
+    let Ok(signal) = signal.parse::<nix::sys::signal::Signal>().or_else(|_| format!("SIG{signal}").parse()) else {
+        return;
+    };
+    for pid in pids {
+        let _ = crate::signal(*pid, signal);
+    }
 }
 
 /// Files in a directory, sorted (empty when it does not exist).
