@@ -1,4 +1,5 @@
 mod ha;
+mod hostile;
 mod reset;
 mod s3_store;
 mod server;
