@@ -4,12 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-use etcd_client::GetOptions;
 use tests::support::bin;
 use tests::support::etcd::{Etcd, EtcdVersion};
-use tests::support::server::{block_on, connect, delete, files, put, DataDir};
-
-const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
+use tests::support::server::{all_keys, assert_reset_done, block_on, connect, delete, files, kv, put, save, DataDir};
 
 tests::on_both_versions!(
     users_procedure_restores_exactly_the_snapshot,
@@ -25,40 +22,8 @@ fn previously_reset(dd: &DataDir) -> String {
     )
 }
 
-/// Every key and value in etcd, sorted.
-fn all_keys(dd: &DataDir) -> Vec<(String, String)> {
-    block_on(async {
-        let mut c = connect(dd).await;
-        let r = c.client.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
-        r.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string())).collect()
-    })
-}
-
 fn member_count(dd: &DataDir) -> usize {
     block_on(async { connect(dd).await.client.member_list().await.unwrap().members().len() })
-}
-
-fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
-/// `etcd-snapshot save` against the running server; returns the snapshot's path.
-fn save(dd: &DataDir, extra: &[&str]) -> PathBuf {
-    let before = files(&dd.snapshots());
-    let data_dir = dd.path().display().to_string();
-    let mut c = bin::cmd();
-    c.args(["etcd-snapshot", "save", "--data-dir", &data_dir, "--node-name", &dd.node]).args(extra);
-    bin::run(&mut c).assert_ok();
-    let new: Vec<_> = files(&dd.snapshots()).into_iter().filter(|f| !before.contains(f)).collect();
-    assert_eq!(new.len(), 1, "{new:?}");
-    dd.snapshots().join(&new[0])
-}
-
-#[track_caller]
-fn assert_reset_done(r: &bin::Run, dd: &DataDir) {
-    r.assert_ok();
-    assert!(r.stderr.contains(RESET_DONE), "the reset message is missing:\n{}", r.stderr);
-    assert!(dd.db().join("reset-flag").is_file());
 }
 
 fn users_procedure_restores_exactly_the_snapshot(v: EtcdVersion) {

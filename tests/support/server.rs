@@ -287,3 +287,41 @@ pub fn put(dd: &DataDir, kvs: &[(&str, &str)]) {
 pub fn delete(dd: &DataDir, k: &str) {
     block_on(async { connect(dd).await.client.delete(k, None).await.unwrap() });
 }
+
+/// Every key and value in the server's etcd, sorted.
+pub fn all_keys(dd: &DataDir) -> Vec<(String, String)> {
+    block_on(async {
+        let mut c = connect(dd).await;
+        let r = c.client.get("", Some(etcd_client::GetOptions::new().with_all_keys())).await.unwrap();
+        r.kvs().iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string())).collect()
+    })
+}
+
+/// Owned key-value pairs, to compare with [`all_keys`].
+pub fn kv(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+/// `etcd-snapshot save` against the running server; returns the new snapshot's path.
+#[track_caller]
+pub fn save(dd: &DataDir, extra: &[&str]) -> PathBuf {
+    let before = files(&dd.snapshots());
+    let data_dir = dd.path().display().to_string();
+    let mut c = super::bin::cmd();
+    c.args(["etcd-snapshot", "save", "--data-dir", &data_dir, "--node-name", &dd.node]).args(extra);
+    super::bin::run(&mut c).assert_ok();
+    let new: Vec<_> = files(&dd.snapshots()).into_iter().filter(|f| !before.contains(f)).collect();
+    assert_eq!(new.len(), 1, "{new:?}");
+    dd.snapshots().join(&new[0])
+}
+
+/// What a cluster reset logs (exactly) when it is done.
+pub const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
+
+/// A reset that succeeded: exit 0, [`RESET_DONE`] logged, `reset-flag` written.
+#[track_caller]
+pub fn assert_reset_done(r: &super::bin::Run, dd: &DataDir) {
+    r.assert_ok();
+    assert!(r.stderr.contains(RESET_DONE), "the reset message is missing:\n{}", r.stderr);
+    assert!(dd.db().join("reset-flag").is_file());
+}

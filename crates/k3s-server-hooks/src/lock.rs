@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::{Flock, FlockArg};
 
@@ -25,6 +26,9 @@ impl DataDirLock {
             .write(true)
             .create(true)
             .truncate(false)
+            // Never through a symbolic link planted at the name.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
             .open(&path)
             .map_err(Error::io("open lock file", &path))?;
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

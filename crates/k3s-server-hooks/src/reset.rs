@@ -25,7 +25,7 @@
 use std::path::{Path, PathBuf};
 
 use k3s_snapshot_core::metadata::SnapshotMetadata;
-use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, write_file_atomic};
+use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, write_file_atomic, Placed};
 use k3s_snapshot_core::{compress, integrity, name};
 use tokio_util::sync::CancellationToken;
 
@@ -91,7 +91,8 @@ pub fn recover_interrupted(dd: &DataDir) -> Result<()> {
 /// What the checks found.
 #[derive(Debug)]
 pub struct ResetPlan {
-    /// A verified snapshot to restore; `None` resets the existing data.
+    /// Where the verified, restored snapshot is on disk; `None` for a reset of the existing data,
+    /// and when it was restored from a scratch copy because a different file has its name.
     pub snapshot: Option<PathBuf>,
     /// The snapshot, already restored into `db/etcd-restore.tmp` (removed if the plan is dropped).
     restored: Option<ScratchDir>,
@@ -141,20 +142,22 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::Io { action: "read snapshot", path, cause: e }),
     };
-    let (file, metadata) = match local {
+    // What is written here (a download, an extracted zip) goes to scratch files in the snapshot
+    // dir, and takes its final name only once every check passed, never replacing a file.
+    let (file, metadata, downloaded) = match local {
         Some(p) => {
             std::fs::File::open(&p).map_err(Error::io("read snapshot", &p))?;
             let md = local_metadata(&p);
-            (p, md)
+            (p, md, None)
         }
         None => match &cfg.snapshots.remote_fetch {
             Some(fetch) => {
                 name::validate_file_name(given).map_err(|e| Error::Reset(format!("restore path: {e}")))?;
                 store.ensure_dirs()?;
                 tracing::info!(snapshot = %given, "downloading the snapshot to restore");
-                let p = fetch(given.to_string(), store.dir().to_path_buf()).await?;
-                let md = local_metadata(&p);
-                (p, md)
+                let scratch = fetch(given.to_string(), store.dir().to_path_buf()).await?;
+                let md = local_metadata(scratch.target());
+                (scratch.path().to_path_buf(), md, Some(scratch))
             }
             None => {
                 return Err(Error::Reset(format!(
@@ -163,24 +166,27 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
             }
         },
     };
-    let raw = if file.extension().is_some_and(|e| e == "zip") {
+    let named = downloaded.as_ref().map_or(file.as_path(), |d| d.target());
+    let extracted = if named.extension().is_some_and(|e| e == "zip") {
         store.ensure_dirs()?;
         let out = tokio::task::spawn_blocking({
             let (file, dir) = (file.clone(), store.dir().to_path_buf());
-            move || compress::extract_single(&file, &dir)
+            move || compress::extract_to_scratch(&file, &dir)
         })
         .await
         .map_err(|e| Error::Reset(format!("extraction task failed: {e}")))??;
-        tracing::info!(zip = %file.display(), snapshot = %out.display(), "extracted the snapshot");
-        out
+        tracing::info!(zip = %named.display(), snapshot = %out.path().display(), "extracted the snapshot");
+        Some(out)
     } else {
-        file.clone()
+        None
     };
+    let raw = extracted.as_ref().map_or(file.clone(), |x| x.path().to_path_buf());
+    let shown = extracted.as_ref().map_or(named.to_path_buf(), |x| x.target().to_path_buf());
     let len = std::fs::metadata(&raw).map_err(|e| Error::Reset(format!("cannot read {}: {e}", raw.display())))?.len();
     if len % 512 != integrity::TRAILER_LEN as u64 {
         return Err(Error::Reset(format!(
             "snapshot {} has no sha256 trailer (its size is not a whole number of pages plus 32 bytes), so it is truncated or not an etcd snapshot; refusing to restore it, nothing was changed",
-            raw.display()
+            shown.display()
         )));
     }
     // One read of the file: the sha256 trailer and, beside it, the bbolt structure natively, so a
@@ -195,16 +201,39 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
             .await
             .map_err(|e| Error::Reset(format!("check task failed: {e}")))?
             .map_err(|e| Error::Reset(format!("{e}; refusing to restore it, nothing was changed")))?;
-        tracing::info!(snapshot = %raw.display(), "snapshot verified");
+        tracing::info!(snapshot = %shown.display(), "snapshot verified");
         Ok::<(), Error>(())
     };
     let (checked, restored) = tokio::join!(check, restore_into_scratch(cfg, bins, &raw));
     checked?;
     restored?;
+    // Verified and restored: now the downloaded and extracted files take their names, next to
+    // (never over) what is there. A file kept under its scratch name is removed at the end.
+    let mut kept = Vec::new();
+    let mut snapshot = if downloaded.is_none() { Some(file.clone()) } else { None };
+    for (what, f) in [("downloaded", downloaded), ("extracted", extracted)] {
+        let Some(f) = f else { continue };
+        let placed = tokio::task::spawn_blocking(move || f.place())
+            .await
+            .map_err(|e| Error::Reset(format!("placing the snapshot failed: {e}")))??;
+        match placed {
+            Placed::New(p) | Placed::Identical(p) => snapshot = Some(p),
+            Placed::Kept { existing, scratch: copy } => {
+                tracing::warn!(
+                    existing = %existing.display(),
+                    restored_from = %copy.path().display(),
+                    "a different file named like the {what} snapshot is already in the snapshot dir; it was kept as it is, the snapshot was restored from a scratch copy that is now removed"
+                );
+                snapshot = None;
+                kept.push(copy);
+            }
+        }
+    }
+    drop(kept);
     if let Some(md) = metadata {
         token_check(cfg, &md);
     }
-    Ok(ResetPlan { snapshot: Some(raw), restored: Some(scratch) })
+    Ok(ResetPlan { snapshot, restored: Some(scratch) })
 }
 
 /// `<dir>/../.metadata/<file>` of a local snapshot, when there.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use k3s_snapshot_core::save::SaveOptions;
-use k3s_snapshot_core::store::{create_private_dir, LocalStore, SnapshotStore};
+use k3s_snapshot_core::store::{create_private_dir, tighten_mode, LocalStore, ScratchFile, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -23,10 +23,11 @@ use crate::tls::TlsFiles;
 use crate::token::Token;
 use crate::{api, reset, scheduler, tls, Error, Result};
 
-/// Downloads a snapshot object by name into a directory, verified against its metadata, and
-/// returns the local path. The binary supplies it from its S3 backend (this crate knows no S3).
+/// Downloads a snapshot object by name into a scratch file in a directory, verified against its
+/// metadata, and returns it (the reset gives it its final name once the snapshot passed every
+/// check). The binary supplies it from its S3 backend (this crate knows no S3).
 pub type RemoteFetch =
-    Arc<dyn Fn(String, PathBuf) -> BoxFuture<'static, k3s_snapshot_core::Result<PathBuf>> + Send + Sync>;
+    Arc<dyn Fn(String, PathBuf) -> BoxFuture<'static, k3s_snapshot_core::Result<ScratchFile>> + Send + Sync>;
 
 /// Scheduled-snapshot settings.
 #[derive(Clone)]
@@ -158,14 +159,52 @@ impl ServerConfig {
 /// `learner-running` once the new learner's etcd is ready but not yet promoted.
 const JOIN_ABORT_ENV: &str = "K3S_SNAPSHOT_TEST_JOIN_ABORT_AT";
 
-/// Checks the data dir can be created and written, with a message naming the flag.
+/// Checks the data dir can be created and written, with a message naming the flag, and makes
+/// what an earlier version (or an operator) left too open private again.
 fn prepare_data_dir(dd: &DataDir) -> Result<()> {
     let wrap =
         |e: Error| Error::Config(format!("data dir {} is not usable ({e}); check --data-dir", dd.root().display()));
     create_private_dir(&dd.db()).map_err(|e| wrap(e.into()))?;
-    let probe = dd.server().join(".write-probe");
-    std::fs::write(&probe, b"").map_err(|e| wrap(Error::Io { action: "write to", path: dd.server(), cause: e }))?;
-    let _ = std::fs::remove_file(&probe);
+    // A unique name opened with O_EXCL (tempfile), removed when dropped.
+    let probe = tempfile::Builder::new()
+        .prefix(".write-probe-")
+        .tempfile_in(dd.server())
+        .map_err(|e| wrap(Error::Io { action: "write to", path: dd.server(), cause: e }))?;
+    drop(probe);
+    tighten_data_dir(dd)?;
+    Ok(())
+}
+
+/// Directories 0700 and secrets 0600 (SPEC §2), whatever mode they were left with: the data dir
+/// and its server, db, etcd and tls dirs, the token and the TLS keys. Each change is a warning.
+fn tighten_data_dir(dd: &DataDir) -> Result<()> {
+    let mut paths = vec![dd.root().to_path_buf(), dd.server(), dd.db(), dd.etcd(), dd.tls(), dd.etcd_tls(), dd.token()];
+    for dir in [dd.tls(), dd.etcd_tls()] {
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            paths.extend(rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "key")));
+        }
+    }
+    for p in paths {
+        if let Some(old) = tighten_mode(&p)? {
+            warn_tightened(&p, old);
+        }
+    }
+    Ok(())
+}
+
+fn warn_tightened(path: &std::path::Path, old: u32) {
+    let new = if path.is_dir() { 0o700 } else { 0o600 };
+    tracing::warn!(path = %path.display(), "{} had mode {old:04o}, open to group or others; set it to {new:04o}", path.display());
+}
+
+/// The snapshot and metadata dirs: too-open modes of this user's dirs tightened (a warning each),
+/// then created 0700 or checked (owned by this user or root, writable by no one else), so that a
+/// server whose scheduled snapshots could never be written does not start.
+fn prepare_snapshot_dirs(store: &LocalStore) -> Result<()> {
+    for (p, old) in store.tighten_dirs()? {
+        warn_tightened(&p, old);
+    }
+    store.ensure_dirs()?;
     Ok(())
 }
 
@@ -179,8 +218,10 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     // With the lock held, an etcd still running on this data dir belongs to a server that was
     // killed; it would hold the ports and the database.
     crate::etcd_proc::reap_orphans(&dd.db()).await;
+    prepare_snapshot_dirs(&cfg.snapshot_store())?;
     // Partial files of saves or downloads that a kill interrupted (never listed, but never
-    // tidied either). Ten minutes without a write means no one is writing them.
+    // tidied either), by names only we make. Ten minutes without a write means no one is
+    // writing them.
     cfg.snapshot_store().remove_stale_parts(std::time::Duration::from_secs(600));
     let bins = EtcdBinaries::find(cfg.etcd_bin_dir.as_deref())?;
     if cfg.cluster_reset && dd.reset_flag().exists() {

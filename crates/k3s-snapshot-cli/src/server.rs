@@ -115,7 +115,7 @@ impl ServerArgs {
                     }
                     // A bar on a terminal (an operator running the reset by hand), nothing in a log.
                     let progress = crate::snapshot::bar();
-                    s3_backend::download_snapshot_with_progress(
+                    s3_backend::download_to_scratch(
                         store.as_ref(),
                         &file,
                         &into,

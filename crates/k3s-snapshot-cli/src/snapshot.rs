@@ -388,10 +388,15 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
     if !path.is_file() {
         bail!("snapshot {} not found; give a path or a name that `etcd-snapshot ls` shows", path.display());
     }
+    // The extracted entry stays a scratch file in the temp dir, removed with it.
+    let mut _extracted = None;
     if path.extension().is_some_and(|e| e == "zip") {
         let zip = path.clone();
         let into = scratch.path().to_path_buf();
-        path = tokio::task::spawn_blocking(move || k3s_snapshot_core::compress::extract_single(&zip, &into)).await??;
+        let x =
+            tokio::task::spawn_blocking(move || k3s_snapshot_core::compress::extract_to_scratch(&zip, &into)).await??;
+        path = x.path().to_path_buf();
+        _extracted = Some(x);
     }
     let shown = path.clone();
     let st = tokio::task::spawn_blocking(move || k3s_snapshot_core::status::status_with(&path, check_hash)).await??;

@@ -1,16 +1,16 @@
 //! Zip compression in k3s's layout: `<file>.zip` holds exactly one deflate entry named `<file>`.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use crate::name::ZIP_SUFFIX;
-use crate::store::{durable_rename, part_path, RemoveOnDrop};
+use crate::store::{ensure_free_space, Placed, ScratchFile};
 use crate::{Error, Result};
 
-/// Compresses `raw` into `raw.zip` (via `.part`, fsync, rename) and returns the zip's path.
-/// The raw file is left for the caller to remove once the zip is in place.
+/// Compresses `raw` into `raw.zip` (through a scratch file, fsync, rename that never replaces an
+/// existing file) and returns the zip's path. The raw file is left for the caller to remove once
+/// the zip is in place.
 pub fn compress_file(raw: &Path) -> Result<PathBuf> {
     let entry = raw
         .file_name()
@@ -20,17 +20,9 @@ pub fn compress_file(raw: &Path) -> Result<PathBuf> {
     let mut zip_path = raw.as_os_str().to_owned();
     zip_path.push(ZIP_SUFFIX);
     let zip_path = PathBuf::from(zip_path);
-    let part = part_path(&zip_path);
-    let guard = RemoveOnDrop::new(part.clone());
     let zerr = |detail: String| Error::Zip { path: zip_path.clone(), detail };
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&part)
-        .map_err(Error::io("create", &part))?;
-    let mut zw = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, out));
+    let scratch = ScratchFile::create(&zip_path)?;
+    let mut zw = zip::ZipWriter::new(BufWriter::with_capacity(1 << 20, scratch.file()));
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
         .large_file(std::fs::metadata(raw).map(|m| m.len() >= u32::MAX as u64).unwrap_or(true))
@@ -39,18 +31,27 @@ pub fn compress_file(raw: &Path) -> Result<PathBuf> {
     let mut input = BufReader::with_capacity(1 << 20, File::open(raw).map_err(Error::io("open", raw))?);
     std::io::copy(&mut input, &mut zw).map_err(Error::io("compress", raw))?;
     let mut w = zw.finish().map_err(|e| zerr(e.to_string()))?;
-    w.flush().map_err(Error::io("write", &part))?;
-    w.get_ref().sync_all().map_err(Error::io("fsync", &part))?;
+    w.flush().map_err(Error::io("write", scratch.path()))?;
     drop(w);
-    durable_rename(&part, &zip_path)?;
-    guard.disarm();
-    Ok(zip_path)
+    scratch.sync()?;
+    match scratch.place()? {
+        Placed::New(p) => Ok(p),
+        Placed::Identical(p) => Ok(p),
+        Placed::Kept { existing, .. } => Err(zerr(format!(
+            "{} appeared while compressing and is not this snapshot; it was left as it is and the uncompressed snapshot is kept",
+            existing.display()
+        ))),
+    }
 }
 
-/// Extracts the single entry of a k3s snapshot zip into `into_dir` (via `.part` and rename) and
-/// returns the extracted path. Refuses a zip with more or fewer than one entry, or whose entry
-/// name has a path, so that nothing is ever written outside `into_dir`.
-pub fn extract_single(zip_path: &Path, into_dir: &Path) -> Result<PathBuf> {
+/// Extracts the single entry of a k3s snapshot zip into a scratch file in `into_dir` (see
+/// [`ScratchFile`]; its target is `into_dir/<entry name>`) and returns it, fsynced, for the
+/// caller to verify and then [`ScratchFile::place`]. Refuses, leaving nothing behind: a zip with
+/// more or fewer than one entry, an entry name with a path (so nothing is ever written outside
+/// `into_dir`), an entry that declares more than the free space of `into_dir`'s filesystem
+/// (keeping [`crate::store::FREE_SPACE_MARGIN`]), and an entry that inflates to more (a zip bomb)
+/// or fewer bytes than it declares. The output never exceeds the declared size.
+pub fn extract_to_scratch(zip_path: &Path, into_dir: &Path) -> Result<ScratchFile> {
     let zerr = |detail: String| Error::Zip { path: zip_path.to_path_buf(), detail };
     let f = File::open(zip_path).map_err(Error::io("open", zip_path))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(f))
@@ -58,7 +59,7 @@ pub fn extract_single(zip_path: &Path, into_dir: &Path) -> Result<PathBuf> {
     if archive.len() != 1 {
         return Err(zerr(format!("holds {} entries; a snapshot zip holds exactly one", archive.len())));
     }
-    let mut entry = archive.by_index(0).map_err(|e| zerr(e.to_string()))?;
+    let entry = archive.by_index(0).map_err(|e| zerr(e.to_string()))?;
     let name = entry.name().to_string();
     if name.is_empty()
         || name.contains('/')
@@ -69,24 +70,30 @@ pub fn extract_single(zip_path: &Path, into_dir: &Path) -> Result<PathBuf> {
     {
         return Err(zerr(format!("entry {name:?} has a path; a snapshot zip holds one plain file name")));
     }
-    let out_path = into_dir.join(&name);
-    let part = part_path(&out_path);
-    let guard = RemoveOnDrop::new(part.clone());
-    let out = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&part)
-        .map_err(Error::io("create", &part))?;
-    let mut w = BufWriter::with_capacity(1 << 20, out);
-    std::io::copy(&mut entry, &mut w).map_err(|e| zerr(format!("cannot extract {name}: {e}")))?;
-    w.flush().map_err(Error::io("write", &part))?;
-    w.get_ref().sync_all().map_err(Error::io("fsync", &part))?;
+    crate::name::validate_file_name(&name).map_err(|e| zerr(e.to_string()))?;
+    let declared = entry.size();
+    ensure_free_space(into_dir, declared, &format!("entry {name} of {}", zip_path.display()))?;
+    let scratch = ScratchFile::create(&into_dir.join(&name))?;
+    let mut w = BufWriter::with_capacity(1 << 20, scratch.file());
+    // One byte past the declared size is enough to tell a zip bomb; reading to the end of a
+    // whole entry also makes the zip reader check its CRC-32.
+    let mut limited = entry.take(declared.saturating_add(1));
+    let n = std::io::copy(&mut limited, &mut w)
+        .map_err(|e| zerr(format!("cannot extract {name}: {e}; nothing was kept")))?;
+    if n > declared {
+        return Err(zerr(format!(
+            "entry {name} inflates beyond the {declared} bytes it declares (a zip bomb, or a corrupt zip); refusing it, nothing was kept"
+        )));
+    }
+    if n < declared {
+        return Err(zerr(format!(
+            "entry {name} holds {n} bytes but declares {declared}; the zip is truncated or corrupt, nothing was kept"
+        )));
+    }
+    w.flush().map_err(Error::io("write", scratch.path()))?;
     drop(w);
-    durable_rename(&part, &out_path)?;
-    guard.disarm();
-    Ok(out_path)
+    scratch.sync()?;
+    Ok(scratch)
 }
 
 #[cfg(test)]
@@ -107,8 +114,12 @@ mod tests {
         assert_eq!(e.compression(), zip::CompressionMethod::Deflated);
         drop(e);
         let out = tempfile::tempdir().unwrap();
-        let x = extract_single(&z, out.path()).unwrap();
-        assert_eq!(std::fs::read(x).unwrap(), vec![7u8; 100_000]);
+        let x = extract_to_scratch(&z, out.path()).unwrap();
+        assert_eq!(x.target(), out.path().join("on-demand-n-1"));
+        assert_eq!(std::fs::read(x.path()).unwrap(), vec![7u8; 100_000]);
+        let placed = x.place().unwrap();
+        assert!(matches!(placed, Placed::New(_)), "{placed:?}");
+        assert_eq!(std::fs::read(out.path().join("on-demand-n-1")).unwrap(), vec![7u8; 100_000]);
     }
 
     fn make_zip(path: &Path, entries: &[&str]) {
@@ -127,7 +138,7 @@ mod tests {
         make_zip(&z, &["../evil"]);
         let out = tmp.path().join("out");
         std::fs::create_dir(&out).unwrap();
-        let err = extract_single(&z, &out).unwrap_err().to_string();
+        let err = extract_to_scratch(&z, &out).unwrap_err().to_string();
         assert!(err.contains("has a path"), "{err}");
         assert!(!tmp.path().join("evil").exists());
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
@@ -138,7 +149,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let z = tmp.path().join("x.zip");
         make_zip(&z, &["a", "b"]);
-        let err = extract_single(&z, tmp.path()).unwrap_err().to_string();
+        let err = extract_to_scratch(&z, tmp.path()).unwrap_err().to_string();
         assert!(err.contains("2 entries"), "{err}");
     }
 }

@@ -55,6 +55,12 @@ pub enum Error {
     #[error("metadata {path}: {detail}")]
     Metadata { path: PathBuf, detail: String },
 
+    #[error("{what} {path} {detail}; {fix}")]
+    UnsafeDir { what: &'static str, path: PathBuf, detail: String, fix: String },
+
+    #[error("not enough space in {dir} for {what}: it needs {need} bytes, {free} are free and {margin} must stay free; free some space or use another directory")]
+    NoSpace { dir: PathBuf, what: String, need: u64, free: u64, margin: u64 },
+
     #[error("{0}")]
     Invalid(String),
 

@@ -7,6 +7,30 @@ pub const ZIP_SUFFIX: &str = ".zip";
 /// Suffix of a file being written; never listed, never restored.
 pub const PART_SUFFIX: &str = ".part";
 
+/// Random alphanumerics in a scratch name, `<final name>.<random>.part`.
+pub const SCRATCH_RANDOM_LEN: usize = 16;
+
+/// The final name a `.part` file is written for: `<final>.part` (a save's reservation) or
+/// `<final>.<16 alphanumerics>.part` (a scratch file). `None` when `file` has no `.part` suffix.
+pub fn part_target(file: &str) -> Option<&str> {
+    let base = file.strip_suffix(PART_SUFFIX)?;
+    if let Some((target, random)) = base.rsplit_once('.') {
+        if random.len() == SCRATCH_RANDOM_LEN && random.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Some(target);
+        }
+    }
+    Some(base)
+}
+
+/// Whether a `.part` file has a name this program could have made: its target (see
+/// [`part_target`]) is a snapshot name of ours, `<name>-<node>-<digits>[.zip]`. Anything else
+/// ending in `.part` belongs to someone else and is left alone.
+pub fn is_our_part(file: &str) -> bool {
+    part_target(file)
+        .and_then(parse)
+        .is_some_and(|p| p.stem.split_once('-').is_some_and(|(a, b)| !a.is_empty() && !b.is_empty()))
+}
+
 /// Builds the base file name of a snapshot.
 pub fn snapshot_name(prefix: &str, node: &str, unix_seconds: i64) -> String {
     format!("{prefix}-{node}-{unix_seconds}")
@@ -111,6 +135,29 @@ mod tests {
         for f in ["x-1.part", "on-demand-node-abc", "notes.txt", ".metadata", "on-demand-node-1.zip.part", "-1"] {
             assert!(parse(f).is_none(), "{f}");
         }
+    }
+
+    #[test]
+    fn only_part_names_we_make_are_ours() {
+        for ours in [
+            "etcd-snapshot-node-123.part",
+            "on-demand-n1-5.zip.part",
+            "on-demand-n1-5.AbCdEfGh01234567.part",
+            "on-demand-n1-5.zip.0123456789abcdef.part",
+        ] {
+            assert!(is_our_part(ours), "{ours}");
+        }
+        for foreign in [
+            "something.part",
+            "backup-2024.part",
+            "notes.txt",
+            "on-demand-n1-5",
+            "x.0123456789abcdef.part",
+            "a-b-1.part.txt",
+        ] {
+            assert!(!is_our_part(foreign), "{foreign}");
+        }
+        assert_eq!(part_target("a-b-1.zip.0123456789abcdef.part"), Some("a-b-1.zip"));
     }
 
     #[test]

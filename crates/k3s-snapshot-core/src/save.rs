@@ -2,7 +2,6 @@
 //! directory fsync, with the SHA-256 trailer checked on the way and, optionally, every byte handed
 //! to a [`Tee`] at the same time (the S3 upload), so that the snapshot is read from etcd once.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use bytes::Bytes;
@@ -18,7 +17,9 @@ use crate::integrity::TrailerCheck;
 use crate::metadata::SnapshotMetadata;
 use crate::name::{self, ZIP_SUFFIX};
 use crate::progress::Progress;
-use crate::store::{durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, PutOptions, RemoveOnDrop};
+use crate::store::{
+    create_new_private, durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, PutOptions, RemoveOnDrop,
+};
 use crate::{Error, Result};
 
 /// What to save and where.
@@ -81,7 +82,8 @@ impl Tee {
 }
 
 /// Picks a free name for this second, or the next free second, and creates its `.part` with
-/// `O_EXCL`, so that two saves in the same second never write the same file.
+/// `O_EXCL|O_NOFOLLOW`, so that two saves in the same second never write the same file and
+/// nothing planted at the name is written through.
 fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::File, RemoveOnDrop)> {
     let first = Utc::now().timestamp();
     for ts in first..first + 1000 {
@@ -89,11 +91,13 @@ fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::F
         let path = store.dir().join(&file);
         let zip = store.dir().join(format!("{file}{ZIP_SUFFIX}"));
         let part = part_path(&path);
-        if !path.exists() && !zip.exists() {
-            match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&part) {
+        // Anything at a name, a dangling symbolic link too, makes it taken.
+        let taken = |p: &std::path::Path| std::fs::symlink_metadata(p).is_ok();
+        if !taken(&path) && !taken(&zip) {
+            match create_new_private(&part) {
                 Ok(f) => {
                     let guard = RemoveOnDrop::new(part);
-                    if !path.exists() && !zip.exists() {
+                    if !taken(&path) && !taken(&zip) {
                         return Ok((file, f, guard));
                     }
                 }

@@ -69,6 +69,93 @@ pub fn create_private_dir(path: &Path) -> Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(Error::io("create directory", path))
 }
 
+/// Creates `dir` (and missing parents) with mode 0700, or checks an existing one: it must be
+/// owned by this user (or root) and writable by no one else, because whoever can write into it
+/// can plant files and links where ours are written. A symbolic link is followed only if this
+/// user (or root) owns the link. `what` names the directory in errors ("snapshot dir").
+pub fn ensure_private_dir(dir: &Path, what: &'static str) -> Result<()> {
+    create_private_dir(dir)?;
+    check_private_dir(dir, what)
+}
+
+/// The checks of [`ensure_private_dir`] on an existing directory.
+pub fn check_private_dir(dir: &Path, what: &'static str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == me || uid == 0;
+    let unsafe_dir = |detail: String, fix: String| Error::UnsafeDir { what, path: dir.to_path_buf(), detail, fix };
+    let link = std::fs::symlink_metadata(dir).map_err(Error::io("stat", dir))?;
+    if link.file_type().is_symlink() && !trusted(link.uid()) {
+        return Err(unsafe_dir(
+            format!("is a symbolic link owned by uid {}, not by this user (uid {me})", link.uid()),
+            format!(
+                "remove it and let k3s-snapshot create the directory, or point the flag at a directory of yours: rm {}",
+                dir.display()
+            ),
+        ));
+    }
+    let md = std::fs::metadata(dir).map_err(Error::io("stat", dir))?;
+    if !md.is_dir() {
+        return Err(unsafe_dir("is not a directory".into(), "give a directory".into()));
+    }
+    if !trusted(md.uid()) {
+        return Err(unsafe_dir(
+            format!("is owned by uid {}, not by this user (uid {me}), so someone else can plant files in it", md.uid()),
+            format!("chown {me} {} (or remove it and let k3s-snapshot create it)", dir.display()),
+        ));
+    }
+    let mode = md.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(
+            format!("is writable by group or others (mode {mode:04o}), so someone else can plant files in it"),
+            format!("chmod 700 {}", dir.display()),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes the group and other permission bits off an existing file or directory of this user,
+/// keeping the owner's (a directory becomes 0700, a file 0600). Returns the old mode when it
+/// changed it, `None` when there was nothing to do (or no such path). A symbolic link is left alone.
+pub fn tighten_mode(path: &Path) -> Result<Option<u32>> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Io { action: "stat", path: path.into(), cause: e }),
+    };
+    if md.file_type().is_symlink() || md.uid() != nix::unistd::geteuid().as_raw() {
+        return Ok(None);
+    }
+    let mode = md.mode() & 0o7777;
+    let want = if md.is_dir() { 0o700 } else { 0o600 };
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(want)).map_err(Error::io("chmod", path))?;
+    Ok(Some(mode))
+}
+
+/// Space that must stay free on a filesystem after a download or an extraction.
+pub const FREE_SPACE_MARGIN: u64 = 64 << 20;
+
+/// Refuses to write `need` bytes into `dir` unless its filesystem keeps [`FREE_SPACE_MARGIN`]
+/// free afterwards (counting the blocks available to unprivileged users). `what` names the data.
+pub fn ensure_free_space(dir: &Path, need: u64, what: &str) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|errno| Error::Io {
+        action: "check free space in",
+        path: dir.into(),
+        cause: errno.into(),
+    })?;
+    // fsblkcnt_t and c_ulong are u64 here but not on every target.
+    #[allow(clippy::unnecessary_cast)]
+    let free = (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64);
+    if need.saturating_add(FREE_SPACE_MARGIN) > free {
+        return Err(Error::NoSpace { dir: dir.into(), what: what.to_string(), need, free, margin: FREE_SPACE_MARGIN });
+    }
+    Ok(())
+}
+
 /// fsyncs a directory so that a rename inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(Error::io("fsync directory", dir))
@@ -80,20 +167,15 @@ pub fn durable_rename(from: &Path, to: &Path) -> Result<()> {
     sync_dir(to.parent().unwrap_or(Path::new(".")))
 }
 
-/// Writes a small file atomically with mode 0600 (`.part`, fsync, rename, dir fsync).
+/// Writes a small file atomically with mode 0600 (a unique scratch file opened with
+/// `O_EXCL|O_NOFOLLOW`, fsync, rename over `path`, dir fsync).
 pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let part = part_path(path);
-    let res = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&part)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&part);
-        return Err(Error::Io { action: "write", path: path.into(), cause: e });
-    }
-    durable_rename(&part, path)
+    let scratch = ScratchFile::create(path)?;
+    scratch.file().write_all(bytes).map_err(Error::io("write", path))?;
+    scratch.sync()?;
+    scratch.replace_target()?;
+    Ok(())
 }
 
 /// `<path>.part`
@@ -103,19 +185,145 @@ pub fn part_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Creates (or truncates) `part` with mode 0600 for writing, with a guard that removes it unless
-/// disarmed after the rename into place.
-pub async fn create_part(part: &Path) -> Result<(tokio::fs::File, RemoveOnDrop)> {
-    let guard = RemoveOnDrop::new(part.to_path_buf());
-    let file = tokio::fs::OpenOptions::new()
+/// Opens a new file for writing with mode 0600, `O_EXCL` and `O_NOFOLLOW`: it fails if anything,
+/// a symbolic link included, is already at `path`, so that nothing planted there is ever written
+/// through.
+pub fn create_new_private(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .read(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .mode(0o600)
-        .open(part)
-        .await
-        .map_err(Error::io("create", part))?;
-    Ok((file, guard))
+        .open(path)
+}
+
+/// A file written under a unique scratch name beside its final name,
+/// `<final name>.<16 random alphanumerics>.part` (see [`name::part_target`]), created with
+/// [`create_new_private`]. Removed when dropped unless given its final name.
+#[derive(Debug)]
+pub struct ScratchFile {
+    tmp: tempfile::NamedTempFile,
+    target: PathBuf,
+}
+
+/// Where [`ScratchFile::place`] left a verified file.
+#[derive(Debug)]
+pub enum Placed {
+    /// Renamed to its final name, which was free.
+    New(PathBuf),
+    /// A file with the same content already had the final name; the scratch file is gone.
+    Identical(PathBuf),
+    /// A different file has the final name and stays as it is; the new file is still the
+    /// scratch file, removed when this is dropped.
+    Kept { existing: PathBuf, scratch: ScratchFile },
+}
+
+impl Placed {
+    /// Where the file is now.
+    pub fn path(&self) -> &Path {
+        match self {
+            Placed::New(p) | Placed::Identical(p) => p,
+            Placed::Kept { scratch, .. } => scratch.path(),
+        }
+    }
+}
+
+impl ScratchFile {
+    /// Creates the scratch file for `target` in `target`'s directory.
+    pub fn create(target: &Path) -> Result<ScratchFile> {
+        let dir = target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let file_name =
+            target.file_name().ok_or_else(|| Error::Invalid(format!("{} has no file name", target.display())))?;
+        let mut prefix = file_name.to_owned();
+        prefix.push(".");
+        let tmp = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(name::PART_SUFFIX)
+            .rand_bytes(name::SCRATCH_RANDOM_LEN)
+            .make_in(dir, create_new_private)
+            .map_err(Error::io("create", target.with_file_name(format!("{}.*.part", file_name.to_string_lossy()))))?;
+        Ok(ScratchFile { tmp, target: target.to_path_buf() })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The final name this file is written for.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    pub fn file(&self) -> &std::fs::File {
+        self.tmp.as_file()
+    }
+
+    /// The file for async writes (a second descriptor of the same open file).
+    pub fn tokio_file(&self) -> Result<tokio::fs::File> {
+        let f = self.tmp.as_file().try_clone().map_err(Error::io("open", self.path()))?;
+        Ok(tokio::fs::File::from_std(f))
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        self.file().sync_all().map_err(Error::io("fsync", self.path()))
+    }
+
+    fn sync_parent(&self) -> Result<()> {
+        sync_dir(self.target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))
+    }
+
+    /// Renames the file over its final name (for files that are always ours: metadata, keys,
+    /// the token), durably. Call [`ScratchFile::sync`] first.
+    pub fn replace_target(self) -> Result<PathBuf> {
+        let target = self.target;
+        self.tmp.persist(&target).map_err(|e| Error::Io {
+            action: "rename into place",
+            path: target.clone(),
+            cause: e.error,
+        })?;
+        sync_dir(target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+        Ok(target)
+    }
+
+    /// Gives a verified file its final name without ever replacing anything there: when a file
+    /// with the same bytes is there, the scratch file goes; when a different one (or anything
+    /// that is not a regular file) is there, it stays as it is and the new file stays under its
+    /// scratch name ([`Placed::Kept`]). Call [`ScratchFile::sync`] first.
+    pub fn place(self) -> Result<Placed> {
+        let target = self.target.clone();
+        match self.tmp.persist_noclobber(&target) {
+            Ok(_) => {
+                sync_dir(target.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+                Ok(Placed::New(target))
+            }
+            Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                let scratch = ScratchFile { tmp: e.file, target: target.clone() };
+                if same_content(scratch.path(), &target)? {
+                    drop(scratch);
+                    Ok(Placed::Identical(target))
+                } else {
+                    scratch.sync_parent()?;
+                    Ok(Placed::Kept { existing: target, scratch })
+                }
+            }
+            Err(e) => Err(Error::Io { action: "rename into place", path: target, cause: e.error }),
+        }
+    }
+}
+
+/// Whether `existing` is a regular file with the same bytes as `new`.
+fn same_content(new: &Path, existing: &Path) -> Result<bool> {
+    let md = match std::fs::symlink_metadata(existing) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::Io { action: "stat", path: existing.into(), cause: e }),
+    };
+    let new_len = std::fs::metadata(new).map_err(Error::io("stat", new))?.len();
+    if !md.is_file() || md.len() != new_len {
+        return Ok(false);
+    }
+    Ok(crate::integrity::sha256_file(new)? == crate::integrity::sha256_file(existing)?)
 }
 
 /// Removes a file when dropped, unless disarmed: the `.part` of an interrupted write.
@@ -182,23 +390,49 @@ impl LocalStore {
         }
     }
 
-    /// Creates the snapshot and metadata dirs (0700) and checks the snapshot dir is writable.
+    /// Creates the snapshot and metadata dirs (0700), or checks existing ones (owned by this
+    /// user, writable by no one else: [`ensure_private_dir`]), and checks the snapshot dir is
+    /// writable.
     pub fn ensure_dirs(&self) -> Result<()> {
-        create_private_dir(&self.dir)?;
-        create_private_dir(&self.metadata_dir)?;
+        ensure_private_dir(&self.dir, "snapshot dir")?;
+        ensure_private_dir(&self.metadata_dir, "metadata dir")?;
         nix_access_w(&self.dir)
     }
 
+    /// Takes group and other read/execute permissions off existing snapshot and metadata dirs
+    /// of this user ([`tighten_mode`]); returns each path changed with its old mode. Dirs that
+    /// others can write to are left for [`LocalStore::ensure_dirs`] to refuse: tightening them
+    /// would not remove what may already have been planted in them.
+    pub fn tighten_dirs(&self) -> Result<Vec<(PathBuf, u32)>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut changed = Vec::new();
+        for dir in [&self.dir, &self.metadata_dir] {
+            let writable_by_others = std::fs::metadata(dir).is_ok_and(|m| m.mode() & 0o022 != 0);
+            if writable_by_others {
+                continue;
+            }
+            if let Some(old) = tighten_mode(dir)? {
+                changed.push((dir.clone(), old));
+            }
+        }
+        Ok(changed)
+    }
+
     /// Removes `.part` files (of snapshots and metadata) not written to for `older_than`: what a
-    /// killed save or download left. A write in progress touches its file continuously, so it is
-    /// never taken for stale. Returns the removed paths.
+    /// killed save or download left. Only names this program makes are touched
+    /// ([`name::is_our_part`]: a snapshot name of ours plus `.part`, or its scratch name); a
+    /// write in progress touches its file continuously, so it is never taken for stale.
+    /// Returns the removed paths.
     pub fn remove_stale_parts(&self, older_than: std::time::Duration) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         for dir in [&self.dir, &self.metadata_dir] {
             let Ok(rd) = std::fs::read_dir(dir) else { continue };
             for e in rd.flatten() {
                 let path = e.path();
-                if !e.file_name().to_string_lossy().ends_with(name::PART_SUFFIX) {
+                if !e.file_name().to_str().is_some_and(name::is_our_part) {
+                    continue;
+                }
+                if !e.file_type().is_ok_and(|t| t.is_file()) {
                     continue;
                 }
                 let stale = e
@@ -265,24 +499,23 @@ impl SnapshotStore for LocalStore {
 
     async fn put(&self, key: &str, mut body: ByteStream, _opts: PutOptions) -> Result<u64> {
         let path = self.path_of(key)?;
-        if let Some(parent) = path.parent() {
-            create_private_dir(parent)?;
+        if path.parent() == Some(self.metadata_dir.as_path()) {
+            ensure_private_dir(&self.metadata_dir, "metadata dir")?;
+        } else {
+            ensure_private_dir(&self.dir, "snapshot dir")?;
         }
-        let part = part_path(&path);
-        let (file, guard) = create_part(&part).await?;
-        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, file);
+        let scratch = ScratchFile::create(&path)?;
+        let mut w = tokio::io::BufWriter::with_capacity(1 << 20, scratch.tokio_file()?);
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(Error::io("read the source of", &path))?;
             n += chunk.len() as u64;
-            w.write_all(&chunk).await.map_err(Error::io("write", &part))?;
+            w.write_all(&chunk).await.map_err(Error::io("write", scratch.path()))?;
         }
-        w.flush().await.map_err(Error::io("write", &part))?;
-        let f = w.into_inner();
-        f.sync_all().await.map_err(Error::io("fsync", &part))?;
-        drop(f);
-        durable_rename(&part, &path)?;
-        guard.disarm();
+        w.flush().await.map_err(Error::io("write", scratch.path()))?;
+        drop(w);
+        scratch.sync()?;
+        scratch.replace_target()?;
         Ok(n)
     }
 
@@ -422,6 +655,40 @@ mod tests {
         let removed = store.remove_stale_parts(std::time::Duration::ZERO);
         assert_eq!(removed.len(), 2);
         assert!(store.dir().join("s-n-2").exists(), "snapshots are never touched");
+    }
+
+    #[test]
+    fn place_never_replaces_a_different_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("s-n-1");
+        let write = |bytes: &[u8]| {
+            let s = ScratchFile::create(&target).unwrap();
+            std::io::Write::write_all(&mut s.file(), bytes).unwrap();
+            s.sync().unwrap();
+            s
+        };
+        assert!(matches!(write(b"one").place().unwrap(), Placed::New(_)));
+        assert!(matches!(write(b"one").place().unwrap(), Placed::Identical(_)));
+        let kept = write(b"two").place().unwrap();
+        let Placed::Kept { existing, scratch } = &kept else { panic!("{kept:?}") };
+        assert_eq!(existing, &target);
+        assert_eq!(std::fs::read(scratch.path()).unwrap(), b"two");
+        assert!(name::is_our_part(&scratch.path().file_name().unwrap().to_string_lossy()));
+        drop(kept);
+        assert_eq!(std::fs::read(&target).unwrap(), b"one");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1, "a scratch file was left");
+    }
+
+    #[test]
+    fn scratch_files_never_follow_a_planted_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let victim = tmp.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, tmp.path().join("s-n-1.part")).unwrap();
+        write_file_atomic(&tmp.path().join("s-n-1"), b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let e = create_new_private(&tmp.path().join("s-n-1.part")).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
     }
 
     #[tokio::test]

@@ -12,13 +12,14 @@ use tokio::io::AsyncWriteExt;
 use crate::metadata::SnapshotMetadata;
 use crate::name;
 use crate::progress::{NoProgress, Progress};
-use crate::store::{create_part, create_private_dir, durable_rename, part_path, PutOptions, SnapshotStore};
+use crate::store::{ensure_free_space, ensure_private_dir, Placed, PutOptions, ScratchFile, SnapshotStore};
 use crate::{Error, Result};
 
-/// Downloads snapshot `file` from `store` into `into_dir/file` (mode 0600), through
-/// `into_dir/file.part`, fsync and rename. With `expected`, the size and SHA-256 are checked
-/// before the rename: on a mismatch (or any failure) nothing is left in `into_dir`.
-/// An existing `into_dir/file` is only replaced by a complete, verified download.
+/// Downloads snapshot `file` from `store` into `into_dir/file` (mode 0600), through a scratch
+/// file ([`download_to_scratch`]). With `expected`, the size and SHA-256 are checked before the
+/// file takes its name: on a mismatch (or any failure) nothing is left in `into_dir`.
+/// An existing `into_dir/file` is never replaced: if it holds the same bytes it is used, and if
+/// it is a different file the download is refused and that file stays as it is.
 pub async fn download_snapshot(
     store: &dyn SnapshotStore,
     file: &str,
@@ -36,10 +37,34 @@ pub async fn download_snapshot_with_progress(
     expected: Option<&SnapshotMetadata>,
     progress: &dyn Progress,
 ) -> Result<PathBuf> {
+    let scratch = download_to_scratch(store, file, into_dir, expected, progress).await?;
+    match scratch.place()? {
+        Placed::New(p) | Placed::Identical(p) => Ok(p),
+        Placed::Kept { existing, .. } => Err(Error::Invalid(format!(
+            "{} already exists and differs from {}; it was left as it is: move it away, or download into another directory",
+            existing.display(),
+            store.location(file)
+        ))),
+    }
+}
+
+/// Downloads snapshot `file` from `store` into a scratch file in `into_dir` (target
+/// `into_dir/file`, opened with `O_EXCL|O_NOFOLLOW`, mode 0600) and returns it, fsynced, for the
+/// caller to verify further and then [`ScratchFile::place`]. Refused before any byte is written
+/// when the store's size does not match `expected` or would not leave
+/// [`crate::store::FREE_SPACE_MARGIN`] free; refused when the store sends more or fewer bytes
+/// than it announced, or bytes whose SHA-256 is not `expected`'s. On any failure the scratch file
+/// is removed. `into_dir` is created 0700, or checked ([`ensure_private_dir`]).
+pub async fn download_to_scratch(
+    store: &dyn SnapshotStore,
+    file: &str,
+    into_dir: &Path,
+    expected: Option<&SnapshotMetadata>,
+    progress: &dyn Progress,
+) -> Result<ScratchFile> {
     name::validate_file_name(file)?;
-    create_private_dir(into_dir)?;
+    ensure_private_dir(into_dir, "snapshot dir")?;
     let path = into_dir.join(file);
-    let part = part_path(&path);
     let (info, mut body) = store.get(file).await?;
     if let Some(m) = expected {
         if m.size != info.size {
@@ -49,25 +74,32 @@ pub async fn download_snapshot_with_progress(
             });
         }
     }
-    let (f, guard) = create_part(&part).await?;
-    let mut w = tokio::io::BufWriter::with_capacity(1 << 20, f);
+    ensure_free_space(into_dir, info.size, &store.location(file))?;
+    let scratch = ScratchFile::create(&path)?;
+    let mut w = tokio::io::BufWriter::with_capacity(1 << 20, scratch.tokio_file()?);
     let mut sha = Sha256::new();
     let mut n = 0u64;
     progress.start(file, Some(info.size));
     while let Some(chunk) = body.next().await {
         // The store's stream errors already name the store, the key and the cause.
         let chunk = chunk.map_err(|e| Error::Invalid(e.to_string()))?;
-        sha.update(&chunk);
         n += chunk.len() as u64;
-        w.write_all(&chunk).await.map_err(Error::io("write", &part))?;
+        if n > info.size {
+            return Err(Error::Invalid(format!(
+                "{} sent more than the {} bytes it announced; refusing it, nothing was kept",
+                store.location(file),
+                info.size
+            )));
+        }
+        sha.update(&chunk);
+        w.write_all(&chunk).await.map_err(Error::io("write", scratch.path()))?;
         progress.advance(chunk.len() as u64);
     }
     progress.finish();
     drop(body);
-    w.flush().await.map_err(Error::io("write", &part))?;
-    let f = w.into_inner();
-    f.sync_all().await.map_err(Error::io("fsync", &part))?;
-    drop(f);
+    w.flush().await.map_err(Error::io("write", scratch.path()))?;
+    drop(w);
+    scratch.sync()?;
     if n != info.size {
         return Err(Error::Truncated {
             name: store.location(file),
@@ -80,10 +112,8 @@ pub async fn download_snapshot_with_progress(
             return Err(Error::Checksum { name: store.location(file), expected: m.sha256.clone(), actual });
         }
     }
-    durable_rename(&part, &path)?;
-    guard.disarm();
-    tracing::info!(snapshot = %file, from = %store.location(file), to = %path.display(), size = n, "downloaded snapshot");
-    Ok(path)
+    tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = n, "downloaded snapshot");
+    Ok(scratch)
 }
 
 /// Times [`upload_file`] sends a file whose upload failed with a retryable error.
