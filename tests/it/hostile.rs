@@ -5,6 +5,8 @@
 //!   server a joiner talks to
 //! - `files`: zip bombs, restores beside a different snapshot of the same name, planted symlinks,
 //!   directories others own or can write, foreign `.part` files, loose modes
+//! - `s3`: an S3 endpoint that answers at a trickle
 
 mod api;
 mod files;
+mod s3;

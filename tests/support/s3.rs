@@ -340,3 +340,63 @@ impl Drop for HangingEndpoint {
 pub fn closed_endpoint() -> String {
     format!("127.0.0.1:{}", free_port())
 }
+
+/// A TCP proxy in front of an S3 server that passes requests at a trickle (`bytes_per_sec`) and
+/// answers at full speed: a steady but slow endpoint, which never stalls long enough to trip a
+/// stall timeout. Runs until dropped.
+pub struct TrickleProxy {
+    /// `127.0.0.1:PORT`
+    pub endpoint: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl TrickleProxy {
+    pub fn start(upstream: &S3Server, bytes_per_sec: usize) -> TrickleProxy {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = listener.local_addr().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, up) = (stop.clone(), upstream.port);
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                let Ok((client, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = TcpStream::connect(("127.0.0.1", up)).unwrap();
+                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                let f = flag.clone();
+                // Requests: a slice per tick, paced to the rate.
+                std::thread::spawn(move || {
+                    let tick = Duration::from_millis(50);
+                    let mut buf = vec![0u8; (bytes_per_sec / 20).max(1)];
+                    while !f.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        match c_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) if s_write.write_all(&buf[..n]).is_err() => break,
+                            Ok(_) => {}
+                        }
+                        std::thread::sleep(tick.saturating_sub(started.elapsed()));
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                // Answers: as fast as they come.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        TrickleProxy { endpoint, stop }
+    }
+}
+
+impl Drop for TrickleProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

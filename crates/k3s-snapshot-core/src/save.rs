@@ -1,6 +1,10 @@
 //! Taking a snapshot: etcd's Maintenance `Snapshot` stream → `<file>.part` → fsync → rename →
-//! directory fsync, with the SHA-256 trailer checked on the way and, optionally, every byte handed
-//! to a [`Tee`] at the same time (the S3 upload), so that the snapshot is read from etcd once.
+//! directory fsync, with the SHA-256 trailer checked on the way and, optionally, a [`Tee`] that
+//! lets an upload follow the file as it is written, so that the snapshot is read from etcd once.
+//!
+//! The upload never slows the local save: it reads what the save already wrote (from the page
+//! cache, with `pread` on its own descriptor) at its own pace, and the save never waits for it. A
+//! slow S3 only makes the upload finish later, bounded by the store's own deadline.
 
 use std::path::PathBuf;
 
@@ -8,7 +12,7 @@ use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::compress;
@@ -40,44 +44,100 @@ pub struct SavedSnapshot {
     pub metadata: SnapshotMetadata,
 }
 
-enum TeeMsg {
-    Data(Bytes),
-    End,
+/// How far the save has written its `.part` file, as the follower sees it.
+#[derive(Clone, Default)]
+struct Written {
+    file: Option<std::sync::Arc<std::fs::File>>,
+    /// Bytes in the file (not in the writer's buffer).
+    len: u64,
+    /// The save finished: `len` is the whole snapshot.
+    done: bool,
 }
 
-/// The sending half of a byte stream that only ends cleanly when told so: if the [`Tee`] is
-/// dropped without [`Tee::finish`] (an error, a cancellation, a panic), the receiving stream
-/// yields an error, so that a store never completes a partial object.
+/// The save's side of an upload that follows the file being written. If the [`Tee`] is dropped
+/// without [`Tee::finish`] (an error, a cancellation, a panic), the following stream yields an
+/// error once it has read what was written, so that a store never completes a partial object.
 pub struct Tee {
-    tx: mpsc::Sender<TeeMsg>,
+    tx: watch::Sender<Written>,
 }
 
-/// A bounded channel whose receiving half is a [`ByteStream`] for [`crate::store::SnapshotStore::put`].
-/// `depth` chunks may be in flight; when the consumer is slower, the producer waits.
-pub fn tee_channel(depth: usize) -> (Tee, ByteStream) {
-    let (tx, rx) = mpsc::channel::<TeeMsg>(depth);
-    let stream = futures::stream::unfold((rx, false), |(mut rx, ended)| async move {
+/// Bytes the follower reads at a time.
+const FOLLOW_CHUNK: u64 = 1 << 20;
+
+/// A [`Tee`] and the [`ByteStream`] that follows the file the save writes, for
+/// [`crate::store::SnapshotStore::put`]. The stream waits while it has caught up with the save;
+/// the save never waits for the stream.
+pub fn tee_channel() -> (Tee, ByteStream) {
+    let (tx, rx) = watch::channel(Written::default());
+    let stream = futures::stream::unfold((rx, 0u64, false), |(mut rx, offset, ended)| async move {
         if ended {
             return None;
         }
-        match rx.recv().await {
-            Some(TeeMsg::Data(b)) => Some((Ok(b), (rx, false))),
-            Some(TeeMsg::End) => None,
-            None => Some((Err(std::io::Error::other("the snapshot source stopped before the end")), (rx, true))),
+        loop {
+            let w = rx.borrow_and_update().clone();
+            if let (Some(file), true) = (&w.file, offset < w.len) {
+                // `len` counts what the save handed to its writer; the last of it may still be on
+                // its way to the file, so a short read waits for the next step instead of failing.
+                let (file, len) = (file.clone(), (w.len - offset).min(FOLLOW_CHUNK) as usize);
+                let read = tokio::task::spawn_blocking(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; len];
+                    file.read_at(&mut buf, offset).map(|n| {
+                        buf.truncate(n);
+                        buf
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                match read {
+                    Ok(buf) if !buf.is_empty() => {
+                        let n = buf.len() as u64;
+                        return Some((Ok(Bytes::from(buf)), (rx, offset + n, false)));
+                    }
+                    Ok(_) if w.done => {
+                        let e = std::io::Error::other("the snapshot file is shorter than what was written to it");
+                        return Some((Err(e), (rx, offset, true)));
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Some((Err(e), (rx, offset, true))),
+                }
+            } else if w.done {
+                return None;
+            }
+            if rx.changed().await.is_err() {
+                // The save ended without finishing; what it finished is read first.
+                if rx.borrow().done {
+                    continue;
+                }
+                let e = std::io::Error::other("the snapshot source stopped before the end");
+                return Some((Err(e), (rx, offset, true)));
+            }
         }
     });
     (Tee { tx }, stream.boxed())
 }
 
 impl Tee {
-    /// Sends a chunk; `false` when the consumer has gone (its own error says why).
-    pub async fn send(&self, chunk: Bytes) -> bool {
-        self.tx.send(TeeMsg::Data(chunk)).await.is_ok()
+    /// The file the save writes, read through its own descriptor.
+    fn attach(&self, file: std::fs::File) {
+        self.tx.send_modify(|w| w.file = Some(std::sync::Arc::new(file)));
     }
 
-    /// Ends the stream cleanly.
-    pub async fn finish(self) {
-        let _ = self.tx.send(TeeMsg::End).await;
+    /// The file now holds `len` bytes.
+    fn advance(&self, len: u64) {
+        self.tx.send_if_modified(|w| {
+            let grew = len > w.len;
+            w.len = w.len.max(len);
+            grew
+        });
+    }
+
+    /// The file is whole at `len` bytes; the stream ends once it has read them.
+    fn finish(self, len: u64) {
+        self.tx.send_modify(|w| {
+            w.len = len;
+            w.done = true;
+        });
     }
 }
 
@@ -153,7 +213,10 @@ async fn save_inner(
     tracing::debug!(snapshot = %file, endpoints = %conn.endpoints, "saving snapshot");
 
     let endpoints = conn.endpoints.clone();
-    let mut tee = tee;
+    if let Some(t) = &tee {
+        let follower = part_file.try_clone().map_err(Error::io("open", &part))?;
+        t.attach(follower);
+    }
     let mut stream = tokio::select! {
         r = conn.client.snapshot() => r.map_err(|cause| Error::EtcdStream { endpoints: endpoints.clone(), received: 0, cause })?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
@@ -181,10 +244,7 @@ async fn save_inner(
         check.update(blob);
         w.write_all(blob).await.map_err(Error::io("write", &part))?;
         if let Some(t) = &tee {
-            if !t.send(Bytes::copy_from_slice(blob)).await {
-                tracing::debug!(snapshot = %file, "upload stopped taking data; continuing the local save");
-                tee = None;
-            }
+            t.advance(check.total() - w.buffer().len() as u64);
         }
         progress.advance(blob.len() as u64);
     }
@@ -201,7 +261,7 @@ async fn save_inner(
     durable_rename(&part, &path)?;
     guard.disarm();
     if let Some(t) = tee {
-        t.finish().await;
+        t.finish(raw_size);
     }
     // The saved file read natively (the bbolt structure and what `etcdutl snapshot status`
     // reports, without hashing again: the trailer was checked while streaming), for the revision
@@ -270,9 +330,6 @@ pub struct SaveOutcome {
     pub upload: Option<Result<u64>>,
 }
 
-/// How many etcd chunks may wait for the uploader before the etcd stream is slowed down.
-const TEE_DEPTH: usize = 64;
-
 /// Saves a snapshot locally and, with a remote store, uploads it. Uncompressed snapshots are
 /// uploaded while etcd's stream arrives (one read of etcd); compressed ones after the zip is
 /// written. Then the metadata document goes up beside it. A failed upload never loses the local
@@ -297,7 +354,7 @@ pub async fn save_and_upload(
     // Pipelined: the name is not known until `save` reserves it, nor the size until etcd's first
     // message, so the uploader learns both through a oneshot before the first byte arrives. With
     // the size, the store can send the whole snapshot as one streamed request.
-    let (tee, body) = tee_channel(TEE_DEPTH);
+    let (tee, body) = tee_channel();
     let (name_tx, name_rx) = tokio::sync::oneshot::channel::<(String, Option<u64>)>();
     let (node, token_hash) = (opts.node.clone(), opts.token_hash.clone());
     let upload = async move {

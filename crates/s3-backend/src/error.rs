@@ -32,6 +32,9 @@ pub enum S3Error {
     #[error("s3 endpoint {endpoint} did not answer within {} (--etcd-s3-timeout)", format_duration(*.timeout))]
     Timeout { endpoint: String, timeout: Duration },
 
+    #[error("the upload to s3 endpoint {endpoint} did not finish within {} (--etcd-s3-timeout bounds a whole upload, as in k3s); raise --etcd-s3-timeout for large snapshots or a slow link", format_duration(*.timeout))]
+    UploadDeadline { endpoint: String, timeout: Duration },
+
     #[error("cannot connect to s3 endpoint {endpoint}: {detail}; check --etcd-s3-endpoint and that the s3 server is running")]
     Unreachable { endpoint: String, detail: String },
 
@@ -73,6 +76,7 @@ impl S3Error {
             | S3Error::AccessDenied { .. }
             | S3Error::WrongRegion { .. }
             | S3Error::Timeout { .. }
+            | S3Error::UploadDeadline { .. }
             | S3Error::Certificate { .. }
             | S3Error::Tls { .. }
             | S3Error::Invalid(_) => false,

@@ -696,6 +696,46 @@ fn grown_part_size(current: u64, parts_done: u16) -> u64 {
 }
 
 impl S3Store {
+    async fn put_within(&self, key: &str, body: ByteStream, opts: PutOptions) -> Result<u64> {
+        let inner = &self.inner;
+        let object = inner.object_name(key)?;
+        let started = std::time::Instant::now();
+        if let Some(len) = opts.size_hint.filter(|n| (DEFAULT_PART_SIZE..=MAX_SINGLE_PUT).contains(n)) {
+            let req = PutRequest {
+                bucket: &inner.bucket,
+                object: &object,
+                len,
+                content_type: &Inner::content_type(&opts),
+                user_metadata: &opts.user_metadata,
+                stall_timeout: inner.timeout,
+            };
+            inner
+                .streamer
+                .put(&inner.classifier, req, body)
+                .await
+                .map_err(|e| inner.storage_error("upload", key, e))?;
+            tracing::debug!(key, size = len, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded in one streamed request");
+            return Ok(len);
+        }
+        let part_size = initial_part_size(opts.size_hint);
+        let mut reader = PartReader::new(body);
+        let (first, ended) = reader
+            .read(part_size)
+            .await
+            .map_err(|e| inner.storage_error("upload", key, S3Error::Source(innermost_detail(&e))))?;
+        let n = if ended {
+            let n = first.len() as u64;
+            inner.put_single(key, &object, first, &opts).await.map_err(|e| inner.storage_error("upload", key, e))?;
+            n
+        } else {
+            self.put_multipart(key, object, reader, first, &opts, part_size)
+                .await
+                .map_err(|e| inner.storage_error("upload", key, e))?
+        };
+        tracing::debug!(key, size = n, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded");
+        Ok(n)
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
@@ -798,44 +838,18 @@ impl SnapshotStore for S3Store {
         format!("{}/{key}", self.inner.describe)
     }
 
+    /// The whole upload, retries included, is bounded by `--etcd-s3-timeout`, as k3s bounds it;
+    /// a dropped upload leaves no object (the streamed PUT is cut, a multipart upload aborted).
     async fn put(&self, key: &str, body: ByteStream, opts: PutOptions) -> Result<u64> {
         let inner = &self.inner;
-        let object = inner.object_name(key)?;
-        let started = std::time::Instant::now();
-        if let Some(len) = opts.size_hint.filter(|n| (DEFAULT_PART_SIZE..=MAX_SINGLE_PUT).contains(n)) {
-            let req = PutRequest {
-                bucket: &inner.bucket,
-                object: &object,
-                len,
-                content_type: &Inner::content_type(&opts),
-                user_metadata: &opts.user_metadata,
-                stall_timeout: inner.timeout,
-            };
-            inner
-                .streamer
-                .put(&inner.classifier, req, body)
-                .await
-                .map_err(|e| inner.storage_error("upload", key, e))?;
-            tracing::debug!(key, size = len, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded in one streamed request");
-            return Ok(len);
+        match tokio::time::timeout(inner.timeout, self.put_within(key, body, opts)).await {
+            Ok(r) => r,
+            Err(_) => Err(inner.storage_error(
+                "upload",
+                key,
+                S3Error::UploadDeadline { endpoint: inner.classifier.endpoint.clone(), timeout: inner.timeout },
+            )),
         }
-        let part_size = initial_part_size(opts.size_hint);
-        let mut reader = PartReader::new(body);
-        let (first, ended) = reader
-            .read(part_size)
-            .await
-            .map_err(|e| inner.storage_error("upload", key, S3Error::Source(innermost_detail(&e))))?;
-        let n = if ended {
-            let n = first.len() as u64;
-            inner.put_single(key, &object, first, &opts).await.map_err(|e| inner.storage_error("upload", key, e))?;
-            n
-        } else {
-            self.put_multipart(key, object, reader, first, &opts, part_size)
-                .await
-                .map_err(|e| inner.storage_error("upload", key, e))?
-        };
-        tracing::debug!(key, size = n, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded");
-        Ok(n)
     }
 
     async fn get(&self, key: &str) -> Result<(ObjectInfo, ByteStream)> {
