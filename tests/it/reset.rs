@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tests::support::bin;
 use tests::support::etcd::{Etcd, EtcdVersion};
+use tests::support::k3s;
 use tests::support::server::{all_keys, assert_reset_done, block_on, connect, delete, files, kv, put, save, DataDir};
 
 tests::on_both_versions!(
@@ -286,6 +287,48 @@ fn restore_by_s3_object_name_downloads_verifies_and_restores() {
     assert!(!r.stderr.contains(tests::support::s3::SECRET_KEY));
     let s = dd.start(&["--etcd-disable-snapshots"]);
     assert_eq!(all_keys(&dd), kv(&[("from-s3", "1")]));
+    s.stop();
+}
+
+#[test]
+fn restore_of_an_object_k3s_wrote_with_its_extra_metadata() {
+    let s3 = tests::support::s3::S3Server::start();
+    s3.create_bucket("snaps");
+    let plain = Etcd::start(EtcdVersion::V3_5);
+    plain.put("/registry/from-k3s", "1");
+    let tmp = tempfile::tempdir().unwrap();
+    let k3s_dir = tmp.path().join("k3s-a/snapshots");
+    let now = chrono::Utc::now().timestamp();
+    let good = format!("etcd-snapshot-k3s-a-{now}");
+    let f = k3s::snapshot(&plain, &k3s_dir, &good);
+    k3s::upload(&s3, "snaps", "", &f, "k3s-a", Some(k3s::EXTRA_METADATA));
+    // The same snapshot with one byte damaged: nothing but its trailer can tell.
+    let damaged = format!("etcd-snapshot-k3s-a-{}", now - 60);
+    let mut b = std::fs::read(&f).unwrap();
+    b[4096] ^= 0xff;
+    std::fs::write(k3s_dir.join(&damaged), &b).unwrap();
+    k3s::upload(&s3, "snaps", "", &k3s_dir.join(&damaged), "k3s-a", Some(k3s::EXTRA_METADATA));
+    drop(plain);
+
+    let flags = s3.server_flags("snaps");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let restore = |name: &str| {
+        let path = format!("--cluster-reset-restore-path={name}");
+        let mut args = vec!["--cluster-reset", path.as_str()];
+        args.extend(&flags);
+        dd.run(&args)
+    };
+    restore(&damaged).assert_fails_with("failed its sha256 integrity check");
+    assert!(!dd.db().join("etcd-old").exists() && !dd.db().join("reset-flag").exists(), "nothing changed");
+
+    let r = restore(&good);
+    assert_reset_done(&r, &dd);
+    assert!(!r.stderr.contains(tests::support::s3::SECRET_KEY));
+    // k3s's document is kept beside the download, as k3s does, byte for byte.
+    assert_eq!(std::fs::read(dd.db().join(".metadata").join(&good)).unwrap(), k3s::EXTRA_METADATA);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("/registry/from-k3s", "1")]));
     s.stop();
 }
 

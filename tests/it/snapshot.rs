@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sha2::Digest;
 use tests::support::bin::{self, run, Run};
 use tests::support::etcd::{etcdutl_restore, etcdutl_status, Etcd, EtcdVersion};
+use tests::support::k3s;
 
 /// `etcd-snapshot <args> --etcd-endpoints E --node-name n1 --dir D`
 fn snap(etcd: &Etcd, dir: &Path, args: &[&str]) -> Command {
@@ -24,7 +26,9 @@ fn files(dir: &Path) -> Vec<String> {
 fn ls_json(etcd: &Etcd, dir: &Path) -> Vec<serde_json::Value> {
     let r = run(&mut snap(etcd, dir, &["ls", "-o", "json"]));
     r.assert_ok();
-    serde_json::from_str::<serde_json::Value>(&r.stdout).unwrap().as_array().unwrap().clone()
+    let list: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!((list["apiVersion"].as_str(), list["kind"].as_str()), (Some("v1"), Some("List")), "{list}");
+    list["items"].as_array().unwrap().clone()
 }
 
 #[test]
@@ -47,15 +51,16 @@ fn saved_snapshot_restores_with_etcdutl_and_has_etcds_revision() {
         assert!(out.status.success(), "{v:?}: restore with hash check: {}", String::from_utf8_lossy(&out.stderr));
         // metadata beside the snapshot dir, private modes
         let meta = tmp.path().join(".metadata").join(&names[0]);
-        let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+        // A flat object of strings, which k3s reads into a map[string]string.
+        let m: std::collections::BTreeMap<String, String> =
+            serde_json::from_slice(&std::fs::read(&meta).unwrap()).expect("every value a string");
         assert_eq!(m["nodeName"], "n1");
-        assert_eq!(m["etcdRevision"].as_i64(), Some(revision));
+        assert_eq!(m["etcdRevision"], revision.to_string());
         // The key count read back from the saved file, as etcdutl counts it, also in `ls -o json`.
-        assert_eq!(m["totalKey"].as_u64(), status["totalKey"].as_u64(), "{v:?}: {m}");
+        assert_eq!(m["totalKey"], status["totalKey"].to_string(), "{v:?}: {m:?}");
         let rows = ls_json(&etcd, &dir);
         assert_eq!(rows.len(), 1, "{rows:?}");
-        let row = rows[0].to_string();
-        assert!(row.contains(&format!("\"totalKey\":{}", status["totalKey"])), "{v:?}: {row}");
+        assert_eq!(rows[0]["spec"]["metadata"]["totalKey"], status["totalKey"].to_string(), "{v:?}: {}", rows[0]);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
@@ -104,46 +109,126 @@ fn two_saves_in_the_same_second_do_not_collide() {
     assert_eq!(files(&dir).len(), 3, "{:?}", files(&dir));
 }
 
+/// Timestamp in a snapshot name.
+fn name_ts(name: &str) -> i64 {
+    name.trim_end_matches(".zip").rsplit('-').next().unwrap().parse().unwrap()
+}
+
+/// A Kubernetes quantity (as k3s prints sizes) back to a number.
+fn quantity_value(q: &str) -> u64 {
+    let (digits, mult) = match q.chars().last() {
+        Some('k') => (&q[..q.len() - 1], 1_000),
+        Some('M') => (&q[..q.len() - 1], 1_000_000),
+        Some('G') => (&q[..q.len() - 1], 1_000_000_000),
+        _ => (q, 1),
+    };
+    digits.parse::<u64>().unwrap_or_else(|_| panic!("not a quantity: {q}")) * mult
+}
+
 #[test]
-fn ls_prints_table_json_and_yaml() {
+fn ls_prints_the_table_json_and_yaml_of_k3s() {
     let etcd = Etcd::start(EtcdVersion::V3_4);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("snapshots");
     run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
     run(&mut snap(&etcd, &dir, &["save", "--snapshot-compress"])).assert_ok();
-    let names = files(&dir);
+    let mut names = files(&dir);
+    names.sort_by_key(|n| (name_ts(n), n.clone()));
 
-    let table = run(&mut snap(&etcd, &dir, &["ls"]));
+    // The table: created in local time (Tokyo has no DST, so the offset is known), k3s's order.
+    let table = run(snap(&etcd, &dir, &["ls"]).env("TZ", "Asia/Tokyo"));
     table.assert_ok();
     let lines: Vec<&str> = table.stdout.lines().collect();
     assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["Name", "Location", "Size", "Created"]);
     assert_eq!(lines.len(), 3, "{}", table.stdout);
-    for n in &names {
-        let row = lines.iter().find(|l| l.starts_with(n.as_str())).unwrap_or_else(|| panic!("no row for {n}"));
+    let shown: Vec<&str> = lines[1..].iter().map(|l| l.split_whitespace().next().unwrap()).collect();
+    assert_eq!(shown, names, "sorted by created then name");
+    for (n, row) in names.iter().zip(&lines[1..]) {
         let cols: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cols[1], format!("file://{}", dir.join(n).display()));
         assert_eq!(cols[2], std::fs::metadata(dir.join(n)).unwrap().len().to_string());
-        chrono_like_rfc3339(cols[3]);
+        let created = chrono::DateTime::parse_from_rfc3339(cols[3]).unwrap_or_else(|e| panic!("{}: {e}", cols[3]));
+        assert_eq!(created.offset().local_minus_utc(), 9 * 3600, "local time: {}", cols[3]);
+        assert_eq!(created.timestamp(), name_ts(n));
+    }
+    // The columns line up (Go's tabwriter): every row's Location starts where the header's does.
+    let at = lines[0].find("Location").unwrap();
+    assert!(lines[1..].iter().all(|l| l[at..].starts_with("file://")), "{}", table.stdout);
+
+    // JSON: a v1 List of k3s.cattle.io/v1 ETCDSnapshotFile items, field by field as k3s prints it.
+    let items = ls_json(&etcd, &dir);
+    assert_eq!(items.len(), 2);
+    for (n, e) in names.iter().zip(&items) {
+        assert_eq!(e["kind"], "ETCDSnapshotFile");
+        assert_eq!(e["apiVersion"], "k3s.cattle.io/v1");
+        assert_eq!(e["metadata"]["name"], format!("local-{n}"));
+        assert_eq!(e["metadata"]["labels"]["etcd.k3s.cattle.io/snapshot-storage-node"], "n1");
+        assert_eq!(e["spec"]["snapshotName"], n.as_str());
+        assert_eq!(e["spec"]["nodeName"], "n1");
+        assert_eq!(e["spec"]["location"], format!("file://{}", dir.join(n).display()));
+        assert!(e["spec"].get("s3").is_none(), "{e}");
+        let bytes = std::fs::read(dir.join(n)).unwrap();
+        let size = e["status"]["size"].as_str().expect("a quantity string");
+        assert_eq!(quantity_value(size), bytes.len() as u64);
+        let created = chrono::DateTime::parse_from_rfc3339(e["status"]["creationTime"].as_str().unwrap()).unwrap();
+        assert_eq!((created.timestamp(), created.offset().local_minus_utc()), (name_ts(n), 0));
+        assert_eq!(e["status"]["readyToUse"], true);
+        // Our metadata, as k3s would show the .metadata document it reads: strings only.
+        let md = e["spec"]["metadata"].as_object().unwrap();
+        assert!(md.values().all(|v| v.is_string()), "{e}");
+        assert_eq!(md["sha256"], hex::encode(sha2::Sha256::digest(&bytes)));
+        assert_eq!(md["compressed"], n.ends_with(".zip").to_string());
     }
 
-    let json = ls_json(&etcd, &dir);
-    assert_eq!(json.len(), 2);
-    for e in &json {
-        assert!(names.contains(&e["name"].as_str().unwrap().to_string()));
-        assert_eq!(e["metadata"]["nodeName"], "n1");
-    }
     let yaml = run(&mut snap(&etcd, &dir, &["ls", "-o", "yaml"]));
     yaml.assert_ok();
-    for n in &names {
-        assert!(yaml.stdout.contains(&format!("name: {n}")), "{}", yaml.stdout);
-    }
+    assert!(yaml.stdout.starts_with("apiVersion: v1\nitems:\n"), "keys sorted as kubectl's printer: {}", yaml.stdout);
+    let doc: serde_json::Value = serde_yaml::from_str(&yaml.stdout).unwrap();
+    assert_eq!(doc["kind"], "List");
+    let from_yaml: Vec<&str> =
+        doc["items"].as_array().unwrap().iter().map(|i| i["spec"]["snapshotName"].as_str().unwrap()).collect();
+    assert_eq!(from_yaml, names);
+    assert_eq!(doc["items"][0]["status"]["size"], items[0]["status"]["size"], "the size is a string in YAML too");
     // the aliases
     run(&mut snap(&etcd, &dir, &["list"])).assert_ok();
     run(&mut snap(&etcd, &dir, &["l"])).assert_ok();
 }
 
-fn chrono_like_rfc3339(s: &str) {
-    assert!(s.len() >= 20 && s.as_bytes()[4] == b'-' && s.contains('T') && s.ends_with('Z'), "not RFC 3339: {s}");
+#[test]
+fn k3s_metadata_and_our_earlier_typed_metadata_are_read_locally() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put_many("/registry/k3s/", 5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    // A snapshot k3s took on this node a minute ago, with its extra metadata beside it.
+    let theirs = format!("on-demand-n1-{}", chrono::Utc::now().timestamp() - 60);
+    k3s::snapshot(&etcd, &dir, &theirs);
+    k3s::write_local_metadata(&dir, &theirs, k3s::EXTRA_METADATA);
+    // One of ours, whose document an earlier version wrote in the typed form.
+    run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+    let ours = files(&dir).into_iter().find(|f| *f != theirs).unwrap();
+    let bytes = std::fs::read(dir.join(&ours)).unwrap();
+    let typed = serde_json::json!({
+        "name": ours, "nodeName": "n1", "size": bytes.len(), "createdAt": "2024-05-01T10:00:00.123Z",
+        "compressed": false, "sha256": hex::encode(sha2::Sha256::digest(&bytes)), "etcdRevision": 7, "totalKey": 3,
+    });
+    std::fs::write(tmp.path().join(".metadata").join(&ours), serde_json::to_vec(&typed).unwrap()).unwrap();
+
+    let r = run(&mut snap(&etcd, &dir, &["ls", "-o", "json"]));
+    r.assert_ok();
+    assert!(!r.stderr.contains("unreadable metadata"), "{}", r.stderr);
+    let list: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let item =
+        |n: &str| list["items"].as_array().unwrap().iter().find(|i| i["spec"]["snapshotName"] == n).cloned().unwrap();
+    let k3s_doc: serde_json::Value = serde_json::from_slice(k3s::EXTRA_METADATA).unwrap();
+    assert_eq!(item(&theirs)["spec"]["metadata"], k3s_doc, "k3s's map, as k3s shows it");
+    let md = &item(&ours)["spec"]["metadata"];
+    assert_eq!((md["etcdRevision"].as_str(), md["size"].as_str()), (Some("7"), Some(bytes.len().to_string().as_str())));
+
+    // No sha256 is known for k3s's snapshot: its trailer vouches for it.
+    let r = run(&mut snap(&etcd, &dir, &["status", &theirs]));
+    r.assert_ok();
+    assert!(r.stdout.contains("verified"), "{}", r.stdout);
 }
 
 #[test]
@@ -179,6 +264,47 @@ fn prune_keeps_the_newest_of_its_name_and_never_touches_other_files() {
 }
 
 #[test]
+fn retention_counts_snapshots_of_a_renamed_node_and_keeps_foreign_files() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    // Before the host was renamed, k3s wrote two `keep` snapshots there as `old-host` (one with
+    // extra metadata), minutes ago (k3s #8099: they used to stay forever).
+    let now = chrono::Utc::now().timestamp();
+    let old: Vec<String> = [600, 300].iter().map(|ago| format!("keep-old-host-{}", now - ago)).collect();
+    for o in &old {
+        k3s::snapshot(&etcd, &dir, o);
+    }
+    k3s::write_local_metadata(&dir, &old[0], k3s::EXTRA_METADATA);
+    // Files with the prefix that are not snapshots of ours, old as they may be, are never touched.
+    let foreign = ["keep-old-host-notanumber", "keep-old-host-100.db", "keep-n1-1.zip.part", "keep-old-host"];
+    for f in foreign {
+        std::fs::write(dir.join(f), b"not a snapshot").unwrap();
+    }
+    for _ in 0..2 {
+        run(&mut snap(&etcd, &dir, &["save", "--name", "keep"])).assert_ok();
+    }
+    let ours: Vec<String> =
+        files(&dir).into_iter().filter(|f| f.starts_with("keep-n1-") && !foreign.contains(&f.as_str())).collect();
+    assert_eq!(ours.len(), 2, "{:?}", files(&dir));
+
+    let r = run(&mut snap(&etcd, &dir, &["prune", "--name", "keep", "--snapshot-retention", "2"]));
+    r.assert_ok();
+    let after = files(&dir);
+    for o in &old {
+        assert!(!after.contains(o), "{o} of the old node name is beyond the 2 newest: {after:?}");
+        assert!(r.stdout.contains(o.as_str()), "reported: {}", r.stdout);
+    }
+    assert!(!tmp.path().join(".metadata").join(&old[0]).exists(), "its metadata goes with it");
+    for n in &ours {
+        assert!(after.contains(n), "{n} is among the 2 newest: {after:?}");
+    }
+    for f in foreign {
+        assert!(after.contains(&f.to_string()), "{f} is not ours and must stay: {after:?}");
+    }
+}
+
+#[test]
 fn delete_removes_the_file_and_its_metadata() {
     let etcd = Etcd::start(EtcdVersion::V3_5);
     let tmp = tempfile::tempdir().unwrap();
@@ -189,10 +315,25 @@ fn delete_removes_the_file_and_its_metadata() {
     run(&mut snap(&etcd, &dir, &["delete", &name])).assert_ok();
     assert!(files(&dir).is_empty());
     assert!(!tmp.path().join(".metadata").join(&name).exists());
-    // a name that is not there: warning, exit 1
-    let r = run(&mut snap(&etcd, &dir, &["delete", &name]));
-    r.assert_fails_with("not found");
-    assert_eq!(r.code, Some(1));
+}
+
+#[test]
+fn delete_of_a_name_that_is_not_there_warns_naming_it_and_succeeds() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    run(&mut snap(&etcd, &dir, &["save"])).assert_ok();
+    let kept = files(&dir).remove(0);
+    // As k3s: a warning naming the snapshot, exit 0, and the other names still deleted.
+    let r = run(&mut snap(&etcd, &dir, &["delete", "on-demand-n1-1", &kept]));
+    r.assert_ok();
+    let warning: Vec<&str> = r.stderr.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warning.len(), 1, "{}", r.stderr);
+    assert!(warning[0].contains("snapshot on-demand-n1-1 not found"), "{}", r.stderr);
+    assert!(files(&dir).is_empty(), "the existing one is deleted: {:?}", files(&dir));
+    let r = run(&mut snap(&etcd, &dir, &["delete", &kept]));
+    r.assert_ok();
+    assert!(r.stderr.contains(&format!("snapshot {kept} not found")), "{}", r.stderr);
 }
 
 #[test]

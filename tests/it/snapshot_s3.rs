@@ -3,8 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use k3s_snapshot_core::store::SnapshotStore;
 use tests::support::bin::{self, run};
 use tests::support::etcd::{etcdutl_status, Etcd, EtcdVersion};
+use tests::support::k3s;
 use tests::support::s3::{closed_endpoint, HangingEndpoint, S3Server, TlsProxy, ACCESS_KEY, SECRET_KEY};
 
 /// `etcd-snapshot <args>` against etcd, with a local dir and S3 flags for `endpoint`.
@@ -88,9 +90,10 @@ fn save_with_s3_round_trip(v: EtcdVersion) {
     etcdutl_status(&dir.join(&names[0]));
     // metadata document beside it, and user metadata on the object
     let meta = std::fs::read(object_path(&s3, "snaps", &format!("backups/k3s/.metadata/{}", names[0]))).unwrap();
-    let m: serde_json::Value = serde_json::from_slice(&meta).unwrap();
+    // What k3s reads into a map[string]string: a flat object of strings.
+    let m: std::collections::BTreeMap<String, String> = serde_json::from_slice(&meta).expect("every value a string");
     assert_eq!(m["nodeName"], "n1");
-    assert_eq!(m["size"].as_u64(), Some(local.len() as u64));
+    assert_eq!(m["size"], local.len().to_string());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let details = rt.block_on(async {
         let mut cfg = s3.config("snaps");
@@ -255,4 +258,122 @@ fn s3_killed_during_a_save_leaves_no_object_and_keeps_the_local_snapshot() {
     etcdutl_status(&dir.join(&names[0]));
     s3.restart();
     assert!(!object_path(&s3, "snaps", &names[0]).exists(), "no complete object under the name");
+}
+
+/// `etcd-snapshot <args> --s3 ...` for a bucket `snaps` under folder `backups/k3s`, plain http.
+fn snap_k3s_bucket(etcd: &Etcd, dir: &Path, s3: &S3Server, args: &[&str]) -> bin::Run {
+    run(insecure(&mut snap_s3(etcd, dir, &s3.endpoint, "snaps", "n1", args)))
+}
+
+#[test]
+fn a_bucket_k3s_wrote_lists_like_k3s_and_its_snapshots_check_out() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put_many("/registry/k3s/", 10);
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("n1/snapshots");
+    // Two snapshots k3s uploaded from node k3s-a: one with its extra metadata, one without (k3s
+    // writes none when its extra-metadata ConfigMap is empty).
+    let now = chrono::Utc::now().timestamp();
+    let (with_md, bare) = (format!("etcd-snapshot-k3s-a-{}", now - 120), format!("etcd-snapshot-k3s-a-{}", now - 60));
+    let k3s_dir = tmp.path().join("k3s-a/snapshots");
+    for (name, md) in [(&with_md, Some(k3s::EXTRA_METADATA)), (&bare, None)] {
+        let f = k3s::snapshot(&etcd, &k3s_dir, name);
+        k3s::upload(&s3, "snaps", "backups/k3s", &f, "k3s-a", md);
+    }
+    snap_k3s_bucket(&etcd, &dir, &s3, &["save"]).assert_ok();
+    let ours = local_files(&dir).remove(0);
+
+    let table = snap_k3s_bucket(&etcd, &dir, &s3, &["ls"]);
+    table.assert_ok();
+    for n in [&with_md, &bare, &ours] {
+        let row = format!("s3://snaps/backups/k3s/{n}");
+        assert_eq!(
+            table.stdout.lines().filter(|l| l.split_whitespace().nth(1) == Some(row.as_str())).count(),
+            1,
+            "{}",
+            table.stdout
+        );
+    }
+
+    let r = snap_k3s_bucket(&etcd, &dir, &s3, &["ls", "-o", "json"]);
+    r.assert_ok();
+    assert_no_secret(&r);
+    assert!(!r.stderr.contains("unreadable"), "{}", r.stderr);
+    let list: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let s3_item = |n: &str| {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["spec"]["snapshotName"] == n && i["spec"].get("s3").is_some())
+            .cloned()
+            .unwrap()
+    };
+    let it = s3_item(&with_md);
+    assert_eq!(it["metadata"]["name"], format!("s3-{with_md}"));
+    assert_eq!(it["metadata"]["labels"]["etcd.k3s.cattle.io/snapshot-storage-node"], "s3");
+    assert_eq!(it["metadata"]["annotations"]["etcd.k3s.cattle.io/snapshot-token-hash"], k3s::TOKEN_HASH);
+    assert_eq!(it["spec"]["nodeName"], "k3s-a", "from the object's K3s-Node-Name");
+    assert_eq!(it["spec"]["location"], format!("s3://snaps/backups/k3s/{with_md}"));
+    assert_eq!(it["spec"]["metadata"], serde_json::from_slice::<serde_json::Value>(k3s::EXTRA_METADATA).unwrap());
+    assert_eq!(
+        it["spec"]["s3"],
+        serde_json::json!({"endpoint": s3.endpoint, "bucket": "snaps", "region": "us-east-1", "prefix": "backups/k3s", "insecure": true})
+    );
+    assert!(s3_item(&bare)["spec"].get("metadata").is_none(), "{}", s3_item(&bare));
+    let mine = s3_item(&ours);
+    assert_eq!(mine["spec"]["nodeName"], "n1");
+    assert_eq!(mine["spec"]["metadata"]["sha256"].as_str().map(str::len), Some(64));
+
+    // No sha256 is known for k3s's objects: `status --s3` downloads them and the trailer decides.
+    for n in [&with_md, &bare] {
+        let r = snap_k3s_bucket(&etcd, &dir, &s3, &["status", n]);
+        r.assert_ok();
+        assert!(r.stdout.contains("verified"), "{n}: {}", r.stdout);
+    }
+    // ... so a damaged k3s object is caught by it.
+    let obj = object_path(&s3, "snaps", &format!("backups/k3s/{bare}"));
+    let mut b = std::fs::read(&obj).unwrap();
+    b[4096] ^= 0xff;
+    std::fs::write(&obj, &b).unwrap();
+    snap_k3s_bucket(&etcd, &dir, &s3, &["status", &bare]).assert_fails_with("failed its sha256 integrity check");
+}
+
+#[test]
+fn our_typed_metadata_of_earlier_versions_still_guards_s3_downloads() {
+    let etcd = Etcd::start(EtcdVersion::V3_4);
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snapshots");
+    snap_k3s_bucket(&etcd, &dir, &s3, &["save"]).assert_ok();
+    let name = local_files(&dir).remove(0);
+    let bytes = std::fs::read(dir.join(&name)).unwrap();
+    let typed = |sha256: String| {
+        serde_json::json!({
+            "name": name, "nodeName": "n1", "size": bytes.len(), "createdAt": "2024-05-01T10:00:00Z",
+            "compressed": false, "sha256": sha256, "etcdRevision": 9,
+        })
+    };
+    let put_doc = |doc: serde_json::Value| {
+        tests::support::server::block_on(async {
+            let mut cfg = s3.config("snaps");
+            cfg.folder = "backups/k3s".into();
+            let store = s3_backend::S3Store::connect(&cfg).await.unwrap();
+            let body = bytes::Bytes::from(serde_json::to_vec(&doc).unwrap());
+            let stream = futures::StreamExt::boxed(futures::stream::once(async move { Ok(body) }));
+            store.put(&format!(".metadata/{name}"), stream, Default::default()).await.unwrap();
+        })
+    };
+    use sha2::Digest;
+    put_doc(typed(hex::encode(sha2::Sha256::digest(&bytes))));
+    let r = snap_k3s_bucket(&etcd, &dir, &s3, &["status", &name]);
+    r.assert_ok();
+    // A typed document whose sha256 does not match: the download is refused, so it was read.
+    put_doc(typed("00".repeat(32)));
+    let r = snap_k3s_bucket(&etcd, &dir, &s3, &["status", &name]);
+    r.assert_fails_with("00000000");
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
 }

@@ -2,5 +2,6 @@
 
 pub mod bin;
 pub mod etcd;
+pub mod k3s;
 pub mod s3;
 pub mod server;

@@ -24,7 +24,7 @@
 
 use std::path::{Path, PathBuf};
 
-use k3s_snapshot_core::metadata::SnapshotMetadata;
+use k3s_snapshot_core::metadata::{MetadataDoc, SnapshotMetadata};
 use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, write_file_atomic, Placed};
 use k3s_snapshot_core::{compress, integrity, name};
 use tokio_util::sync::CancellationToken;
@@ -236,11 +236,19 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     Ok(ResetPlan { snapshot, restored: Some(scratch) })
 }
 
-/// `<dir>/../.metadata/<file>` of a local snapshot, when there.
+/// `<dir>/../.metadata/<file>` of a local snapshot, when there and ours (k3s's own document, its
+/// extra metadata, carries nothing the reset checks).
 fn local_metadata(p: &Path) -> Option<SnapshotMetadata> {
     let file = p.file_name()?.to_str()?;
     let md = p.parent()?.parent()?.join(k3s_snapshot_core::metadata::METADATA_DIR).join(file);
-    SnapshotMetadata::from_json(&std::fs::read(md).ok()?).ok()
+    match MetadataDoc::parse(&std::fs::read(&md).ok()?) {
+        Ok(MetadataDoc::Ours(m)) => Some(m),
+        Ok(MetadataDoc::K3s(_)) => None,
+        Err(e) => {
+            tracing::warn!(metadata = %md.display(), error = %e, "unreadable snapshot metadata, ignored");
+            None
+        }
+    }
 }
 
 /// Warns when the snapshot was taken with another token than this server's.

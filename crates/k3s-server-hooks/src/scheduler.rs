@@ -114,12 +114,12 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
     if cancel.is_cancelled() {
         return;
     }
-    let policy = RetentionPolicy { prefix: &job.save.prefix, node: Some(&job.save.node), keep: job.retention };
+    let policy = RetentionPolicy { prefix: &job.save.prefix, keep: job.retention };
     if let Err(e) = prune(&job.local, &policy).await {
         tracing::error!(error = %e, "local retention failed");
     }
     if let Some(remote) = &job.remote {
-        let policy = RetentionPolicy { prefix: &job.save.prefix, node: None, keep: job.remote_retention };
+        let policy = RetentionPolicy { prefix: &job.save.prefix, keep: job.remote_retention };
         if let Err(e) = prune(remote.as_ref(), &policy).await {
             tracing::error!(error = %e, store = %remote.describe(), "s3 retention failed");
         }

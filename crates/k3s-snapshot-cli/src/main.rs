@@ -3,6 +3,7 @@
 //! that parses flags, prints, installs the log subscriber and handles signals.
 
 mod config;
+mod ls;
 mod s3args;
 mod secret;
 mod server;

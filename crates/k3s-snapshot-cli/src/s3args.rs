@@ -167,6 +167,19 @@ impl S3Args {
         }))
     }
 
+    /// Where S3 rows of `ls` come from, as k3s shows it (no credentials).
+    pub fn origin(&self) -> crate::ls::S3Origin {
+        crate::ls::S3Origin {
+            endpoint: self.endpoint.clone(),
+            endpoint_ca: self.endpoint_ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            skip_ssl_verify: self.skip_ssl_verify,
+            bucket: self.bucket.clone().unwrap_or_default(),
+            region: self.region.clone(),
+            prefix: self.folder.clone(),
+            insecure: self.insecure,
+        }
+    }
+
     /// Connects to the bucket when S3 is on.
     pub async fn open(&self) -> anyhow::Result<Option<Arc<dyn SnapshotStore>>> {
         let Some(cfg) = self.to_config()? else { return Ok(None) };

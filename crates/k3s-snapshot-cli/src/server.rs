@@ -10,7 +10,7 @@ use anyhow::Context;
 use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::schedule::Schedule;
 use k3s_server_hooks::server::{RemoteFetch, ServerConfig, SnapshotSettings};
-use k3s_snapshot_core::store::SnapshotStore;
+use k3s_snapshot_core::store::{create_private_dir, write_file_atomic, LocalStore, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
@@ -109,20 +109,24 @@ impl ServerArgs {
             let f: RemoteFetch = Arc::new(move |file: String, into: PathBuf| {
                 let store = store.clone();
                 Box::pin(async move {
-                    let expected = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
-                    if expected.is_none() {
-                        tracing::warn!(snapshot = %file, store = %store.describe(), "the snapshot has no metadata; its size and sha256 cannot be checked against it");
-                    }
                     // A bar on a terminal (an operator running the reset by hand), nothing in a log.
                     let progress = crate::snapshot::bar();
-                    s3_backend::download_to_scratch(
-                        store.as_ref(),
-                        &file,
-                        &into,
-                        expected.as_ref(),
-                        progress.as_ref(),
-                    )
-                    .await
+                    let doc = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
+                    let expected = doc.as_ref().and_then(|d| d.ours());
+                    if expected.is_none() {
+                        let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
+                        tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
+                    }
+                    let scratch =
+                        s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref()).await?;
+                    // Beside the snapshot, as k3s does on a download, so the reset reads it
+                    // (the token check) as it would a local snapshot's.
+                    if let Some(doc) = doc {
+                        let local = LocalStore::new(&into);
+                        create_private_dir(local.metadata_dir())?;
+                        write_file_atomic(&local.metadata_dir().join(&file), &doc.to_json())?;
+                    }
+                    Ok(scratch)
                 })
             });
             f

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use k3s_snapshot_core::etcd::{self, EtcdClientConfig};
-use k3s_snapshot_core::list::{list_snapshots, SnapshotEntry};
+use k3s_snapshot_core::list::list_snapshots;
 use k3s_snapshot_core::metadata::SnapshotMetadata;
 use k3s_snapshot_core::name;
 use k3s_snapshot_core::progress::{NoProgress, Progress};
@@ -17,6 +17,7 @@ use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+use crate::ls;
 use crate::s3args::S3Args;
 
 #[derive(clap::Args, Debug)]
@@ -223,52 +224,18 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
 
 async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
     let with_metadata = output != OutputFormat::Table;
-    let local = common.local_store();
-    let mut entries = list_snapshots(&local, with_metadata).await?;
-    if let Some(remote) = common.s3.open().await? {
-        entries.extend(list_snapshots(remote.as_ref(), with_metadata).await?);
-        entries.sort_by(|a, b| a.created.cmp(&b.created).then_with(|| a.name.cmp(&b.name)));
-    }
+    let local = list_snapshots(&common.local_store(), with_metadata).await?;
+    let (remote, origin) = match common.s3.open().await? {
+        Some(store) => (list_snapshots(store.as_ref(), with_metadata).await?, Some(common.s3.origin())),
+        None => (Vec::new(), None),
+    };
+    let rows = ls::rows(local, remote, origin.as_ref());
+    let node = common.node();
     let mut out = std::io::stdout().lock();
     match output {
-        OutputFormat::Table => print_table(&mut out, &entries)?,
-        OutputFormat::Json => writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?,
-        OutputFormat::Yaml => write!(out, "{}", serde_yaml::to_string(&entries)?)?,
-    }
-    Ok(())
-}
-
-fn print_table(out: &mut impl Write, entries: &[SnapshotEntry]) -> std::io::Result<()> {
-    let rows: Vec<[String; 4]> = entries
-        .iter()
-        .map(|e| {
-            [
-                e.name.clone(),
-                e.location.clone(),
-                e.size.to_string(),
-                e.created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            ]
-        })
-        .collect();
-    let header = ["Name", "Location", "Size", "Created"].map(String::from);
-    let mut widths = header.clone().map(|h| h.len());
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
-        }
-    }
-    for r in std::iter::once(&header).chain(rows.iter()) {
-        writeln!(
-            out,
-            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
-            r[0],
-            r[1],
-            r[2],
-            r[3],
-            w0 = widths[0],
-            w1 = widths[1],
-            w2 = widths[2]
-        )?;
+        OutputFormat::Table => ls::print_table(&mut out, &rows)?,
+        OutputFormat::Json => ls::print_json(&mut out, &rows, &node)?,
+        OutputFormat::Yaml => ls::print_yaml(&mut out, &rows, &node)?,
     }
     Ok(())
 }
@@ -283,7 +250,8 @@ async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {
     if let Some(r) = &remote {
         stores.push(r.as_ref());
     }
-    let mut found_any = false;
+    // As k3s: a name that is in no store is a warning, not a failure (a script deleting what a
+    // retention already pruned goes on).
     for n in names {
         let mut found = false;
         for store in &stores {
@@ -295,28 +263,26 @@ async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {
             }
         }
         if !found {
-            tracing::warn!(snapshot = %n, "snapshot not found; nothing deleted for it");
-            eprintln!("warning: snapshot {n} not found");
+            let places: Vec<String> = stores.iter().map(|s| s.describe()).collect();
+            tracing::warn!(
+                snapshot = %n,
+                "snapshot {n} not found in {}; nothing deleted for it (`etcd-snapshot ls` lists the snapshots)",
+                places.join(" or ")
+            );
         }
-        found_any |= found;
-    }
-    if !found_any {
-        bail!("none of the snapshots to delete was found; `k3s-snapshot etcd-snapshot ls` lists them");
     }
     Ok(())
 }
 
 async fn prune_cmd(common: &CommonArgs) -> anyhow::Result<()> {
     name::validate_prefix(&common.name).context("--name")?;
-    let node = common.node();
     let local = common.local_store();
-    let deleted =
-        prune(&local, &RetentionPolicy { prefix: &common.name, node: Some(&node), keep: common.retention }).await?;
+    let deleted = prune(&local, &RetentionPolicy { prefix: &common.name, keep: common.retention }).await?;
     for d in &deleted {
         println!("Pruned {}", local.location(d));
     }
     if let Some(remote) = common.s3.open().await? {
-        let policy = RetentionPolicy { prefix: &common.name, node: None, keep: common.s3.retention };
+        let policy = RetentionPolicy { prefix: &common.name, keep: common.s3.retention };
         for d in prune(remote.as_ref(), &policy).await? {
             println!("Pruned {}", remote.location(&d));
         }
@@ -371,16 +337,8 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
         name::validate_file_name(target)?;
         if common.s3.enabled {
             let Some(remote) = common.s3.open().await? else { unreachable!("--s3 is on") };
-            let meta = s3_backend::fetch_metadata(remote.as_ref(), target).await?;
             let progress = bar();
-            s3_backend::download_snapshot_with_progress(
-                remote.as_ref(),
-                target,
-                scratch.path(),
-                meta.as_ref(),
-                progress.as_ref(),
-            )
-            .await?
+            s3_backend::download_with_metadata(remote.as_ref(), target, scratch.path(), progress.as_ref()).await?.0
         } else {
             local.dir().join(target)
         }

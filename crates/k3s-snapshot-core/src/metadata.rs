@@ -1,6 +1,18 @@
 //! Per-snapshot metadata: `.metadata/<file>` beside the snapshot dir, and `folder/.metadata/<file>` on S3.
+//!
+//! k3s reads these documents into a `map[string]string`, so ours is written as a flat JSON object
+//! whose values are all strings (`{"size": "1234", "compressed": "false", ...}`). Three kinds of
+//! document are read ([`MetadataDoc::parse`]):
+//! - ours, flat;
+//! - ours in the typed form earlier versions wrote (numbers and booleans as JSON numbers and
+//!   booleans);
+//! - k3s's own: the data of its `k3s-etcd-snapshot-extra-metadata` ConfigMap, any flat string map.
+//!   It says nothing about the file, so no size or SHA-256 is known: the snapshot's own SHA-256
+//!   trailer is then what vouches for it.
 
-use chrono::{DateTime, Utc};
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Directory (or key prefix) that holds metadata, one JSON document per snapshot, same file name.
@@ -31,17 +43,211 @@ pub struct SnapshotMetadata {
     pub token_hash: Option<String>,
 }
 
+/// Keys of the flat document. Those in [`REQUIRED`] are always written; a string map that holds
+/// all of them is ours, any other string map is k3s's extra metadata.
+mod key {
+    pub const NAME: &str = "name";
+    pub const NODE_NAME: &str = "nodeName";
+    pub const SIZE: &str = "size";
+    pub const CREATED_AT: &str = "createdAt";
+    pub const COMPRESSED: &str = "compressed";
+    pub const SHA256: &str = "sha256";
+    pub const ETCD_REVISION: &str = "etcdRevision";
+    pub const ETCD_VERSION: &str = "etcdVersion";
+    pub const TOTAL_KEY: &str = "totalKey";
+    pub const TOKEN_HASH: &str = "tokenHash";
+    pub const REQUIRED: [&str; 6] = [NAME, NODE_NAME, SIZE, CREATED_AT, COMPRESSED, SHA256];
+}
+
 impl SnapshotMetadata {
+    /// The flat document: a JSON object of strings, which k3s can read.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).expect("metadata always serializes")
+        serde_json::to_vec_pretty(&self.to_map()).expect("a string map always serializes")
     }
 
-    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
-        serde_json::from_slice(bytes)
+    /// The document as the string map k3s sees (and `ls -o json` shows as `spec.metadata`).
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        let mut put = |k: &str, v: String| {
+            m.insert(k.to_string(), v);
+        };
+        put(key::NAME, self.name.clone());
+        put(key::NODE_NAME, self.node_name.clone());
+        put(key::SIZE, self.size.to_string());
+        put(key::CREATED_AT, self.created_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+        put(key::COMPRESSED, self.compressed.to_string());
+        put(key::SHA256, self.sha256.clone());
+        if let Some(r) = self.etcd_revision {
+            put(key::ETCD_REVISION, r.to_string());
+        }
+        if let Some(v) = &self.etcd_version {
+            put(key::ETCD_VERSION, v.clone());
+        }
+        if let Some(n) = self.total_key {
+            put(key::TOTAL_KEY, n.to_string());
+        }
+        if let Some(t) = &self.token_hash {
+            put(key::TOKEN_HASH, t.clone());
+        }
+        m
+    }
+
+    /// Reads our flat document; `Ok(None)` when the map lacks one of our required keys (then it
+    /// is not ours). A value of ours that does not parse is an error naming the key.
+    fn from_map(m: &BTreeMap<String, String>) -> Result<Option<Self>, String> {
+        if !key::REQUIRED.iter().all(|k| m.contains_key(*k)) {
+            return Ok(None);
+        }
+        fn parsed<T: std::str::FromStr>(
+            m: &BTreeMap<String, String>,
+            k: &str,
+            what: &str,
+        ) -> Result<Option<T>, String> {
+            m.get(k).map(|v| v.parse::<T>().map_err(|_| format!("{k:?} is {v:?}, not {what}"))).transpose()
+        }
+        let created = &m[key::CREATED_AT];
+        let created_at = DateTime::parse_from_rfc3339(created)
+            .map_err(|_| format!("{:?} is {created:?}, not an RFC 3339 time", key::CREATED_AT))?
+            .with_timezone(&Utc);
+        let sha256 = m[key::SHA256].clone();
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{:?} is {sha256:?}, not 64 hex digits", key::SHA256));
+        }
+        Ok(Some(SnapshotMetadata {
+            name: m[key::NAME].clone(),
+            node_name: m[key::NODE_NAME].clone(),
+            size: parsed(m, key::SIZE, "a size in bytes")?.unwrap_or_default(),
+            created_at,
+            compressed: parsed(m, key::COMPRESSED, "true or false")?.unwrap_or_default(),
+            sha256,
+            etcd_revision: parsed(m, key::ETCD_REVISION, "a revision")?,
+            etcd_version: m.get(key::ETCD_VERSION).cloned(),
+            total_key: parsed(m, key::TOTAL_KEY, "a key count")?,
+            token_hash: m.get(key::TOKEN_HASH).cloned(),
+        }))
     }
 
     /// Key of the metadata object for a snapshot file name.
     pub fn key_for(file: &str) -> String {
         format!("{METADATA_DIR}/{file}")
+    }
+}
+
+/// A `.metadata/<file>` document as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetadataDoc {
+    /// Ours: written by this tool, flat or in the earlier typed form.
+    Ours(SnapshotMetadata),
+    /// k3s's: the data of its extra-metadata ConfigMap at the time of the snapshot. Nothing about
+    /// the file (size, SHA-256, node) is known from it.
+    K3s(BTreeMap<String, String>),
+}
+
+impl MetadataDoc {
+    /// Parses a document; the error says what is wrong with it, in one line.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("not JSON ({e})"))?;
+        let serde_json::Value::Object(obj) = &value else {
+            return Err("not a JSON object".into());
+        };
+        if obj.values().all(|v| v.is_string()) {
+            let map: BTreeMap<String, String> =
+                obj.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect();
+            return Ok(match SnapshotMetadata::from_map(&map)? {
+                Some(ours) => MetadataDoc::Ours(ours),
+                None => MetadataDoc::K3s(map),
+            });
+        }
+        // Not a string map, so not k3s's: the typed form of our earlier versions.
+        serde_json::from_value::<SnapshotMetadata>(value)
+            .map(MetadataDoc::Ours)
+            .map_err(|e| format!("neither a string map nor our typed metadata ({e})"))
+    }
+
+    /// Ours, when it is.
+    pub fn ours(&self) -> Option<&SnapshotMetadata> {
+        match self {
+            MetadataDoc::Ours(m) => Some(m),
+            MetadataDoc::K3s(_) => None,
+        }
+    }
+
+    /// The document as written: ours flat, k3s's as k3s marshals its map (compact, keys sorted).
+    pub fn to_json(&self) -> Vec<u8> {
+        match self {
+            MetadataDoc::Ours(m) => m.to_json(),
+            MetadataDoc::K3s(m) => serde_json::to_vec(m).expect("a string map always serializes"),
+        }
+    }
+
+    /// The document as a string map, as k3s would read it.
+    pub fn to_map(&self) -> BTreeMap<String, String> {
+        match self {
+            MetadataDoc::Ours(m) => m.to_map(),
+            MetadataDoc::K3s(m) => m.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> SnapshotMetadata {
+        SnapshotMetadata {
+            name: "on-demand-n1-1700000000.zip".into(),
+            node_name: "n1".into(),
+            size: 1234,
+            created_at: DateTime::parse_from_rfc3339("2023-11-14T22:13:20.5Z").unwrap().with_timezone(&Utc),
+            compressed: true,
+            sha256: "ab".repeat(32),
+            etcd_revision: Some(42),
+            etcd_version: Some("3.5.1".into()),
+            total_key: Some(7),
+            token_hash: Some("0123456789ab".into()),
+        }
+    }
+
+    #[test]
+    fn written_flat_with_every_value_a_string_and_read_back() {
+        let m = sample();
+        let doc: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        let obj = doc.as_object().unwrap();
+        assert!(obj.values().all(|v| v.is_string()), "{doc}");
+        assert_eq!(doc["size"], "1234");
+        assert_eq!(doc["compressed"], "true");
+        assert_eq!(doc["etcdRevision"], "42");
+        assert_eq!(doc["totalKey"], "7");
+        assert_eq!(MetadataDoc::parse(&m.to_json()).unwrap(), MetadataDoc::Ours(m));
+    }
+
+    #[test]
+    fn the_typed_form_of_earlier_versions_is_still_read() {
+        let typed = br#"{"name":"on-demand-n1-1700000000.zip","nodeName":"n1","size":1234,
+            "createdAt":"2023-11-14T22:13:20.500Z","compressed":true,"sha256":"abababababababababababababababababababababababababababababababab",
+            "etcdRevision":42,"etcdVersion":"3.5.1","totalKey":7,"tokenHash":"0123456789ab"}"#;
+        assert_eq!(MetadataDoc::parse(typed).unwrap(), MetadataDoc::Ours(sample()));
+    }
+
+    #[test]
+    fn any_other_string_map_is_k3s_extra_metadata() {
+        let doc = MetadataDoc::parse(br#"{"foo":"bar"}"#).unwrap();
+        assert_eq!(doc, MetadataDoc::K3s(BTreeMap::from([("foo".to_string(), "bar".to_string())])));
+        assert!(doc.ours().is_none());
+        // Some of our keys, but not all: still k3s's, never an error.
+        let partial = MetadataDoc::parse(br#"{"size":"big","sha256":"x"}"#).unwrap();
+        assert!(matches!(partial, MetadataDoc::K3s(_)));
+        assert!(matches!(MetadataDoc::parse(b"{}").unwrap(), MetadataDoc::K3s(m) if m.is_empty()));
+    }
+
+    #[test]
+    fn broken_documents_say_what_is_wrong() {
+        let mut m = sample().to_map();
+        m.insert("size".into(), "twelve".into());
+        let err = MetadataDoc::parse(&serde_json::to_vec(&m).unwrap()).unwrap_err();
+        assert!(err.contains("\"size\"") && err.contains("twelve"), "{err}");
+        assert!(MetadataDoc::parse(b"[1]").unwrap_err().contains("not a JSON object"));
+        assert!(MetadataDoc::parse(b"{").unwrap_err().contains("not JSON"));
+        assert!(MetadataDoc::parse(br#"{"size":1}"#).unwrap_err().contains("typed"));
     }
 }

@@ -94,18 +94,12 @@ pub fn parse(file: &str) -> Option<ParsedName<'_>> {
     Some(ParsedName { file, stem, timestamp: ts.parse().ok()?, compressed })
 }
 
-/// Whether `file` is one of our snapshots whose name starts with `<prefix>-`.
-/// With `node`, only that node's snapshots match.
-pub fn matches_prefix(file: &str, prefix: &str, node: Option<&str>) -> Option<i64> {
+/// The timestamp of `file` when it is one of our snapshots whose name starts with `<prefix>-`,
+/// whatever node name follows (a renamed host's snapshots still count, k3s #8099).
+pub fn matches_prefix(file: &str, prefix: &str) -> Option<i64> {
     let parsed = parse(file)?;
-    let rest = parsed.stem.strip_prefix(prefix)?.strip_prefix('-')?;
-    if rest.is_empty() {
-        return None;
-    }
-    match node {
-        Some(n) if rest != n => None,
-        _ => Some(parsed.timestamp),
-    }
+    let node = parsed.stem.strip_prefix(prefix)?.strip_prefix('-')?;
+    (!node.is_empty()).then_some(parsed.timestamp)
 }
 
 /// First 12 hex digits of the SHA-256 of the cluster token, stored in metadata so that a restore
@@ -161,12 +155,12 @@ mod tests {
     }
 
     #[test]
-    fn prefix_matching_respects_the_dash_and_node() {
-        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand", None), Some(5));
-        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand", Some("n1")), Some(5));
-        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand", Some("n2")), None);
-        assert_eq!(matches_prefix("on-demandx-n1-5", "on-demand", None), None);
-        assert_eq!(matches_prefix("on-demand-5", "on-demand", None), None);
+    fn prefix_matching_respects_the_dash_and_takes_any_node() {
+        assert_eq!(matches_prefix("on-demand-n1-5", "on-demand"), Some(5));
+        assert_eq!(matches_prefix("on-demand-renamed-host-6.zip", "on-demand"), Some(6));
+        assert_eq!(matches_prefix("on-demandx-n1-5", "on-demand"), None);
+        assert_eq!(matches_prefix("on-demand-5", "on-demand"), None);
+        assert_eq!(matches_prefix("on-demand-n1-notanumber", "on-demand"), None);
     }
 
     #[test]

@@ -7,13 +7,12 @@ use crate::name;
 use crate::store::SnapshotStore;
 use crate::Result;
 
-/// Which snapshots of a prefix to prune.
+/// Which snapshots of a prefix to prune. Every node's snapshots of the prefix count, in a local
+/// dir (so a renamed host leaves none behind, k3s #8099) as in S3 (SPEC §5).
 #[derive(Debug, Clone)]
 pub struct RetentionPolicy<'a> {
     /// `--name` / `--etcd-snapshot-name`.
     pub prefix: &'a str,
-    /// Only this node's snapshots (local stores); `None` counts all nodes (S3, SPEC §5).
-    pub node: Option<&'a str>,
     /// How many to keep; < 1 keeps all.
     pub keep: i64,
 }
@@ -29,7 +28,7 @@ pub fn expired(mut candidates: Vec<(String, i64)>, keep: i64) -> Vec<String> {
 }
 
 /// Applies retention to a store; returns the deleted file names. Files that are not snapshots of
-/// ours (see [`name::parse`]) and snapshots of other prefixes or nodes are never touched. Only the
+/// ours (see [`name::parse`]) and snapshots of other prefixes are never touched. Only the
 /// names are held in memory, never the objects.
 pub async fn prune(store: &dyn SnapshotStore, policy: &RetentionPolicy<'_>) -> Result<Vec<String>> {
     if policy.keep < 1 {
@@ -40,7 +39,7 @@ pub async fn prune(store: &dyn SnapshotStore, policy: &RetentionPolicy<'_>) -> R
     let mut listing = store.list(&list_prefix);
     while let Some(obj) = listing.next().await {
         let obj = obj?;
-        if let Some(ts) = name::matches_prefix(&obj.key, policy.prefix, policy.node) {
+        if let Some(ts) = name::matches_prefix(&obj.key, policy.prefix) {
             candidates.push((obj.key, ts));
         }
     }
@@ -71,5 +70,25 @@ mod tests {
         assert!(expired(c.clone(), 0).is_empty());
         assert!(expired(c.clone(), -1).is_empty());
         assert!(expired(c, 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn every_node_name_of_the_prefix_counts_and_foreign_files_stay() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = crate::store::LocalStore::new(tmp.path().join("snapshots"));
+        store.ensure_dirs().unwrap();
+        let snapshots = ["p-old-host-100", "p-old-host-200.zip", "p-n1-300", "p-n1-400", "q-n1-50"];
+        let foreign = ["p-old-host-notanumber", "p-n1-1.part", "p-old-host-7.db", "p-5"];
+        for f in snapshots.iter().chain(&foreign) {
+            std::fs::write(store.dir().join(f), b"x").unwrap();
+        }
+        std::fs::write(store.metadata_dir().join("p-old-host-200.zip"), b"{}").unwrap();
+        let mut gone = prune(&store, &RetentionPolicy { prefix: "p", keep: 2 }).await.unwrap();
+        gone.sort();
+        assert_eq!(gone, ["p-old-host-100", "p-old-host-200.zip"]);
+        assert!(!store.metadata_dir().join("p-old-host-200.zip").exists());
+        for f in ["p-n1-300", "p-n1-400", "q-n1-50"].iter().chain(&foreign) {
+            assert!(store.dir().join(f).exists(), "{f} must stay");
+        }
     }
 }

@@ -447,7 +447,9 @@ async fn upload_file_only(
     }
 }
 
-/// The S3 user metadata k3s puts on a snapshot object.
+/// The S3 user metadata k3s puts on a snapshot object and on its metadata object
+/// (`k3s-node-name`, `k3s-token-hash`; k3s also writes `k3s-cluster-id`, the kube-system
+/// namespace's UID, which a cluster without Kubernetes does not have).
 fn user_metadata(node: &str, token_hash: Option<&str>) -> Vec<(String, String)> {
     let mut m = vec![("k3s-node-name".to_string(), node.to_string())];
     if let Some(t) = token_hash {
@@ -460,7 +462,7 @@ async fn put_metadata(remote: &dyn crate::store::SnapshotStore, saved: &SavedSna
     let doc = Bytes::from(saved.metadata.to_json());
     let opts = PutOptions {
         content_type: "application/json".into(),
-        user_metadata: Vec::new(),
+        user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
         size_hint: Some(doc.len() as u64),
     };
     remote

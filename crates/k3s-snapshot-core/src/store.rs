@@ -62,6 +62,12 @@ pub trait SnapshotStore: Send + Sync {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>>;
     /// Deletes objects; missing ones are ignored.
     async fn delete(&self, keys: &[String]) -> Result<()>;
+    /// The user metadata stored with an object (S3 `x-amz-meta-*`, without the prefix), empty
+    /// where the store keeps none (local files) or the object is not there.
+    async fn user_metadata(&self, key: &str) -> Result<Vec<(String, String)>> {
+        let _ = key;
+        Ok(Vec::new())
+    }
 }
 
 /// Creates a directory and its missing parents with mode 0700.

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::metadata::SnapshotMetadata;
+use crate::metadata::{MetadataDoc, SnapshotMetadata};
 use crate::name;
 use crate::progress::{NoProgress, Progress};
 use crate::store::{ensure_free_space, ensure_private_dir, Placed, PutOptions, ScratchFile, SnapshotStore};
@@ -116,6 +116,27 @@ pub async fn download_to_scratch(
     Ok(scratch)
 }
 
+/// Downloads snapshot `file` with what its metadata document lets us check: the size and SHA-256
+/// of ours. With k3s's document (its extra metadata) or none, no digest is known: the download is
+/// taken as it comes, and the snapshot's own SHA-256 trailer is what vouches for it (a restore and
+/// `status` check it before using the file). Returns the path and the document.
+pub async fn download_with_metadata(
+    store: &dyn SnapshotStore,
+    file: &str,
+    into_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(PathBuf, Option<MetadataDoc>)> {
+    name::validate_file_name(file)?;
+    let doc = fetch_metadata(store, file).await?;
+    let expected = doc.as_ref().and_then(MetadataDoc::ours);
+    if expected.is_none() {
+        let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
+        tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
+    }
+    let path = download_snapshot_with_progress(store, file, into_dir, expected, progress).await?;
+    Ok((path, doc))
+}
+
 /// Times [`upload_file`] sends a file whose upload failed with a retryable error.
 const FILE_UPLOAD_ATTEMPTS: u32 = 3;
 
@@ -188,8 +209,9 @@ async fn upload_file_once(
     Ok(n)
 }
 
-/// Reads `.metadata/<file>` from the store; `None` when there is none.
-pub async fn fetch_metadata(store: &dyn SnapshotStore, file: &str) -> Result<Option<SnapshotMetadata>> {
+/// Reads `.metadata/<file>` from the store; `None` when there is none. A k3s document (its extra
+/// metadata) is [`MetadataDoc::K3s`]: no size or SHA-256 is known from it.
+pub async fn fetch_metadata(store: &dyn SnapshotStore, file: &str) -> Result<Option<MetadataDoc>> {
     let key = SnapshotMetadata::key_for(file);
     let (info, mut body) = match store.get(&key).await {
         Ok(v) => v,
@@ -214,9 +236,10 @@ pub async fn fetch_metadata(store: &dyn SnapshotStore, file: &str) -> Result<Opt
             });
         }
     }
-    SnapshotMetadata::from_json(&buf)
-        .map(Some)
-        .map_err(|e| Error::Metadata { path: PathBuf::from(store.location(&key)), detail: e.to_string() })
+    MetadataDoc::parse(&buf).map(Some).map_err(|e| Error::Metadata {
+        path: PathBuf::from(store.location(&key)),
+        detail: format!("{e}; repair or remove that document"),
+    })
 }
 
 #[cfg(test)]
@@ -313,6 +336,6 @@ mod tests {
         let m = meta("s-n1-5", b"abc");
         let body = futures::stream::iter(vec![Ok(Bytes::from(m.to_json()))]).boxed();
         store.put(&SnapshotMetadata::key_for("s-n1-5"), body, PutOptions::default()).await.unwrap();
-        assert_eq!(fetch_metadata(&store, "s-n1-5").await.unwrap(), Some(m));
+        assert_eq!(fetch_metadata(&store, "s-n1-5").await.unwrap(), Some(MetadataDoc::Ours(m)));
     }
 }

@@ -19,7 +19,8 @@ pub use config::{format_duration, BucketLookup, S3Config, DEFAULT_ENDPOINT, DEFA
 pub use error::S3Error;
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.
 pub use k3s_snapshot_core::transfer::{
-    download_snapshot, download_snapshot_with_progress, download_to_scratch, fetch_metadata, upload_file,
+    download_snapshot, download_snapshot_with_progress, download_to_scratch, download_with_metadata, fetch_metadata,
+    upload_file,
 };
 pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
 pub use stream_put::MAX_SINGLE_PUT;

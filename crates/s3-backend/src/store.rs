@@ -1015,6 +1015,10 @@ impl SnapshotStore for S3Store {
         }
         Ok(())
     }
+
+    async fn user_metadata(&self, key: &str) -> Result<Vec<(String, String)>> {
+        Ok(self.head_details(key).await?.map(|d| d.user_metadata).unwrap_or_default())
+    }
 }
 
 fn xml_escape(s: &str) -> String {
