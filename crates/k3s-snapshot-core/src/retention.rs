@@ -36,14 +36,26 @@ pub async fn prune(store: &dyn SnapshotStore, policy: &RetentionPolicy<'_>) -> R
     }
     let list_prefix = format!("{}-", policy.prefix);
     let mut candidates = Vec::new();
+    // Names that parse but that we would never write (`..`, a leading dot…): one odd object must
+    // not make every later batch fail, so they are left alone, with one warning per run.
+    let (mut odd, mut first_odd) = (0u64, None);
     let mut listing = store.list(&list_prefix);
     while let Some(obj) = listing.next().await {
         let obj = obj?;
         if let Some(ts) = name::matches_prefix(&obj.key, policy.prefix) {
+            if name::validate_file_name(&obj.key).is_err() {
+                odd += 1;
+                first_odd.get_or_insert(obj.key);
+                continue;
+            }
             candidates.push((obj.key, ts));
         }
     }
     drop(listing);
+    if let Some(first) = first_odd {
+        tracing::warn!(store = %store.describe(), count = odd, first = %crate::status::printable(&first),
+            "retention leaves alone objects under the prefix whose names this tool would not have written");
+    }
     let doomed = expired(candidates, policy.keep);
     for chunk in doomed.chunks(500) {
         let mut keys = Vec::with_capacity(chunk.len() * 2);

@@ -53,3 +53,35 @@ fn a_slow_s3_neither_slows_the_local_save_nor_holds_the_upload_past_its_deadline
     assert!(snaps.join(&saved).is_file());
     assert!(!s3.root.join("slow").join(&saved).exists(), "a partial object was completed");
 }
+
+#[test]
+fn an_odd_object_under_the_prefix_does_not_stop_s3_retention() {
+    let s3 = S3Server::start();
+    s3.create_bucket("odd");
+    let folder = s3.root.join("odd/k3s");
+    std::fs::create_dir_all(&folder).unwrap();
+    // What s3s-fs serves as objects: files under the bucket dir. One name we would never write.
+    for name in ["etcd-snapshot-x..y-1", "etcd-snapshot-n1-100", "etcd-snapshot-n1-200", "etcd-snapshot-n2-300"] {
+        std::fs::write(folder.join(name), b"not a real snapshot, only its name matters here").unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let prune = || -> Run {
+        bin::run(
+            bin::cmd()
+                .args(["etcd-snapshot", "prune", "--name", "etcd-snapshot", "--node-name", "n1", "--dir"])
+                .arg(dir.path().join("snapshots"))
+                .args(["--s3", "--s3-insecure", "--s3-endpoint", &s3.endpoint, "--s3-bucket", "odd"])
+                .args(["--s3-folder", "k3s", "--s3-retention", "1"])
+                .args(["--s3-access-key", ACCESS_KEY, "--s3-secret-key", SECRET_KEY]),
+        )
+    };
+    let out = prune();
+    out.assert_ok();
+    assert!(out.stderr.contains("would not have written"), "{}", out.stderr);
+    let mut left: Vec<String> =
+        std::fs::read_dir(&folder).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["etcd-snapshot-n2-300", "etcd-snapshot-x..y-1"]);
+    // And the next run is as healthy.
+    prune().assert_ok();
+}
