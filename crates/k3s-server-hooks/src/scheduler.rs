@@ -60,7 +60,18 @@ pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: Cancellati
         };
         let (job, cancel) = (job.clone(), cancel.clone());
         tracker.spawn(async move {
-            take(&job, &cancel).await;
+            // A panic in one snapshot is that snapshot's failure, logged and counted; the
+            // schedule goes on.
+            use futures::FutureExt;
+            if let Err(panic) = std::panic::AssertUnwindSafe(take(&job, &cancel)).catch_unwind().await {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                tracing::error!(error = %why, "scheduled snapshot failed: internal error");
+                job.metrics.failure(LOCAL, format!("internal error: {why}"));
+            }
             drop(guard);
         });
     }
