@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::etcd_proc::{run_tool, EtcdBinaries, EtcdLaunch, EtcdProcess};
 use crate::layout::DataDir;
-use crate::server::ServerConfig;
+use crate::config::ServerConfig;
 use crate::token::Token;
 use crate::{Error, Result};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::schedule::Schedule;
-use k3s_server_hooks::server::{RemoteFetch, ServerConfig, SnapshotSettings};
+use k3s_server_hooks::config::{RemoteFetch, ServerConfig, SnapshotSettings};
 use k3s_snapshot_core::store::SnapshotStore;
 use tokio_util::sync::CancellationToken;
 
