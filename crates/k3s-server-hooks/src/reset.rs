@@ -40,7 +40,8 @@ pub const RESET_DONE: &str = "Managed etcd cluster membership has been reset, re
 
 const ABORT_ENV: &str = "K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER";
 
-/// The refusal of a second reset while `reset-flag` exists (exact text of k3s).
+/// The refusal of a second bare `--cluster-reset` while `reset-flag` exists (exact text of k3s).
+/// A reset with `--cluster-reset-restore-path` does not look at the flag, as in k3s.
 pub fn previously_reset_message(dd: &DataDir) -> String {
     format!(
         "Managed etcd cluster membership was previously reset, please remove the cluster-reset flag and start normally. If you need to perform another cluster reset, you must first manually delete the file at {}",

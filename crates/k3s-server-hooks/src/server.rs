@@ -48,7 +48,10 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     // tidied either). Ten minutes without a write means no one is writing them.
     cfg.snapshot_store().remove_stale_parts(std::time::Duration::from_secs(600));
     let bins = EtcdBinaries::find(cfg.etcd_bin_dir.as_deref())?;
-    if cfg.cluster_reset && dd.reset_flag().exists() {
+    // As k3s: a restore from a snapshot does not look at `reset-flag` (it replaces the data
+    // anyway); a bare `--cluster-reset` after an earlier reset, with no normal start between, is
+    // refused.
+    if cfg.cluster_reset && cfg.cluster_reset_restore_path.is_none() && dd.reset_flag().exists() {
         return Err(Error::Reset(reset::previously_reset_message(&dd)));
     }
     reset::recover_interrupted(&dd)?;
