@@ -1,4 +1,5 @@
 mod ha;
+mod k3s_node;
 mod reset;
 mod s3_store;
 mod server;

@@ -115,6 +115,15 @@ impl ServerConfig {
         LocalStore::new(dir)
     }
 
+    /// `127.0.0.1`, or `::1` when the advertised address is IPv6: where etcd also listens for
+    /// clients on this machine.
+    pub fn loopback_address(&self) -> IpAddr {
+        match self.advertise_address {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+        }
+    }
+
     fn url(&self, port: u16) -> String {
         format!("https://{}", SocketAddr::new(self.advertise_address, port))
     }

@@ -29,9 +29,9 @@ use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, wri
 use k3s_snapshot_core::{compress, integrity, name};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ServerConfig;
 use crate::etcd_proc::{run_tool, EtcdBinaries, EtcdLaunch, EtcdProcess};
 use crate::layout::DataDir;
-use crate::config::ServerConfig;
 use crate::token::Token;
 use crate::{Error, Result};
 
@@ -368,7 +368,6 @@ pub async fn execute(
     }
 
     let client = launch.client_config();
-    client.save(&dd.etcd_client_config())?;
     let mut etcd = EtcdProcess::start(bins, &launch).await?;
     let checked = async {
         let mut conn = etcd.wait_ready(&client, cfg.etcd_ready_timeout, cancel).await?;

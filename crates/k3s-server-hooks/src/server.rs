@@ -58,9 +58,14 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
 
     // Everything that can be refused is refused before anything changes or etcd starts.
     let plan = if cfg.cluster_reset { Some(reset::prepare(&cfg, &bins).await?) } else { None };
+    // etcd listens on the advertised address and, as under k3s, on loopback too.
     let client_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_client_port);
+    let loopback_addr = SocketAddr::new(cfg.loopback_address(), cfg.etcd_client_port);
     let peer_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_peer_port);
     check_port_free("--etcd-client-port", client_addr)?;
+    if loopback_addr != client_addr {
+        check_port_free("--etcd-client-port", loopback_addr)?;
+    }
     check_port_free("--etcd-peer-port", peer_addr)?;
     let api_listener =
         if plan.is_none() { Some(api::bind(SocketAddr::new(cfg.bind_address, cfg.https_listen_port))?) } else { None };
@@ -95,7 +100,6 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
 
     create_private_dir(&dd.etcd())?;
     let client = launch.client_config();
-    client.save(&dd.etcd_client_config())?;
     // A new member: added as a learner; promoted once its etcd caught up. A member restarting
     // from its data that was still a learner is promoted the same way.
     let (added, promotion) = match &join_plan {
