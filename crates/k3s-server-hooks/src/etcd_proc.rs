@@ -474,12 +474,15 @@ mod reap_tests {
     use super::*;
     use std::os::unix::process::CommandExt;
 
-    /// A stand-in whose command line reads `etcd … ARG` (a shell loop named etcd).
+    /// A stand-in whose command line reads `etcd … ARG`: a shell named etcd blocked in the `read`
+    /// builtin on a pipe nobody writes to. It never forks (a `sleep` loop would, and its children
+    /// carry the same command line until they exec, so a scan could count them too).
     fn fake_etcd_with(arg: String) -> std::process::Child {
         std::process::Command::new("/bin/sh")
             .arg0("etcd")
-            .args(["-c", "while :; do sleep 1; done", "etcd"])
+            .args(["-c", "read line", "etcd"])
             .arg(arg)
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap()
     }
@@ -498,9 +501,10 @@ mod reap_tests {
         let mut ours = fake_etcd(&db.join("etcd"));
         let mut ours_by_config = fake_etcd_with(format!("--config-file={}", db.join("etcd/config").display()));
         let mut other = fake_etcd(&tmp.path().join("elsewhere"));
-        // The stand-ins are up once their command lines are readable.
-        for p in [ours.id(), ours_by_config.id()] {
-            while std::fs::read(format!("/proc/{p}/cmdline")).map(|c| c.is_empty()).unwrap_or(true) {
+        // The stand-ins are up once their command lines read etcd (before the exec they are
+        // copies of this test).
+        for p in [ours.id(), ours_by_config.id(), other.id()] {
+            while !std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"etcd\0")) {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
