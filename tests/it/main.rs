@@ -1,5 +1,6 @@
 mod ha;
 mod hostile;
+mod k3s_node;
 mod reset;
 mod s3_store;
 mod server;

@@ -117,6 +117,43 @@ fn zip_in_k3s_layout_restores_from_any_working_dir(v: EtcdVersion) {
     s.stop();
 }
 
+/// k3s's `Cluster.start` (pkg/cluster/managed.go) looks at `reset-flag` only for a bare
+/// `--cluster-reset`: with `--cluster-reset-restore-path` it resets and restores whatever the
+/// flag says. So a second restore needs no normal start in between; a bare reset does, and is
+/// refused with k3s's message, changing nothing.
+#[test]
+fn a_second_restore_needs_no_normal_start_between_but_a_bare_reset_is_refused() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("k", "first")]);
+    let first = save(&dd, &[]);
+    put(&dd, &[("k", "second"), ("only-in-second", "yes")]);
+    let second = save(&dd, &[]);
+    s.stop();
+
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", first.display())]);
+    assert_reset_done(&r, &dd);
+
+    // No normal start since: a bare reset is refused and changes nothing.
+    let before = tree(&dd.db());
+    dd.run(&["--cluster-reset"]).assert_fails_with(&previously_reset(&dd));
+    assert_eq!(tree(&dd.db()), before, "a refused reset changed the db dir");
+
+    // A restore goes ahead despite the flag.
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", second.display())]);
+    assert_reset_done(&r, &dd);
+    // The first restore's data went to etcd-old, the original data to etcd-old-<secs>.
+    let aside: Vec<_> = files(&dd.db()).into_iter().filter(|f| f.starts_with("etcd-old-")).collect();
+    assert_eq!(aside.len(), 1, "{:?}", files(&dd.db()));
+    assert!(dd.db().join("etcd-old/member").is_dir());
+
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert!(!dd.db().join("reset-flag").exists(), "a normal start removes reset-flag");
+    assert_eq!(all_keys(&dd), kv(&[("k", "second"), ("only-in-second", "yes")]));
+    assert_eq!(member_count(&dd), 1);
+    s.stop();
+}
+
 /// `target` relative to `base` (both absolute).
 fn pathdiff(target: &Path, base: &Path) -> PathBuf {
     let ups = base.components().count() - 1;

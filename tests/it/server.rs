@@ -267,6 +267,100 @@ fn s3_down_during_scheduled_snapshots_keeps_local_counts_the_failure_and_recover
     s.stop();
 }
 
+const LOCAL_TAKEN: &str = "k3s_snapshot_scheduled_taken_total{store=\"local\"}";
+const S3_TAKEN: &str = "k3s_snapshot_scheduled_taken_total{store=\"s3\"}";
+const S3_FAILED: &str = "k3s_snapshot_scheduled_failed_total{store=\"s3\"}";
+const UPLOAD_FAILED: &str = "scheduled snapshot upload failed";
+
+/// Snapshots of node-a in a bucket of an s3s-fs root.
+fn in_bucket(s3: &tests::support::s3::S3Server, bucket: &str) -> Vec<String> {
+    files(&s3.root.join(bucket)).into_iter().filter(|f| f.starts_with("etcd-snapshot-node-a-")).collect()
+}
+
+/// `server` flags for `bucket` on `s3`, snapshots every 2 s, a short S3 timeout.
+fn scheduled_s3_flags(s3: &tests::support::s3::S3Server, bucket: &str) -> Vec<String> {
+    let mut flags = s3.server_flags(bucket);
+    flags.push("--etcd-s3-timeout=2s".into());
+    flags.push("--etcd-snapshot-schedule-cron=@every 2s".into());
+    flags.push("--etcd-snapshot-retention=0".into());
+    flags
+}
+
+/// The level and message of the log lines that carry `needle` are a warning.
+#[track_caller]
+fn assert_warned(s: &Server, needle: &str) {
+    let log = s.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    assert!(!lines.is_empty(), "no {needle:?} in the log:\n{log}");
+    assert!(lines.iter().all(|l| l.contains("WARN")), "{needle:?} is not a warning: {lines:#?}");
+}
+
+/// SPEC §4: the server starts whatever S3's state. With S3's port closed at start-up, etcd runs,
+/// every scheduled snapshot is kept locally and its failed upload is a warning and a counted
+/// failure; once S3 listens again, the next scheduled snapshot lands in the bucket.
+#[test]
+fn a_server_started_while_s3_is_down_keeps_local_snapshots_and_uploads_once_s3_is_back() {
+    let mut s3 = tests::support::s3::S3Server::start();
+    s3.create_bucket("snaps");
+    s3.kill();
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let flags = scheduled_s3_flags(&s3, "snaps");
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut s = dd.start(&args);
+    s.wait_for_log("s3 is not usable now", Duration::from_secs(30));
+    wait_until("two local snapshots whose uploads failed", Duration::from_secs(90), || {
+        metric(&s, LOCAL_TAKEN) >= 2.0 && metric(&s, S3_FAILED) >= 2.0
+    });
+    assert!(files(&dd.snapshots()).iter().filter(|f| f.starts_with("etcd-snapshot-node-a-")).count() >= 2);
+    assert!(in_bucket(&s3, "snaps").is_empty());
+    assert_eq!(metric(&s, S3_TAKEN), 0.0);
+    assert_warned(&s, UPLOAD_FAILED);
+    block_on(async { connect(&dd).await.client.put("still", "serving", None).await.unwrap() });
+
+    s3.restart();
+    wait_until("a scheduled snapshot in s3", Duration::from_secs(60), || !in_bucket(&s3, "snaps").is_empty());
+    wait_until("the upload to be counted", Duration::from_secs(10), || metric(&s, S3_TAKEN) >= 1.0);
+    assert!(!s.log_text().contains(tests::support::s3::SECRET_KEY), "the secret key leaked into the logs");
+    s.stop();
+}
+
+/// A wrong secret key: the server runs, every scheduled snapshot is kept locally and its refused
+/// upload is a warning and a counted failure. A bucket that does not exist: the server starts
+/// with a warning that names it and takes its scheduled snapshots. (s3s-fs makes a bucket's
+/// directory on the first PUT where real S3 answers NoSuchBucket, so the uploads themselves are
+/// not a failure to count here; the closed port above shows the counting and the recovery.)
+#[test]
+fn a_server_started_with_a_wrong_secret_or_a_missing_bucket_keeps_local_snapshots() {
+    let s3 = tests::support::s3::S3Server::start();
+    s3.create_bucket("snaps");
+    let dd = DataDir::new(EtcdVersion::V3_5);
+
+    let wrong = "wr0ng-secret-Hx7Qp3";
+    let flags: Vec<String> = scheduled_s3_flags(&s3, "snaps")
+        .into_iter()
+        .map(|f| if f.starts_with("--etcd-s3-secret-key=") { format!("--etcd-s3-secret-key={wrong}") } else { f })
+        .collect();
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut s = dd.start(&args);
+    s.wait_for_log("s3 is not usable now", Duration::from_secs(30));
+    wait_until("local snapshots whose uploads were refused", Duration::from_secs(60), || {
+        metric(&s, LOCAL_TAKEN) >= 2.0 && metric(&s, S3_FAILED) >= 2.0
+    });
+    assert_eq!(metric(&s, S3_TAKEN), 0.0);
+    assert!(in_bucket(&s3, "snaps").is_empty());
+    assert_warned(&s, UPLOAD_FAILED);
+    assert!(!s.log_text().contains(wrong), "the secret key leaked into the logs");
+    s.stop();
+
+    let flags = scheduled_s3_flags(&s3, "not-there");
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut s = dd.start(&args);
+    s.wait_for_log("bucket not-there does not exist", Duration::from_secs(30));
+    assert_warned(&s, "s3 is not usable now");
+    wait_until("a scheduled local snapshot", Duration::from_secs(60), || metric(&s, LOCAL_TAKEN) >= 1.0);
+    s.stop();
+}
+
 #[test]
 fn etcd_dying_stops_the_server_with_its_last_lines() {
     let dd = DataDir::new(EtcdVersion::V3_5);

@@ -129,9 +129,9 @@ impl DataDir {
         vec![format!("--server={}", first.url()), format!("--token={token}")]
     }
 
-    /// etcd client config the server wrote for tools.
+    /// How tools reach this server's etcd, found from the config file it wrote for etcd.
     pub fn etcd_config(&self) -> EtcdClientConfig {
-        EtcdClientConfig::load(&k3s_snapshot_core::etcd::config_path(&self.path())).unwrap()
+        EtcdClientConfig::for_data_dir(&self.path()).unwrap()
     }
 }
 
@@ -228,15 +228,18 @@ impl Drop for Server {
     }
 }
 
-/// Pids of etcd processes whose data dir is under this k3s data dir.
+/// Pids of etcd processes (and restore tools) whose config file or data dir is under this k3s
+/// data dir: the server starts etcd with `--config-file=<db>/etcd/config`, the restore tools run
+/// with `--data-dir`.
 pub fn etcd_pids(data_dir: &Path) -> Vec<u32> {
-    let needle = format!("--data-dir={}", data_dir.join("server/db").display());
+    let db = data_dir.join("server/db");
+    let needles = [format!("--config-file={}", db.display()), format!("--data-dir={}", db.display())];
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.split('\0').any(|a| a.starts_with(&needle)) {
+        if cmd.split('\0').any(|a| needles.iter().any(|n| a.starts_with(n.as_str()))) {
             // A zombie has an empty cmdline, so a match is a live process.
             out.push(pid);
         }

@@ -1,5 +1,6 @@
-//! Running the real `etcd`: finding its binaries, starting it with TLS everywhere, forwarding its
-//! logs into `tracing`, waiting until it is ready, noticing when it dies, and stopping it.
+//! Running the real `etcd`: finding its binaries, starting it from its own config file (as k3s
+//! does) with TLS everywhere, forwarding its logs into `tracing`, waiting until it is ready,
+//! noticing when it dies, and stopping it.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k3s_snapshot_core::etcd::{EtcdClientConfig, EtcdConnection};
+use k3s_snapshot_core::etcd_config::{EtcdConfigFile, TransportSecurity};
+use k3s_snapshot_core::store::create_private_dir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
@@ -63,14 +66,16 @@ impl EtcdBinaries {
     }
 }
 
-/// Everything etcd is started with.
+/// Everything etcd is started with. etcd gets it as its own config file
+/// (`<data dir>/config`, see [`EtcdConfigFile`]) and `--config-file`, as k3s runs its embedded
+/// etcd, so that tools find etcd from the same file on our nodes and on k3s's.
 #[derive(Debug, Clone)]
 pub struct EtcdLaunch {
     pub name: String,
     pub data_dir: PathBuf,
     /// `https://ADVERTISE:CLIENT_PORT`
     pub client_url: String,
-    /// `https://ADVERTISE:PEER_PORT`
+    /// `https://PEER_ADDRESS:PEER_PORT`
     pub peer_url: String,
     /// `name=peer_url,...`
     pub initial_cluster: String,
@@ -83,46 +88,79 @@ pub struct EtcdLaunch {
     pub extra_args: Vec<String>,
 }
 
+/// etcd's defaults (milliseconds), written out because k3s's file always carries both keys.
+const HEARTBEAT_INTERVAL_MS: u64 = 100;
+const ELECTION_TIMEOUT_MS: u64 = 1000;
+
 impl EtcdLaunch {
-    pub fn args(&self) -> Vec<String> {
-        let p = |p: &Path| p.display().to_string();
-        let mut a = vec![
-            format!("--name={}", self.name),
-            format!("--data-dir={}", p(&self.data_dir)),
-            format!("--listen-client-urls={}", self.client_url),
-            format!("--advertise-client-urls={}", self.client_url),
-            format!("--listen-peer-urls={}", self.peer_url),
-            format!("--initial-advertise-peer-urls={}", self.peer_url),
-            format!("--initial-cluster={}", self.initial_cluster),
-            format!("--initial-cluster-state={}", self.initial_cluster_state),
-            format!("--trusted-ca-file={}", p(&self.tls.etcd_server_ca)),
-            format!("--cert-file={}", p(&self.tls.etcd_server_cert)),
-            format!("--key-file={}", p(&self.tls.etcd_server_key)),
-            "--client-cert-auth=true".into(),
-            format!("--peer-trusted-ca-file={}", p(&self.tls.etcd_peer_ca)),
-            format!("--peer-cert-file={}", p(&self.tls.etcd_peer_cert)),
-            format!("--peer-key-file={}", p(&self.tls.etcd_peer_key)),
-            "--peer-client-cert-auth=true".into(),
-            "--logger=zap".into(),
-            "--log-outputs=stderr".into(),
-        ];
-        if let Some(m) = &self.metrics_url {
-            a.push(format!("--listen-metrics-urls={m}"));
-        }
-        if self.force_new_cluster {
-            a.push("--force-new-cluster".into());
-        }
-        for extra in &self.extra_args {
-            let e = extra.trim_start_matches('-');
-            a.push(format!("--{e}"));
-        }
-        a
+    /// `<data dir>/config`: where k3s keeps etcd's config file (`${data-dir}/server/db/etcd/config`).
+    pub fn config_path(&self) -> PathBuf {
+        self.data_dir.join("config")
     }
 
-    /// What `etcd-snapshot` and our own checks use to reach this etcd.
+    /// The client URL on loopback (`https://127.0.0.1:CLIENT_PORT`, or `[::1]` for an IPv6
+    /// address). etcd listens there beside the advertised URL, as under k3s, and local clients
+    /// (this server, `etcd-snapshot`, k3s's tools) connect there.
+    pub fn loopback_client_url(&self) -> String {
+        let (scheme, rest) = self.client_url.split_once("://").unwrap_or(("https", &self.client_url));
+        let port = rest.rsplit_once(':').map(|(_, p)| p).unwrap_or("2379");
+        let host = if rest.starts_with('[') { "[::1]" } else { "127.0.0.1" };
+        format!("{scheme}://{host}:{port}")
+    }
+
+    /// `listen-client-urls`: loopback first, then the advertised URL (once, if they are the same).
+    fn listen_client_urls(&self) -> String {
+        let lo = self.loopback_client_url();
+        if lo == self.client_url {
+            lo
+        } else {
+            format!("{lo},{}", self.client_url)
+        }
+    }
+
+    /// etcd's config file for this launch.
+    pub fn config_file(&self) -> EtcdConfigFile {
+        EtcdConfigFile {
+            name: self.name.clone(),
+            data_dir: self.data_dir.clone(),
+            listen_client_urls: self.listen_client_urls(),
+            advertise_client_urls: self.client_url.clone(),
+            listen_peer_urls: self.peer_url.clone(),
+            initial_advertise_peer_urls: self.peer_url.clone(),
+            initial_cluster: self.initial_cluster.clone(),
+            initial_cluster_state: self.initial_cluster_state.clone(),
+            listen_metrics_urls: self.metrics_url.clone().unwrap_or_default(),
+            client_transport_security: TransportSecurity {
+                cert_file: self.tls.etcd_server_cert.clone(),
+                key_file: self.tls.etcd_server_key.clone(),
+                trusted_ca_file: self.tls.etcd_server_ca.clone(),
+                client_cert_auth: true,
+            },
+            peer_transport_security: TransportSecurity {
+                cert_file: self.tls.etcd_peer_cert.clone(),
+                key_file: self.tls.etcd_peer_key.clone(),
+                trusted_ca_file: self.tls.etcd_peer_ca.clone(),
+                client_cert_auth: true,
+            },
+            force_new_cluster: self.force_new_cluster,
+            heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+            election_timeout: ELECTION_TIMEOUT_MS,
+            logger: "zap".into(),
+            log_outputs: vec!["stderr".into()],
+            extra_args: self.extra_args.clone(),
+        }
+    }
+
+    /// etcd's command line: only the config file (etcd ignores other flags when given one).
+    pub fn args(&self) -> Vec<String> {
+        vec![format!("--config-file={}", self.config_path().display())]
+    }
+
+    /// What our own checks, the scheduler and the API use to reach this etcd: the loopback
+    /// listener, with the tools' client certificate.
     pub fn client_config(&self) -> EtcdClientConfig {
         EtcdClientConfig {
-            endpoints: vec![self.client_url.clone()],
+            endpoints: vec![self.loopback_client_url()],
             cacert: Some(self.tls.etcd_server_ca.clone()),
             cert: Some(self.tls.etcd_client_cert.clone()),
             key: Some(self.tls.etcd_client_key.clone()),
@@ -175,7 +213,10 @@ pub fn check_port_free(what: &'static str, addr: std::net::SocketAddr) -> Result
 }
 
 impl EtcdProcess {
+    /// Writes etcd's config file into its data dir (creating it, 0700) and starts etcd with it.
     pub async fn start(bins: &EtcdBinaries, launch: &EtcdLaunch) -> Result<Self> {
+        create_private_dir(&launch.data_dir)?;
+        launch.config_file().save(&launch.config_path())?;
         let args = launch.args();
         tracing::info!(etcd = %bins.etcd.display(), name = %launch.name, client_url = %launch.client_url, peer_url = %launch.peer_url,
             force_new_cluster = launch.force_new_cluster, "starting etcd");
@@ -402,7 +443,7 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
-/// Processes named etcd/etcdutl/etcdctl whose `--data-dir` lies under `db`.
+/// Processes named etcd/etcdutl/etcdctl whose `--data-dir` or `--config-file` lies under `db`.
 fn orphans_on(db: &Path) -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
     let me = std::process::id() as i32;
@@ -423,12 +464,16 @@ fn orphans_on(db: &Path) -> Vec<i32> {
         if !matches!(prog.as_str(), "etcd" | "etcdutl" | "etcdctl") {
             continue;
         }
-        let data_dir = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--data-dir") {
-            Some(v) if v.starts_with('=') => Some(v[1..].to_string()),
-            Some("") => args.get(i + 1).cloned(),
-            _ => None,
-        });
-        let Some(d) = data_dir else { continue };
+        // etcd runs with `--config-file=<db>/etcd/config`; the restore tools (and an etcd started
+        // by an earlier version of ours) with `--data-dir`.
+        let path_arg = |flag: &str| {
+            args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix(flag) {
+                Some(v) if v.starts_with('=') => Some(v[1..].to_string()),
+                Some("") => args.get(i + 1).cloned(),
+                _ => None,
+            })
+        };
+        let Some(d) = path_arg("--data-dir").or_else(|| path_arg("--config-file")) else { continue };
         let d = std::fs::canonicalize(&d).unwrap_or_else(|_| PathBuf::from(&d));
         if d.starts_with(db) && !is_zombie(pid) {
             out.push(pid);
@@ -442,14 +487,21 @@ mod reap_tests {
     use super::*;
     use std::os::unix::process::CommandExt;
 
-    /// A stand-in whose command line reads `etcd … --data-dir=DIR` (a shell loop named etcd).
-    fn fake_etcd(data_dir: &Path) -> std::process::Child {
+    /// A stand-in whose command line reads `etcd … ARG`: a shell named etcd blocked in the `read`
+    /// builtin on a pipe nobody writes to. It never forks (a `sleep` loop would, and its children
+    /// carry the same command line until they exec, so a scan could count them too).
+    fn fake_etcd_with(arg: String) -> std::process::Child {
         std::process::Command::new("/bin/sh")
             .arg0("etcd")
-            .args(["-c", "while :; do sleep 1; done", "etcd"])
-            .arg(format!("--data-dir={}", data_dir.display()))
+            .args(["-c", "read line", "etcd"])
+            .arg(arg)
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap()
+    }
+
+    fn fake_etcd(data_dir: &Path) -> std::process::Child {
+        fake_etcd_with(format!("--data-dir={}", data_dir.display()))
     }
 
     #[tokio::test]
@@ -458,15 +510,22 @@ mod reap_tests {
         let db = tmp.path().join("server/db");
         std::fs::create_dir_all(db.join("etcd")).unwrap();
         std::fs::create_dir_all(tmp.path().join("elsewhere")).unwrap();
+        std::fs::write(db.join("etcd/config"), b"name: n\n").unwrap();
         let mut ours = fake_etcd(&db.join("etcd"));
+        let mut ours_by_config = fake_etcd_with(format!("--config-file={}", db.join("etcd/config").display()));
         let mut other = fake_etcd(&tmp.path().join("elsewhere"));
-        // The stand-ins are up once their command lines are readable.
-        while std::fs::read(format!("/proc/{}/cmdline", ours.id())).map(|c| c.is_empty()).unwrap_or(true) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // The stand-ins are up once their command lines read etcd (before the exec they are
+        // copies of this test).
+        for p in [ours.id(), ours_by_config.id(), other.id()] {
+            while !std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"etcd\0")) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-        assert_eq!(reap_orphans(&db).await, 1);
-        let st = ours.wait().unwrap();
-        assert!(!st.success(), "killed: {st}");
+        assert_eq!(reap_orphans(&db).await, 2);
+        for c in [&mut ours, &mut ours_by_config] {
+            let st = c.wait().unwrap();
+            assert!(!st.success(), "killed: {st}");
+        }
         assert!(other.try_wait().unwrap().is_none(), "an etcd of another data dir is left alone");
         let _ = other.kill();
         let _ = other.wait();

@@ -29,8 +29,8 @@ use k3s_snapshot_core::etcd::EtcdClientConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::DbInfo;
+use crate::config::ServerConfig;
 use crate::layout::DataDir;
-use crate::server::ServerConfig;
 use crate::tls::{CaMaterial, TlsFiles, CA_NAMES};
 use crate::token::{ca_hash, Token};
 use crate::{wal, Error, Result};
@@ -95,23 +95,6 @@ impl Fresh {
         tracing::info!(server = %self.server, "installed the cluster's certificate authorities and token");
         Ok(())
     }
-}
-
-/// Checks `--server` without the network: an `https://HOST[:PORT]` URL.
-pub fn validate_server_url(url: &str) -> Result<()> {
-    let bad = |why: &str| {
-        Error::Config(format!(
-            "--server {url:?} {why}; give the supervisor URL of a server of the cluster, https://HOST:6443"
-        ))
-    };
-    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
-    if parsed.scheme() != "https" {
-        return Err(bad("must use https"));
-    }
-    if parsed.host_str().is_none_or(str::is_empty) {
-        return Err(bad("has no host"));
-    }
-    Ok(())
 }
 
 fn base_url(url: &str) -> String {
@@ -608,16 +591,6 @@ mod tests {
             peer_urls: vec![format!("https://{client}:2380")],
             client_urls: vec![format!("https://{client}:2379")],
             is_learner: learner,
-        }
-    }
-
-    #[test]
-    fn server_url_must_be_https_with_a_host() {
-        assert!(validate_server_url("https://10.0.0.1:6443").is_ok());
-        assert!(validate_server_url("https://s1.example/").is_ok());
-        for bad in ["http://10.0.0.1:6443", "10.0.0.1:6443", "https://", "nonsense"] {
-            let e = validate_server_url(bad).unwrap_err().to_string();
-            assert!(e.contains("--server"), "{bad}: {e}");
         }
     }
 

@@ -45,8 +45,9 @@ impl DataDir {
     pub fn etcd(&self) -> PathBuf {
         self.db().join("etcd")
     }
-    /// `server/db/etcd/config`: endpoints and TLS paths for `etcd-snapshot`.
-    pub fn etcd_client_config(&self) -> PathBuf {
+    /// `server/db/etcd/config`: etcd's config file (k3s's place for it), which `etcd-snapshot`
+    /// reads to find etcd.
+    pub fn etcd_config(&self) -> PathBuf {
         k3s_snapshot_core::etcd::config_path(&self.root)
     }
     /// `server/db/etcd-old/`: the data moved aside by the latest reset.

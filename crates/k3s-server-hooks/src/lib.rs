@@ -6,11 +6,12 @@
 //! [`server::run`] ties them together.
 //!
 //! This crate never parses flags and never prints: the binary turns flags into a
-//! [`server::ServerConfig`], passes a [`tokio_util::sync::CancellationToken`] for shutdown, and
+//! [`config::ServerConfig`], passes a [`tokio_util::sync::CancellationToken`] for shutdown, and
 //! reads [`tracing`] events.
 
 pub mod api;
 pub mod children;
+pub mod config;
 mod crash;
 pub mod error;
 pub mod etcd_proc;

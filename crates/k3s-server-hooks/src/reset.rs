@@ -29,9 +29,9 @@ use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, wri
 use k3s_snapshot_core::{compress, integrity, name};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::ServerConfig;
 use crate::etcd_proc::{run_tool, EtcdBinaries, EtcdLaunch, EtcdProcess};
 use crate::layout::DataDir;
-use crate::server::ServerConfig;
 use crate::token::Token;
 use crate::{Error, Result};
 
@@ -40,7 +40,8 @@ pub const RESET_DONE: &str = "Managed etcd cluster membership has been reset, re
 
 const ABORT_ENV: &str = "K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER";
 
-/// The refusal of a second reset while `reset-flag` exists (exact text of k3s).
+/// The refusal of a second bare `--cluster-reset` while `reset-flag` exists (exact text of k3s).
+/// A reset with `--cluster-reset-restore-path` does not look at the flag, as in k3s.
 pub fn previously_reset_message(dd: &DataDir) -> String {
     format!(
         "Managed etcd cluster membership was previously reset, please remove the cluster-reset flag and start normally. If you need to perform another cluster reset, you must first manually delete the file at {}",
@@ -404,7 +405,6 @@ pub async fn execute(
     }
 
     let client = launch.client_config();
-    client.save(&dd.etcd_client_config())?;
     let mut etcd = EtcdProcess::start(bins, &launch).await?;
     let checked = async {
         let mut conn = etcd.wait_ready(&client, cfg.etcd_ready_timeout, cancel).await?;

@@ -115,7 +115,7 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
                     tracing::info!(snapshot = %out.local.metadata.name, bytes = n, "scheduled snapshot uploaded");
                 }
                 Some(Err(e)) => {
-                    tracing::error!(snapshot = %out.local.metadata.name, error = %e, "scheduled snapshot upload failed; the local snapshot is kept");
+                    tracing::warn!(snapshot = %out.local.metadata.name, error = %e, "scheduled snapshot upload failed; the local snapshot is kept, the next one tries s3 again");
                     job.metrics.failure(REMOTE, e.to_string());
                 }
                 None => {}
@@ -132,7 +132,7 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
     if let Some(remote) = &job.remote {
         let policy = RetentionPolicy { prefix: &job.save.prefix, keep: job.remote_retention };
         if let Err(e) = prune(remote.as_ref(), &policy).await {
-            tracing::error!(error = %e, store = %remote.describe(), "s3 retention failed");
+            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention failed; the next snapshot tries again");
         }
     }
 }

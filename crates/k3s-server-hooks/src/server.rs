@@ -1,159 +1,24 @@
-//! The server: validated configuration in, etcd with scheduled snapshots and the supervisor API
-//! out, until cancelled. Or, with `--cluster-reset`, the reset (see [`crate::reset`]) and exit.
+//! The server: a validated [`ServerConfig`] in, etcd with scheduled snapshots and the supervisor
+//! API out, until cancelled. Or, with `--cluster-reset`, the reset (see [`crate::reset`]) and exit.
 
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use k3s_snapshot_core::save::SaveOptions;
-use k3s_snapshot_core::store::{create_private_dir, tighten_mode, LocalStore, ScratchFile, SnapshotStore};
+use k3s_snapshot_core::store::{create_private_dir, tighten_mode, LocalStore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdLaunch, EtcdProcess};
+use crate::config::ServerConfig;
+use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdProcess};
 use crate::join::{self, JoinPlan};
 use crate::layout::DataDir;
 use crate::lock::DataDirLock;
 use crate::metrics::SnapshotMetrics;
-use crate::schedule::Schedule;
 use crate::scheduler::SnapshotJob;
-use crate::tls::TlsFiles;
 use crate::token::Token;
 use crate::{api, reset, scheduler, tls, Error, Result};
-
-/// Downloads a snapshot object by name into a scratch file in a directory, verified against its
-/// metadata, and returns it (the reset gives it its final name once the snapshot passed every
-/// check). The binary supplies it from its S3 backend (this crate knows no S3).
-pub type RemoteFetch =
-    Arc<dyn Fn(String, PathBuf) -> BoxFuture<'static, k3s_snapshot_core::Result<ScratchFile>> + Send + Sync>;
-
-/// Scheduled-snapshot settings.
-#[derive(Clone)]
-pub struct SnapshotSettings {
-    /// `None` when `--etcd-disable-snapshots`.
-    pub schedule: Option<Schedule>,
-    /// `--etcd-snapshot-name`
-    pub name: String,
-    /// `--etcd-snapshot-retention`
-    pub retention: i64,
-    /// `--etcd-snapshot-dir`; default `${data-dir}/server/db/snapshots`.
-    pub dir: Option<PathBuf>,
-    /// `--etcd-snapshot-compress`
-    pub compress: bool,
-    /// Where snapshots are uploaded too (`--etcd-s3`).
-    pub remote: Option<Arc<dyn SnapshotStore>>,
-    /// `--etcd-s3-retention`
-    pub remote_retention: i64,
-    /// Fetches `--cluster-reset-restore-path` from the remote store (`--etcd-s3`).
-    pub remote_fetch: Option<RemoteFetch>,
-    /// Upper bound of the random delay of each scheduled snapshot (SPEC: 5 s).
-    pub jitter: Duration,
-}
-
-/// A validated server configuration (the binary's flags, after parsing).
-#[derive(Clone)]
-pub struct ServerConfig {
-    pub data_dir: DataDir,
-    pub node_name: String,
-    /// `--token`; generated when absent and not stored yet.
-    pub token: Option<String>,
-    /// `--server`: join an existing cluster.
-    pub server_url: Option<String>,
-    pub cluster_reset: bool,
-    pub cluster_reset_restore_path: Option<String>,
-    pub bind_address: IpAddr,
-    pub advertise_address: IpAddr,
-    pub https_listen_port: u16,
-    pub etcd_client_port: u16,
-    pub etcd_peer_port: u16,
-    pub etcd_bin_dir: Option<PathBuf>,
-    pub etcd_args: Vec<String>,
-    pub etcd_expose_metrics: bool,
-    pub snapshots: SnapshotSettings,
-    /// How long etcd may take to become ready.
-    pub etcd_ready_timeout: Duration,
-    /// How long etcd may take to stop after SIGTERM before it is killed.
-    pub etcd_stop_grace: Duration,
-}
-
-impl std::fmt::Debug for ServerConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerConfig")
-            .field("data_dir", &self.data_dir)
-            .field("node_name", &self.node_name)
-            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
-            .field("cluster_reset", &self.cluster_reset)
-            .field("advertise_address", &self.advertise_address)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServerConfig {
-    /// Checks that need no filesystem: flag combinations.
-    pub fn validate(&self) -> Result<()> {
-        if self.cluster_reset_restore_path.is_some() && !self.cluster_reset {
-            return Err(Error::Config(
-                "--cluster-reset-restore-path needs --cluster-reset; add it to restore from a snapshot".into(),
-            ));
-        }
-        if self.cluster_reset && self.server_url.is_some() {
-            return Err(Error::Config(
-                "--cluster-reset cannot be used with --server: reset the server that holds the data, then rejoin the others".into(),
-            ));
-        }
-        if let Some(url) = &self.server_url {
-            join::validate_server_url(url)?;
-        }
-        if self.advertise_address.is_unspecified() {
-            return Err(Error::Config("--advertise-address must be a concrete address, not 0.0.0.0 or ::".into()));
-        }
-        k3s_snapshot_core::name::validate_file_name(&self.node_name)
-            .map_err(|e| Error::Config(format!("--node-name: {e}")))?;
-        k3s_snapshot_core::name::validate_prefix(&self.snapshots.name)
-            .map_err(|e| Error::Config(format!("--etcd-snapshot-name: {e}")))?;
-        Ok(())
-    }
-
-    pub fn snapshot_store(&self) -> LocalStore {
-        let dir = self.snapshots.dir.clone().unwrap_or_else(|| self.data_dir.snapshots());
-        // Metadata beside the snapshot dir (`<dir>/../.metadata`), as `etcd-snapshot` lays it out.
-        LocalStore::new(dir)
-    }
-
-    fn url(&self, port: u16) -> String {
-        format!("https://{}", SocketAddr::new(self.advertise_address, port))
-    }
-
-    /// `https://ADVERTISE:PEER_PORT`: this server's etcd peer URL.
-    pub fn peer_url(&self) -> String {
-        self.url(self.etcd_peer_port)
-    }
-
-    /// `--initial-cluster` of this server alone: `<node name>=<peer URL>`.
-    pub fn initial_cluster_of_one(&self) -> String {
-        format!("{}={}", self.node_name, self.peer_url())
-    }
-
-    pub fn etcd_launch(&self, tls: TlsFiles) -> EtcdLaunch {
-        let peer_url = self.peer_url();
-        EtcdLaunch {
-            name: self.node_name.clone(),
-            data_dir: self.data_dir.etcd(),
-            client_url: self.url(self.etcd_client_port),
-            initial_cluster: self.initial_cluster_of_one(),
-            peer_url,
-            initial_cluster_state: "new".into(),
-            force_new_cluster: false,
-            metrics_url: self
-                .etcd_expose_metrics
-                .then(|| format!("http://{}", SocketAddr::new(self.advertise_address, 2381))),
-            tls,
-            extra_args: self.etcd_args.clone(),
-        }
-    }
-}
 
 /// For crash tests of a join: `added` aborts right after `MemberAdd` (before etcd starts),
 /// `learner-running` once the new learner's etcd is ready but not yet promoted.
@@ -224,16 +89,24 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     // writing them.
     cfg.snapshot_store().remove_stale_parts(std::time::Duration::from_secs(600));
     let bins = EtcdBinaries::find(cfg.etcd_bin_dir.as_deref())?;
-    if cfg.cluster_reset && dd.reset_flag().exists() {
+    // As k3s: a restore from a snapshot does not look at `reset-flag` (it replaces the data
+    // anyway); a bare `--cluster-reset` after an earlier reset, with no normal start between, is
+    // refused.
+    if cfg.cluster_reset && cfg.cluster_reset_restore_path.is_none() && dd.reset_flag().exists() {
         return Err(Error::Reset(reset::previously_reset_message(&dd)));
     }
     reset::recover_interrupted(&dd)?;
 
     // Everything that can be refused is refused before anything changes or etcd starts.
     let plan = if cfg.cluster_reset { Some(reset::prepare(&cfg, &bins).await?) } else { None };
+    // etcd listens on the advertised address and, as under k3s, on loopback too.
     let client_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_client_port);
+    let loopback_addr = SocketAddr::new(cfg.loopback_address(), cfg.etcd_client_port);
     let peer_addr = SocketAddr::new(cfg.advertise_address, cfg.etcd_peer_port);
     check_port_free("--etcd-client-port", client_addr)?;
+    if loopback_addr != client_addr {
+        check_port_free("--etcd-client-port", loopback_addr)?;
+    }
     check_port_free("--etcd-peer-port", peer_addr)?;
     let api_listener =
         if plan.is_none() { Some(api::bind(SocketAddr::new(cfg.bind_address, cfg.https_listen_port))?) } else { None };
@@ -268,7 +141,6 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
 
     create_private_dir(&dd.etcd())?;
     let client = launch.client_config();
-    client.save(&dd.etcd_client_config())?;
     // A new member: added as a learner; promoted once its etcd caught up. A member restarting
     // from its data that was still a learner is promoted the same way.
     let (added, promotion) = match &join_plan {

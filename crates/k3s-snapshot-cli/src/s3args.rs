@@ -180,6 +180,13 @@ impl S3Args {
         }
     }
 
+    /// The store when S3 is on, built without a request: only flags that cannot work fail here
+    /// (what `server` does, so that it starts whatever S3's state).
+    pub fn build(&self) -> anyhow::Result<Option<s3_backend::S3Store>> {
+        let Some(cfg) = self.to_config()? else { return Ok(None) };
+        Ok(Some(s3_backend::S3Store::new(&cfg)?))
+    }
+
     /// Connects to the bucket when S3 is on.
     pub async fn open(&self) -> anyhow::Result<Option<Arc<dyn SnapshotStore>>> {
         let Some(cfg) = self.to_config()? else { return Ok(None) };

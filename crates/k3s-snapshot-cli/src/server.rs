@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use k3s_server_hooks::config::{RemoteFetch, ServerConfig, SnapshotSettings};
 use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::schedule::Schedule;
-use k3s_server_hooks::server::{RemoteFetch, ServerConfig, SnapshotSettings};
 use k3s_snapshot_core::store::{create_private_dir, write_file_atomic, LocalStore, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
@@ -164,12 +164,31 @@ impl ServerArgs {
 }
 
 pub async fn run(args: ServerArgs, cancel: CancellationToken) -> anyhow::Result<()> {
-    // Flag errors (an invalid cron) come before any connection is tried.
+    // Flag errors (an invalid cron) come before anything else.
     args.to_config(None)?.validate()?;
-    let remote = args.s3.open().await.context("--etcd-s3")?;
+    // S3 down, a missing bucket or refused credentials do not keep the server down (SPEC §4):
+    // only S3 flags that cannot work are fatal here. Each scheduled snapshot is kept locally and
+    // tries S3 again; a failed upload is a warning and a metric.
+    let store = args.s3.build().context("--etcd-s3")?;
+    if let (Some(store), false) = (&store, args.cluster_reset) {
+        tokio::spawn(check_s3(store.clone()));
+    }
+    let remote = store.map(|s| Arc::new(s) as Arc<dyn SnapshotStore>);
     let cfg = args.to_config(remote)?;
     k3s_server_hooks::server::run(cfg, cancel).await?;
     Ok(())
+}
+
+/// Tells at start-up whether S3 is usable, without holding the server up.
+async fn check_s3(store: s3_backend::S3Store) {
+    match store.check().await {
+        Ok(()) => tracing::info!(store = %store.describe(), "s3 is reachable"),
+        Err(e) => tracing::warn!(
+            store = %store.describe(),
+            error = %e,
+            "s3 is not usable now; scheduled snapshots are kept locally and each one tries s3 again"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -110,13 +110,13 @@ pub struct CommonArgs {
     /// etcd endpoints, comma separated [default: from ${data-dir}/server/db/etcd/config]
     #[arg(long, global = true, value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
-    /// CA certificate of etcd's client URL
+    /// CA certificate of etcd's client URL [default: from ${data-dir}/server/db/etcd/config]
     #[arg(long, global = true)]
     pub etcd_cacert: Option<PathBuf>,
-    /// Client certificate for etcd
+    /// Client certificate for etcd [default: ${data-dir}/server/tls/etcd/client.crt]
     #[arg(long, global = true)]
     pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd
+    /// Client key for etcd [default: ${data-dir}/server/tls/etcd/client.key]
     #[arg(long, global = true)]
     pub etcd_key: Option<PathBuf>,
     #[command(flatten)]
@@ -162,7 +162,15 @@ impl CommonArgs {
                 self.data_dir().display()
             );
         }
-        Ok(EtcdClientConfig::load(&path)?)
+        let mut cfg = EtcdClientConfig::for_data_dir(&self.data_dir())?;
+        // TLS files given on the command line win over those the config file implies.
+        if self.etcd_cacert.is_some() {
+            cfg.cacert = self.etcd_cacert.clone();
+        }
+        if self.etcd_cert.is_some() || self.etcd_key.is_some() {
+            (cfg.cert, cfg.key) = (self.etcd_cert.clone(), self.etcd_key.clone());
+        }
+        Ok(cfg)
     }
 }
 

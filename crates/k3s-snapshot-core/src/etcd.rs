@@ -1,6 +1,8 @@
-//! Reaching etcd: the client configuration that the server writes to
-//! `${data-dir}/server/db/etcd/config` and `etcd-snapshot` reads, and a connection that fails fast
-//! with a clear message when etcd is not there.
+//! Reaching etcd: the client configuration ([`EtcdClientConfig`]: endpoints and TLS files),
+//! found for a data dir from `${data-dir}/server/db/etcd/config` (etcd's own config file, as k3s
+//! and our server write it, see [`crate::etcd_config`]; or the `endpoints:` file that earlier
+//! versions of our server wrote), and a connection that fails fast with a clear message when etcd
+//! is not there.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,7 +19,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// linearizable read after its request timeout (7 s with default settings).
 pub const QUORUM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Endpoints and TLS material for a client of etcd.
+/// Endpoints and TLS material for a client of etcd. Also the file format earlier versions of our
+/// server wrote to `server/db/etcd/config` (still read, see [`EtcdClientConfig::for_data_dir`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct EtcdClientConfig {
@@ -35,13 +38,73 @@ pub fn config_path(data_dir: &Path) -> PathBuf {
     data_dir.join("server/db/etcd/config")
 }
 
+/// `${data-dir}/server/tls/etcd/`: where k3s (and our server) keep the CA that signed etcd's
+/// serving certificate (`server-ca.crt`) and the client pair for tools (`client.crt`,
+/// `client.key`).
+pub fn etcd_tls_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("server/tls/etcd")
+}
+
 impl EtcdClientConfig {
+    /// How to reach the etcd of a data dir, from `${data-dir}/server/db/etcd/config`.
+    ///
+    /// etcd's own config file (what k3s writes for its embedded etcd, and our server since it
+    /// starts etcd with `--config-file`): the endpoint is the loopback client URL etcd listens on
+    /// ([`crate::etcd_config::pick_endpoint`]), the CA is `client-transport-security`'s
+    /// `trusted-ca-file`, and the client certificate is `server/tls/etcd/client.{crt,key}`, the
+    /// pair k3s's own `etcd-snapshot` uses (the file's `cert-file`/`key-file` are etcd's serving
+    /// pair, not a client's). The `endpoints:` file of earlier versions of ours is read as it is.
+    pub fn for_data_dir(data_dir: &Path) -> Result<Self> {
+        let path = config_path(data_dir);
+        let bytes = std::fs::read(&path).map_err(Error::io("read etcd config", &path))?;
+        let invalid = |what: String| {
+            Error::Invalid(format!(
+                "etcd config {}: {what}; pass --etcd-endpoints (with --etcd-cacert, --etcd-cert, --etcd-key)",
+                path.display()
+            ))
+        };
+        let doc: serde_yaml::Mapping = match serde_yaml::from_slice(&bytes) {
+            Ok(serde_yaml::Value::Mapping(m)) => m,
+            Ok(_) => return Err(invalid("not a YAML mapping".into())),
+            Err(e) => return Err(invalid(format!("not YAML ({e})"))),
+        };
+        if doc.contains_key("endpoints") {
+            return serde_yaml::from_value(serde_yaml::Value::Mapping(doc))
+                .map_err(|e| invalid(format!("not a valid client config ({e})")));
+        }
+        if !crate::etcd_config::is_etcd_config(&doc) {
+            return Err(invalid("has neither etcd's listen-client-urls nor endpoints".into()));
+        }
+        let side = crate::etcd_config::client_side(&doc, &path)?;
+        if !side.endpoint.starts_with("https://") {
+            return Ok(EtcdClientConfig { endpoints: vec![side.endpoint], cacert: None, cert: None, key: None });
+        }
+        let tls = etcd_tls_dir(data_dir);
+        let cacert = side.trusted_ca_file.unwrap_or_else(|| tls.join("server-ca.crt"));
+        let (cert, key) = (tls.join("client.crt"), tls.join("client.key"));
+        let (cert, key) = if cert.is_file() && key.is_file() {
+            (Some(cert), Some(key))
+        } else if side.client_cert_auth {
+            return Err(Error::Invalid(format!(
+                "etcd at {} wants a client certificate and {} or {} is missing; pass --etcd-cert and --etcd-key",
+                side.endpoint,
+                cert.display(),
+                key.display()
+            )));
+        } else {
+            (None, None)
+        };
+        Ok(EtcdClientConfig { endpoints: vec![side.endpoint], cacert: Some(cacert), cert, key })
+    }
+
+    /// Reads a file in the `endpoints:` format.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(Error::io("read etcd client config", path))?;
         serde_yaml::from_slice(&bytes)
             .map_err(|e| Error::Invalid(format!("etcd client config {}: {e}", path.display())))
     }
 
+    /// Writes the `endpoints:` format (what earlier versions of our server wrote).
     pub fn save(&self, path: &Path) -> Result<()> {
         let yaml = serde_yaml::to_string(self).expect("config serializes");
         crate::store::write_file_atomic(path, yaml.as_bytes())

@@ -10,6 +10,7 @@ pub mod compress;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+pub mod etcd_config;
 pub mod integrity;
 pub mod list;
 pub mod metadata;

@@ -1,7 +1,8 @@
 //! The S3 implementation of [`k3s_snapshot_core::store::SnapshotStore`], built on the `minio` crate.
 //!
 //! [`S3Store::connect`] takes an [`S3Config`] (what the `--etcd-s3-*` flags say), checks that the
-//! bucket is there, and returns a store whose keys live under `folder/`. The store's guarantees
+//! bucket is there, and returns a store whose keys live under `folder/`; [`S3Store::new`] builds
+//! the same store without a request (a server starts whatever S3's state). The store's guarantees
 //! are the trait's: atomic puts (multipart uploads are aborted on any failure), streamed gets,
 //! paged listings, batched deletes. Failures become [`k3s_snapshot_core::Error::Storage`] with a
 //! one-line cause from [`S3Error`] and a typed `retryable` flag; credentials never appear in

@@ -113,6 +113,18 @@ impl S3Store {
     /// Builds the client and checks that the bucket exists and that the credentials may read it.
     /// Nothing is written.
     pub async fn connect(cfg: &S3Config) -> Result<S3Store> {
+        let store = S3Store::new(cfg)?;
+        store.check().await?;
+        tracing::debug!(store = %store.inner.describe, endpoint = %store.inner.classifier.endpoint, "connected to s3");
+        Ok(store)
+    }
+
+    /// Builds the client without the network: only what the configuration itself can get wrong
+    /// (an endpoint, region or bucket name that is not valid, a CA file that is not a PEM
+    /// certificate, a proxy not in effect) fails here. Whether S3 answers, the bucket exists and
+    /// the credentials are accepted is found by [`S3Store::check`] or by the first request. A
+    /// server builds its store this way, so that it starts whatever S3's state.
+    pub fn new(cfg: &S3Config) -> Result<S3Store> {
         let endpoint = cfg.validate().map_err(Error::Invalid)?;
         check_proxy_env(cfg, endpoint.https)?;
         if let Some(ca) = &cfg.endpoint_ca {
@@ -172,8 +184,6 @@ impl S3Store {
                 timeout: cfg.timeout,
             }),
         };
-        store.check_bucket().await?;
-        tracing::debug!(store = %store.inner.describe, endpoint = %store.inner.classifier.endpoint, "connected to s3");
         Ok(store)
     }
 
@@ -187,7 +197,8 @@ impl S3Store {
         &self.inner.classifier.endpoint
     }
 
-    async fn check_bucket(&self) -> Result<()> {
+    /// Checks that S3 answers, the bucket exists and the credentials may read it.
+    pub async fn check(&self) -> Result<()> {
         let inner = &self.inner;
         let exists = inner
             .call("check", "the bucket", || async move {

@@ -146,6 +146,14 @@ pub fn pids_with_arg(programs: &[&str], needle: &str) -> Vec<u32> {
     out
 }
 
+/// Live etcd processes of a `server/db` dir: the server starts etcd with
+/// `--config-file=<db>/etcd/config` (an etcd of an earlier version had `--data-dir=<db>/etcd`).
+fn etcd_pids_under(db: &Path) -> Vec<u32> {
+    let mut v = pids_with_arg(&["etcd"], &format!("--config-file={}", db.display()));
+    v.extend(pids_with_arg(&["etcd"], &format!("--data-dir={}", db.display())));
+    v
+}
+
 /// Whether a process has released its files and sockets: gone, or a zombie with no thread left.
 /// (Its command line empties before its sockets close, and a multi-threaded process's leader
 /// turns zombie while its other threads still hold the descriptor table, so neither alone says
@@ -391,7 +399,7 @@ impl Node {
 
     /// Live etcd processes of this node's data dir.
     pub fn etcd_pids(&self) -> Vec<u32> {
-        pids_with_arg(&["etcd"], &format!("--data-dir={}", self.db().display()))
+        etcd_pids_under(&self.db())
     }
 
     /// Every process of this node's data dir: etcd, a restore tool, a server (or a child it
@@ -427,7 +435,10 @@ impl Server {
     }
 
     fn etcd_pids(&self) -> Vec<u32> {
-        pids_with_arg(&["etcd", "etcdutl", "etcdctl"], &format!("--data-dir={}", self.data.join("server/db").display()))
+        let db = self.data.join("server/db");
+        let mut v = etcd_pids_under(&db);
+        v.extend(pids_with_arg(&["etcdutl", "etcdctl"], &format!("--data-dir={}", db.display())));
+        v
     }
 
     /// Waits until the log contains `needle`; fails if the server exits first.

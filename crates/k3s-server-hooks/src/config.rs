@@ -1,0 +1,190 @@
+//! The server's configuration: what the binary's flags become once parsed ([`ServerConfig`]),
+//! checked without the filesystem or the network ([`ServerConfig::validate`]), and the values
+//! derived from it (etcd's URLs and launch settings, the snapshot store). Every other module of
+//! the server reads it; it depends on none of them but the plain types it is made of.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use k3s_snapshot_core::store::{LocalStore, ScratchFile, SnapshotStore};
+
+use crate::etcd_proc::EtcdLaunch;
+use crate::layout::DataDir;
+use crate::schedule::Schedule;
+use crate::tls::TlsFiles;
+use crate::{Error, Result};
+
+/// Downloads a snapshot object by name into a scratch file in a directory, verified against its
+/// metadata, and returns it (the reset gives it its final name once the snapshot passed every
+/// check). The binary supplies it from its S3 backend (this crate knows no S3).
+pub type RemoteFetch =
+    Arc<dyn Fn(String, PathBuf) -> BoxFuture<'static, k3s_snapshot_core::Result<ScratchFile>> + Send + Sync>;
+
+/// Scheduled-snapshot settings.
+#[derive(Clone)]
+pub struct SnapshotSettings {
+    /// `None` when `--etcd-disable-snapshots`.
+    pub schedule: Option<Schedule>,
+    /// `--etcd-snapshot-name`
+    pub name: String,
+    /// `--etcd-snapshot-retention`
+    pub retention: i64,
+    /// `--etcd-snapshot-dir`; default `${data-dir}/server/db/snapshots`.
+    pub dir: Option<PathBuf>,
+    /// `--etcd-snapshot-compress`
+    pub compress: bool,
+    /// Where snapshots are uploaded too (`--etcd-s3`).
+    pub remote: Option<Arc<dyn SnapshotStore>>,
+    /// `--etcd-s3-retention`
+    pub remote_retention: i64,
+    /// Fetches `--cluster-reset-restore-path` from the remote store (`--etcd-s3`).
+    pub remote_fetch: Option<RemoteFetch>,
+    /// Upper bound of the random delay of each scheduled snapshot (SPEC: 5 s).
+    pub jitter: Duration,
+}
+
+/// A validated server configuration (the binary's flags, after parsing).
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub data_dir: DataDir,
+    pub node_name: String,
+    /// `--token`; generated when absent and not stored yet.
+    pub token: Option<String>,
+    /// `--server`: join an existing cluster.
+    pub server_url: Option<String>,
+    pub cluster_reset: bool,
+    pub cluster_reset_restore_path: Option<String>,
+    pub bind_address: IpAddr,
+    pub advertise_address: IpAddr,
+    pub https_listen_port: u16,
+    pub etcd_client_port: u16,
+    pub etcd_peer_port: u16,
+    pub etcd_bin_dir: Option<PathBuf>,
+    pub etcd_args: Vec<String>,
+    pub etcd_expose_metrics: bool,
+    pub snapshots: SnapshotSettings,
+    /// How long etcd may take to become ready.
+    pub etcd_ready_timeout: Duration,
+    /// How long etcd may take to stop after SIGTERM before it is killed.
+    pub etcd_stop_grace: Duration,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("data_dir", &self.data_dir)
+            .field("node_name", &self.node_name)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("cluster_reset", &self.cluster_reset)
+            .field("advertise_address", &self.advertise_address)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConfig {
+    /// Checks that need no filesystem: flag combinations.
+    pub fn validate(&self) -> Result<()> {
+        if self.cluster_reset_restore_path.is_some() && !self.cluster_reset {
+            return Err(Error::Config(
+                "--cluster-reset-restore-path needs --cluster-reset; add it to restore from a snapshot".into(),
+            ));
+        }
+        if self.cluster_reset && self.server_url.is_some() {
+            return Err(Error::Config(
+                "--cluster-reset cannot be used with --server: reset the server that holds the data, then rejoin the others".into(),
+            ));
+        }
+        if let Some(url) = &self.server_url {
+            validate_server_url(url)?;
+        }
+        if self.advertise_address.is_unspecified() {
+            return Err(Error::Config("--advertise-address must be a concrete address, not 0.0.0.0 or ::".into()));
+        }
+        k3s_snapshot_core::name::validate_file_name(&self.node_name)
+            .map_err(|e| Error::Config(format!("--node-name: {e}")))?;
+        k3s_snapshot_core::name::validate_prefix(&self.snapshots.name)
+            .map_err(|e| Error::Config(format!("--etcd-snapshot-name: {e}")))?;
+        Ok(())
+    }
+
+    pub fn snapshot_store(&self) -> LocalStore {
+        let dir = self.snapshots.dir.clone().unwrap_or_else(|| self.data_dir.snapshots());
+        LocalStore::new(dir)
+    }
+
+    /// `127.0.0.1`, or `::1` when the advertised address is IPv6: where etcd also listens for
+    /// clients on this machine.
+    pub fn loopback_address(&self) -> IpAddr {
+        match self.advertise_address {
+            IpAddr::V4(_) => IpAddr::from([127, 0, 0, 1]),
+            IpAddr::V6(_) => IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]),
+        }
+    }
+
+    fn url(&self, port: u16) -> String {
+        format!("https://{}", SocketAddr::new(self.advertise_address, port))
+    }
+
+    /// `https://ADVERTISE:PEER_PORT`: this server's etcd peer URL.
+    pub fn peer_url(&self) -> String {
+        self.url(self.etcd_peer_port)
+    }
+
+    /// `--initial-cluster` of this server alone: `<node name>=<peer URL>`.
+    pub fn initial_cluster_of_one(&self) -> String {
+        format!("{}={}", self.node_name, self.peer_url())
+    }
+
+    pub fn etcd_launch(&self, tls: TlsFiles) -> EtcdLaunch {
+        let peer_url = self.peer_url();
+        EtcdLaunch {
+            name: self.node_name.clone(),
+            data_dir: self.data_dir.etcd(),
+            client_url: self.url(self.etcd_client_port),
+            initial_cluster: self.initial_cluster_of_one(),
+            peer_url,
+            initial_cluster_state: "new".into(),
+            force_new_cluster: false,
+            metrics_url: self
+                .etcd_expose_metrics
+                .then(|| format!("http://{}", SocketAddr::new(self.advertise_address, 2381))),
+            tls,
+            extra_args: self.etcd_args.clone(),
+        }
+    }
+}
+
+/// Checks `--server` without the network: an `https://HOST[:PORT]` URL.
+pub fn validate_server_url(url: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Error::Config(format!(
+            "--server {url:?} {why}; give the supervisor URL of a server of the cluster, https://HOST:6443"
+        ))
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| bad(&format!("is not a URL ({e})")))?;
+    if parsed.scheme() != "https" {
+        return Err(bad("must use https"));
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_url_must_be_https_with_a_host() {
+        assert!(validate_server_url("https://10.0.0.1:6443").is_ok());
+        assert!(validate_server_url("https://s1.example/").is_ok());
+        for bad in ["http://10.0.0.1:6443", "10.0.0.1:6443", "https://", "nonsense"] {
+            let e = validate_server_url(bad).unwrap_err().to_string();
+            assert!(e.contains("--server"), "{bad}: {e}");
+        }
+    }
+}
