@@ -53,6 +53,9 @@ pub enum Error {
     #[error("supervisor api: {0}")]
     Api(String),
 
+    #[error("scheduled snapshots stopped ({0}); the server stops rather than run without them: see the log above, and start it again")]
+    Scheduler(String),
+
     /// Joining a cluster with `--server`: a refusal or a failed step, saying what was left behind.
     #[error("join: {0}")]
     Join(String),

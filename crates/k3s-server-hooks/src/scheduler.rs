@@ -54,6 +54,7 @@ pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: Cancellati
             _ = cancel.cancelled() => return,
         }
         last = next.max(Utc::now() - chrono::Duration::from_std(jitter).unwrap_or_default());
+        crate::crash::panic_point("K3S_SNAPSHOT_TEST_SCHEDULER_PANIC", "fire");
         let Ok(guard) = running.clone().try_lock_owned() else {
             tracing::warn!("skipping a scheduled snapshot: the previous one is still running");
             continue;

@@ -220,6 +220,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let mut api_task =
         tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
 
+    let mut scheduler_task = None;
     if let Some(schedule) = job_schedule {
         let job = Arc::new(SnapshotJob {
             schedule,
@@ -237,7 +238,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             etcd: client.clone(),
             metrics: metrics.clone(),
         });
-        tracker.spawn(scheduler::run(job, tracker.clone(), inner.clone()));
+        scheduler_task = Some(tracker.spawn(scheduler::run(job, tracker.clone(), inner.clone())));
         tracing::info!("scheduled snapshots enabled");
     } else {
         tracing::info!("scheduled snapshots disabled");
@@ -248,6 +249,16 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         biased;
         _ = cancel.cancelled() => (Ok(()), false),
         e = etcd.exited() => (Err(e), false),
+        r = async {
+            match scheduler_task.as_mut() {
+                Some(t) => t.await,
+                None => std::future::pending().await,
+            }
+        } => (Err(Error::Scheduler(match r {
+            Ok(()) => "the schedule ended".into(),
+            Err(e) if e.is_panic() => "its task panicked".into(),
+            Err(e) => format!("its task failed: {e}"),
+        })), false),
         r = &mut api_task => (match r {
             Ok(Ok(())) if cancel.is_cancelled() => Ok(()),
             Ok(Ok(())) => Err(Error::Api("the supervisor api stopped".into())),

@@ -268,3 +268,15 @@ fn a_joiner_refuses_a_huge_cacerts_answer_and_escapes_an_error_body() {
     assert!(!log.contains('\x1b') && !log.contains('\x07'), "raw control bytes in the log: {log:?}");
     assert!(log.contains("fake prompt"), "{log}");
 }
+
+#[test]
+fn a_dead_scheduler_stops_the_server_with_an_error_and_stops_etcd() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let mut cmd = dd.command(&["--etcd-snapshot-schedule-cron=@every 1s"]);
+    cmd.env("K3S_SNAPSHOT_TEST_SCHEDULER_PANIC", "fire");
+    let mut s = dd.spawn_command(cmd);
+    let status = s.wait(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(1), "{}", s.log_text());
+    assert!(s.log_text().contains("scheduled snapshots stopped (its task panicked)"), "{}", s.log_text());
+    assert_eq!(tests::support::server::etcd_pids(&dd.path()), Vec::<u32>::new(), "etcd left running");
+}
