@@ -443,6 +443,12 @@ fn is_zombie(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// Whether `pid` runs as our effective user (the owner of `/proc/PID`).
+fn owned_by_us(pid: i32) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == nix::unistd::geteuid().as_raw())
+}
+
 /// Processes named etcd/etcdutl/etcdctl whose `--data-dir` or `--config-file` lies under `db`.
 fn orphans_on(db: &Path) -> Vec<i32> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -474,7 +480,22 @@ fn orphans_on(db: &Path) -> Vec<i32> {
             })
         };
         let Some(d) = path_arg("--data-dir").or_else(|| path_arg("--config-file")) else { continue };
-        let d = std::fs::canonicalize(&d).unwrap_or_else(|_| PathBuf::from(&d));
+        // Only our own user's processes: another user's etcd is not ours to kill, whatever its
+        // command line says.
+        if !owned_by_us(pid) {
+            continue;
+        }
+        // A relative path is relative to that process's working directory, not ours.
+        let d = PathBuf::from(&d);
+        let d = if d.is_relative() {
+            match std::fs::read_link(format!("/proc/{pid}/cwd")) {
+                Ok(cwd) => cwd.join(d),
+                Err(_) => continue,
+            }
+        } else {
+            d
+        };
+        let d = std::fs::canonicalize(&d).unwrap_or(d);
         if d.starts_with(db) && !is_zombie(pid) {
             out.push(pid);
         }
@@ -529,5 +550,46 @@ mod reap_tests {
         assert!(other.try_wait().unwrap().is_none(), "an etcd of another data dir is left alone");
         let _ = other.kill();
         let _ = other.wait();
+    }
+
+    /// The reaper's hostile cases: another user's etcd naming our data dir, and relative paths
+    /// that only name our data dir when read against the wrong working directory.
+    #[tokio::test]
+    async fn another_users_etcd_and_relative_paths_of_other_dirs_are_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("server/db");
+        std::fs::create_dir_all(db.join("etcd")).unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir_all(elsewhere.join("server/db/etcd")).unwrap();
+        let spawn = |arg: String, cwd: &Path, uid: Option<u32>| {
+            let mut c = std::process::Command::new("/bin/sh");
+            c.arg0("etcd").args(["-c", "read line", "etcd"]).arg(arg).current_dir(cwd);
+            c.stdin(std::process::Stdio::piped());
+            if let Some(u) = uid {
+                c.uid(u);
+            }
+            c.spawn().unwrap()
+        };
+        // Relative to its own working directory this names our db: ours.
+        let mut relative_ours = spawn("--data-dir=server/db/etcd".into(), tmp.path(), None);
+        // The same relative path from another directory names another db: not ours.
+        let mut relative_other = spawn("--data-dir=server/db/etcd".into(), &elsewhere, None);
+        let mut foreign_user = nix::unistd::geteuid()
+            .is_root()
+            .then(|| spawn(format!("--data-dir={}", db.join("etcd").display()), Path::new("/"), Some(65534)));
+        let mut pids = vec![relative_ours.id(), relative_other.id()];
+        pids.extend(foreign_user.as_ref().map(|c| c.id()));
+        for p in pids {
+            while !std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c.starts_with(b"etcd\0")) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert_eq!(reap_orphans(&db).await, 1);
+        assert!(!relative_ours.wait().unwrap().success());
+        for c in std::iter::once(&mut relative_other).chain(foreign_user.as_mut()) {
+            assert!(c.try_wait().unwrap().is_none(), "left alone");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
