@@ -21,6 +21,7 @@ const OUR_ENV: &[&str] = &[
     "K3S_DATA_DIR",
     "K3S_NODE_NAME",
     "K3S_TOKEN",
+    "K3S_TOKEN_FILE",
     "K3S_URL",
     "K3S_CONFIG_FILE",
     "K3S_CLUSTER_INIT",

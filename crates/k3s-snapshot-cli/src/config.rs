@@ -4,6 +4,11 @@
 //! last; the file fills in the rest: after a first parse, every file key whose flag was not set on
 //! the command line or from the environment is appended to the arguments as `--key=value`, and
 //! the whole command line is parsed again. Keys are the long flag names (or their aliases).
+//!
+//! Drop-ins, as k3s reads them (k3s #7568): every `*.yaml` in `<config>.d/` beside the file
+//! (`/etc/rancher/k3s/config.yaml.d/`), in lexical order after the file itself; a later file's
+//! key replaces an earlier one's, and a key ending in `+` (`etcd-arg+:`) appends to the list
+//! the earlier files gave.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -21,13 +26,80 @@ pub struct Merged {
 }
 
 /// Which config file applies: `--config`/`-c` or `K3S_CONFIG_FILE` (must exist), else the
-/// default path if it exists.
+/// default path if it or its drop-in dir exists.
 fn config_path(matches: &ArgMatches) -> Option<(PathBuf, bool)> {
     if let Some(p) = find_config(matches) {
         return Some((p, true));
     }
     let d = PathBuf::from(DEFAULT_CONFIG);
-    d.exists().then_some((d, false))
+    (d.exists() || drop_in_dir(&d).is_dir()).then_some((d, false))
+}
+
+/// `<config>.d`: `config.yaml.d` beside `config.yaml`.
+fn drop_in_dir(config: &std::path::Path) -> PathBuf {
+    let mut d = config.as_os_str().to_owned();
+    d.push(".d");
+    PathBuf::from(d)
+}
+
+/// One YAML document of flag names to values; empty for an empty file.
+fn read_mapping(path: &std::path::Path) -> anyhow::Result<serde_yaml::Mapping> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}; fix --config", path.display()))?;
+    let doc: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("config file {} is not valid YAML", path.display()))?;
+    match doc {
+        serde_yaml::Value::Mapping(m) => Ok(m),
+        serde_yaml::Value::Null => Ok(serde_yaml::Mapping::new()),
+        _ => bail!("config file {} must be a mapping of flag names to values", path.display()),
+    }
+}
+
+/// Folds `next` into `into` with k3s's rules: a key replaces, `key+` appends to `key`'s list.
+fn fold(into: &mut serde_yaml::Mapping, next: serde_yaml::Mapping) {
+    use serde_yaml::Value;
+    for (k, v) in next {
+        let Some(base) = k.as_str().and_then(|k| k.strip_suffix('+')).map(|b| Value::String(b.to_string())) else {
+            into.insert(k, v);
+            continue;
+        };
+        let as_list = |v: Value| match v {
+            Value::Sequence(s) => s,
+            Value::Null => Vec::new(),
+            other => vec![other],
+        };
+        let mut list = into.remove(&base).map(as_list).unwrap_or_default();
+        list.extend(as_list(v));
+        into.insert(base, Value::Sequence(list));
+    }
+}
+
+/// The config file and its drop-ins, folded in order; the files read, for messages.
+fn load(path: &std::path::Path, explicit: bool) -> anyhow::Result<Option<serde_yaml::Mapping>> {
+    let mut map = serde_yaml::Mapping::new();
+    let mut found = false;
+    match std::fs::metadata(path) {
+        Ok(_) => {
+            fold(&mut map, read_mapping(path)?);
+            found = true;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read config file {}; fix --config", path.display())),
+    }
+    let dir = drop_in_dir(path);
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut files: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml") && p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            fold(&mut map, read_mapping(&f)?);
+            found = true;
+        }
+    }
+    Ok(found.then_some(map))
 }
 
 fn find_config(m: &ArgMatches) -> Option<PathBuf> {
@@ -62,22 +134,20 @@ pub fn merge(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Merged> {
     let Some((path, explicit)) = config_path(&matches) else {
         return Ok(Merged { argv, warnings: Vec::new() });
     };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if !explicit && e.kind() == std::io::ErrorKind::PermissionDenied => {
+    let map = match load(&path, explicit) {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(Merged { argv, warnings: Vec::new() }),
+        Err(e)
+            if !explicit
+                && e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied) =>
+        {
             return Ok(Merged {
                 argv,
                 warnings: vec![format!("config file {} is not readable, ignored", path.display())],
             })
         }
-        Err(e) => return Err(e).with_context(|| format!("cannot read config file {}; fix --config", path.display())),
-    };
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&text).with_context(|| format!("config file {} is not valid YAML", path.display()))?;
-    let map = match doc {
-        serde_yaml::Value::Mapping(m) => m,
-        serde_yaml::Value::Null => return Ok(Merged { argv, warnings: Vec::new() }),
-        _ => bail!("config file {} must be a mapping of flag names to values", path.display()),
+        Err(e) => return Err(e),
     };
     let links = chain(&matches);
     let Some((first, _)) = links.first() else {
@@ -172,6 +242,48 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn yaml(s: &str) -> serde_yaml::Mapping {
+        serde_yaml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn drop_ins_replace_keys_and_plus_keys_append() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("config.yaml");
+        std::fs::write(&cfg, "etcd-snapshot-retention: 5\netcd-arg: [a=1]\nnode-name: main\n").unwrap();
+        let d = tmp.path().join("config.yaml.d");
+        std::fs::create_dir(&d).unwrap();
+        // Lexical order: 10 before 20; a non-yaml file is ignored.
+        std::fs::write(d.join("20-last.yaml"), "etcd-snapshot-retention: 9\netcd-arg+: c=3\n").unwrap();
+        std::fs::write(d.join("10-first.yaml"), "etcd-snapshot-retention: 7\netcd-arg+: [b=2]\n").unwrap();
+        std::fs::write(d.join("99-notes.txt"), "etcd-snapshot-retention: 1\n").unwrap();
+        let m = load(&cfg, true).unwrap().unwrap();
+        assert_eq!(m, yaml("etcd-snapshot-retention: 9\netcd-arg: [a=1, b=2, c=3]\nnode-name: main\n"));
+        // Drop-ins alone (no main file) count too, for the default path.
+        std::fs::remove_file(&cfg).unwrap();
+        let m = load(&cfg, false).unwrap().unwrap();
+        assert_eq!(m, yaml("etcd-snapshot-retention: 9\netcd-arg: [b=2, c=3]\n"));
+    }
+
+    #[test]
+    fn drop_ins_reach_the_parsed_flags() {
+        use clap::CommandFactory;
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("config.yaml");
+        std::fs::write(&cfg, "etcd-snapshot-retention: 5\n").unwrap();
+        std::fs::create_dir(tmp.path().join("config.yaml.d")).unwrap();
+        std::fs::write(tmp.path().join("config.yaml.d/50.yaml"), "etcd-snapshot-retention: 11\n").unwrap();
+        let argv: Vec<OsString> = ["k3s-snapshot", "etcd-snapshot", "prune", "--config"]
+            .iter()
+            .map(OsString::from)
+            .chain([cfg.into()])
+            .collect();
+        let merged = merge(crate::Cli::command(), argv).unwrap();
+        let shown: Vec<String> = merged.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(shown.iter().any(|a| a.ends_with("retention=11")), "{shown:?}");
+        assert!(!shown.iter().any(|a| a.ends_with("retention=5")), "{shown:?}");
+    }
 
     #[test]
     fn durations_parse() {

@@ -29,6 +29,9 @@ pub struct ServerArgs {
     /// Cluster token (shared secret); generated on first start when not given
     #[arg(short = 't', long, env = "K3S_TOKEN", hide_env_values = true)]
     pub token: Option<crate::secret::Secret>,
+    /// File holding the cluster token (read when --token is not given)
+    #[arg(long, env = "K3S_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Server to join, https://HOST:6443: fetch the cluster's CAs with --token and become a new etcd member
     /// (a server that is already a member starts from its own data)
     #[arg(short = 's', long, env = "K3S_URL")]
@@ -93,6 +96,22 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// `--token`, else the contents of `--token-file` (as k3s reads `--token-file`).
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = self.token.as_ref().map(|t| t.expose().trim().to_string()).filter(|t| !t.is_empty()) {
+            return Ok(Some(t));
+        }
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!("cannot read --token-file {}; give a readable file or use --token", path.display())
+        })?;
+        let t = text.trim();
+        if t.is_empty() {
+            anyhow::bail!("--token-file {} is empty: write the cluster's token into it", path.display());
+        }
+        Ok(Some(t.to_string()))
+    }
+
     /// Flags → configuration; everything that needs no filesystem or network is checked here.
     fn to_config(&self, remote: Option<Arc<dyn SnapshotStore>>) -> anyhow::Result<ServerConfig> {
         let schedule = if self.etcd_disable_snapshots || self.cluster_reset {
@@ -134,7 +153,7 @@ impl ServerArgs {
         Ok(ServerConfig {
             data_dir: DataDir::new(self.data_dir.clone().unwrap_or_else(config::default_data_dir)),
             node_name: self.node_name.clone().unwrap_or_else(config::default_node_name),
-            token: self.token.as_ref().map(|t| t.expose().to_string()).filter(|t| !t.trim().is_empty()),
+            token: self.token()?,
             server_url: self.server.clone().filter(|s| !s.is_empty()),
             cluster_reset: self.cluster_reset,
             cluster_reset_restore_path: self.cluster_reset_restore_path.clone().filter(|p| !p.is_empty()),
@@ -206,6 +225,23 @@ mod tests {
         let mut v = vec!["server"];
         v.extend_from_slice(args);
         Cli::try_parse_from(v).unwrap().server
+    }
+
+    #[test]
+    fn token_file_is_read_when_no_token_is_given() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("token");
+        std::fs::write(&f, "  file-Secret-9\n").unwrap();
+        let ff = f.display().to_string();
+        assert_eq!(parse(&["--token-file", &ff]).to_config(None).unwrap().token.as_deref(), Some("file-Secret-9"));
+        // --token wins, as in k3s.
+        let c = parse(&["--token", "flag-secret", "--token-file", &ff]).to_config(None).unwrap();
+        assert_eq!(c.token.as_deref(), Some("flag-secret"));
+        std::fs::write(&f, "\n").unwrap();
+        let e = parse(&["--token-file", &ff]).to_config(None).unwrap_err().to_string();
+        assert!(e.contains("is empty"), "{e}");
+        let e = parse(&["--token-file", "/nonexistent/token"]).to_config(None).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read --token-file /nonexistent/token"), "{e:#}");
     }
 
     #[test]
