@@ -7,6 +7,9 @@
 //! when both day fields are restricted, fires on either. So the day-of-week field is expanded
 //! here into explicit days, and a schedule restricting both day fields is two schedules whose
 //! earliest next time wins.
+//!
+//! Cron fields are read in a time zone, as k3s's robfig/cron reads them: the machine's local zone
+//! (`TZ`, else `/etc/localtime`), or the zone a `CRON_TZ=Zone ` (or `TZ=Zone `) prefix names.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -18,8 +21,9 @@ use crate::{Error, Result};
 /// A parsed schedule.
 #[derive(Debug, Clone)]
 pub enum Schedule {
-    /// One or two `cron` schedules (two when both day fields are restricted: either matches).
-    Cron { expr: String, schedules: Vec<cron::Schedule> },
+    /// One or two `cron` schedules (two when both day fields are restricted: either matches),
+    /// read in `tz` (`None`: the local zone).
+    Cron { expr: String, schedules: Vec<cron::Schedule>, tz: Option<chrono_tz::Tz> },
     /// `@every <duration>`: fixed interval from the previous run.
     Every(Duration),
 }
@@ -27,7 +31,15 @@ pub enum Schedule {
 impl Schedule {
     pub fn parse(expr: &str) -> Result<Schedule> {
         let bad = |reason: String| Error::Cron { expr: expr.to_string(), reason };
-        let trimmed = expr.trim();
+        let mut trimmed = expr.trim();
+        let mut tz = None;
+        if let Some(rest) = trimmed.strip_prefix("CRON_TZ=").or_else(|| trimmed.strip_prefix("TZ=")) {
+            let (zone, rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            tz = Some(zone.parse::<chrono_tz::Tz>().map_err(|_| {
+                bad(format!("unknown time zone {zone:?}; use an IANA name such as UTC or Europe/Berlin"))
+            })?);
+            trimmed = rest.trim();
+        }
         if let Some(d) = trimmed.strip_prefix("@every") {
             let d = parse_go_duration(d.trim()).map_err(bad)?;
             if d < Duration::from_secs(1) {
@@ -68,7 +80,7 @@ impl Schedule {
         } else {
             vec![build(fields[2], &dow_field)?]
         };
-        let s = Schedule::Cron { expr: expr.to_string(), schedules };
+        let s = Schedule::Cron { expr: expr.to_string(), schedules, tz };
         if s.next_after(Utc::now()).is_none() {
             return Err(bad("it never fires".into()));
         }
@@ -79,7 +91,16 @@ impl Schedule {
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         match self {
             Schedule::Every(d) => chrono::Duration::from_std(*d).ok().map(|d| t + d),
-            Schedule::Cron { schedules, .. } => schedules.iter().filter_map(|s| s.after(&t).next()).min(),
+            Schedule::Cron { schedules, tz: Some(tz), .. } => schedules
+                .iter()
+                .filter_map(|s| s.after(&t.with_timezone(tz)).next())
+                .map(|n| n.with_timezone(&Utc))
+                .min(),
+            Schedule::Cron { schedules, tz: None, .. } => schedules
+                .iter()
+                .filter_map(|s| s.after(&t.with_timezone(&chrono::Local)).next())
+                .map(|n| n.with_timezone(&Utc))
+                .min(),
         }
     }
 }
@@ -190,20 +211,38 @@ mod tests {
     use super::*;
     use chrono::{Datelike, TimeZone, Timelike};
 
+    /// A cron schedule read in UTC, so that the expected times do not depend on the machine's zone.
+    fn utc(expr: &str) -> Schedule {
+        Schedule::parse(&format!("CRON_TZ=UTC {expr}")).unwrap()
+    }
+
     fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
     }
 
     #[test]
     fn k3s_default_fires_every_twelve_hours() {
-        let s = Schedule::parse("0 */12 * * *").unwrap();
+        let s = utc("0 */12 * * *");
         assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 1, 12, 0));
         assert_eq!(s.next_after(at(2024, 1, 1, 12, 0)).unwrap(), at(2024, 1, 2, 0, 0));
     }
 
     #[test]
+    fn cron_tz_prefix_reads_the_fields_in_that_zone() {
+        // 03:00 in Tokyo (UTC+9, no DST) is 18:00 UTC the day before.
+        let s = Schedule::parse("CRON_TZ=Asia/Tokyo 0 3 * * *").unwrap();
+        assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 1, 18, 0));
+        let s = Schedule::parse("TZ=America/New_York 0 3 * * *").unwrap();
+        // EST in January (UTC-5), EDT in July (UTC-4).
+        assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 1, 8, 0));
+        assert_eq!(s.next_after(at(2024, 7, 1, 0, 0)).unwrap(), at(2024, 7, 1, 7, 0));
+        let err = Schedule::parse("CRON_TZ=Mars/Olympus 0 3 * * *").unwrap_err().to_string();
+        assert!(err.contains("CRON_TZ=Mars/Olympus 0 3 * * *") && err.contains("unknown time zone"), "{err}");
+    }
+
+    #[test]
     fn macros_and_every() {
-        let s = Schedule::parse("@hourly").unwrap();
+        let s = utc("@hourly");
         assert_eq!(s.next_after(at(2024, 1, 1, 0, 10)).unwrap(), at(2024, 1, 1, 1, 0));
         let s = Schedule::parse("@every 2s").unwrap();
         let t = at(2024, 1, 1, 0, 0);
@@ -234,20 +273,20 @@ mod tests {
     fn sunday_is_zero_or_seven() {
         // 2024-01-07 is a Sunday.
         for expr in ["0 3 * * 0", "0 3 * * 7", "0 3 * * sun"] {
-            let s = Schedule::parse(expr).unwrap();
+            let s = utc(expr);
             let n = s.next_after(at(2024, 1, 3, 0, 0)).unwrap();
             assert_eq!((n.day(), n.hour()), (7, 3), "{expr}");
         }
-        let s = Schedule::parse("0 0 * * 1-5").unwrap();
+        let s = utc("0 0 * * 1-5");
         assert_eq!(s.next_after(at(2024, 1, 6, 0, 0)).unwrap(), at(2024, 1, 8, 0, 0));
-        let s = Schedule::parse("0 0 * * 5-7").unwrap();
+        let s = utc("0 0 * * 5-7");
         assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 5, 0, 0));
     }
 
     #[test]
     fn both_day_fields_restricted_fire_on_either() {
         // The 15th (a Monday in Jan 2024), or any Sunday.
-        let s = Schedule::parse("0 0 15 * 0").unwrap();
+        let s = utc("0 0 15 * 0");
         assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 7, 0, 0));
         assert_eq!(s.next_after(at(2024, 1, 14, 0, 0)).unwrap(), at(2024, 1, 15, 0, 0));
     }

@@ -41,6 +41,7 @@ pub struct SnapshotJob {
 pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: CancellationToken) {
     let running = Arc::new(tokio::sync::Mutex::new(()));
     let mut last = Utc::now();
+    let mut first = true;
     loop {
         let Some(next) = job.schedule.next_after(last) else {
             tracing::warn!("the snapshot schedule never fires again; no more scheduled snapshots");
@@ -48,7 +49,11 @@ pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: Cancellati
         };
         let jitter = if job.jitter.is_zero() { Duration::ZERO } else { job.jitter.mul_f64(rand::random::<f64>()) };
         let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO) + jitter;
-        tracing::debug!(next = %next, jitter_ms = jitter.as_millis() as u64, "next scheduled snapshot");
+        if std::mem::take(&mut first) {
+            tracing::info!(next = %next.with_timezone(&chrono::Local).to_rfc3339(), "first scheduled snapshot");
+        } else {
+            tracing::debug!(next = %next, jitter_ms = jitter.as_millis() as u64, "next scheduled snapshot");
+        }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = cancel.cancelled() => return,
