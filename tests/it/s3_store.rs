@@ -432,6 +432,35 @@ async fn s3_over_tls_with_the_test_ca_works() {
 }
 
 #[tokio::test]
+async fn endpoint_ca_takes_several_files_or_base64_pem_as_k3s_does() {
+    use base64::Engine;
+    let server = S3Server::start();
+    server.create_bucket("snaps");
+    let tls = TlsProxy::start(&server);
+    // Another, unrelated CA first: the bundle must hold both, and the right one must count.
+    let (other_ca, _, _) = tests::support::s3::make_certs();
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other-ca.pem");
+    std::fs::write(&other, other_ca).unwrap();
+    let two_files = format!("{} {}", other.display(), tls.ca_file.display());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&tls.ca_file).unwrap());
+    for spec in [two_files, b64] {
+        let cfg = S3Config { endpoint_ca: Some(spec.clone().into()), ..tls.config("snaps") };
+        let store = S3Store::connect(&cfg).await.unwrap_or_else(|e| panic!("{spec}: {e}\nnginx:\n{}", tls.log()));
+        // Both clients use it: the streamed single PUT (known size) and minio's.
+        let data = pattern(6 * MIB, 3);
+        let o = PutOptions { size_hint: Some(data.len() as u64), ..opts() };
+        store.put("ca-n1-1", chunked(data.clone(), 256 * 1024), o).await.unwrap();
+        assert_eq!(keys(&store, "ca-").await, strings(&["ca-n1-1"]));
+        store.delete(&strings(&["ca-n1-1"])).await.unwrap();
+    }
+    // Only the unrelated CA (same name, other key): refused.
+    let cfg = S3Config { endpoint_ca: Some(other.clone()), ..tls.config("snaps") };
+    let err = S3Store::connect(&cfg).await.unwrap_err().to_string();
+    assert!(err.contains("invalid peer certificate"), "{err}");
+}
+
+#[tokio::test]
 async fn s3_over_tls_without_the_ca_names_the_certificate_problem() {
     let server = S3Server::start();
     server.create_bucket("snaps");

@@ -377,3 +377,28 @@ fn our_typed_metadata_of_earlier_versions_still_guards_s3_downloads() {
     r.assert_fails_with("00000000");
     assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
 }
+
+#[test]
+fn s3_proxy_none_turns_off_the_proxies_of_the_environment() {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put("/registry/p", "v");
+    let s3 = S3Server::start();
+    s3.create_bucket("proxied");
+    let tmp = tempfile::tempdir().unwrap();
+    let dead_proxy = format!("http://{}", closed_endpoint());
+    let save = |extra: &[&str]| {
+        let mut c = snap_s3(&etcd, &tmp.path().join("snapshots"), &s3.endpoint, "proxied", "n1", &["save"]);
+        insecure(&mut c).args(extra).args(["--s3-timeout", "10s"]);
+        for k in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "ALL_PROXY"] {
+            c.env(k, &dead_proxy);
+        }
+        c.env_remove("NO_PROXY").env_remove("no_proxy");
+        run(&mut c)
+    };
+    // The environment's proxy is used by default (and here it is dead)...
+    let r = save(&[]);
+    assert!(!r.ok(), "the environment's proxy was not used: {}", r.stderr);
+    assert!(r.stderr.contains("not uploaded") && !r.stderr.contains("bucket name"), "{}", r.stderr);
+    // ...and `none` turns it off.
+    save(&["--s3-proxy", "none"]).assert_ok();
+}

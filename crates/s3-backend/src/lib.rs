@@ -26,8 +26,12 @@ pub use k3s_snapshot_core::transfer::{
 pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
 pub use stream_put::MAX_SINGLE_PUT;
 
+/// `--etcd-s3-proxy none`: no proxy at all, whatever the environment says (as k3s reads it).
+pub const NO_PROXY_VALUE: &str = "none";
+
 /// The environment variables that route the S3 client through `proxy` (`--etcd-s3-proxy`),
-/// replacing any proxy settings already in the environment, as k3s does.
+/// replacing any proxy settings already in the environment, as k3s does. For `none`, every
+/// proxy variable is emptied and `NO_PROXY` is `*`.
 ///
 /// The `minio` crate builds its own HTTP client and offers no way to pass it a proxy; that client
 /// reads `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when it is built. Setting environment variables is
@@ -35,6 +39,13 @@ pub use stream_put::MAX_SINGLE_PUT;
 /// it starts the async runtime; [`S3Store::connect`] refuses a `proxy` that is not in effect.
 pub fn proxy_env(proxy: &str) -> Vec<(&'static str, String)> {
     let mut vars = Vec::new();
+    if proxy == NO_PROXY_VALUE {
+        for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"] {
+            vars.push((name, String::new()));
+        }
+        vars.extend([("NO_PROXY", "*".to_string()), ("no_proxy", "*".to_string())]);
+        return vars;
+    }
     for name in ["HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"] {
         vars.push((name, proxy.to_string()));
     }

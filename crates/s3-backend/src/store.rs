@@ -127,9 +127,25 @@ impl S3Store {
     pub fn new(cfg: &S3Config) -> Result<S3Store> {
         let endpoint = cfg.validate().map_err(Error::Invalid)?;
         check_proxy_env(cfg, endpoint.https)?;
-        if let Some(ca) = &cfg.endpoint_ca {
-            check_ca_file(ca)?;
-        }
+        let ca_pem = cfg.endpoint_ca.as_deref().map(ca_bundle).transpose()?;
+        // minio reads its CA from a file when the client is built: the bundle, written privately
+        // for as long as that takes.
+        let ca_file = match &ca_pem {
+            Some(pem) => {
+                let mut f = tempfile::NamedTempFile::new().map_err(|cause| Error::Io {
+                    action: "write the --etcd-s3-endpoint-ca bundle to",
+                    path: std::env::temp_dir(),
+                    cause,
+                })?;
+                std::io::Write::write_all(&mut f, pem).map_err(|cause| Error::Io {
+                    action: "write the --etcd-s3-endpoint-ca bundle to",
+                    path: f.path().to_path_buf(),
+                    cause,
+                })?;
+                Some(f)
+            }
+            None => None,
+        };
         let mut base: BaseUrl = endpoint
             .url()
             .parse()
@@ -155,13 +171,13 @@ impl S3Store {
         let streamer = StreamPut {
             base: base.clone(),
             provider: provider.clone(),
-            http: stream_put_client(cfg).map_err(|e| {
+            http: stream_put_client(cfg, ca_pem.as_deref()).map_err(|e| {
                 Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e)))
             })?,
         };
         let client = MinioClientBuilder::new(base)
             .provider(provider)
-            .ssl_cert_file(cfg.endpoint_ca.as_deref())
+            .ssl_cert_file(ca_file.as_ref().map(|f| f.path()))
             .ignore_cert_check(cfg.skip_ssl_verify.then_some(true))
             .app_info(Some(("k3s-snapshot".into(), env!("CARGO_PKG_VERSION").into())))
             .build()
@@ -260,7 +276,9 @@ impl S3Store {
 /// [`crate::proxy_env`]): minio's HTTP client only takes a proxy from the environment, and
 /// silently going direct would be worse than an error.
 fn check_proxy_env(cfg: &S3Config, https: bool) -> Result<()> {
-    let Some(proxy) = cfg.proxy.as_deref().filter(|p| !p.is_empty()) else { return Ok(()) };
+    let Some(proxy) = cfg.proxy.as_deref().filter(|p| !p.is_empty() && *p != crate::NO_PROXY_VALUE) else {
+        return Ok(());
+    };
     let names: &[&str] = if https {
         &["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
     } else {
@@ -278,38 +296,57 @@ fn check_proxy_env(cfg: &S3Config, https: bool) -> Result<()> {
 }
 
 /// The HTTP client of streamed PUTs, with the TLS choices minio's own client gets.
-fn stream_put_client(cfg: &S3Config) -> std::result::Result<reqwest::Client, reqwest::Error> {
+fn stream_put_client(cfg: &S3Config, ca_pem: Option<&[u8]>) -> std::result::Result<reqwest::Client, reqwest::Error> {
     let mut b = reqwest::Client::builder()
         .no_gzip()
         .tcp_nodelay(true)
         .user_agent(concat!("k3s-snapshot/", env!("CARGO_PKG_VERSION")))
         .danger_accept_invalid_certs(cfg.skip_ssl_verify);
-    if let Some(ca) = &cfg.endpoint_ca {
-        // Read and parsed by check_ca_file before this.
-        if let Ok(pem) = std::fs::read(ca) {
-            for cert in reqwest::Certificate::from_pem_bundle(&pem)? {
-                b = b.add_root_certificate(cert);
-            }
+    if cfg.proxy.as_deref() == Some(crate::NO_PROXY_VALUE) {
+        b = b.no_proxy();
+    }
+    if let Some(pem) = ca_pem {
+        // Parsed by ca_bundle before this.
+        for cert in reqwest::Certificate::from_pem_bundle(pem)? {
+            b = b.add_root_certificate(cert);
         }
     }
     b.build()
 }
 
-fn check_ca_file(path: &std::path::Path) -> Result<()> {
-    let pem = std::fs::read(path).map_err(|cause| Error::Io {
-        action: "read --etcd-s3-endpoint-ca",
-        path: path.into(),
-        cause,
-    })?;
+/// The CA bundle `--etcd-s3-endpoint-ca` names, as k3s takes it: a PEM file, several files
+/// separated by spaces, or the PEM itself base64-encoded. Every certificate must parse.
+fn ca_bundle(spec: &std::path::Path) -> Result<Vec<u8>> {
+    let text = spec.to_string_lossy();
+    let shown: String =
+        if text.chars().count() > 80 { text.chars().take(80).chain(['…']).collect() } else { text.to_string() };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|cause| Error::Io { action: "read --etcd-s3-endpoint-ca", path: p.into(), cause })
+    };
+    let pem = if spec.is_file() {
+        read(spec)?
+    } else if text.split_whitespace().count() > 1 {
+        let mut all = Vec::new();
+        for f in text.split_whitespace() {
+            all.extend(read(std::path::Path::new(f))?);
+            all.push(b'\n');
+        }
+        all
+    } else {
+        use base64::Engine;
+        let decoded = base64::engine::general_purpose::STANDARD.decode(text.trim().as_bytes());
+        match decoded {
+            Ok(pem) if pem.windows(11).any(|w| w == b"-----BEGIN ") => pem,
+            _ => read(spec)?,
+        }
+    };
     match reqwest::Certificate::from_pem_bundle(&pem) {
-        Ok(certs) if !certs.is_empty() => Ok(()),
+        Ok(certs) if !certs.is_empty() => Ok(pem),
         Ok(_) => Err(Error::Invalid(format!(
-            "--etcd-s3-endpoint-ca {} holds no PEM certificate; give the CA certificate in PEM form",
-            path.display()
+            "--etcd-s3-endpoint-ca {shown} holds no PEM certificate; give the CA certificate in PEM form"
         ))),
         Err(e) => Err(Error::Invalid(format!(
-            "--etcd-s3-endpoint-ca {} is not a PEM certificate bundle: {}",
-            path.display(),
+            "--etcd-s3-endpoint-ca {shown} is not a PEM certificate bundle: {}",
             innermost_detail(&e)
         ))),
     }
