@@ -239,6 +239,64 @@ pub fn s3_link_cut(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     ))
 }
 
+/// S3 answers at a trickle (the link to it throttled to 2 Mbit/s, steady, never stalled) while
+/// scheduled snapshots go on. Intended: every local snapshot is written at local speed (its save
+/// takes a fraction of what the upload would need), each upload gives up at its deadline
+/// (`--etcd-s3-timeout`) saying so and leaves no object, and once the link is fast again the next
+/// upload lands.
+pub fn s3_trickle(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
+    let n = &ctx.nodes(dir, etcd)[0];
+    let bucket = format!("trickle-{}", etcd.short());
+    ctx.s3.create_bucket(&bucket)?;
+    let s = n.start(&strings(&["--etcd-disable-snapshots"]))?;
+    n.load_bulk(24)?;
+    s.stop()?;
+    // 24 MiB at 2 Mbit/s would take about 100 s; the deadline is 8 s.
+    let mut flags = s3_flags(&bucket, "8s");
+    flags.extend(strings(&[
+        "--etcd-snapshot-schedule-cron=@every 4s",
+        "--etcd-snapshot-retention=3",
+        "--etcd-s3-retention=3",
+    ]));
+    ctx.net.throttle("objstore", "2mbit")?;
+    let result = (|| {
+        let mut s = n.start(&flags)?;
+        const GAVE_UP: &str = "did not finish within 8s";
+        s.wait_for_log_count(GAVE_UP, 2, Duration::from_secs(120))?;
+        let log = s.log_text();
+        // Every local save's own duration, from its log line.
+        let saves: Vec<u64> = log
+            .lines()
+            .filter(|l| l.contains("saved snapshot") && l.contains("etcd-snapshot-"))
+            .filter_map(|l| l.split("duration_ms=").nth(1)?.split_whitespace().next()?.parse().ok())
+            .collect();
+        ensure!(saves.len() >= 2, "fewer than two local saves logged: {}", tail(&log, 8));
+        let slowest = *saves.iter().max().expect("two or more");
+        ensure!(slowest < 20_000, "a local save took {slowest} ms: it waited for the trickling upload");
+        let local: Vec<String> =
+            files(&n.snapshots()).into_iter().filter(|f| f.starts_with("etcd-snapshot-")).collect();
+        ensure!(!local.is_empty() && local.iter().all(|f| !f.ends_with(".part")), "local snapshots: {local:?}");
+        for f in &local {
+            ensure!(
+                !ctx.s3.object(&bucket, &format!("k3s/{f}")).exists(),
+                "an upload that gave up left an object for {f}"
+            );
+        }
+        ensure!(!log.contains(S3_SECRET_KEY), "the S3 secret key appears in the server log");
+        // The link fast again: the next scheduled upload lands.
+        ctx.net.unthrottle("objstore")?;
+        s.wait_for_log("scheduled snapshot uploaded", Duration::from_secs(90))?;
+        s.stop()?;
+        Ok(format!(
+            "{} local saves at {slowest} ms at most while S3 trickled; uploads gave up at 8 s; recovered",
+            saves.len()
+        ))
+    })();
+    let _ = ctx.net.unthrottle("objstore");
+    let listed = check_listing(n, None)?;
+    result.map(|r| format!("{r}; {listed} listed, all pass status"))
+}
+
 /// (b) One member of three is partitioned while every server takes a snapshot every 3 s.
 /// Intended: the cut-off member takes no snapshot while it cannot confirm quorum (its scheduled
 /// runs fail with a message that says so, and an on-demand save there fails too); the other two

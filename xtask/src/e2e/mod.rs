@@ -120,6 +120,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("s3-restore", scenarios::s3_restore),
     ("ha-restore", scenarios::ha_restore),
     ("s3-link-cut", faults::s3_link_cut),
+    ("s3-trickle", faults::s3_trickle),
     ("partition", faults::partition),
     ("kill9", faults::kill9),
     ("disk-full", faults::disk_full),

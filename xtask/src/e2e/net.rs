@@ -180,6 +180,31 @@ impl Net {
     pub fn heal(&self, name: &str) -> Result<()> {
         ip(&["-n", NET_NS, "link", "set", &port_name(name), "up"])
     }
+
+    /// Slows what the bridge sends to a host to `rate` (a `tc` rate, e.g. `2mbit`): a link that
+    /// works, steadily, at a trickle.
+    pub fn throttle(&self, name: &str, rate: &str) -> Result<()> {
+        let port = port_name(name);
+        let status = Command::new("ip")
+            .args(["netns", "exec", NET_NS, "tc", "qdisc", "replace", "dev", &port, "root", "tbf"])
+            .args(["rate", rate, "burst", "32kbit", "latency", "2s"])
+            .status()
+            .context("run tc (Debian iproute2)")?;
+        if !status.success() {
+            bail!("tc could not throttle {port} to {rate} ({status})");
+        }
+        Ok(())
+    }
+
+    /// Takes a throttle off.
+    pub fn unthrottle(&self, name: &str) -> Result<()> {
+        let port = port_name(name);
+        let _ = Command::new("ip")
+            .args(["netns", "exec", NET_NS, "tc", "qdisc", "del", "dev", &port, "root"])
+            .stderr(Stdio::null())
+            .status();
+        Ok(())
+    }
 }
 
 fn port_name(host: &str) -> String {
