@@ -261,9 +261,15 @@ pub fn s3_trickle(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     ctx.net.throttle("objstore", "2mbit")?;
     let result = (|| {
         let mut s = n.start(&flags)?;
-        const GAVE_UP: &str = "did not finish within 8s";
+        // Once per scheduled run whose upload gave up.
+        const GAVE_UP: &str = "scheduled snapshot upload failed";
         s.wait_for_log_count(GAVE_UP, 2, Duration::from_secs(120))?;
         let log = s.log_text();
+        ensure!(
+            log.contains("did not finish within 8s"),
+            "the uploads did not give up at their deadline: {}",
+            tail(&log, 4)
+        );
         // Every local save's own duration, from its log line.
         let saves: Vec<u64> = log
             .lines()
