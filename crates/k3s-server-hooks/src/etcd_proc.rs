@@ -412,11 +412,21 @@ pub async fn run_tool(program: &Path, args: &[String], envs: &[(&str, &str)]) ->
 /// while holding the data-dir lock, so no live server of ours owns them. Returns how many.
 pub async fn reap_orphans(db_dir: &Path) -> usize {
     let db = std::fs::canonicalize(db_dir).unwrap_or_else(|_| db_dir.to_path_buf());
-    let pids = orphans_on(&db);
-    for &pid in &pids {
+    let mut pids = orphans_on(&db);
+    pids.retain(|&pid| {
+        // A pidfd pins the process: once it is open, a pid reused since the scan cannot be
+        // signalled by mistake, so the process is checked again through it before the kill.
+        let fd = rustix::process::Pid::from_raw(pid)
+            .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+        let Some(fd) = fd else {
+            return false;
+        };
+        if !orphans_on(&db).contains(&pid) {
+            return false;
+        }
         tracing::warn!(pid, db = %db.display(), "stopping an etcd left running by a server that did not shut down");
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-    }
+        rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL).is_ok()
+    });
     // Wait until they are gone, so that their ports and files are free.
     for _ in 0..200 {
         if pids.iter().all(|p| has_exited(*p)) {
