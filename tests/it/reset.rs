@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use tests::support::bin;
 use tests::support::etcd::{Etcd, EtcdVersion};
 use tests::support::k3s;
-use tests::support::server::{all_keys, assert_reset_done, block_on, connect, delete, files, kv, put, save, DataDir};
+use tests::support::server::{
+    all_keys, assert_reset_done, block_on, connect, delete, files, kv, put, save, server_with_uploaded_snapshot,
+    DataDir,
+};
 
 tests::on_both_versions!(
     users_procedure_restores_exactly_the_snapshot,
@@ -301,10 +304,7 @@ fn restore_by_s3_object_name_downloads_verifies_and_restores() {
     let flags = s3.server_flags("snaps");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let dd = DataDir::new(EtcdVersion::V3_5);
-    let s = dd.start(&["--etcd-disable-snapshots"]);
-    put(&dd, &[("from-s3", "1")]);
-    let snap = save(&dd, &flags);
-    let name = snap.file_name().unwrap().to_string_lossy().into_owned();
+    let (s, snap, name) = server_with_uploaded_snapshot(&dd, &flags);
     assert!(s3.root.join("snaps").join(&name).is_file(), "not uploaded: {:?}", files(&s3.root.join("snaps")));
     std::fs::remove_file(&snap).unwrap();
     put(&dd, &[("not-in-snapshot", "2")]);

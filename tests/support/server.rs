@@ -318,6 +318,17 @@ pub fn save(dd: &DataDir, extra: &[&str]) -> PathBuf {
     dd.snapshots().join(&new[0])
 }
 
+/// A server on `dd` (scheduled snapshots off) holding the key `from-s3`, and one snapshot of it
+/// saved with `flags` (the S3 server flags, so it is uploaded too). Returns the running server,
+/// the local snapshot's path and its file name (the object's name); the caller stops the server.
+pub fn server_with_uploaded_snapshot(dd: &DataDir, flags: &[&str]) -> (Server, PathBuf, String) {
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(dd, &[("from-s3", "1")]);
+    let snap = save(dd, flags);
+    let name = snap.file_name().unwrap().to_string_lossy().into_owned();
+    (s, snap, name)
+}
+
 /// What a cluster reset logs (exactly) when it is done.
 pub const RESET_DONE: &str = "Managed etcd cluster membership has been reset, restart without --cluster-reset flag now. Backup and delete ${datadir}/server/db on each peer etcd server and rejoin the nodes";
 

@@ -385,7 +385,7 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
                 writeln!(out, "member {} {} {}", m.id, m.name, m.peer_urls.join(","))?;
             }
             for w in &st.warnings {
-                writeln!(out, "warning: {}", w.replace(|c: char| c.is_control(), "?"))?;
+                writeln!(out, "warning: {w}")?;
             }
         }
     }

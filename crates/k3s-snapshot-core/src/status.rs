@@ -296,7 +296,9 @@ impl Acc {
         };
         match be_u64(v) {
             Some(n) => *slot = Some(n),
-            None => self.warn(format!("meta/{} is {} bytes, expected 8", String::from_utf8_lossy(k), v.len())),
+            None => {
+                self.warn(format!("meta/{} is {} bytes, expected 8", printable(&String::from_utf8_lossy(k)), v.len()))
+            }
         }
     }
 

@@ -10,7 +10,9 @@ use std::time::{Duration, SystemTime};
 use tests::support::bin::{self, Run};
 use tests::support::etcd::{Etcd, EtcdVersion};
 use tests::support::s3::{S3Server, SECRET_KEY};
-use tests::support::server::{all_keys, assert_reset_done, files, kv, put, save, DataDir};
+use tests::support::server::{
+    all_keys, assert_reset_done, files, kv, put, save, server_with_uploaded_snapshot, DataDir,
+};
 
 /// The one `error:` line of a failed run.
 #[track_caller]
@@ -179,10 +181,7 @@ fn s3_restore_download_leaves_a_same_named_different_local_file_intact() {
     let flags = s3.server_flags("snaps");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let dd = DataDir::new(EtcdVersion::V3_5);
-    let s = dd.start(&["--etcd-disable-snapshots"]);
-    put(&dd, &[("from-s3", "1")]);
-    let snap = save(&dd, &flags);
-    let name = snap.file_name().unwrap().to_string_lossy().into_owned();
+    let (s, snap, name) = server_with_uploaded_snapshot(&dd, &flags);
     put(&dd, &[("only-local", "2")]);
     let other = save(&dd, &[]);
     s.stop();
