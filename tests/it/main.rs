@@ -1,6 +1,7 @@
 mod ha;
 mod hostile;
 mod k3s_node;
+mod remote;
 mod reset;
 mod s3_store;
 mod server;

@@ -20,6 +20,8 @@ pub const OUR_ENV: &[&str] = &[
     "K3S_NODE_NAME",
     "K3S_TOKEN",
     "K3S_TOKEN_FILE",
+    "K3S_ETCD_SERVER",
+    "K3S_ETCD_TOKEN",
     "K3S_URL",
     "K3S_CONFIG_FILE",
     "K3S_CLUSTER_INIT",

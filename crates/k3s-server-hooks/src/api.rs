@@ -7,6 +7,7 @@
 //! | `GET /metrics` | none | Prometheus text: scheduled snapshots per store |
 //! | `GET /db/info` | token | etcd members and leader as JSON ([`DbInfo`]) |
 //! | `GET /db/ca-material` | token | the CAs with their keys, for a joining server ([`CaMaterial`]) |
+//! | `POST /db/snapshot` | token | `etcd-snapshot save/ls/delete/prune` done here ([`snapshot_api`]) |
 //!
 //! "token" means `Authorization: Bearer <token>` or basic auth `server:<token>`; the token may be
 //! given in full (`K10…::server:…`) or as the bare secret. Anything else is 401, logged with the
@@ -25,10 +26,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use base64::Engine;
 use k3s_snapshot_core::etcd::EtcdClientConfig;
@@ -37,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::layout::DataDir;
 use crate::metrics::SnapshotMetrics;
+use crate::snapshot_api;
 use crate::tls::{CaMaterial, TlsFiles};
 use crate::token::Token;
 use crate::{Error, Result};
@@ -61,6 +64,8 @@ pub struct ApiState {
     pub etcd: EtcdClientConfig,
     pub metrics: Arc<SnapshotMetrics>,
     pub auth_failures: AuthFailures,
+    /// `POST /db/snapshot`
+    pub snapshots: Arc<crate::snapshot_api::SnapshotService>,
 }
 
 /// Failed token checks per source address, in fixed windows.
@@ -102,6 +107,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/db/info", get(db_info))
         .route("/db/ca-material", get(ca_material))
+        .route(
+            snapshot_api::PATH,
+            post(snapshot_api::handle).layer(DefaultBodyLimit::max(snapshot_api::MAX_REQUEST_BYTES)),
+        )
         .with_state(state)
 }
 
@@ -228,7 +237,7 @@ impl tokio::io::AsyncWrite for Permitted {
 
 /// Checks the token; a failure is logged with the source and counted, and a source over its
 /// allowance gets 429 without its credential being looked at.
-fn check_auth(state: &ApiState, peer: SocketAddr, path: &str, headers: &HeaderMap) -> Option<Response> {
+pub(crate) fn check_auth(state: &ApiState, peer: SocketAddr, path: &str, headers: &HeaderMap) -> Option<Response> {
     let ip = peer.ip();
     if state.auth_failures.blocked(ip) {
         return Some(

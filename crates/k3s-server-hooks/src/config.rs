@@ -38,6 +38,8 @@ pub struct SnapshotSettings {
     pub compress: bool,
     /// Where snapshots are uploaded too (`--etcd-s3`).
     pub remote: Option<Arc<dyn SnapshotStore>>,
+    /// How `ls` shows the origin of S3 rows (no credentials).
+    pub remote_origin: Option<k3s_snapshot_core::k3s_list::S3Origin>,
     /// `--etcd-s3-retention`
     pub remote_retention: i64,
     /// Fetches `--cluster-reset-restore-path` from the remote store (`--etcd-s3`).

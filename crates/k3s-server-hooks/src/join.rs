@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::DbInfo;
 use crate::config::ServerConfig;
+use crate::https_client::{self, read_capped, Capped};
 use crate::layout::DataDir;
 use crate::tls::{CaMaterial, TlsFiles, CA_NAMES};
 use crate::token::{ca_hash, Token};
@@ -119,18 +120,7 @@ enum Fetch {
 }
 
 fn http_client(ca_pem: Option<&str>) -> Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder().use_rustls_tls().https_only(true).no_proxy().timeout(HTTP_TIMEOUT);
-    b = match ca_pem {
-        // The CA is what this request fetches; it is checked against the token's hash after.
-        None => b.danger_accept_invalid_certs(true),
-        Some(pem) => {
-            let cert = reqwest::Certificate::from_pem(pem.as_bytes()).map_err(|e| {
-                Error::Join(format!("the cluster CA served by --server is not a PEM certificate: {}", one_line(&e)))
-            })?;
-            b.tls_built_in_root_certs(false).add_root_certificate(cert)
-        }
-    };
-    b.build().map_err(|e| Error::Join(format!("cannot build an https client: {}", one_line(&e))))
+    https_client::client(ca_pem, HTTP_TIMEOUT).map_err(|e| Error::Join(format!("{e}; check --server")))
 }
 
 async fn get(
@@ -184,26 +174,6 @@ async fn get(
 /// The largest answer a joiner reads from the supervisor API (a CA bundle, the CA material or
 /// the member list are a few KiB).
 const MAX_BODY: usize = 1 << 20;
-
-enum Capped {
-    TooLarge,
-    Read(reqwest::Error),
-}
-
-/// The body as text, refused beyond `limit` bytes without reading more than that.
-async fn read_capped(mut resp: reqwest::Response, limit: usize) -> std::result::Result<String, Capped> {
-    if resp.content_length().is_some_and(|n| n > limit as u64) {
-        return Err(Capped::TooLarge);
-    }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(Capped::Read)? {
-        if body.len() + chunk.len() > limit {
-            return Err(Capped::TooLarge);
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(String::from_utf8_lossy(&body).into_owned())
-}
 
 /// Steps 1 and 2: the CA, checked against the token, and the members, with the token.
 async fn discover(server: &str, token: &Token, given: &str) -> std::result::Result<(String, DbInfo), Fetch> {

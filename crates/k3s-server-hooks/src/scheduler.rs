@@ -35,11 +35,12 @@ pub struct SnapshotJob {
     pub jitter: Duration,
     pub etcd: EtcdClientConfig,
     pub metrics: Arc<SnapshotMetrics>,
+    /// Held while a snapshot runs, shared with snapshots requested through the supervisor API.
+    pub lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Runs until `cancel`. Snapshots run on `tracker`, so that the caller can wait for one in flight.
 pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: CancellationToken) {
-    let running = Arc::new(tokio::sync::Mutex::new(()));
     let mut last = Utc::now();
     let mut first = true;
     loop {
@@ -60,8 +61,8 @@ pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: Cancellati
         }
         last = next.max(Utc::now() - chrono::Duration::from_std(jitter).unwrap_or_default());
         crate::crash::panic_point("K3S_SNAPSHOT_TEST_SCHEDULER_PANIC", "fire");
-        let Ok(guard) = running.clone().try_lock_owned() else {
-            tracing::warn!("skipping a scheduled snapshot: the previous one is still running");
+        let Ok(guard) = job.lock.clone().try_lock_owned() else {
+            tracing::warn!("skipping a scheduled snapshot: the previous one (or a requested one) is still running");
             continue;
         };
         let (job, cancel) = (job.clone(), cancel.clone());

@@ -17,6 +17,7 @@ use crate::layout::DataDir;
 use crate::lock::DataDirLock;
 use crate::metrics::SnapshotMetrics;
 use crate::scheduler::SnapshotJob;
+use crate::snapshot_api::SnapshotService;
 use crate::token::Token;
 use crate::{api, reset, scheduler, tls, Error, Result};
 
@@ -208,6 +209,21 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let metrics = Arc::new(SnapshotMetrics::default());
     let inner = cancel.child_token();
     let tracker = TaskTracker::new();
+    let snapshot_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let snapshots = Arc::new(SnapshotService {
+        local: cfg.snapshot_store(),
+        remote: cfg.snapshots.remote.clone(),
+        remote_origin: cfg.snapshots.remote_origin.clone(),
+        node: cfg.node_name.clone(),
+        compress: cfg.snapshots.compress,
+        token_hash: token.metadata_hash(),
+        retention: cfg.snapshots.retention,
+        remote_retention: cfg.snapshots.remote_retention,
+        etcd: client.clone(),
+        lock: snapshot_lock.clone(),
+        tracker: tracker.clone(),
+        cancel: inner.clone(),
+    });
     let state = Arc::new(api::ApiState {
         data_dir: dd.clone(),
         token: token.clone(),
@@ -215,6 +231,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         etcd: client.clone(),
         metrics: metrics.clone(),
         auth_failures: Default::default(),
+        snapshots,
     });
     let rustls = api::rustls_config(&tls_files)?;
     let mut api_task =
@@ -237,6 +254,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             jitter: cfg.snapshots.jitter,
             etcd: client.clone(),
             metrics: metrics.clone(),
+            lock: snapshot_lock,
         });
         scheduler_task = Some(tracker.spawn(scheduler::run(job, tracker.clone(), inner.clone())));
         tracing::info!("scheduled snapshots enabled");
@@ -274,7 +292,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     inner.cancel();
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
-        tracing::warn!("a scheduled snapshot did not stop within 30s; stopping etcd anyway");
+        tracing::warn!("a snapshot in progress did not stop within 30s; stopping etcd anyway");
     }
     if !api_done {
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut api_task).await;

@@ -4,6 +4,7 @@
 
 mod config;
 mod ls;
+mod remote;
 mod s3args;
 mod secret;
 mod server;

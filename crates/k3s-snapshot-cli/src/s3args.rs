@@ -168,8 +168,8 @@ impl S3Args {
     }
 
     /// Where S3 rows of `ls` come from, as k3s shows it (no credentials).
-    pub fn origin(&self) -> crate::ls::S3Origin {
-        crate::ls::S3Origin {
+    pub fn origin(&self) -> k3s_snapshot_core::k3s_list::S3Origin {
+        k3s_snapshot_core::k3s_list::S3Origin {
             endpoint: self.endpoint.clone(),
             endpoint_ca: self.endpoint_ca.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
             skip_ssl_verify: self.skip_ssl_verify,

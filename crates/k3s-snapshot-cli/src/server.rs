@@ -171,6 +171,7 @@ impl ServerArgs {
                 retention: self.etcd_snapshot_retention,
                 dir: self.etcd_snapshot_dir.clone(),
                 compress: self.etcd_snapshot_compress,
+                remote_origin: remote.as_ref().map(|_| self.s3.origin()),
                 remote,
                 remote_retention: self.s3.retention,
                 remote_fetch,

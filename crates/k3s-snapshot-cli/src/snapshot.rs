@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use k3s_snapshot_core::etcd::{self, EtcdClientConfig};
+use k3s_snapshot_core::k3s_list::{self, SnapshotFileList};
 use k3s_snapshot_core::list::list_snapshots;
 use k3s_snapshot_core::metadata::SnapshotMetadata;
 use k3s_snapshot_core::name;
@@ -119,12 +120,20 @@ pub struct CommonArgs {
     /// Client key for etcd [default: ${data-dir}/server/tls/etcd/client.key]
     #[arg(long, global = true)]
     pub etcd_key: Option<PathBuf>,
+    /// Have the server at this URL (its supervisor port, e.g. https://HOST:6443) do save, ls,
+    /// delete or prune with its own etcd, snapshot dir and S3 settings; no etcd certificates needed
+    #[arg(long, global = true, env = "K3S_ETCD_SERVER")]
+    pub etcd_server: Option<String>,
+    /// Token for --etcd-server; the full K10… form lets the server's CA be verified [default:
+    /// --token, then ${data-dir}/server/token]
+    #[arg(long, global = true, env = "K3S_ETCD_TOKEN", hide_env_values = true)]
+    pub etcd_token: Option<crate::secret::Secret>,
     #[command(flatten)]
     pub s3: S3Args,
 }
 
 impl CommonArgs {
-    fn data_dir(&self) -> PathBuf {
+    pub(crate) fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(config::default_data_dir)
     }
 
@@ -176,7 +185,11 @@ impl CommonArgs {
 
 pub async fn run(args: SnapshotArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let common = &args.common;
-    match args.command.unwrap_or(SnapshotCommand::Save) {
+    let command = args.command.unwrap_or(SnapshotCommand::Save);
+    if let Some(server) = common.etcd_server.as_deref().filter(|s| !s.is_empty()) {
+        return crate::remote::run(common, server, command).await;
+    }
+    match command {
         SnapshotCommand::Save => save(common, &cancel).await,
         SnapshotCommand::Ls { output } => ls(common, output).await,
         SnapshotCommand::Delete { names } => delete(common, &names).await,
@@ -237,15 +250,9 @@ async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
         Some(store) => (list_snapshots(store.as_ref(), with_metadata).await?, Some(common.s3.origin())),
         None => (Vec::new(), None),
     };
-    let rows = ls::rows(local, remote, origin.as_ref());
-    let node = common.node();
-    let mut out = std::io::stdout().lock();
-    match output {
-        OutputFormat::Table => ls::print_table(&mut out, &rows)?,
-        OutputFormat::Json => ls::print_json(&mut out, &rows, &node)?,
-        OutputFormat::Yaml => ls::print_yaml(&mut out, &rows, &node)?,
-    }
-    Ok(())
+    let rows = k3s_list::rows(local, remote, origin.as_ref());
+    let list = SnapshotFileList::new(&rows, &common.node());
+    ls::print(&mut std::io::stdout().lock(), &list, output)
 }
 
 async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {

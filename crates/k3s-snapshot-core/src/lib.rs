@@ -12,6 +12,7 @@ pub mod error;
 pub mod etcd;
 pub mod etcd_config;
 pub mod integrity;
+pub mod k3s_list;
 pub mod list;
 pub mod metadata;
 pub mod name;

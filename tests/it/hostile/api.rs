@@ -280,3 +280,51 @@ fn a_dead_scheduler_stops_the_server_with_an_error_and_stops_etcd() {
     assert!(s.log_text().contains("scheduled snapshots stopped (its task panicked)"), "{}", s.log_text());
     assert_eq!(tests::support::server::etcd_pids(&dd.path()), Vec::<u32>::new(), "etcd left running");
 }
+
+/// Status and body of `POST /db/snapshot` with `body`, authenticated with `token` when given.
+async fn post_snapshot(s: &Server, token: Option<&str>, body: Vec<u8>) -> (u16, String) {
+    let mut req = s.http().post(format!("{}/db/snapshot", s.api())).body(body);
+    if let Some(t) = token {
+        req = req.basic_auth("server", Some(t));
+    }
+    let resp = req.send().await.unwrap();
+    (resp.status().as_u16(), resp.text().await.unwrap())
+}
+
+#[test]
+fn snapshot_requests_that_are_unauthenticated_huge_traversing_or_unknown_are_refused() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    let token = dd.token();
+    let save = br#"{"operation":"save"}"#.to_vec();
+    let (code, _) = block_on(post_snapshot(&s, None, save.clone()));
+    assert_eq!(code, 401, "no token, no snapshot");
+
+    // A body beyond 64 KiB is not read.
+    let mut huge = br#"{"operation":"save","name":[""#.to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 128 * 1024));
+    huge.extend(br#""]}"#);
+    let (code, _) = block_on(post_snapshot(&s, Some(&token), huge));
+    assert_eq!(code, 413);
+
+    // A file beside the snapshot dir that a traversing name would reach.
+    let victim = dd.db().join("victim");
+    std::fs::write(&victim, "keep me").unwrap();
+    for name in ["../victim", "/etc/passwd", "..", ".metadata/x"] {
+        let body = serde_json::json!({"operation": "delete", "name": [name]}).to_string().into_bytes();
+        let (code, text) = block_on(post_snapshot(&s, Some(&token), body));
+        assert_eq!(code, 400, "{name}: {text}");
+    }
+    assert!(victim.is_file(), "nothing outside the snapshot dir is touched");
+
+    let (code, text) = block_on(post_snapshot(&s, Some(&token), br#"{"operation":"format-disk"}"#.to_vec()));
+    assert_eq!(code, 400);
+    assert!(text.contains("use save, list, delete or prune"), "{text}");
+    let (code, _) = block_on(post_snapshot(&s, Some(&token), b"not json".to_vec()));
+    assert_eq!(code, 400);
+    let (code, _) = block_on(post_snapshot(&s, Some(&token), br#"{"operation":"save","name":["../up"]}"#.to_vec()));
+    assert_eq!(code, 400, "a prefix is a file name too");
+    assert!(tests::support::server::files(&dd.snapshots()).iter().all(|f| f.starts_with('.')), "nothing was saved");
+    assert!(!s.log_text().contains(token.split("::server:").nth(1).unwrap()), "the token is never logged");
+    s.stop();
+}
