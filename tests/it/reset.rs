@@ -17,6 +17,7 @@ tests::on_both_versions!(
     etcdctl_snapshot_of_a_plain_etcd_restores,
     cluster_reset_without_a_path_keeps_the_data_and_leaves_one_member,
     zip_in_k3s_layout_restores_from_any_working_dir,
+    a_restore_moves_the_revision_forward_and_compacts_the_past,
 );
 
 fn previously_reset(dd: &DataDir) -> String {
@@ -272,13 +273,13 @@ fn a_crash_at_any_step_of_the_reset_leaves_old_or_new_data_whole() {
     let old = kv(&[("after-snapshot", "2"), ("in-snapshot", "1")]);
     let new = kv(&[("in-snapshot", "1")]);
 
-    for (step, expect) in [(1, &old), (2, &old), (3, &new), (4, &new)] {
+    for (step, expect) in [("bump", &old), ("1", &old), ("2", &old), ("3", &new), ("4", &new)] {
         let dd = DataDir::new(EtcdVersion::V3_5);
         let o = std::process::Command::new("cp").arg("-a").arg(base.path()).arg(dd.path()).output().unwrap();
         assert!(o.status.success());
         let r = bin::run(
             dd.command(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())])
-                .env("K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER", step.to_string()),
+                .env("K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER", step),
         );
         assert!(r.code.is_none(), "step {step}: expected an abort, got {:?}\n{}", r.code, r.stderr);
         assert!(!dd.db().join("reset-flag").exists(), "step {step}");
@@ -394,4 +395,80 @@ fn a_snapshot_taken_with_another_token_restores_with_a_warning() {
     assert_reset_done(&r, &other);
     assert!(r.stderr.contains("different token"), "{}", r.stderr);
     assert!(!r.stderr.contains("second-secret") && !r.stderr.contains("first-secret"), "a token leaked: {}", r.stderr);
+}
+
+/// The revision etcd reports, and whether reading `key` at `rev` is refused as compacted.
+fn revision_and_compacted(dd: &DataDir, key: &str, rev: i64) -> (i64, bool) {
+    block_on(async {
+        let mut c = connect(dd).await.client;
+        let now = c.get(key, None).await.unwrap().header().unwrap().revision();
+        let old = c.get(key, Some(etcd_client::GetOptions::new().with_revision(rev))).await;
+        let compacted = match old {
+            Err(e) => {
+                assert!(e.to_string().contains("compacted"), "unexpected error: {e}");
+                true
+            }
+            Ok(_) => false,
+        };
+        (now, compacted)
+    })
+}
+
+fn a_restore_moves_the_revision_forward_and_compacts_the_past(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("/registry/a", "1"), ("/registry/b", "2")]);
+    let snap = save(&dd, &[]);
+    let (snap_rev, _) = revision_and_compacted(&dd, "/registry/a", 1);
+    for i in 0..5 {
+        put(&dd, &[("/registry/after", &i.to_string())]);
+    }
+    s.stop();
+
+    // Default: bumped by 1e9, everything up to the new revision compacted.
+    let r = dd.run(&["--cluster-reset", &format!("--cluster-reset-restore-path={}", snap.display())]);
+    assert_reset_done(&r, &dd);
+    let bumped = snap_rev + 1_000_000_000;
+    assert!(r.stderr.contains(&format!("old_revision={snap_rev}")), "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("new_revision={bumped}")), "{}", r.stderr);
+    let status = tests::support::etcd::etcdutl_status(&dd.db().join("etcd/member/snap/db"));
+    assert!(status["revision"].as_i64().unwrap() >= bumped, "etcdutl reads the bumped db: {status}");
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("/registry/a", "1"), ("/registry/b", "2")]), "the data is the snapshot's");
+    let (now, compacted) = revision_and_compacted(&dd, "/registry/a", snap_rev);
+    assert!(now >= bumped, "revision {now} is below {bumped}");
+    assert!(compacted, "reading at the snapshot's revision {snap_rev} must say compacted");
+    put(&dd, &[("/registry/new", "x")]);
+    let (after_write, _) = revision_and_compacted(&dd, "/registry/new", now);
+    assert!(after_write > bumped, "a new write gets a revision above the bump: {after_write}");
+    // Watching from a revision of the past is refused too (clients relist).
+    block_on(async {
+        let mut c = connect(&dd).await.client;
+        let mut stream = c
+            .watch("/registry/", Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(snap_rev)))
+            .await
+            .unwrap();
+        let resp = stream.message().await.unwrap().unwrap();
+        let resp = if resp.created() && resp.compact_revision() == 0 {
+            stream.message().await.unwrap().unwrap()
+        } else {
+            resp
+        };
+        assert!(resp.compact_revision() > 0, "a watch from {snap_rev} must be told it was compacted");
+    });
+    s.stop();
+
+    // 0 keeps the snapshot's revision.
+    let dd0 = DataDir::new(v);
+    let r = dd0.run(&[
+        "--cluster-reset",
+        &format!("--cluster-reset-restore-path={}", snap.display()),
+        "--cluster-reset-restore-bump-revision=0",
+    ]);
+    assert_reset_done(&r, &dd0);
+    let s = dd0.start(&["--etcd-disable-snapshots"]);
+    let (now, compacted) = revision_and_compacted(&dd0, "/registry/a", snap_rev);
+    assert_eq!(now, snap_rev);
+    assert!(!compacted);
+    s.stop();
 }

@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub server_url: Option<String>,
     pub cluster_reset: bool,
     pub cluster_reset_restore_path: Option<String>,
+    /// `--cluster-reset-restore-bump-revision`: how far a restore moves the revision forward (and
+    /// marks the past compacted); 0 keeps the snapshot's revision.
+    pub cluster_reset_restore_bump_revision: u64,
     pub bind_address: IpAddr,
     pub advertise_address: IpAddr,
     pub https_listen_port: u16,

@@ -20,7 +20,7 @@
 //!
 //! For crash tests, `K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER=N` aborts the process right after step N
 //! (1 restored or copied, 2 old `etcd-old` moved aside, 3 `etcd` moved or copy in place, 4 new
-//! `etcd` in place).
+//! `etcd` in place); `bump` aborts right after the revision bump in the scratch dir.
 
 use std::path::{Path, PathBuf};
 
@@ -208,6 +208,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     let (checked, restored) = tokio::join!(check, restore_into_scratch(cfg, bins, &raw));
     checked?;
     restored?;
+    bump(cfg).await?;
     // Verified and restored: now the downloaded and extracted files take their names, next to
     // (never over) what is there. A file kept under its scratch name is removed at the end.
     let mut kept = Vec::new();
@@ -235,6 +236,35 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         token_check(cfg, &md);
     }
     Ok(ResetPlan { snapshot, restored: Some(scratch) })
+}
+
+/// Moves the restored db's revision forward by `--cluster-reset-restore-bump-revision` and marks
+/// the past compacted ([`k3s_snapshot_core::revision`]), in the scratch dir, before anything
+/// outside it changes: a failure or a crash leaves the scratch dir to be discarded.
+async fn bump(cfg: &ServerConfig) -> Result<()> {
+    let amount = cfg.cluster_reset_restore_bump_revision;
+    if amount == 0 {
+        tracing::info!("--cluster-reset-restore-bump-revision is 0: the restored revision is the snapshot's");
+        return Ok(());
+    }
+    let db = cfg.data_dir.etcd_restore_tmp().join("member/snap/db");
+    let shown = db.clone();
+    let bumped = tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::bump_revision(&db, amount))
+        .await
+        .map_err(|e| Error::Reset(format!("bump task failed: {e}")))?
+        .map_err(|e| {
+            Error::Reset(format!(
+                "cannot bump the revision of the restored {} ({e}); nothing was changed; --cluster-reset-restore-bump-revision=0 restores without it",
+                shown.display()
+            ))
+        })?;
+    tracing::info!(
+        old_revision = bumped.old,
+        new_revision = bumped.new,
+        "moved the restored revision forward and marked every earlier revision compacted, so clients relist instead of trusting newer caches"
+    );
+    crate::crash::point(ABORT_ENV, "bump");
+    Ok(())
 }
 
 /// `<dir>/../.metadata/<file>` of a local snapshot, when there and ours (k3s's own document, its

@@ -46,6 +46,11 @@ pub struct ServerArgs {
     /// Snapshot to restore during --cluster-reset: a file, or with --etcd-s3 a snapshot name in the bucket
     #[arg(long)]
     pub cluster_reset_restore_path: Option<String>,
+    /// Move a restored snapshot's revision forward by this much and mark every earlier revision
+    /// compacted, so Kubernetes clients relist instead of trusting caches newer than the snapshot
+    /// (0: keep the snapshot's revision)
+    #[arg(long, default_value_t = k3s_snapshot_core::revision::DEFAULT_BUMP)]
+    pub cluster_reset_restore_bump_revision: u64,
     /// Address the supervisor API listens on
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
@@ -157,6 +162,7 @@ impl ServerArgs {
             server_url: self.server.clone().filter(|s| !s.is_empty()),
             cluster_reset: self.cluster_reset,
             cluster_reset_restore_path: self.cluster_reset_restore_path.clone().filter(|p| !p.is_empty()),
+            cluster_reset_restore_bump_revision: self.cluster_reset_restore_bump_revision,
             bind_address: self.bind_address,
             advertise_address,
             https_listen_port: self.https_listen_port,

@@ -18,6 +18,7 @@ pub mod metadata;
 pub mod name;
 pub mod progress;
 pub mod retention;
+pub mod revision;
 #[cfg(feature = "etcd")]
 pub mod save;
 pub mod status;

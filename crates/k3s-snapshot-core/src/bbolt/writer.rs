@@ -1,0 +1,627 @@
+//! Writing a bbolt image: [`write_image`] copies every bucket and key of a [`Db`] into a new
+//! file with [`Edits`] applied on the way, and [`rewrite_file`] replaces a file by its rewrite
+//! atomically (new file, fsync, check, rename, fsync of the directory).
+//!
+//! Why a full rewrite rather than a copy-on-write update of the touched pages: a copy-on-write
+//! update must allocate from the freelist, keep both meta pages and the freelist consistent and
+//! still write a whole new file to be crash-safe (the file it reads must not be modified in place),
+//! so it saves little and is much more to get right. A bulk load writes each page once, in key
+//! order, bottom-up: leaves packed full as they fill, then each branch level over the first keys
+//! of the level below, a nested bucket's pages before the parent leaf that holds its header. The
+//! result is compacted and defragmented (what `etcdutl defrag` makes), and it is checked with the
+//! reader before it replaces anything.
+//!
+//! Layout of the result: pages 0 and 1 are the metas (same content, the source's txid + 1), page
+//! 2 an empty freelist when the source persisted one (etcd may run without), then the data pages.
+//! Empty buckets are written inline, as bbolt creates them; all others get their own pages.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use super::layout::*;
+use super::reader::{Bucket, Db, Value};
+use super::BoltError;
+
+/// bbolt's largest key and value (`MaxKeySize`, `MaxValueSize`).
+pub const MAX_KEY_SIZE: usize = 32768;
+pub const MAX_VALUE_SIZE: usize = (1 << 31) - 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Read(#[from] BoltError),
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid edit: {0}")]
+    Edit(String),
+    #[error("bbolt image {} cannot be rewritten: {detail}", .path.display())]
+    Source { detail: String, path: PathBuf },
+}
+
+type KeyEdits = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A leaf element being collected: flags, key, value.
+type Elem<'k> = (u32, &'k [u8], Cow<'k, [u8]>);
+type OwnEdits<'k> = std::iter::Peekable<std::collections::btree_map::Iter<'k, Vec<u8>, Option<Vec<u8>>>>;
+type ChildEdits<'k> = std::iter::Peekable<std::collections::btree_map::Iter<'k, Vec<u8>, KeyEdits>>;
+/// An edit of the key the source holds next: the own edit (`Some(None)` deletes) and the edits
+/// of the child bucket of that name.
+type Hits<'k> = (Option<&'k Option<Vec<u8>>>, Option<&'k KeyEdits>);
+/// One entry of [`dump`]: bucket path, key, and the value (`None` for a nested bucket, whose key
+/// carries `#seq=N`).
+pub type DumpEntry = (Vec<Vec<u8>>, Vec<u8>, Option<Vec<u8>>);
+
+/// Puts and deletes of keys in top-level buckets, applied while an image is copied. A bucket
+/// named by an edit that the image lacks is created.
+#[derive(Debug, Default, Clone)]
+pub struct Edits {
+    buckets: BTreeMap<Vec<u8>, KeyEdits>,
+}
+
+impl Edits {
+    pub fn put(&mut self, bucket: &[u8], key: &[u8], value: &[u8]) -> &mut Self {
+        self.buckets.entry(bucket.to_vec()).or_default().insert(key.to_vec(), Some(value.to_vec()));
+        self
+    }
+
+    pub fn delete(&mut self, bucket: &[u8], key: &[u8]) -> &mut Self {
+        self.buckets.entry(bucket.to_vec()).or_default().insert(key.to_vec(), None);
+        self
+    }
+
+    fn validate(&self) -> Result<(), WriteError> {
+        for (b, keys) in &self.buckets {
+            if b.is_empty() || b.len() > MAX_KEY_SIZE {
+                return Err(WriteError::Edit(format!("bucket name of {} bytes", b.len())));
+            }
+            for (k, v) in keys {
+                if k.is_empty() || k.len() > MAX_KEY_SIZE {
+                    return Err(WriteError::Edit(format!("key of {} bytes", k.len())));
+                }
+                if v.as_ref().is_some_and(|v| v.len() > MAX_VALUE_SIZE) {
+                    return Err(WriteError::Edit("value larger than bbolt allows".into()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Pages in the new image (its high-water mark).
+    pub pages: u64,
+    /// Bytes of the new file.
+    pub size: u64,
+}
+
+/// Writes `src` with `edits` applied into a new file `dest` (which must not exist), fsynced.
+pub fn write_image(src: &Db, dest: &Path, edits: &Edits) -> Result<Written, WriteError> {
+    edits.validate()?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .map_err(|source| WriteError::Io { action: "create", path: dest.into(), source })?;
+    let ps = src.page_size() as usize;
+    let persist_freelist = src.meta().freelist != NO_FREELIST;
+    let first_data = if persist_freelist { 3 } else { 2 };
+    let mut out = Out {
+        w: BufWriter::with_capacity(1 << 20, file),
+        path: dest.to_path_buf(),
+        ps,
+        next: first_data,
+        scratch: Vec::new(),
+        roots_seen: HashSet::new(),
+        src_path: src.path().to_path_buf(),
+    };
+    // Metas and freelist are written last, over this placeholder.
+    out.write(&vec![0u8; ps * first_data as usize])?;
+    out.next = first_data;
+    let root = out.bucket(Some(src.root()), Some(&edits.buckets), None, 0, true)?;
+    let Root::Paged(root_page) = root else { unreachable!("the root bucket is always paged") };
+    let pages = out.next;
+    let mut head = Vec::with_capacity(ps * first_data as usize);
+    let meta = Meta {
+        magic: MAGIC,
+        version: VERSION,
+        page_size: ps as u32,
+        flags: 0,
+        root: BucketHeader { root: root_page, sequence: src.root().sequence() },
+        freelist: if persist_freelist { 2 } else { NO_FREELIST },
+        pgid: pages,
+        txid: src.meta().txid.wrapping_add(1),
+        checksum: 0,
+    };
+    for id in 0..2u64 {
+        encode_page_header(&mut head, id, FLAG_META, 0, 0);
+        head.extend_from_slice(&meta.encode());
+        head.resize(ps * (id as usize + 1), 0);
+    }
+    if persist_freelist {
+        encode_page_header(&mut head, 2, FLAG_FREELIST, 0, 0);
+        head.resize(ps * 3, 0);
+    }
+    let io = |action, source| WriteError::Io { action, path: dest.to_path_buf(), source };
+    let file = out.w.into_inner().map_err(|e| io("write", e.into_error()))?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &head, 0).map_err(|e| io("write", e))?;
+    file.sync_all().map_err(|e| io("fsync", e))?;
+    Ok(Written { pages, size: pages * ps as u64 })
+}
+
+/// Replaces the bbolt file at `path` by its rewrite with `edits`: written beside it under a
+/// temporary name, fsynced, checked with the reader, renamed over `path`, and the directory
+/// fsynced. A crash at any point leaves `path` as it was or as it is meant to be, never torn; a
+/// failure removes the temporary file.
+pub fn rewrite_file(path: &Path, edits: &Edits) -> Result<Written, WriteError> {
+    let src = Db::open(path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.rewrite-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let result = write_image(&src, &tmp, edits).and_then(|w| {
+        let new = Db::open(&tmp)?;
+        new.check()?;
+        Ok(w)
+    });
+    drop(src);
+    let written = match result {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    let perms = std::fs::metadata(path).map(|m| m.permissions()).ok();
+    if let Some(p) = perms {
+        let _ = std::fs::set_permissions(&tmp, p);
+    }
+    std::fs::rename(&tmp, path).map_err(|source| WriteError::Io {
+        action: "rename over",
+        path: path.into(),
+        source,
+    })?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|source| WriteError::Io {
+        action: "fsync",
+        path: dir.into(),
+        source,
+    })?;
+    Ok(written)
+}
+
+/// A written bucket: its own pages, or (empty) inline.
+enum Root {
+    Paged(u64),
+    Inline,
+}
+
+struct Out {
+    w: BufWriter<File>,
+    path: PathBuf,
+    ps: usize,
+    /// Id of the next page written.
+    next: u64,
+    scratch: Vec<u8>,
+    /// Root pages of the source's buckets already copied: a page shared by two buckets (or a
+    /// bucket nested in itself) is a corrupt source, refused before it multiplies the work.
+    roots_seen: HashSet<u64>,
+    src_path: PathBuf,
+}
+
+/// The leaf being filled and the first keys of the leaves written so far.
+struct Filling<'k> {
+    elems: Vec<Elem<'k>>,
+    size: usize,
+    level: Vec<(&'k [u8], u64)>,
+}
+
+impl Out {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
+        self.w.write_all(bytes).map_err(|source| WriteError::Io { action: "write", path: self.path.clone(), source })
+    }
+
+    /// Writes a page of `size` unpadded bytes that `encode` appends given its id and overflow.
+    fn page(&mut self, size: usize, encode: impl FnOnce(&mut Vec<u8>, u64, u32)) -> Result<u64, WriteError> {
+        let span = size.div_ceil(self.ps).max(1);
+        let overflow = u32::try_from(span - 1).map_err(|_| WriteError::Edit("an element larger than 16 TiB".into()))?;
+        let id = self.next;
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        encode(&mut buf, id, overflow);
+        debug_assert_eq!(buf.len(), size);
+        buf.resize(span * self.ps, 0);
+        let r = self.write(&buf);
+        self.scratch = buf;
+        r?;
+        self.next += span as u64;
+        Ok(id)
+    }
+
+    fn push<'k>(
+        &mut self,
+        f: &mut Filling<'k>,
+        flags: u32,
+        key: &'k [u8],
+        value: Cow<'k, [u8]>,
+    ) -> Result<(), WriteError> {
+        let need = ELEMENT_SIZE + key.len() + value.len();
+        if !f.elems.is_empty() && (f.size + need > self.ps || f.elems.len() == usize::from(u16::MAX)) {
+            self.flush_leaf(f)?;
+        }
+        f.size += need;
+        f.elems.push((flags, key, value));
+        Ok(())
+    }
+
+    fn flush_leaf(&mut self, f: &mut Filling<'_>) -> Result<(), WriteError> {
+        if f.elems.is_empty() {
+            return Ok(());
+        }
+        let elems: Vec<(u32, &[u8], &[u8])> = f.elems.iter().map(|(fl, k, v)| (*fl, *k, v.as_ref())).collect();
+        let id = self.page(f.size, |buf, id, ov| encode_leaf(buf, id, ov, &elems))?;
+        f.level.push((f.elems[0].1, id));
+        f.elems.clear();
+        f.size = PAGE_HEADER_SIZE;
+        Ok(())
+    }
+
+    /// Branch levels over `level` until one page is the root.
+    fn branches(&mut self, mut level: Vec<(&[u8], u64)>) -> Result<u64, WriteError> {
+        while level.len() > 1 {
+            let mut next = Vec::new();
+            let mut cur: Vec<(&[u8], u64)> = Vec::new();
+            let mut size = PAGE_HEADER_SIZE;
+            for (k, id) in level {
+                let need = ELEMENT_SIZE + k.len();
+                // At least two children per branch page, so every level is smaller than the last.
+                if cur.len() >= 2 && (size + need > self.ps || cur.len() == usize::from(u16::MAX)) {
+                    let page = self.page(size, |buf, pid, ov| encode_branch(buf, pid, ov, &cur))?;
+                    next.push((cur[0].0, page));
+                    cur.clear();
+                    size = PAGE_HEADER_SIZE;
+                }
+                size += need;
+                cur.push((k, id));
+            }
+            let page = self.page(size, |buf, pid, ov| encode_branch(buf, pid, ov, &cur))?;
+            next.push((cur[0].0, page));
+            level = next;
+        }
+        Ok(level[0].1)
+    }
+
+    /// Writes one bucket: the source's entries (when there is a source) merged with `own` edits,
+    /// and, at the root, with the buckets that `children` edits (creating those the source lacks).
+    fn bucket<'k>(
+        &mut self,
+        src: Option<Bucket<'k>>,
+        children: Option<&'k BTreeMap<Vec<u8>, KeyEdits>>,
+        own: Option<&'k KeyEdits>,
+        depth: u32,
+        is_root: bool,
+    ) -> Result<Root, WriteError> {
+        if depth > MAX_DEPTH {
+            return Err(WriteError::Source {
+                detail: format!("buckets nested deeper than {MAX_DEPTH}"),
+                path: self.src_path.clone(),
+            });
+        }
+        let mut f = Filling { elems: Vec::new(), size: PAGE_HEADER_SIZE, level: Vec::new() };
+        let mut own_iter = own.map(|o| o.iter().peekable());
+        let mut child_iter = children.map(|c| c.iter().peekable());
+
+        // Emits the edits (own keys and, at the root, new child buckets) ordered before `until`
+        // (all of them with `None`); an edit of `until` itself is returned for the caller to apply.
+        fn drain<'k>(
+            out: &mut Out,
+            f: &mut Filling<'k>,
+            own_iter: &mut Option<OwnEdits<'k>>,
+            child_iter: &mut Option<ChildEdits<'k>>,
+            until: Option<&[u8]>,
+            depth: u32,
+        ) -> Result<Hits<'k>, WriteError> {
+            let before = |k: &[u8]| until.is_none_or(|u| k < u);
+            loop {
+                let next_own = own_iter.as_mut().and_then(|i| i.peek().map(|(k, _)| k.as_slice()));
+                let next_child = child_iter.as_mut().and_then(|i| i.peek().map(|(k, _)| k.as_slice()));
+                let take_own = match (next_own, next_child) {
+                    (Some(o), Some(c)) => o <= c,
+                    (Some(_), None) => true,
+                    (None, Some(_)) => false,
+                    (None, None) => break,
+                };
+                let k = if take_own { next_own } else { next_child }.expect("peeked");
+                if !before(k) {
+                    break;
+                }
+                if take_own {
+                    let (k, v) = own_iter.as_mut().and_then(Iterator::next).expect("peeked");
+                    if let Some(v) = v {
+                        out.push(f, 0, k, Cow::Borrowed(v))?;
+                    }
+                } else {
+                    let (k, e) = child_iter.as_mut().and_then(Iterator::next).expect("peeked");
+                    let value = out.sub_bucket(None, Some(e), 0, depth + 1)?;
+                    out.push(f, LEAF_FLAG_BUCKET, k, Cow::Owned(value))?;
+                }
+            }
+            let Some(u) = until else { return Ok((None, None)) };
+            let own_hit = match own_iter.as_mut().and_then(|i| i.peek()) {
+                Some((k, _)) if k.as_slice() == u => own_iter.as_mut().and_then(Iterator::next).map(|(_, v)| v),
+                _ => None,
+            };
+            let child_hit = match child_iter.as_mut().and_then(|i| i.peek()) {
+                Some((k, _)) if k.as_slice() == u => child_iter.as_mut().and_then(Iterator::next).map(|(_, e)| e),
+                _ => None,
+            };
+            Ok((own_hit, child_hit))
+        }
+
+        if let Some(src) = src {
+            src.for_each(|k: &'k [u8], v: Value<'k>| -> Result<(), WriteError> {
+                let (own_hit, child_hit) = drain(self, &mut f, &mut own_iter, &mut child_iter, Some(k), depth)?;
+                match (v, own_hit) {
+                    (Value::Data(_), Some(Some(new))) => self.push(&mut f, 0, k, Cow::Borrowed(new)),
+                    (Value::Data(_), Some(None)) => Ok(()),
+                    (Value::Data(d), None) => self.push(&mut f, 0, k, Cow::Borrowed(d)),
+                    (Value::Bucket(_), Some(_)) => Err(WriteError::Edit(format!(
+                        "key {} names a nested bucket, not a value",
+                        String::from_utf8_lossy(k)
+                    ))),
+                    (Value::Bucket(b), None) => {
+                        let value = self.sub_bucket(Some(b), child_hit, b.sequence(), depth + 1)?;
+                        self.push(&mut f, LEAF_FLAG_BUCKET, k, Cow::Owned(value))
+                    }
+                }
+            })?;
+        }
+        drain(self, &mut f, &mut own_iter, &mut child_iter, None, depth)?;
+        self.flush_leaf(&mut f)?;
+        if f.level.is_empty() {
+            if !is_root {
+                return Ok(Root::Inline);
+            }
+            let id = self.page(PAGE_HEADER_SIZE, |buf, id, ov| encode_leaf(buf, id, ov, &[]))?;
+            return Ok(Root::Paged(id));
+        }
+        let level = std::mem::take(&mut f.level);
+        Ok(Root::Paged(self.branches(level)?))
+    }
+
+    /// A nested bucket's pages, then the value its parent stores (header, inline page if empty).
+    fn sub_bucket<'k>(
+        &mut self,
+        src: Option<Bucket<'k>>,
+        own: Option<&'k KeyEdits>,
+        sequence: u64,
+        depth: u32,
+    ) -> Result<Vec<u8>, WriteError> {
+        if let Some(b) = src.filter(|b| !b.is_inline()) {
+            if !self.roots_seen.insert(b.root_page()) {
+                return Err(WriteError::Source {
+                    detail: format!("page {} is the root of two buckets", b.root_page()),
+                    path: self.src_path.clone(),
+                });
+            }
+        }
+        Ok(match self.bucket(src, None, own, depth, false)? {
+            Root::Paged(root) => encode_bucket_value(root, sequence, &[]),
+            Root::Inline => encode_bucket_value(0, sequence, &[]),
+        })
+    }
+}
+
+/// Every bucket and key of `db`, depth first in key order: `(bucket path, key, Some(value))` for
+/// values, `(bucket path, name, None)` for nested buckets (with their sequence in the path entry).
+pub fn dump(db: &Db) -> Result<Vec<DumpEntry>, BoltError> {
+    fn walk(b: Bucket<'_>, path: &mut Vec<Vec<u8>>, out: &mut Vec<DumpEntry>) -> Result<(), BoltError> {
+        b.for_each(|k, v| {
+            match v {
+                Value::Data(d) => out.push((path.clone(), k.to_vec(), Some(d.to_vec()))),
+                Value::Bucket(child) => {
+                    let mut tag = k.to_vec();
+                    tag.extend_from_slice(format!("#seq={}", child.sequence()).as_bytes());
+                    out.push((path.clone(), tag, None));
+                    path.push(k.to_vec());
+                    walk(child, path, out)?;
+                    path.pop();
+                }
+            }
+            Ok::<(), BoltError>(())
+        })
+    }
+    let mut out = Vec::new();
+    walk(db.root(), &mut Vec::new(), &mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testdb::{bucket_value, sample, Builder};
+    use super::*;
+
+    /// A small deterministic generator (xorshift64*), so failures replay from the seed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+        fn bytes(&mut self, len: usize) -> Vec<u8> {
+            (0..len).map(|_| self.next() as u8).collect()
+        }
+    }
+
+    fn empty_db(ps: usize) -> Db {
+        let mut b = Builder::new(ps);
+        let root = b.leaf(&[]);
+        Db::from_bytes("empty.db", b.finish(root, NO_FREELIST), None).unwrap()
+    }
+
+    fn write(src: &Db, edits: &Edits) -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("out.db");
+        let w = write_image(src, &dest, edits).unwrap();
+        assert_eq!(std::fs::metadata(&dest).unwrap().len(), w.size);
+        let db = Db::open(&dest).unwrap();
+        db.check().unwrap_or_else(|e| panic!("the written image fails the check: {e}"));
+        (dir, db)
+    }
+
+    /// The model: bucket → key → value.
+    type Model = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+    fn model_of(db: &Db) -> Model {
+        let mut m = Model::new();
+        for (path, k, v) in dump(db).unwrap() {
+            match (path.as_slice(), v) {
+                ([], None) => {
+                    let name = String::from_utf8_lossy(&k).split("#seq=").next().unwrap().as_bytes().to_vec();
+                    m.entry(name).or_default();
+                }
+                ([b], Some(v)) => {
+                    m.entry(b.clone()).or_default().insert(k, v);
+                }
+                other => panic!("unexpected entry {other:?}"),
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn random_trees_read_back_identically_after_any_number_of_rewrites() {
+        for seed in 1..=60u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let ps = [512usize, 1024, 4096][rng.below(3) as usize];
+            let mut model = Model::new();
+            let mut edits = Edits::default();
+            for _ in 0..1 + rng.below(5) {
+                let name = format!("b{}", rng.below(8)).into_bytes();
+                let keys = rng.below(400);
+                model.entry(name.clone()).or_default();
+                if keys == 0 {
+                    // An empty bucket: an edit that deletes nothing creates it.
+                    edits.delete(&name, b"absent");
+                }
+                for _ in 0..keys {
+                    let klen = 1 + rng.below(40) as usize;
+                    let k = rng.bytes(klen);
+                    // Mostly small values, some spanning several pages.
+                    let vlen = if rng.below(20) == 0 { rng.below(3 * ps as u64) } else { rng.below(64) } as usize;
+                    let v = rng.bytes(vlen);
+                    edits.put(&name, &k, &v);
+                    model.get_mut(&name).unwrap().insert(k, v);
+                }
+            }
+            let (_d1, first) = write(&empty_db(ps), &edits);
+            assert_eq!(model_of(&first), model, "seed {seed}: first write");
+
+            // A second pass over the written image: deletes and replacements in place.
+            let mut more = Edits::default();
+            for (b, keys) in model.iter_mut() {
+                let victims: Vec<Vec<u8>> = keys.keys().filter(|_| rng.below(3) == 0).cloned().collect();
+                for k in victims {
+                    if rng.below(2) == 0 {
+                        more.delete(b, &k);
+                        keys.remove(&k);
+                    } else {
+                        let vlen = rng.below(100) as usize;
+                        let v = rng.bytes(vlen);
+                        more.put(b, &k, &v);
+                        keys.insert(k, v);
+                    }
+                }
+            }
+            let (_d2, second) = write(&first, &more);
+            assert_eq!(model_of(&second), model, "seed {seed}: second write");
+            // A rewrite without edits changes nothing a reader sees.
+            let (_d3, third) = write(&second, &Edits::default());
+            assert_eq!(dump(&third).unwrap(), dump(&second).unwrap(), "seed {seed}: plain rewrite");
+        }
+    }
+
+    #[test]
+    fn nested_inline_and_branching_buckets_are_copied_with_their_sequences() {
+        let src = Db::from_bytes("sample.db", sample().bytes, None).unwrap();
+        let mut edits = Edits::default();
+        edits.put(b"a", b"k0", b"new").delete(b"b", b"b2").put(b"d", b"fresh", b"1").delete(b"e", b"none");
+        let (_dir, out) = write(&src, &edits);
+        let got = dump(&out).unwrap();
+        let want = {
+            let mut w = dump(&src).unwrap();
+            w.retain(|(p, k, _)| !(p == &vec![b"b".to_vec()] && k == b"b2"));
+            w.insert(1, (vec![b"a".to_vec()], b"k0".to_vec(), Some(b"new".to_vec())));
+            w.push((vec![], b"d#seq=0".to_vec(), None));
+            w.push((vec![b"d".to_vec()], b"fresh".to_vec(), Some(b"1".to_vec())));
+            w.push((vec![], b"e#seq=0".to_vec(), None));
+            w
+        };
+        assert_eq!(got, want);
+        assert!(out.root().bucket(b"e").unwrap().unwrap().is_inline(), "an empty bucket stays inline");
+        assert_eq!(out.root().bucket(b"c").unwrap().unwrap().bucket(b"n").unwrap().unwrap().sequence(), 3);
+    }
+
+    #[test]
+    fn a_key_that_names_a_nested_bucket_cannot_be_overwritten() {
+        let mut b = Builder::new(512);
+        let inner = bucket_value(0, 0, &[(0, b"x", b"1")]);
+        let outer = b.leaf(&[(LEAF_FLAG_BUCKET, b"inner", &inner)]);
+        let ov = bucket_value(outer, 0, &[]);
+        let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"outer", &ov)]);
+        let src = Db::from_bytes("n.db", b.finish(root, NO_FREELIST), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut edits = Edits::default();
+        edits.put(b"outer", b"inner", b"value");
+        let err = write_image(&src, &dir.path().join("o.db"), &edits).unwrap_err();
+        assert!(err.to_string().contains("names a nested bucket"), "{err}");
+    }
+
+    #[test]
+    fn a_page_shared_by_two_buckets_is_refused_instead_of_copied_twice() {
+        let mut b = Builder::new(512);
+        let leaf = b.leaf(&[(0, b"k", b"v")]);
+        let v = bucket_value(leaf, 0, &[]);
+        let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"x", &v), (LEAF_FLAG_BUCKET, b"y", &v)]);
+        let src = Db::from_bytes("shared.db", b.finish(root, NO_FREELIST), None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_image(&src, &dir.path().join("o.db"), &Edits::default()).unwrap_err();
+        assert!(err.to_string().contains("root of two buckets"), "{err}");
+    }
+
+    #[test]
+    fn rewrite_file_replaces_the_file_and_leaves_no_temporary() {
+        let mut b = Builder::new(4096);
+        let root = b.leaf(&[]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::write(&path, b.finish(root, NO_FREELIST)).unwrap();
+        let mut edits = Edits::default();
+        edits.put(b"meta", b"k", b"v");
+        rewrite_file(&path, &edits).unwrap();
+        let db = Db::open(&path).unwrap();
+        db.check().unwrap();
+        assert!(matches!(db.root().bucket(b"meta").unwrap().unwrap().get(b"k").unwrap(), Some(Value::Data(b"v"))));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("db")]);
+        // A refused edit leaves the file as it was and no temporary either.
+        let before = std::fs::read(&path).unwrap();
+        let mut bad = Edits::default();
+        bad.put(b"meta", b"", b"v");
+        assert!(rewrite_file(&path, &bad).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}
