@@ -7,7 +7,8 @@
 //! - `save+s3`: `etcdctl snapshot save` then `curl` PUT of the file (what k3s does: save, then
 //!   upload) vs `etcd-snapshot save --s3 …` (local file and upload in one pass)
 //! - `restore`: `etcdutl snapshot restore` + etcd start until `/health` is true + SIGTERM stop vs
-//!   `server --cluster-reset --cluster-reset-restore-path` (which does all three)
+//!   `server --cluster-reset --cluster-reset-restore-path` (which does all three, and bumps the
+//!   revision natively); `restore-nobump`: the same with `--cluster-reset-restore-bump-revision=0`
 //! - `status`: `etcdutl snapshot status -w json` vs `etcd-snapshot status -o json` (which also
 //!   hashes the file against its sha256 trailer), and `status-fast`: the same with
 //!   `--skip-hash-check` (the structure check and etcdutl's own reads only)
@@ -47,19 +48,27 @@ enum Scenario {
     Save,
     SaveS3,
     Restore,
+    RestoreNoBump,
     Status,
     StatusFast,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 5] =
-        [Scenario::Save, Scenario::SaveS3, Scenario::Restore, Scenario::Status, Scenario::StatusFast];
+    const ALL: [Scenario; 6] = [
+        Scenario::Save,
+        Scenario::SaveS3,
+        Scenario::Restore,
+        Scenario::RestoreNoBump,
+        Scenario::Status,
+        Scenario::StatusFast,
+    ];
 
     fn key(self) -> &'static str {
         match self {
             Scenario::Save => "save",
             Scenario::SaveS3 => "save+s3",
             Scenario::Restore => "restore",
+            Scenario::RestoreNoBump => "restore-nobump",
             Scenario::Status => "status",
             Scenario::StatusFast => "status-fast",
         }
@@ -69,7 +78,7 @@ impl Scenario {
         match self {
             Scenario::Save => "etcdctl snapshot save",
             Scenario::SaveS3 => "etcdctl snapshot save + curl PUT",
-            Scenario::Restore => "etcdutl snapshot restore + etcd start + stop",
+            Scenario::Restore | Scenario::RestoreNoBump => "etcdutl snapshot restore + etcd start + stop",
             Scenario::Status | Scenario::StatusFast => "etcdutl snapshot status",
         }
     }
@@ -79,9 +88,12 @@ impl Scenario {
             "save" => Scenario::Save,
             "s3" | "save+s3" => Scenario::SaveS3,
             "restore" => Scenario::Restore,
+            "restore-nobump" => Scenario::RestoreNoBump,
             "status" => Scenario::Status,
             "status-fast" => Scenario::StatusFast,
-            _ => bail!("unknown scenario {s:?}; the scenarios are save, s3, restore, status, status-fast"),
+            _ => bail!(
+                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, status, status-fast"
+            ),
         })
     }
 }
@@ -252,7 +264,8 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
             let row = match sc {
                 Scenario::Save => bench_save(&b)?,
                 Scenario::SaveS3 => bench_save_s3(&b)?,
-                Scenario::Restore => bench_restore(&b, &snap)?,
+                Scenario::Restore => bench_restore(&b, &snap, Scenario::Restore)?,
+                Scenario::RestoreNoBump => bench_restore(&b, &snap, Scenario::RestoreNoBump)?,
                 Scenario::Status => bench_status(&b, &snap, Scenario::Status)?,
                 Scenario::StatusFast => bench_status(&b, &snap, Scenario::StatusFast)?,
             };
@@ -401,7 +414,9 @@ fn bench_save_s3(b: &Bench) -> Result<Row> {
     Ok(row)
 }
 
-fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
+/// `restore` bumps the revision (the default); `restore-nobump` passes
+/// `--cluster-reset-restore-bump-revision=0`, so the two rows give the bump's cost.
+fn bench_restore(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
     let (dir_ref, dir_ours) = (b.work.join("restore-ref"), b.work.join("restore-ours"));
     let log = b.logs.join("restore.log");
     let reference = || {
@@ -437,11 +452,14 @@ fn bench_restore(b: &Bench, snap: &Path) -> Result<Row> {
             .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
             .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
             .args(["--https-listen-port", &crate::demo::free_port()?.to_string()]);
+        if sc == Scenario::RestoreNoBump {
+            c.arg("--cluster-reset-restore-bump-revision=0");
+        }
         let m = Measure::sampled().run(&mut c, &log)?;
         reset_dir(&dir_ours)?;
         Ok(m)
     };
-    interleaved(b, Scenario::Restore, reference, our_run)
+    interleaved(b, sc, reference, our_run)
 }
 
 fn bench_status(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
@@ -505,7 +523,14 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
                 format!("save+s3: {:.2}x etcdctl snapshot save + curl PUT{alone}", r.ratio())
             }
             Scenario::Restore => {
-                format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x)", r.ratio())
+                let plain = rows.iter().find(|x| x.scenario == Scenario::RestoreNoBump);
+                let bump = plain
+                    .map(|p| format!("; the revision bump costs {:.2} s", r.ours_median() - p.ours_median()))
+                    .unwrap_or_default();
+                format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x){bump}", r.ratio())
+            }
+            Scenario::RestoreNoBump => {
+                format!("restore without the bump: {:.2}x etcdutl snapshot restore + etcd start", r.ratio())
             }
             Scenario::Status => format!("status: {:.2}x etcdutl snapshot status (with the sha256 check)", r.ratio()),
             Scenario::StatusFast => {

@@ -39,6 +39,7 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::Save => RGBColor(31, 119, 180),
         Scenario::SaveS3 => RGBColor(214, 39, 40),
         Scenario::Restore => RGBColor(44, 160, 44),
+        Scenario::RestoreNoBump => RGBColor(140, 86, 75),
         Scenario::Status => RGBColor(148, 103, 189),
         Scenario::StatusFast => RGBColor(255, 127, 14),
     }

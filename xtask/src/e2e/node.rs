@@ -392,6 +392,14 @@ impl Node {
         Ok(lines.chunks(2).filter(|c| c.len() == 2).map(|c| (c[0].to_string(), c[1].to_string())).collect())
     }
 
+    /// The revision this node's etcd reports (`etcdctl get -w json`'s header).
+    pub fn revision(&self) -> Result<i64> {
+        let out = self.ctl(&["get", "/", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out.stdout)
+            .map_err(|e| anyhow::anyhow!("etcdctl get -w json on {} is not JSON: {e}", self.name))?;
+        v["header"]["revision"].as_i64().ok_or_else(|| anyhow::anyhow!("no header.revision from {}", self.name))
+    }
+
     pub fn member_count(&self) -> Result<usize> {
         let out = self.ctl(&["member", "list"])?;
         Ok(out.stdout.lines().filter(|l| !l.trim().is_empty()).count())

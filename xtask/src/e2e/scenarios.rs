@@ -184,10 +184,12 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     n2.put(&[("/e2e/ha-from-node2", "3")])?;
     let snap = n1.save(&[])?;
     let want = Contents::read(n1)?;
+    let snap_rev = n1.revision()?;
     n3.put(&[("/e2e/ha-later", "4")])?;
     n1.del("/e2e/ha-a")?;
     stop_all(servers)?;
 
+    // The default restore moves the revision forward by 1e9 (and marks the past compacted).
     reset(n1, &[format!("--cluster-reset-restore-path={}", n1.snapshots().join(&snap).display())])?;
     let s1 = start_restored(n1, &want, &quiet)?;
     let mut servers = vec![s1];
@@ -212,12 +214,15 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
         servers.push(join(n, n1, &token, &quiet)?);
     }
     wait_until("three etcd members after the rejoin", Duration::from_secs(60), || Ok(n1.member_count()? == 3))?;
+    let bumped = snap_rev + 1_000_000_000;
     for n in &nodes {
         expect_contents(n, &want)?;
+        let rev = n.revision()?;
+        ensure!(rev >= bumped, "{} serves revision {rev}, below the bumped {bumped}", n.name);
     }
     stop_all(servers)?;
     Ok(format!(
-        "reset on node1, stale joiner refused, 2 rejoined: 3 members serve exactly the {} keys of {snap}",
+        "reset on node1 (revision {snap_rev} bumped past {bumped}), stale joiner refused, 2 rejoined: 3 members serve exactly the {} keys of {snap} at the bumped revision",
         want.keys.len()
     ))
 }
