@@ -66,6 +66,8 @@ pub struct ApiState {
     pub auth_failures: AuthFailures,
     /// `POST /db/snapshot`
     pub snapshots: Arc<crate::snapshot_api::SnapshotService>,
+    /// Continuous backup's counters, when it runs.
+    pub deltas: Option<Arc<crate::deltas::DeltaMetrics>>,
 }
 
 /// Failed token checks per source address, in fixed windows.
@@ -290,7 +292,11 @@ async fn cacerts(State(s): State<Arc<ApiState>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+    let mut text = s.metrics.render();
+    if let Some(d) = &s.deltas {
+        text.push_str(&d.render());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// One etcd member as `/db/info` lists it (ids in lowercase hex, as etcdctl prints them).

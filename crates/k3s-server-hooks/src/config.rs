@@ -46,6 +46,20 @@ pub struct SnapshotSettings {
     pub remote_fetch: Option<RemoteFetch>,
     /// Upper bound of the random delay of each scheduled snapshot (SPEC: 5 s).
     pub jitter: Duration,
+    /// `--etcd-snapshot-delta-interval`: continuous backup when set.
+    pub delta_interval: Option<Duration>,
+}
+
+/// `--cluster-reset-restore-deltas`, `--cluster-reset-restore-to-revision`,
+/// `--cluster-reset-restore-to-time`.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreDeltas {
+    /// Replay every contiguous delta segment after the snapshot.
+    pub deltas: bool,
+    /// Replay up to and including this revision, exactly.
+    pub to_revision: Option<i64>,
+    /// Replay the segments closed at or before this time (unix seconds).
+    pub to_time: Option<i64>,
 }
 
 /// A validated server configuration (the binary's flags, after parsing).
@@ -62,6 +76,8 @@ pub struct ServerConfig {
     /// `--cluster-reset-restore-bump-revision`: how far a restore moves the revision forward (and
     /// marks the past compacted); 0 keeps the snapshot's revision.
     pub cluster_reset_restore_bump_revision: u64,
+    /// What a restore replays after the snapshot (continuous backup).
+    pub restore: RestoreDeltas,
     pub bind_address: IpAddr,
     pub advertise_address: IpAddr,
     pub https_listen_port: u16,
@@ -92,6 +108,20 @@ impl std::fmt::Debug for ServerConfig {
 impl ServerConfig {
     /// Checks that need no filesystem: flag combinations.
     pub fn validate(&self) -> Result<()> {
+        let r = &self.restore;
+        if (r.deltas || r.to_revision.is_some() || r.to_time.is_some()) && self.cluster_reset_restore_path.is_none() {
+            return Err(Error::Config(
+                "--cluster-reset-restore-deltas, -to-revision and -to-time replay delta segments after a snapshot: add --cluster-reset --cluster-reset-restore-path=latest (or a snapshot)".into(),
+            ));
+        }
+        if r.to_revision.is_some() && r.to_time.is_some() {
+            return Err(Error::Config(
+                "give --cluster-reset-restore-to-revision or --cluster-reset-restore-to-time, not both".into(),
+            ));
+        }
+        if r.to_revision.is_some_and(|n| n < 1) {
+            return Err(Error::Config("--cluster-reset-restore-to-revision must be a revision, 1 or more".into()));
+        }
         if self.cluster_reset_restore_path.is_some() && !self.cluster_reset {
             return Err(Error::Config(
                 "--cluster-reset-restore-path needs --cluster-reset; add it to restore from a snapshot".into(),

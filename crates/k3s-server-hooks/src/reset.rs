@@ -97,6 +97,8 @@ pub struct ResetPlan {
     pub snapshot: Option<PathBuf>,
     /// The snapshot, already restored into `db/etcd-restore.tmp` (removed if the plan is dropped).
     restored: Option<ScratchDir>,
+    /// Delta segments to replay after the snapshot (continuous backup), verified.
+    deltas: Option<crate::replay::DeltaPlan>,
 }
 
 /// A directory removed when dropped, unless kept.
@@ -127,7 +129,14 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
                 dd.etcd().display()
             )));
         }
-        return Ok(ResetPlan { snapshot: None, restored: None });
+        return Ok(ResetPlan { snapshot: None, restored: None, deltas: None });
+    };
+    let latest;
+    let given = if given == "latest" {
+        latest = latest_snapshot(cfg).await?;
+        latest.as_str()
+    } else {
+        given
     };
     if bins.etcdutl.is_none() && bins.etcdctl.is_none() {
         return Err(Error::Binary {
@@ -208,7 +217,20 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     let (checked, restored) = tokio::join!(check, restore_into_scratch(cfg, bins, &raw));
     checked?;
     restored?;
-    bump(cfg).await?;
+    let deltas = if crate::replay::wanted(cfg) {
+        let tmp = cfg.data_dir.etcd_restore_tmp();
+        let db = tmp.join("member/snap/db");
+        let base = tokio::task::spawn_blocking(move || {
+            k3s_snapshot_core::bbolt::Db::open(&db)
+                .map_err(|e| k3s_snapshot_core::Error::Invalid(e.to_string()))
+                .and_then(|d| k3s_snapshot_core::revision::current_revision(&d))
+        })
+        .await
+        .map_err(|e| Error::Reset(format!("revision task failed: {e}")))??;
+        Some(crate::replay::plan(cfg, base, &tmp.join(".deltas")).await?)
+    } else {
+        None
+    };
     // Verified and restored: now the downloaded and extracted files take their names, next to
     // (never over) what is there. A file kept under its scratch name is removed at the end.
     let mut kept = Vec::new();
@@ -235,7 +257,33 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     if let Some(md) = metadata {
         token_check(cfg, &md);
     }
-    Ok(ResetPlan { snapshot, restored: Some(scratch) })
+    Ok(ResetPlan { snapshot, restored: Some(scratch), deltas })
+}
+
+/// `--cluster-reset-restore-path latest`: the newest full snapshot, in S3 with `--etcd-s3` (a
+/// fresh node with only S3 settings can recover the cluster) or else in the snapshot dir; with
+/// `--cluster-reset-restore-to-revision N`, the newest whose recorded revision is at most N.
+async fn latest_snapshot(cfg: &ServerConfig) -> Result<String> {
+    let local = cfg.snapshot_store();
+    let (store, remote): (&dyn k3s_snapshot_core::store::SnapshotStore, bool) = match &cfg.snapshots.remote {
+        Some(r) => (r.as_ref(), true),
+        None => (&local, false),
+    };
+    let to_rev = cfg.restore.to_revision;
+    let entries = k3s_snapshot_core::list::list_snapshots(store, to_rev.is_some()).await?;
+    let pick = entries.iter().rev().find(|e| match to_rev {
+        None => true,
+        Some(n) => e.metadata.as_ref().and_then(|d| d.ours()).and_then(|m| m.etcd_revision).is_some_and(|r| r <= n),
+    });
+    let Some(e) = pick else {
+        let which = to_rev.map(|n| format!(" at or below revision {n}")).unwrap_or_default();
+        return Err(Error::Reset(format!(
+            "--cluster-reset-restore-path latest: no snapshot{which} in {}; nothing was changed",
+            store.describe()
+        )));
+    };
+    tracing::info!(snapshot = %e.name, location = %e.location, "latest snapshot chosen for the restore");
+    Ok(if remote { e.name.clone() } else { local.dir().join(&e.name).display().to_string() })
 }
 
 /// Moves the restored db's revision forward by `--cluster-reset-restore-bump-revision` and marks
@@ -398,6 +446,11 @@ pub async fn execute(
     let dd = &cfg.data_dir;
     match plan.restored {
         Some(scratch) => {
+            if let Some(d) = &plan.deltas {
+                crate::replay::replay(cfg, bins, &launch, &dd.etcd_restore_tmp(), d, cancel).await?;
+                let _ = std::fs::remove_dir_all(dd.etcd_restore_tmp().join(".deltas"));
+            }
+            bump(cfg).await?;
             finish_restore(dd, scratch)?;
             abort_point(1);
             move_old_aside(dd)?;

@@ -136,10 +136,15 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
     if let Err(e) = prune(&job.local, &policy).await {
         tracing::error!(error = %e, "local retention failed");
     }
+    if let Err(e) = k3s_snapshot_core::delta::prune_segments(&job.local).await {
+        tracing::warn!(error = %e, "local retention of delta segments failed");
+    }
     if let Some(remote) = &job.remote {
         let policy = RetentionPolicy { prefix: &job.save.prefix, keep: job.remote_retention };
         if let Err(e) = prune(remote.as_ref(), &policy).await {
             tracing::warn!(error = %e, store = %remote.describe(), "s3 retention failed; the next snapshot tries again");
+        } else if let Err(e) = k3s_snapshot_core::delta::prune_segments(remote.as_ref()).await {
+            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention of delta segments failed");
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
+use crate::deltas::{self, DeltaJob, DeltaMetrics};
 use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdProcess};
 use crate::join::{self, JoinPlan};
 use crate::layout::DataDir;
@@ -224,6 +225,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         tracker: tracker.clone(),
         cancel: inner.clone(),
     });
+    let delta_metrics = cfg.snapshots.delta_interval.map(|_| Arc::new(DeltaMetrics::default()));
     let state = Arc::new(api::ApiState {
         data_dir: dd.clone(),
         token: token.clone(),
@@ -232,6 +234,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         metrics: metrics.clone(),
         auth_failures: Default::default(),
         snapshots,
+        deltas: delta_metrics.clone(),
     });
     let rustls = api::rustls_config(&tls_files)?;
     let mut api_task =
@@ -254,12 +257,29 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             jitter: cfg.snapshots.jitter,
             etcd: client.clone(),
             metrics: metrics.clone(),
-            lock: snapshot_lock,
+            lock: snapshot_lock.clone(),
         });
         scheduler_task = Some(tracker.spawn(scheduler::run(job, tracker.clone(), inner.clone())));
         tracing::info!("scheduled snapshots enabled");
     } else {
         tracing::info!("scheduled snapshots disabled");
+    }
+    if let (Some(interval), Some(metrics)) = (cfg.snapshots.delta_interval, delta_metrics) {
+        let job = Arc::new(DeltaJob {
+            interval,
+            local: cfg.snapshot_store(),
+            remote: cfg.snapshots.remote.clone(),
+            save: SaveOptions {
+                prefix: cfg.snapshots.name.clone(),
+                node: cfg.node_name.clone(),
+                compress: cfg.snapshots.compress,
+                token_hash: Some(token.metadata_hash()),
+            },
+            etcd: client.clone(),
+            metrics,
+            lock: snapshot_lock.clone(),
+        });
+        tracker.spawn(deltas::run(job, inner.clone()));
     }
     tracing::info!(node = %cfg.node_name, etcd = %client.endpoints_display(), "server is running");
 

@@ -71,3 +71,17 @@ pub fn print(
     }
     Ok(())
 }
+
+/// Delta chains (continuous backup) per place, after the table: one line each with the revision
+/// range and the segment count. Nothing when there are no segments.
+pub fn print_chains(
+    out: &mut impl Write,
+    places: &[(String, Vec<k3s_snapshot_core::delta::SegmentName>)],
+) -> std::io::Result<()> {
+    for (place, segments) in places {
+        for (from, to, n) in k3s_snapshot_core::delta::chains(segments) {
+            writeln!(out, "Delta chain in {place}: revisions {from}-{to}, {n} segments")?;
+        }
+    }
+    Ok(())
+}

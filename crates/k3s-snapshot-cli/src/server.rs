@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use k3s_server_hooks::config::{RemoteFetch, ServerConfig, SnapshotSettings};
+use k3s_server_hooks::config::{RemoteFetch, RestoreDeltas, ServerConfig, SnapshotSettings};
 use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::schedule::Schedule;
 use k3s_snapshot_core::store::{create_private_dir, write_file_atomic, LocalStore, SnapshotStore};
@@ -51,6 +51,16 @@ pub struct ServerArgs {
     /// (0: keep the snapshot's revision)
     #[arg(long, default_value_t = k3s_snapshot_core::revision::DEFAULT_BUMP)]
     pub cluster_reset_restore_bump_revision: u64,
+    /// After the snapshot, replay every contiguous delta segment (continuous backup)
+    #[arg(long)]
+    pub cluster_reset_restore_deltas: bool,
+    /// Replay delta segments up to and including this revision, exactly (with `latest`, the
+    /// newest full snapshot at or below it is the base)
+    #[arg(long)]
+    pub cluster_reset_restore_to_revision: Option<i64>,
+    /// Replay the delta segments closed at or before this time (RFC 3339)
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub cluster_reset_restore_to_time: Option<i64>,
     /// Address the supervisor API listens on
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
@@ -93,6 +103,10 @@ pub struct ServerArgs {
     /// Compress snapshots into zips
     #[arg(long)]
     pub etcd_snapshot_compress: bool,
+    /// Continuous backup: ship etcd's changes as delta segments this often (e.g. 10s), between
+    /// full snapshots, to the snapshot dir and S3 [default: off]
+    #[arg(long, value_parser = config::parse_duration)]
+    pub etcd_snapshot_delta_interval: Option<Duration>,
     /// Upper bound of the random delay added to each scheduled snapshot (tests set 0s)
     #[arg(long, hide = true, env = "K3S_SNAPSHOT_JITTER", default_value = "5s", value_parser = config::parse_duration)]
     pub etcd_snapshot_jitter: Duration,
@@ -163,6 +177,11 @@ impl ServerArgs {
             cluster_reset: self.cluster_reset,
             cluster_reset_restore_path: self.cluster_reset_restore_path.clone().filter(|p| !p.is_empty()),
             cluster_reset_restore_bump_revision: self.cluster_reset_restore_bump_revision,
+            restore: RestoreDeltas {
+                deltas: self.cluster_reset_restore_deltas,
+                to_revision: self.cluster_reset_restore_to_revision,
+                to_time: self.cluster_reset_restore_to_time,
+            },
             bind_address: self.bind_address,
             advertise_address,
             https_listen_port: self.https_listen_port,
@@ -182,6 +201,7 @@ impl ServerArgs {
                 remote_retention: self.s3.retention,
                 remote_fetch,
                 jitter: self.etcd_snapshot_jitter,
+                delta_interval: self.etcd_snapshot_delta_interval.filter(|d| !d.is_zero()),
             },
             etcd_ready_timeout: Duration::from_secs(120),
             etcd_stop_grace: Duration::from_secs(10),
@@ -217,6 +237,13 @@ async fn check_s3(store: s3_backend::S3Store) {
     }
 }
 
+/// An RFC 3339 time as unix seconds.
+fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp())
+        .map_err(|e| format!("{e}; give a time like 2026-12-01T18:00:00Z"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,6 +276,39 @@ mod tests {
         assert!(e.contains("is empty"), "{e}");
         let e = parse(&["--token-file", "/nonexistent/token"]).to_config(None).unwrap_err();
         assert!(format!("{e:#}").contains("cannot read --token-file /nonexistent/token"), "{e:#}");
+    }
+
+    #[test]
+    fn restore_and_delta_flags_parse_and_are_checked_together() {
+        let c = parse(&[
+            "--cluster-reset",
+            "--cluster-reset-restore-path=latest",
+            "--cluster-reset-restore-to-time=2026-12-01T18:00:00+01:00",
+            "--cluster-reset-restore-bump-revision=0",
+        ])
+        .to_config(None)
+        .unwrap();
+        assert_eq!(c.restore.to_time, Some(1_796_144_400));
+        assert_eq!(c.cluster_reset_restore_bump_revision, 0);
+        c.validate().unwrap();
+        let d = parse(&[]).to_config(None).unwrap();
+        assert_eq!(d.cluster_reset_restore_bump_revision, 1_000_000_000);
+        assert_eq!(d.snapshots.delta_interval, None);
+        let e = parse(&["--etcd-snapshot-delta-interval=10s"]).to_config(None).unwrap();
+        assert_eq!(e.snapshots.delta_interval, Some(Duration::from_secs(10)));
+        let orphan = parse(&["--cluster-reset-restore-deltas"]).to_config(None).unwrap();
+        assert!(orphan.validate().unwrap_err().to_string().contains("restore-path=latest"));
+        let both = parse(&[
+            "--cluster-reset",
+            "--cluster-reset-restore-path=latest",
+            "--cluster-reset-restore-to-revision=5",
+            "--cluster-reset-restore-to-time=2026-12-01T18:00:00Z",
+        ])
+        .to_config(None)
+        .unwrap();
+        assert!(both.validate().unwrap_err().to_string().contains("not both"));
+        let server = ["server", "--cluster-reset-restore-to-time=yesterday"];
+        assert!(Cli::try_parse_from(server).is_err());
     }
 
     #[test]

@@ -252,7 +252,24 @@ async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
     };
     let rows = k3s_list::rows(local, remote, origin.as_ref());
     let list = SnapshotFileList::new(&rows, &common.node());
-    ls::print(&mut std::io::stdout().lock(), &list, output)
+    let mut out = std::io::stdout().lock();
+    ls::print(&mut out, &list, output)?;
+    if output == OutputFormat::Table {
+        // Continuous backup's delta chains, after the table (only when there are segments).
+        let store = common.local_store();
+        let mut places = vec![(store.describe(), k3s_server_hooks::deltas::local_segments(&store))];
+        if let Some(remote) = common.s3.open().await? {
+            let mut names = Vec::new();
+            let mut listing = remote.list("");
+            while let Some(obj) = futures::StreamExt::next(&mut listing).await {
+                names.extend(k3s_snapshot_core::delta::SegmentName::parse(&obj?.key));
+            }
+            drop(listing);
+            places.push((remote.describe(), names));
+        }
+        ls::print_chains(&mut out, &places)?;
+    }
+    Ok(())
 }
 
 async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {

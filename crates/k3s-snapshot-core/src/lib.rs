@@ -7,6 +7,7 @@
 
 pub mod bbolt;
 pub mod compress;
+pub mod delta;
 pub mod error;
 #[cfg(feature = "etcd")]
 pub mod etcd;

@@ -4,7 +4,7 @@
 //! and server/storage/mvcc's revision encoding and `UnsafeSetScheduledCompact`), which the
 //! etcdutl 3.5.1 and etcdctl 3.4.23 we restore with cannot do.
 //!
-//! The change: a key `(latest + N, 0)` with an empty value in the `key` bucket, so etcd's
+//! The change (from etcd's current revision, [`current_revision`]): a key `(latest + N, 0)` with an empty value in the `key` bucket, so etcd's
 //! current revision starts there, and `scheduledCompactRev = latest + N` in `meta`, so etcd
 //! compacts up to it when it starts. A client that asks for an older revision, or resumes a watch
 //! from one, gets "required revision has been compacted" and relists instead of trusting a cache
@@ -60,6 +60,31 @@ pub fn latest_revision(db: &Db) -> Result<i64> {
     }
 }
 
+/// The revision etcd starts at on this database: the newest revision in the `key` bucket, or a
+/// later compaction's (`finishedCompactRev`, `scheduledCompactRev` in `meta`: keys can be gone
+/// while their revisions are not), and at least 1 (a new etcd's revision).
+pub fn current_revision(db: &Db) -> Result<i64> {
+    let mut rev = latest_revision(db)?.max(1);
+    let meta = db.root().bucket(META_BUCKET).map_err(|e| Error::Invalid(e.to_string()))?;
+    if let Some(meta) = meta {
+        for k in [&b"finishedCompactRev"[..], SCHEDULED_COMPACT_KEY] {
+            if let Some(Value::Data(v)) = meta.get(k).map_err(|e| Error::Invalid(e.to_string()))? {
+                rev = rev.max(main_of(v).unwrap_or(0));
+            }
+        }
+    }
+    Ok(rev)
+}
+
+/// [`current_revision`] of a snapshot file (with or without its SHA-256 trailer).
+pub fn snapshot_revision(path: &Path) -> Result<i64> {
+    let len = std::fs::metadata(path).map_err(Error::io("read", path))?.len();
+    let trailer = crate::integrity::TRAILER_LEN as u64;
+    let image = if len % 512 == trailer { len - trailer } else { len };
+    let db = Db::open_image(path, image).map_err(|e| Error::Invalid(e.to_string()))?;
+    current_revision(&db)
+}
+
 /// Old and new revision of a bump.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bumped {
@@ -70,7 +95,7 @@ pub struct Bumped {
 /// Bumps the revision of the etcd database file `db` by `amount` and marks everything up to the
 /// new revision compacted; the file is replaced atomically.
 pub fn bump_revision(db: &Path, amount: u64) -> Result<Bumped> {
-    let old = latest_revision(&Db::open(db).map_err(|e| Error::Invalid(e.to_string()))?)?;
+    let old = current_revision(&Db::open(db).map_err(|e| Error::Invalid(e.to_string()))?)?;
     let new = i64::try_from(amount).ok().and_then(|a| old.checked_add(a)).ok_or_else(|| {
         Error::Invalid(format!("revision {old} + {amount} is beyond etcd's largest revision ({})", i64::MAX))
     })?;

@@ -1,0 +1,354 @@
+//! Continuous backup (`--etcd-snapshot-delta-interval`): the server follows etcd's watch over the
+//! whole keyspace from the revision of its newest full snapshot and, every interval, closes the
+//! events since the last segment into a delta segment ([`k3s_snapshot_core::delta`]) in the
+//! snapshot dir, uploaded to S3 with `--etcd-s3`.
+//!
+//! Gaps are never papered over: when etcd has compacted past the watch (or the server was down
+//! long enough for that), the watch is refused as compacted; the server then takes a full
+//! snapshot at once and a new chain starts after it. A restore replays only contiguous segments.
+//! An upload that fails is retried before each later one, in order, so the chain in S3 has no
+//! hole that the local one lacks. Memory stays bounded: events go to the open segment file as they
+//! arrive.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k3s_snapshot_core::delta::{self, SegmentName, SegmentWriter};
+use k3s_snapshot_core::etcd::EtcdClientConfig;
+use k3s_snapshot_core::list::list_snapshots;
+use k3s_snapshot_core::progress::NoProgress;
+use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
+use k3s_snapshot_core::store::{LocalStore, PutOptions, SnapshotStore};
+use k3s_snapshot_core::transfer::upload_file;
+use tokio_util::sync::CancellationToken;
+
+/// A segment is closed early once it holds this much, whatever the interval.
+const MAX_SEGMENT_BYTES: u64 = 256 << 20;
+/// Pause before following again after a watch failure.
+const RETRY_PAUSE: Duration = Duration::from_secs(2);
+
+pub struct DeltaJob {
+    pub interval: Duration,
+    pub local: LocalStore,
+    pub remote: Option<Arc<dyn SnapshotStore>>,
+    /// For the full snapshots a chain starts from.
+    pub save: SaveOptions,
+    pub etcd: EtcdClientConfig,
+    pub metrics: Arc<DeltaMetrics>,
+    /// Shared with scheduled and requested snapshots.
+    pub lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// What `/metrics` shows of the shipping.
+#[derive(Debug, Default)]
+pub struct DeltaMetrics {
+    pub shipped_revision: AtomicI64,
+    pub etcd_revision: AtomicI64,
+    /// Unix milliseconds at which the oldest unshipped event arrived; 0 when all are shipped.
+    pub pending_since_ms: AtomicI64,
+    pub segments: AtomicU64,
+    pub bytes: AtomicU64,
+    pub chain_breaks: AtomicU64,
+    pub upload_failures: AtomicU64,
+}
+
+impl DeltaMetrics {
+    /// Prometheus text of the shipping.
+    pub fn render(&self) -> String {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let pending = self.pending_since_ms.load(Ordering::Relaxed);
+        let lag_secs = if pending == 0 { 0.0 } else { (now_ms - pending).max(0) as f64 / 1000.0 };
+        let shipped = self.shipped_revision.load(Ordering::Relaxed);
+        let etcd = self.etcd_revision.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, String); 7] = [
+            (
+                "k3s_snapshot_delta_shipped_revision",
+                "gauge",
+                "Last etcd revision shipped in a delta segment.",
+                shipped.to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_lag_revisions",
+                "gauge",
+                "Revisions etcd is ahead of the last shipped one.",
+                (etcd - shipped).max(0).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_lag_seconds",
+                "gauge",
+                "Age of the oldest change not shipped yet.",
+                format!("{lag_secs:.3}"),
+            ),
+            (
+                "k3s_snapshot_delta_segments_total",
+                "counter",
+                "Delta segments shipped.",
+                self.segments.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_bytes_total",
+                "counter",
+                "Bytes of delta segments shipped.",
+                self.bytes.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_chain_breaks_total",
+                "counter",
+                "Chains broken by a compaction or downtime (a full snapshot started a new one).",
+                self.chain_breaks.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_upload_failures_total",
+                "counter",
+                "Delta segment uploads that failed (retried before the next).",
+                self.upload_failures.load(Ordering::Relaxed).to_string(),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, v) in rows {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+        }
+        out
+    }
+}
+
+enum Stop {
+    Cancelled,
+    /// etcd compacted past where the chain is: a new chain must start.
+    Compacted(i64),
+    Failed(String),
+}
+
+/// Runs until `cancel`.
+pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
+    let mut pending: Vec<(SegmentName, std::path::PathBuf, u64)> = Vec::new();
+    let mut fresh_chain = false;
+    tracing::info!(interval = ?job.interval, "continuous backup: shipping delta segments");
+    loop {
+        let start = match start_revision(&job, fresh_chain, &cancel).await {
+            Ok(r) => r,
+            Err(Stop::Cancelled) => return,
+            Err(Stop::Compacted(r)) => {
+                tracing::warn!(compacted_at = r, "continuous backup: cannot start a chain; trying again");
+                if pause(&cancel).await {
+                    return;
+                }
+                continue;
+            }
+            Err(Stop::Failed(e)) => {
+                tracing::warn!(error = %e, "continuous backup: cannot start a chain; trying again");
+                if pause(&cancel).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        fresh_chain = false;
+        match follow(&job, start, &mut pending, &cancel).await {
+            Stop::Cancelled => return,
+            Stop::Compacted(at) => {
+                job.metrics.chain_breaks.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    compacted_at = at,
+                    "continuous backup: etcd compacted past the chain; taking a full snapshot to start a new chain (a restore never replays across the gap)"
+                );
+                fresh_chain = true;
+            }
+            Stop::Failed(e) => {
+                tracing::warn!(error = %e, "continuous backup: the watch failed; following again from the last shipped revision");
+                if pause(&cancel).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits [`RETRY_PAUSE`]; true when cancelled meanwhile.
+async fn pause(cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(RETRY_PAUSE) => false,
+        _ = cancel.cancelled() => true,
+    }
+}
+
+/// Where to follow from: the end of the chain that starts at the newest full snapshot (local
+/// segments counted), or a new full snapshot's revision when there is none or `fresh` asks.
+async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken) -> Result<i64, Stop> {
+    if !fresh {
+        if let Some(base) = newest_snapshot_revision(&job.local).await {
+            let segments = local_segments(&job.local);
+            let (_, reached) = delta::chain_after(base, &segments, None, None);
+            return Ok(reached);
+        }
+    }
+    full_snapshot(job, cancel).await
+}
+
+/// The revision etcd had when the newest uncompressed local snapshot was taken (read from the
+/// file, as a restore will read it).
+async fn newest_snapshot_revision(local: &LocalStore) -> Option<i64> {
+    let entries = list_snapshots(local, false).await.ok()?;
+    let newest = entries.iter().rev().find(|e| !e.name.ends_with(k3s_snapshot_core::name::ZIP_SUFFIX))?;
+    let path = local.dir().join(&newest.name);
+    tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()
+}
+
+/// The segments in the local snapshot dir.
+pub fn local_segments(local: &LocalStore) -> Vec<SegmentName> {
+    let Ok(rd) = std::fs::read_dir(local.dir()) else { return Vec::new() };
+    rd.flatten().filter_map(|e| e.file_name().to_str().and_then(SegmentName::parse)).collect()
+}
+
+async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64, Stop> {
+    let _held = job.lock.clone().lock_owned().await;
+    let mut conn = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?;
+    let out = save_and_upload(&mut conn, &job.local, job.remote.as_deref(), &job.save, &NoProgress, cancel)
+        .await
+        .map_err(|e| match e {
+            k3s_snapshot_core::Error::Cancelled => Stop::Cancelled,
+            e => Stop::Failed(format!("full snapshot for a new chain: {e}")),
+        })?;
+    if let Some(Err(e)) = &out.upload {
+        tracing::warn!(snapshot = %out.local.metadata.name, error = %e, "continuous backup: the chain's full snapshot is local only; its upload failed");
+    }
+    // The chain's snapshots are read back for the revision a restore will start from; a zip is
+    // not opened again, its recorded revision (at least 1) stands in.
+    let rev = if out.local.metadata.compressed {
+        out.local.metadata.etcd_revision.unwrap_or(0).max(1)
+    } else {
+        let path = out.local.path.clone();
+        tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path))
+            .await
+            .map_err(|e| Stop::Failed(e.to_string()))?
+            .map_err(|e| Stop::Failed(format!("reading the revision of {}: {e}", out.local.metadata.name)))?
+    };
+    tracing::info!(snapshot = %out.local.metadata.name, revision = rev, "continuous backup: a new chain starts after this full snapshot");
+    Ok(rev)
+}
+
+/// Follows the watch from `after + 1`, closing a segment every interval.
+async fn follow(
+    job: &DeltaJob,
+    after: i64,
+    pending: &mut Vec<(SegmentName, std::path::PathBuf, u64)>,
+    cancel: &CancellationToken,
+) -> Stop {
+    let m = &job.metrics;
+    m.shipped_revision.fetch_max(after, Ordering::Relaxed);
+    let mut conn = match job.etcd.connect().await {
+        Ok(c) => c,
+        Err(e) => return Stop::Failed(e.to_string()),
+    };
+    let opts = etcd_client::WatchOptions::new().with_from_key().with_start_revision(after + 1).with_progress_notify();
+    let mut stream = match conn.client.watch(vec![0u8], Some(opts)).await {
+        Ok(s) => s,
+        Err(e) => return Stop::Failed(format!("watch: {e}")),
+    };
+    let mut writer: Option<SegmentWriter> = None;
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + job.interval, job.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_rev = after;
+    loop {
+        let stop = tokio::select! {
+            _ = cancel.cancelled() => Some(Stop::Cancelled),
+            _ = ticker.tick() => None,
+            msg = stream.message() => match msg {
+                Err(e) => Some(Stop::Failed(format!("watch: {e}"))),
+                Ok(None) => Some(Stop::Failed("the watch ended".into())),
+                Ok(Some(resp)) if resp.compact_revision() > 0 => Some(Stop::Compacted(resp.compact_revision())),
+                Ok(Some(resp)) if resp.canceled() => Some(Stop::Failed(format!("etcd cancelled the watch: {}", resp.cancel_reason()))),
+                Ok(Some(resp)) => {
+                    if let Some(h) = resp.header() {
+                        m.etcd_revision.fetch_max(h.revision(), Ordering::Relaxed);
+                    }
+                    let mut failed = None;
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let w = match &mut writer {
+                            Some(w) => w,
+                            None => match SegmentWriter::create(job.local.dir(), &job.save.node) {
+                                Ok(w) => {
+                                    m.pending_since_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                                    writer.insert(w)
+                                }
+                                Err(e) => {
+                                    failed = Some(e.to_string());
+                                    break;
+                                }
+                            },
+                        };
+                        let event = delta::Event {
+                            r#type: match ev.event_type() {
+                                etcd_client::EventType::Put => delta::PUT,
+                                etcd_client::EventType::Delete => delta::DELETE,
+                            },
+                            kv: Some(delta::KeyValue {
+                                key: kv.key().to_vec(),
+                                create_revision: kv.create_revision(),
+                                mod_revision: kv.mod_revision(),
+                                version: kv.version(),
+                                value: kv.value().to_vec(),
+                                lease: kv.lease(),
+                            }),
+                        };
+                        if let Err(e) = w.append(&event) {
+                            failed = Some(e.to_string());
+                            break;
+                        }
+                        last_rev = last_rev.max(kv.mod_revision());
+                    }
+                    if let Some(e) = failed {
+                        Some(Stop::Failed(e))
+                    } else if writer.as_ref().is_some_and(|w| w.bytes_written() >= MAX_SEGMENT_BYTES) {
+                        None
+                    } else {
+                        continue;
+                    }
+                }
+            },
+        };
+        // A tick, a full segment, or the end: close what there is and ship it.
+        if let Some(w) = writer.take() {
+            match w.finish(&job.save.node, chrono::Utc::now().timestamp()) {
+                Ok((name, path, bytes)) => {
+                    tracing::debug!(segment = %name.file, bytes, "delta segment closed");
+                    pending.push((name, path, bytes));
+                }
+                Err(e) => return Stop::Failed(format!("closing a delta segment: {e}")),
+            }
+        }
+        upload_pending(job, pending).await;
+        if let Some(stop) = stop {
+            return match stop {
+                // What was shipped reaches `last_rev`; the next chain starts after a snapshot.
+                Stop::Compacted(at) => Stop::Compacted(at.max(last_rev)),
+                s => s,
+            };
+        }
+    }
+}
+
+/// Uploads closed segments in order (counting each as shipped once it is where it goes); stops
+/// at the first failure, which is kept for the next attempt.
+async fn upload_pending(job: &DeltaJob, pending: &mut Vec<(SegmentName, std::path::PathBuf, u64)>) {
+    let m = &job.metrics;
+    while let Some((name, path, bytes)) = pending.first() {
+        if let Some(remote) = &job.remote {
+            let opts = PutOptions { size_hint: Some(*bytes), ..PutOptions::default() };
+            if let Err(e) = upload_file(remote.as_ref(), &name.file, path, opts, &NoProgress).await {
+                m.upload_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(segment = %name.file, error = %e, "delta segment upload failed; it is kept locally and sent again before the next one");
+                return;
+            }
+        }
+        m.segments.fetch_add(1, Ordering::Relaxed);
+        m.bytes.fetch_add(*bytes, Ordering::Relaxed);
+        m.shipped_revision.fetch_max(name.to, Ordering::Relaxed);
+        pending.remove(0);
+    }
+    if pending.is_empty() {
+        m.pending_since_ms.store(0, Ordering::Relaxed);
+    }
+}

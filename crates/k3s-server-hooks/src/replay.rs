@@ -1,0 +1,249 @@
+//! The restore side of continuous backup: which delta segments follow the restored snapshot
+//! ([`plan`], in the reset's checks), and replaying them into the restored data on a private etcd
+//! ([`replay`], before the swap).
+//!
+//! The private etcd runs on the scratch dir with loopback-only client and peer URLs on free
+//! ports, so nothing outside can reach it. Each original revision becomes one transaction of its
+//! puts and deletes, so revision numbers, create revisions and versions come out as they were;
+//! each transaction's revision is checked against the segment's. Leases: a key's lease that the
+//! snapshot does not know (granted after it) is granted again with its original id and a TTL of
+//! [`REPLAYED_LEASE_TTL_SECS`]: its keys stay leased and expire unless an owner keeps the lease
+//! alive, as they would have in the lost cluster once their owner stopped; no key is left bound to
+//! a lease that does not exist.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use etcd_client::{LeaseGrantOptions, PutOptions, Txn, TxnOp};
+use futures::StreamExt;
+use k3s_snapshot_core::delta::{self, SegmentName};
+use k3s_snapshot_core::store::{create_private_dir, SnapshotStore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::etcd_proc::{EtcdBinaries, EtcdLaunch, EtcdProcess};
+use crate::{Error, Result};
+
+/// TTL given to a lease that the snapshot does not know, granted again during the replay.
+pub const REPLAYED_LEASE_TTL_SECS: i64 = 60;
+
+/// The segments to replay, verified, on local disk.
+#[derive(Debug)]
+pub struct DeltaPlan {
+    pub base: i64,
+    pub reached: i64,
+    pub segments: Vec<(SegmentName, PathBuf)>,
+}
+
+fn reset_err(m: String) -> Error {
+    Error::Reset(m)
+}
+
+/// Whether the reset replays deltas at all.
+pub fn wanted(cfg: &ServerConfig) -> bool {
+    let r = &cfg.restore;
+    r.deltas || r.to_revision.is_some() || r.to_time.is_some()
+}
+
+/// Finds the chain after `base` (the restored db's revision) in S3 (with `--etcd-s3`) or the
+/// snapshot dir, fetches S3 segments into `into`, and verifies every one. With
+/// `--cluster-reset-restore-to-revision` the chain must reach it exactly; otherwise a gap ends
+/// the replay where it is, and the log says so.
+pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPlan> {
+    let to_rev = cfg.restore.to_revision;
+    let to_time = cfg.restore.to_time;
+    if to_rev.is_some_and(|n| n < base) {
+        return Err(reset_err(format!(
+            "the snapshot is at revision {base}, after --cluster-reset-restore-to-revision {}; choose an older snapshot (or `latest`, which picks one at or below it); nothing was changed",
+            to_rev.unwrap_or_default()
+        )));
+    }
+    let local = cfg.snapshot_store();
+    let (segments, remote): (Vec<SegmentName>, Option<&Arc<dyn SnapshotStore>>) = match &cfg.snapshots.remote {
+        Some(store) => {
+            let mut names = Vec::new();
+            let mut listing = store.list("");
+            while let Some(obj) = listing.next().await {
+                let obj = obj.map_err(|e| {
+                    reset_err(format!("cannot list delta segments in {}: {e}; nothing was changed", store.describe()))
+                })?;
+                names.extend(SegmentName::parse(&obj.key));
+            }
+            (names, Some(store))
+        }
+        None => (crate::deltas::local_segments(&local), None),
+    };
+    let (chain, reached) = delta::chain_after(base, &segments, to_rev, to_time);
+    if let Some(n) = to_rev {
+        if reached < n {
+            return Err(reset_err(format!(
+                "the delta segments after the snapshot (revision {base}) reach only revision {reached}, not {n}: a gap or a missing segment; nothing was changed"
+            )));
+        }
+    }
+    let later = segments.iter().filter(|s| s.from > reached + 1).count();
+    if later > 0 && to_rev.is_none() && to_time.is_none() {
+        tracing::warn!(
+            reached,
+            later_segments = later,
+            "the delta chain stops at revision {reached}: later segments exist after a gap (a compaction or downtime started a new chain); the replay stops there"
+        );
+    }
+    let mut out = Vec::new();
+    if remote.is_some() {
+        create_private_dir(into)?;
+    }
+    for s in chain {
+        let path = match remote {
+            Some(store) => {
+                let dest = into.join(&s.file);
+                fetch(store.as_ref(), &s.file, &dest).await?;
+                dest
+            }
+            None => local.dir().join(&s.file),
+        };
+        let (name, p) = (s.clone(), path.clone());
+        tokio::task::spawn_blocking(move || delta::verify(&p, &name))
+            .await
+            .map_err(|e| reset_err(format!("verify task failed: {e}")))?
+            .map_err(|e| reset_err(format!("{e}; nothing was changed")))?;
+        out.push((s.clone(), path));
+    }
+    tracing::info!(base, reached, segments = out.len(), "delta segments to replay after the snapshot");
+    Ok(DeltaPlan { base, reached, segments: out })
+}
+
+async fn fetch(store: &dyn SnapshotStore, key: &str, dest: &Path) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let (_, mut body) = store.get(key).await?;
+    let mut f = tokio::fs::File::create(dest).await.map_err(Error::io("create", dest))?;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| reset_err(format!("downloading {key}: {e}")))?;
+        f.write_all(&chunk).await.map_err(Error::io("write", dest))?;
+    }
+    f.flush().await.map_err(Error::io("write", dest))?;
+    Ok(())
+}
+
+/// Replays `plan` into the restored data dir `data_dir` on a private etcd, then stops it.
+pub async fn replay(
+    cfg: &ServerConfig,
+    bins: &EtcdBinaries,
+    launch: &EtcdLaunch,
+    data_dir: &Path,
+    plan: &DeltaPlan,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    if plan.segments.is_empty() {
+        return Ok(());
+    }
+    let port = |what: &str| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .map_err(|e| reset_err(format!("no free loopback port for the replay's {what}: {e}")))
+    };
+    let peer = format!("https://127.0.0.1:{}", port("peer URL")?);
+    let mut private = launch.clone();
+    private.data_dir = data_dir.to_path_buf();
+    private.client_url = format!("https://127.0.0.1:{}", port("client URL")?);
+    private.initial_cluster = format!("{}={peer}", private.name);
+    private.peer_url = peer;
+    private.metrics_url = None;
+    private.force_new_cluster = false;
+    // A DeleteRange of many keys is one revision of many delete events: one transaction here.
+    private.extra_args.push("max-txn-ops=1000000".into());
+    private.extra_args.push("max-request-bytes=67108864".into());
+    let client = private.client_config();
+    tracing::info!(
+        from = plan.base + 1,
+        to = plan.reached,
+        segments = plan.segments.len(),
+        "replaying delta segments on a private etcd"
+    );
+    let mut etcd = EtcdProcess::start(bins, &private).await?;
+    let result = async {
+        let conn = etcd.wait_ready(&client, cfg.etcd_ready_timeout, cancel).await?;
+        apply(conn.client, plan).await
+    }
+    .await;
+    let stopped = etcd.stop(cfg.etcd_stop_grace).await;
+    let replayed = result?;
+    stopped?;
+    tracing::info!(revision = plan.reached, transactions = replayed, "replayed the delta segments");
+    Ok(())
+}
+
+async fn apply(mut client: etcd_client::Client, plan: &DeltaPlan) -> Result<u64> {
+    let fail = |m: String| reset_err(format!("replaying delta segments: {m}; nothing was changed"));
+    let now = client.get(vec![0u8], None).await.map_err(|e| fail(e.to_string()))?;
+    let at = now.header().map_or(0, |h| h.revision());
+    if at != plan.base {
+        return Err(fail(format!("the restored etcd is at revision {at}, the chain starts after {}", plan.base)));
+    }
+    let mut leases: HashSet<i64> =
+        client.leases().await.map_err(|e| fail(e.to_string()))?.leases().iter().map(|l| l.id()).collect();
+    let mut txns = 0u64;
+    let mut rev = plan.base;
+    for (name, path) in &plan.segments {
+        // Decoding runs on a blocking thread; each revision's events come over a bounded channel.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<delta::Event>>(16);
+        let p = path.clone();
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut batch: Vec<delta::Event> = Vec::new();
+            let r = delta::read_events(&p, |ev| {
+                if batch.first().is_some_and(|b| b.revision() != ev.revision()) {
+                    tx.blocking_send(std::mem::take(&mut batch)).map_err(|_| "the replay stopped".to_string())?;
+                }
+                batch.push(ev);
+                Ok(())
+            });
+            if r.is_ok() && !batch.is_empty() {
+                let _ = tx.blocking_send(batch);
+            }
+            r
+        });
+        while let Some(batch) = rx.recv().await {
+            let want = batch[0].revision();
+            if want <= rev {
+                continue; // segments may overlap where one node's ends inside another's
+            }
+            if plan.reached < want {
+                break;
+            }
+            let mut ops = Vec::with_capacity(batch.len());
+            for ev in batch {
+                let kv = ev.kv.expect("read_events checks kv");
+                if ev.r#type == delta::DELETE {
+                    ops.push(TxnOp::delete(kv.key, None));
+                    continue;
+                }
+                let mut opts = None;
+                if kv.lease != 0 {
+                    if leases.insert(kv.lease) {
+                        client
+                            .lease_grant(REPLAYED_LEASE_TTL_SECS, Some(LeaseGrantOptions::new().with_id(kv.lease)))
+                            .await
+                            .map_err(|e| fail(format!("granting lease {:x} again: {e}", kv.lease)))?;
+                    }
+                    opts = Some(PutOptions::new().with_lease(kv.lease));
+                }
+                ops.push(TxnOp::put(kv.key, kv.value, opts));
+            }
+            let resp = client.txn(Txn::new().and_then(ops)).await.map_err(|e| fail(format!("revision {want}: {e}")))?;
+            let got = resp.header().map_or(0, |h| h.revision());
+            if got != want {
+                return Err(fail(format!("{}: revision {want} replayed as {got}", name.file)));
+            }
+            rev = want;
+            txns += 1;
+        }
+        drop(rx);
+        reader.await.map_err(|e| fail(format!("reader task failed: {e}")))?.map_err(|e| fail(e.to_string()))?;
+    }
+    if rev != plan.reached {
+        return Err(fail(format!("the replay ended at revision {rev}, expected {}", plan.reached)));
+    }
+    Ok(txns)
+}
