@@ -2,6 +2,7 @@ mod ha;
 mod hostile;
 mod k3s_node;
 mod reset;
+mod s3_credentials;
 mod s3_store;
 mod server;
 mod snapshot;
