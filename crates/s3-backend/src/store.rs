@@ -121,9 +121,10 @@ impl S3Store {
 
     /// Builds the client without the network: only what the configuration itself can get wrong
     /// (an endpoint, region or bucket name that is not valid, a CA file that is not a PEM
-    /// certificate, a proxy not in effect) fails here. Whether S3 answers, the bucket exists and
-    /// the credentials are accepted is found by [`S3Store::check`] or by the first request. A
-    /// server builds its store this way, so that it starts whatever S3's state.
+    /// certificate, a proxy not in effect, a shared credentials file that cannot be read or
+    /// parsed) fails here. Whether S3 answers, the bucket exists, the instance role's credentials
+    /// can be had and the credentials are accepted is found by [`S3Store::check`] or by the first
+    /// request. A server builds its store this way, so that it starts whatever S3's state.
     pub fn new(cfg: &S3Config) -> Result<S3Store> {
         let endpoint = cfg.validate().map_err(Error::Invalid)?;
         check_proxy_env(cfg, endpoint.https)?;
