@@ -6,7 +6,9 @@
 //! - `files`: zip bombs, restores beside a different snapshot of the same name, planted symlinks,
 //!   directories others own or can write, foreign `.part` files, loose modes
 //! - `s3`: an S3 endpoint that answers at a trickle
+//! - `imds`: an instance metadata service that hangs or answers garbage
 
 mod api;
 mod files;
+mod imds;
 mod s3;

@@ -4,6 +4,7 @@ mod hostile;
 mod k3s_node;
 mod remote;
 mod reset;
+mod s3_credentials;
 mod s3_store;
 mod server;
 mod snapshot;

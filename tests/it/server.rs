@@ -361,6 +361,53 @@ fn a_server_started_with_a_wrong_secret_or_a_missing_bucket_keeps_local_snapshot
     s.stop();
 }
 
+/// Without key flags the server signs with the instance role's credentials (IMDSv2). The
+/// metadata service is down when the server starts: the server starts anyway, keeps its
+/// scheduled snapshots locally and says which sources it tried; once the service answers, the
+/// next upload lands in the bucket.
+#[test]
+fn a_server_on_an_instance_role_starts_while_the_metadata_service_is_down_and_uploads_once_it_answers() {
+    use tests::support::imds::{Answer, ImdsResponder};
+    let s3 = tests::support::s3::S3Server::start();
+    s3.create_bucket("snaps");
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let port = tests::support::etcd::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let flags: Vec<String> = scheduled_s3_flags(&s3, "snaps")
+        .into_iter()
+        .filter(|f| !f.starts_with("--etcd-s3-access-key=") && !f.starts_with("--etcd-s3-secret-key="))
+        .collect();
+    let args: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut cmd = dd.command(&args);
+    cmd.env_remove("AWS_EC2_METADATA_DISABLED").env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &url);
+    let mut s = dd.spawn_command(cmd);
+    s.wait_for_log(tests::support::server::RUNNING, Duration::from_secs(120));
+    s.wait_for_log("s3 is not usable now", Duration::from_secs(30));
+    wait_until("a local snapshot whose upload failed", Duration::from_secs(60), || {
+        metric(&s, LOCAL_TAKEN) >= 1.0 && metric(&s, S3_FAILED) >= 1.0
+    });
+    assert!(s.log_text().contains(&format!("instance role at {url}: cannot connect")), "{}", s.log_text());
+    assert_warned(&s, UPLOAD_FAILED);
+
+    let token = "server-role-token-Fh2Wq6";
+    let imds = ImdsResponder::start_on_port(
+        port,
+        Answer::Credentials {
+            access_key: tests::support::s3::ACCESS_KEY.into(),
+            secret_key: tests::support::s3::SECRET_KEY.into(),
+            token: token.into(),
+            lifetime: Duration::from_secs(6 * 3600),
+        },
+    );
+    wait_until("a scheduled snapshot in s3", Duration::from_secs(60), || !in_bucket(&s3, "snaps").is_empty());
+    wait_until("the upload to be counted", Duration::from_secs(10), || metric(&s, S3_TAKEN) >= 1.0);
+    assert!(imds.credentials_served() >= 1);
+    assert_eq!(imds.refused(), 0);
+    let log = s.log_text();
+    assert!(!log.contains(tests::support::s3::SECRET_KEY) && !log.contains(token), "a secret leaked into the logs");
+    s.stop();
+}
+
 #[test]
 fn etcd_dying_stops_the_server_with_its_last_lines() {
     let dd = DataDir::new(EtcdVersion::V3_5);

@@ -36,14 +36,26 @@ const OUR_ENV: &[&str] = &[
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    "AWS_EC2_METADATA_DISABLED",
 ];
 
-/// A `k3s-snapshot` command with a clean environment for the variables it reads.
+/// A shared credentials file that never exists (`/nonexistent` is, by convention, never made).
+pub const NO_CREDENTIALS_FILE: &str = "/nonexistent/k3s-snapshot-tests/aws-credentials";
+
+/// A `k3s-snapshot` command with a clean environment for the variables it reads. The S3
+/// credential chain reaches neither the developer's `~/.aws/credentials` nor a real instance
+/// metadata service: tests of the chain set `AWS_SHARED_CREDENTIALS_FILE` and
+/// `AWS_EC2_METADATA_*` again (or remove them, with `HOME` pointing somewhere of theirs).
 pub fn cmd() -> Command {
     let mut c = Command::new(path());
     for v in OUR_ENV {
         c.env_remove(v);
     }
+    c.env("AWS_SHARED_CREDENTIALS_FILE", NO_CREDENTIALS_FILE);
+    c.env("AWS_EC2_METADATA_DISABLED", "true");
     c
 }
 

@@ -206,7 +206,8 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 256; }}
 http {{
-    access_log {d}/access.log;
+    log_format requests '$request_method $uri token=$http_x_amz_security_token';
+    access_log {d}/access.log requests;
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -253,6 +254,15 @@ http {{
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.tmp.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// One line per request passed on: `METHOD /path token=<x-amz-security-token or ->`.
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(self.tmp.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
     }
 
     /// HTTPS configuration for `bucket` behind this proxy (no CA given: add `endpoint_ca` or

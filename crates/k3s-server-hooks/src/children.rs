@@ -3,8 +3,9 @@
 //!
 //! Environment: an allowlist. etcd reads any `ETCD_*` variable as a flag, so a stray
 //! `ETCD_LISTEN_CLIENT_URLS` in a unit file would reconfigure it behind our back; and our own
-//! environment carries secrets (`K3S_TOKEN`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`) and the
-//! S3 proxy (`--etcd-s3-proxy` sets `HTTPS_PROXY` for the S3 client), which must not route
+//! environment carries secrets (`K3S_TOKEN`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`), the
+//! rest of the S3 credential chain (`AWS_PROFILE`, `AWS_SHARED_CREDENTIALS_FILE`,
+//! `AWS_EC2_METADATA_SERVICE_ENDPOINT`, which are ours to read, not etcd's) and the S3 proxy (`--etcd-s3-proxy` sets `HTTPS_PROXY` for the S3 client), which must not route
 //! etcd's peer traffic. Children get only what a Go program needs to run and to log sensibly.
 
 use std::collections::BTreeSet;
@@ -60,7 +61,17 @@ mod tests {
         for k in &shown {
             assert!(PASSED.contains(&k.as_str()) || k.starts_with("LC_"), "{k} passed to children");
         }
-        for k in ["K3S_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HTTPS_PROXY", "NO_PROXY", "ETCD_NAME"] {
+        for k in [
+            "K3S_TOKEN",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+            "ETCD_NAME",
+        ] {
             assert!(!shown.iter().any(|s| s == k), "{k}");
         }
     }

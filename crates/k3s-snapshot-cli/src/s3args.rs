@@ -40,7 +40,7 @@ pub struct S3Args {
         global = true
     )]
     pub skip_ssl_verify: bool,
-    /// S3 access key
+    /// S3 access key (without it: the shared credentials file, then the instance role)
     #[arg(
         id = "etcd-s3-access-key",
         long = "etcd-s3-access-key",
@@ -164,6 +164,8 @@ impl S3Args {
                 BucketLookup::Path => s3_backend::BucketLookup::Path,
             },
             proxy: self.proxy.clone(),
+            // Without the keys: the shared credentials file, then the instance role, as k3s.
+            credential_chain: s3_backend::CredentialChain::from_env(),
         }))
     }
 

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::creds::CredentialChain;
+
 /// Default `--etcd-s3-endpoint`.
 pub const DEFAULT_ENDPOINT: &str = "s3.amazonaws.com";
 /// Default `--etcd-s3-region`.
@@ -60,7 +62,8 @@ pub struct S3Config {
     pub endpoint_ca: Option<PathBuf>,
     /// Do not verify the endpoint's certificate (`--etcd-s3-skip-ssl-verify`).
     pub skip_ssl_verify: bool,
-    /// `--etcd-s3-access-key`; empty means anonymous requests.
+    /// `--etcd-s3-access-key`; empty means: look further down the chain
+    /// ([`S3Config::credential_chain`]), and send anonymous requests if nothing is found there.
     pub access_key: String,
     /// `--etcd-s3-secret-key`. Never printed.
     pub secret_key: String,
@@ -82,6 +85,9 @@ pub struct S3Config {
     /// `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` when [`crate::S3Store::connect`] builds it; see
     /// [`crate::proxy_env`] for how the CLI applies this value.
     pub proxy: Option<String>,
+    /// Where credentials are looked for when `access_key` is empty: the shared credentials file,
+    /// then the instance role (see [`crate::CredentialChain`]). The default consults nothing.
+    pub credential_chain: CredentialChain,
 }
 
 impl Default for S3Config {
@@ -100,6 +106,7 @@ impl Default for S3Config {
             timeout: DEFAULT_TIMEOUT,
             bucket_lookup: BucketLookup::Auto,
             proxy: None,
+            credential_chain: CredentialChain::default(),
         }
     }
 }
@@ -128,6 +135,7 @@ impl fmt::Debug for S3Config {
             .field("timeout", &self.timeout)
             .field("bucket_lookup", &self.bucket_lookup)
             .field("proxy", &self.proxy.as_deref().map(redact_url_password))
+            .field("credential_chain", &self.credential_chain)
             .finish()
     }
 }
@@ -194,7 +202,7 @@ impl S3Config {
         }
         if self.access_key.is_empty() != self.secret_key.is_empty() {
             return Err(
-                "only one of --etcd-s3-access-key and --etcd-s3-secret-key is set; give both (or neither, for anonymous access)"
+                "only one of --etcd-s3-access-key and --etcd-s3-secret-key is set; give both (or neither, to use the shared credentials file or the instance role)"
                     .into(),
             );
         }

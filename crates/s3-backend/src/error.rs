@@ -23,8 +23,15 @@ pub enum S3Error {
     #[error("object {key} does not exist in bucket {bucket}")]
     NoSuchKey { bucket: String, key: String },
 
-    #[error("access denied by {endpoint} for bucket {bucket} ({code}); check --etcd-s3-access-key/--etcd-s3-secret-key (and --etcd-s3-session-token) and the bucket's policy")]
-    AccessDenied { endpoint: String, bucket: String, code: String },
+    #[error("access denied by {endpoint} for bucket {bucket} ({code}) to {}", access_denied_advice(credentials.as_deref()))]
+    AccessDenied {
+        endpoint: String,
+        bucket: String,
+        code: String,
+        /// Whose credentials were refused, or which sources were tried when none were found
+        /// (filled in by the store: `Keyring::describe`).
+        credentials: Option<String>,
+    },
 
     #[error("bucket {bucket} is not in region {region} at {endpoint} ({code}{}); fix --etcd-s3-region", hint.as_deref().map(|r| format!(", the bucket is in {r}")).unwrap_or_default())]
     WrongRegion { endpoint: String, bucket: String, region: String, code: String, hint: Option<String> },
@@ -81,6 +88,15 @@ impl S3Error {
             | S3Error::Tls { .. }
             | S3Error::Invalid(_) => false,
         }
+    }
+}
+
+/// The end of an access-denied message: whose credentials, and what to check.
+fn access_denied_advice(credentials: Option<&str>) -> String {
+    match credentials {
+        Some(c) if c.starts_with("anonymous") => c.to_string(),
+        Some(c) => format!("{c}; check them and the bucket's policy"),
+        None => "the credentials given; check --etcd-s3-access-key/--etcd-s3-secret-key (and --etcd-s3-session-token) and the bucket's policy".into(),
     }
 }
 
@@ -180,7 +196,9 @@ impl Classifier {
                 bucket,
                 key: resp.object_name().map(|o| o.to_string()).unwrap_or_else(|| resp.resource().to_string()),
             },
-            MinioErrorCode::AccessDenied => S3Error::AccessDenied { endpoint, bucket, code: "AccessDenied".into() },
+            MinioErrorCode::AccessDenied => {
+                S3Error::AccessDenied { endpoint, bucket, code: "AccessDenied".into(), credentials: None }
+            }
             MinioErrorCode::PermanentRedirect | MinioErrorCode::Redirect => S3Error::WrongRegion {
                 endpoint,
                 bucket,
@@ -191,7 +209,7 @@ impl Classifier {
             MinioErrorCode::OtherError(code) => {
                 let c = code.to_ascii_lowercase();
                 if AUTH_CODES.contains(&c.as_str()) {
-                    S3Error::AccessDenied { endpoint, bucket, code: canonical_code(&c) }
+                    S3Error::AccessDenied { endpoint, bucket, code: canonical_code(&c), credentials: None }
                 } else if REGION_CODES.contains(&c.as_str()) {
                     S3Error::WrongRegion {
                         endpoint,

@@ -6,17 +6,20 @@
 //! are the trait's: atomic puts (multipart uploads are aborted on any failure), streamed gets,
 //! paged listings, batched deletes. Failures become [`k3s_snapshot_core::Error::Storage`] with a
 //! one-line cause from [`S3Error`] and a typed `retryable` flag; credentials never appear in
-//! errors, logs or `Debug` output.
+//! errors, logs or `Debug` output. Credentials come from k3s's chain: the keys in [`S3Config`],
+//! else the shared credentials file, else the instance role ([`CredentialChain`], `creds.rs`).
 //!
 //! [`download_snapshot`] and [`upload_file`] move whole snapshot files between a local directory
 //! and any store, verifying size and SHA-256 before anything is renamed into place.
 
 mod config;
+mod creds;
 mod error;
 mod store;
 mod stream_put;
 
 pub use config::{format_duration, BucketLookup, S3Config, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT};
+pub use creds::{CredentialChain, DEFAULT_IMDS_ENDPOINT, IMDS_TIMEOUT};
 pub use error::S3Error;
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.
 pub use k3s_snapshot_core::transfer::{

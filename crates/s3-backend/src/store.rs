@@ -24,7 +24,6 @@ use chrono::{DateTime, Utc};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use minio::s3::builders::{ObjectToDelete, PutObject, UploadPart};
 use minio::s3::client::{MinioClient, MinioClientBuilder};
-use minio::s3::creds::StaticProvider;
 use minio::s3::http::BaseUrl;
 use minio::s3::minio_error_response::MinioErrorResponse;
 use minio::s3::multimap_ext::{Multimap, MultimapExt};
@@ -41,6 +40,7 @@ use k3s_snapshot_core::store::{ByteStream, ObjectInfo, PutOptions, SnapshotStore
 use k3s_snapshot_core::{Error, Result};
 
 use crate::config::{redact_url_password, BucketLookup, S3Config};
+use crate::creds::{Found, Key, Keyring};
 use crate::error::{innermost_detail, is_no_such_upload, Classifier, S3Error};
 use crate::stream_put::{PutRequest, StreamPut, MAX_SINGLE_PUT};
 
@@ -79,7 +79,7 @@ pub struct S3Store {
 }
 
 struct Inner {
-    client: MinioClient,
+    signer: Signer,
     streamer: StreamPut,
     bucket: String,
     /// `folder/`, or empty for the bucket's root.
@@ -121,31 +121,14 @@ impl S3Store {
 
     /// Builds the client without the network: only what the configuration itself can get wrong
     /// (an endpoint, region or bucket name that is not valid, a CA file that is not a PEM
-    /// certificate, a proxy not in effect) fails here. Whether S3 answers, the bucket exists and
-    /// the credentials are accepted is found by [`S3Store::check`] or by the first request. A
-    /// server builds its store this way, so that it starts whatever S3's state.
+    /// certificate, a proxy not in effect, a shared credentials file that cannot be read or
+    /// parsed) fails here. Whether S3 answers, the bucket exists, the instance role's credentials
+    /// can be had and the credentials are accepted is found by [`S3Store::check`] or by the first
+    /// request. A server builds its store this way, so that it starts whatever S3's state.
     pub fn new(cfg: &S3Config) -> Result<S3Store> {
         let endpoint = cfg.validate().map_err(Error::Invalid)?;
         check_proxy_env(cfg, endpoint.https)?;
         let ca_pem = cfg.endpoint_ca.as_deref().map(ca_bundle).transpose()?;
-        // minio reads its CA from a file when the client is built: the bundle, written privately
-        // for as long as that takes.
-        let ca_file = match &ca_pem {
-            Some(pem) => {
-                let mut f = tempfile::NamedTempFile::new().map_err(|cause| Error::Io {
-                    action: "write the --etcd-s3-endpoint-ca bundle to",
-                    path: std::env::temp_dir(),
-                    cause,
-                })?;
-                std::io::Write::write_all(&mut f, pem).map_err(|cause| Error::Io {
-                    action: "write the --etcd-s3-endpoint-ca bundle to",
-                    path: f.path().to_path_buf(),
-                    cause,
-                })?;
-                Some(f)
-            }
-            None => None,
-        };
         let mut base: BaseUrl = endpoint
             .url()
             .parse()
@@ -161,37 +144,26 @@ impl S3Store {
         let bucket = cfg.bucket.trim().to_string();
         BucketName::new(bucket.as_str())
             .map_err(|e| Error::Invalid(format!("invalid --etcd-s3-bucket {bucket:?}: {e}")))?;
-        let provider = (!cfg.access_key.is_empty()).then(|| {
-            StaticProvider::new(
-                &cfg.access_key,
-                &cfg.secret_key,
-                (!cfg.session_token.is_empty()).then_some(cfg.session_token.as_str()),
-            )
-        });
+        let keyring = Keyring::new(cfg).map_err(Error::Invalid)?;
         let streamer = StreamPut {
             base: base.clone(),
-            provider: provider.clone(),
             http: stream_put_client(cfg, ca_pem.as_deref()).map_err(|e| {
                 Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e)))
             })?,
         };
-        let client = MinioClientBuilder::new(base)
-            .provider(provider)
-            .ssl_cert_file(ca_file.as_ref().map(|f| f.path()))
-            .ignore_cert_check(cfg.skip_ssl_verify.then_some(true))
-            .app_info(Some(("k3s-snapshot".into(), env!("CARGO_PKG_VERSION").into())))
-            .build()
-            // The builder's errors are about the CA file or the TLS setup, never the credentials.
-            .map_err(|e| {
-                Error::Invalid(format!("cannot set up the s3 client for {}: {}", endpoint.url(), innermost_detail(&e)))
-            })?;
+        let parts = ClientParts { base, ca_pem, skip_ssl_verify: cfg.skip_ssl_verify, endpoint: endpoint.url() };
+        // Signed with what needs no network (the flags or the file); an instance role's
+        // credentials replace the client when a request first needs them.
+        let fixed = keyring.fixed();
+        let client = parts.build(fixed.as_ref().map(|f| &f.key)).map_err(Error::Invalid)?;
+        let signer = Signer { current: std::sync::RwLock::new((fixed, client)), keyring, parts };
 
         let folder = cfg.folder_trimmed();
         let prefix = if folder.is_empty() { String::new() } else { format!("{folder}/") };
         let describe = if folder.is_empty() { format!("s3://{bucket}") } else { format!("s3://{bucket}/{folder}") };
         let store = S3Store {
             inner: Arc::new(Inner {
-                client,
+                signer,
                 streamer,
                 classifier: Classifier { endpoint: endpoint.url(), bucket: bucket.clone(), region: region.to_string() },
                 bucket,
@@ -219,7 +191,7 @@ impl S3Store {
         let exists = inner
             .call("check", "the bucket", || async move {
                 let resp = inner
-                    .client
+                    .client()
                     .bucket_exists(inner.bucket.as_str())
                     .map_err(|e| inner.classifier.classify(e.into()))?
                     .build()
@@ -245,7 +217,7 @@ impl S3Store {
         let res = inner
             .call("stat", key, || async move {
                 inner
-                    .client
+                    .client()
                     .stat_object(inner.bucket.as_str(), object)
                     .map_err(|e| inner.classifier.classify(e.into()))?
                     .build()
@@ -269,6 +241,85 @@ impl S3Store {
             content_type,
             user_metadata,
         }))
+    }
+}
+
+/// What a minio client is built from, kept to build it again when the credentials change.
+struct ClientParts {
+    base: BaseUrl,
+    /// The `--etcd-s3-endpoint-ca` bundle.
+    ca_pem: Option<Vec<u8>>,
+    skip_ssl_verify: bool,
+    /// For messages.
+    endpoint: String,
+}
+
+impl ClientParts {
+    /// A client signing with `key`, or sending anonymous requests.
+    fn build(&self, key: Option<&Key>) -> std::result::Result<MinioClient, String> {
+        // minio reads its CA from a file when the client is built: the bundle, written privately
+        // for as long as that takes.
+        let ca_file = match &self.ca_pem {
+            Some(pem) => {
+                let mut f = tempfile::NamedTempFile::new().map_err(|e| {
+                    format!(
+                        "cannot write the --etcd-s3-endpoint-ca bundle to {}: {}",
+                        std::env::temp_dir().display(),
+                        innermost_detail(&e)
+                    )
+                })?;
+                std::io::Write::write_all(&mut f, pem).map_err(|e| {
+                    format!(
+                        "cannot write the --etcd-s3-endpoint-ca bundle to {}: {}",
+                        f.path().display(),
+                        innermost_detail(&e)
+                    )
+                })?;
+                Some(f)
+            }
+            None => None,
+        };
+        MinioClientBuilder::new(self.base.clone())
+            .provider(key.map(Key::provider))
+            .ssl_cert_file(ca_file.as_ref().map(|f| f.path()))
+            .ignore_cert_check(self.skip_ssl_verify.then_some(true))
+            .app_info(Some(("k3s-snapshot".into(), env!("CARGO_PKG_VERSION").into())))
+            .build()
+            // The builder's errors are about the CA file or the TLS setup, never the credentials.
+            .map_err(|e| format!("cannot set up the s3 client for {}: {}", self.endpoint, innermost_detail(&e)))
+    }
+}
+
+/// The minio client that signs with the chain's current credentials. minio caches the signing
+/// key it derives per client without looking at the secret again, so new credentials (an instance
+/// role's, refreshed) get a new client rather than a provider that changes under the old one.
+struct Signer {
+    keyring: Keyring,
+    parts: ClientParts,
+    /// The credentials the client signs with (`None`: anonymous) and the client.
+    current: std::sync::RwLock<(Option<Arc<Found>>, MinioClient)>,
+}
+
+impl Signer {
+    /// Brings the client up to date with the chain (which may ask the instance role) and returns
+    /// the credentials it signs with.
+    async fn refresh(&self) -> Result<Option<Arc<Found>>, S3Error> {
+        let found = self.keyring.current().await;
+        let same = |cur: &Option<Arc<Found>>| match (cur, &found) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same(&self.current.read().unwrap_or_else(|p| p.into_inner()).0) {
+            return Ok(found);
+        }
+        let client = self.parts.build(found.as_ref().map(|f| &f.key)).map_err(S3Error::Invalid)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (found.clone(), client);
+        Ok(found)
+    }
+
+    fn client(&self) -> MinioClient {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).1.clone()
     }
 }
 
@@ -373,7 +424,11 @@ impl Inner {
         let mut delay = RETRY.first_delay;
         let mut attempt = 1;
         loop {
-            let err = match tokio::time::timeout_at(deadline, f()).await {
+            let attempt_once = async {
+                self.signer.refresh().await?;
+                f().await
+            };
+            let err = match tokio::time::timeout_at(deadline, attempt_once).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(e)) => e,
                 Err(_) => return Err(self.timeout_error()),
@@ -392,7 +447,15 @@ impl Inner {
         S3Error::Timeout { endpoint: self.classifier.endpoint.clone(), timeout: self.timeout }
     }
 
-    fn storage_error(&self, op: &'static str, key: &str, e: S3Error) -> Error {
+    /// The client signing with the current credentials; [`Inner::call`] refreshes it first.
+    fn client(&self) -> MinioClient {
+        self.signer.client()
+    }
+
+    fn storage_error(&self, op: &'static str, key: &str, mut e: S3Error) -> Error {
+        if let S3Error::AccessDenied { credentials, .. } = &mut e {
+            *credentials = Some(self.signer.keyring.describe());
+        }
         Error::Storage {
             store: self.describe.clone(),
             op,
@@ -444,7 +507,7 @@ impl Inner {
             let (data, meta, ctype) = (data.clone(), meta.clone(), ctype.clone());
             async move {
                 let part = UploadPart::builder()
-                    .client(self.client.clone())
+                    .client(self.client())
                     .bucket(BucketName::new(self.bucket.as_str()).map_err(|e| self.classifier.classify(e.into()))?)
                     .object(ObjectKey::new(object).map_err(|e| self.classifier.classify(e.into()))?)
                     .data(data)
@@ -465,7 +528,7 @@ impl Inner {
             let (meta, ctype) = (meta.clone(), ctype.clone());
             async move {
                 let resp = self
-                    .client
+                    .client()
                     .create_multipart_upload(self.bucket.as_str(), object)
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .content_type(Some(ctype))
@@ -494,7 +557,7 @@ impl Inner {
             let data = data.clone();
             async move {
                 let part = UploadPart::builder()
-                    .client(self.client.clone())
+                    .client(self.client())
                     .bucket(BucketName::new(self.bucket.as_str()).map_err(|e| self.classifier.classify(e.into()))?)
                     .object(ObjectKey::new(object).map_err(|e| self.classifier.classify(e.into()))?)
                     .upload_id(Some(upload_id.to_string()))
@@ -524,7 +587,7 @@ impl Inner {
                 let (parts, first_try) = (parts.clone(), tries == 1);
                 async move {
                     let res = self
-                        .client
+                        .client()
                         .complete_multipart_upload(self.bucket.as_str(), object, upload_id, parts)
                         .map_err(|e| self.classifier.classify(e.into()))?
                         .build()
@@ -561,7 +624,7 @@ impl Inner {
     async fn stat_size(&self, key: &str, object: &str) -> Result<Option<u64>, S3Error> {
         let res = self
             .call("stat", key, || async move {
-                self.client
+                self.client()
                     .stat_object(self.bucket.as_str(), object)
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .build()
@@ -581,7 +644,7 @@ impl Inner {
         let res = self
             .call("abort the multipart upload of", key, || async move {
                 let res = self
-                    .client
+                    .client()
                     .abort_multipart_upload(self.bucket.as_str(), object, upload_id)
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .build()
@@ -614,7 +677,7 @@ impl Inner {
     ) -> Result<(ObjectInfo, Option<String>, BoxStream<'static, std::io::Result<Bytes>>), S3Error> {
         let resp = self
             .call("download", key, || async move {
-                self.client
+                self.client()
                     .get_object(self.bucket.as_str(), object)
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .offset((offset > 0).then_some(offset))
@@ -757,9 +820,10 @@ impl S3Store {
                 user_metadata: &opts.user_metadata,
                 stall_timeout: inner.timeout,
             };
+            let creds = inner.signer.refresh().await.map_err(|e| inner.storage_error("upload", key, e))?;
             inner
                 .streamer
-                .put(&inner.classifier, req, body)
+                .put(&inner.classifier, creds.as_ref().map(|f| &f.key), req, body)
                 .await
                 .map_err(|e| inner.storage_error("upload", key, e))?;
             tracing::debug!(key, size = len, store = %inner.describe, duration_ms = started.elapsed().as_millis() as u64, "uploaded in one streamed request");
@@ -946,7 +1010,7 @@ impl SnapshotStore for S3Store {
                         let (full_prefix, token) = (full_prefix.clone(), token.clone());
                         async move {
                             let pages = inner
-                                .client
+                                .client()
                                 .list_objects(inner.bucket.as_str())
                                 .map_err(|e| inner.classifier.classify(e.into()))?
                                 .prefix(Some(full_prefix))
@@ -1021,7 +1085,7 @@ impl SnapshotStore for S3Store {
                         );
                     }
                     inner
-                        .client
+                        .client()
                         .delete_objects(inner.bucket.as_str(), list)
                         .map_err(|e| inner.classifier.classify(e.into()))?
                         .build()

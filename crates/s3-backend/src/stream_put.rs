@@ -32,7 +32,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use hmac::{Hmac, Mac};
-use minio::s3::creds::{Provider, StaticProvider};
 use minio::s3::http::BaseUrl;
 use minio::s3::minio_error_response::MinioErrorResponse;
 use minio::s3::multimap_ext::{Multimap, MultimapExt};
@@ -43,15 +42,15 @@ use tokio::time::Instant;
 
 use k3s_snapshot_core::store::ByteStream;
 
+use crate::creds::Key;
 use crate::error::{innermost_detail, Classifier, S3Error};
 
 /// The largest object S3 accepts in one PUT.
 pub const MAX_SINGLE_PUT: u64 = 5 << 30;
 
-/// What a streamed PUT needs besides the body: where, who, and how to reach it.
+/// What a streamed PUT needs besides the body and the credentials: where, and how to reach it.
 pub(crate) struct StreamPut {
     pub base: BaseUrl,
-    pub provider: Option<StaticProvider>,
     pub http: reqwest::Client,
 }
 
@@ -74,8 +73,15 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
 }
 
 impl StreamPut {
-    /// Sends `body` (exactly `req.len` bytes) to `bucket/object` as one request.
-    pub async fn put(&self, classifier: &Classifier, req: PutRequest<'_>, body: ByteStream) -> Result<(), S3Error> {
+    /// Sends `body` (exactly `req.len` bytes) to `bucket/object` as one request, signed with
+    /// `creds` (their session token, if any, goes in `x-amz-security-token`), or anonymous.
+    pub async fn put(
+        &self,
+        classifier: &Classifier,
+        creds: Option<&Key>,
+        req: PutRequest<'_>,
+        body: ByteStream,
+    ) -> Result<(), S3Error> {
         let bucket = BucketName::new(req.bucket).map_err(|e| classifier.classify(e.into()))?;
         let object = ObjectKey::new(req.object).map_err(|e| classifier.classify(e.into()))?;
         let query = Multimap::new();
@@ -96,9 +102,8 @@ impl StreamPut {
             headers.add(format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
         }
         let mut authorization = None;
-        if let Some(provider) = &self.provider {
-            let creds = provider.fetch();
-            if let Some(token) = creds.session_token {
+        if let Some(creds) = creds {
+            if let Some(token) = &creds.session_token {
                 headers.add("x-amz-security-token", token);
             }
             let (signed, canonical) = headers.get_canonical_headers();
