@@ -181,7 +181,8 @@ fn text(status: StatusCode, msg: &str, warnings: &[String]) -> Response {
 /// `Warning: 299 - "text"` (RFC 7234), as k3s sends them; quotes and backslashes escaped.
 fn add_warnings(headers: &mut HeaderMap, warnings: &[String]) {
     for w in warnings {
-        let escaped = printable(w).replace('\\', "\\\\").replace('"', "\\\"");
+        // `printable` escapes control characters, quotes and backslashes, as a quoted-string needs.
+        let escaped = printable(w);
         if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{escaped}\"")) {
             headers.append(header::WARNING, v);
         }
