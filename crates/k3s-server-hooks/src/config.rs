@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use k3s_snapshot_core::encryption::{Identities, Recipients};
 use k3s_snapshot_core::store::{LocalStore, ScratchFile, SnapshotStore};
 
 use crate::etcd_proc::EtcdLaunch;
@@ -44,6 +45,8 @@ pub struct SnapshotSettings {
     pub remote_fetch: Option<RemoteFetch>,
     /// Upper bound of the random delay of each scheduled snapshot (SPEC: 5 s).
     pub jitter: Duration,
+    /// `--etcd-snapshot-encryption-recipients-file`: scheduled snapshots are encrypted to these.
+    pub encryption: Option<Arc<Recipients>>,
 }
 
 /// A validated server configuration (the binary's flags, after parsing).
@@ -66,6 +69,9 @@ pub struct ServerConfig {
     pub etcd_args: Vec<String>,
     pub etcd_expose_metrics: bool,
     pub snapshots: SnapshotSettings,
+    /// `--etcd-snapshot-encryption-identity-file`: decrypts an encrypted
+    /// `--cluster-reset-restore-path`.
+    pub identities: Option<Arc<Identities>>,
     /// How long etcd may take to become ready.
     pub etcd_ready_timeout: Duration,
     /// How long etcd may take to stop after SIGTERM before it is killed.

@@ -231,6 +231,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
                 node: cfg.node_name.clone(),
                 compress: cfg.snapshots.compress,
                 token_hash: Some(token.metadata_hash()),
+                encryption: cfg.snapshots.encryption.clone(),
             },
             retention: cfg.snapshots.retention,
             remote_retention: cfg.snapshots.remote_retention,

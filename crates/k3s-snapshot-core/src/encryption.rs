@@ -182,10 +182,15 @@ fn zeroize_string(s: &mut String) {
     s.clear();
 }
 
+/// Whether `path`'s file name ends in `.age`.
+pub fn has_age_suffix(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(AGE_SUFFIX))
+}
+
 /// Whether `path` is an age file: its name ends in `.age`, or it starts with age's first line
 /// (a file renamed by hand is still recognised).
 pub fn is_encrypted(path: &Path) -> Result<bool> {
-    if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(AGE_SUFFIX)) {
+    if has_age_suffix(path) {
         return Ok(true);
     }
     let mut f = std::fs::File::open(path).map_err(Error::io("open", path))?;

@@ -88,6 +88,8 @@ struct Inner {
     describe: String,
     timeout: Duration,
     classifier: Classifier,
+    /// `x-amz-server-side-encryption*` headers of every PUT and multipart initiation.
+    sse_headers: Vec<(&'static str, String)>,
 }
 
 impl fmt::Debug for S3Store {
@@ -198,6 +200,7 @@ impl S3Store {
                 prefix,
                 describe,
                 timeout: cfg.timeout,
+                sse_headers: cfg.sse.as_ref().map(|s| s.headers()).unwrap_or_default(),
             }),
         };
         Ok(store)
@@ -422,6 +425,18 @@ impl Inner {
         Some(m)
     }
 
+    /// The server-side encryption headers, for minio's requests.
+    fn sse_headers(&self) -> Option<Multimap> {
+        if self.sse_headers.is_empty() {
+            return None;
+        }
+        let mut m = Multimap::new();
+        for (k, v) in &self.sse_headers {
+            m.add(*k, v.clone());
+        }
+        Some(m)
+    }
+
     fn content_type(opts: &PutOptions) -> String {
         if opts.content_type.is_empty() {
             "application/octet-stream".into()
@@ -440,8 +455,9 @@ impl Inner {
         let data = Arc::new(data);
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
+        let sse = self.sse_headers();
         self.call("upload", key, || {
-            let (data, meta, ctype) = (data.clone(), meta.clone(), ctype.clone());
+            let (data, meta, ctype, sse) = (data.clone(), meta.clone(), ctype.clone(), sse.clone());
             async move {
                 let part = UploadPart::builder()
                     .client(self.client.clone())
@@ -450,6 +466,7 @@ impl Inner {
                     .data(data)
                     .content_type(Some(ctype))
                     .user_metadata(meta)
+                    .extra_headers(sse)
                     .build();
                 PutObject::builder().inner(part).build().send().await.map_err(|e| self.classifier.classify(e))?;
                 Ok(())
@@ -461,8 +478,10 @@ impl Inner {
     async fn start_multipart(&self, key: &str, object: &str, opts: &PutOptions) -> Result<String, S3Error> {
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
+        // The encryption is asked for once, at the initiation (S3 refuses it on UploadPart).
+        let sse = self.sse_headers();
         self.call("start the multipart upload of", key, || {
-            let (meta, ctype) = (meta.clone(), ctype.clone());
+            let (meta, ctype, sse) = (meta.clone(), ctype.clone(), sse.clone());
             async move {
                 let resp = self
                     .client
@@ -470,6 +489,7 @@ impl Inner {
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .content_type(Some(ctype))
                     .user_metadata(meta)
+                    .extra_headers(sse)
                     .build()
                     .send()
                     .await
@@ -755,6 +775,7 @@ impl S3Store {
                 len,
                 content_type: &Inner::content_type(&opts),
                 user_metadata: &opts.user_metadata,
+                extra_headers: &inner.sse_headers,
                 stall_timeout: inner.timeout,
             };
             inner
