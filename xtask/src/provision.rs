@@ -443,9 +443,8 @@ pub fn ensure_all() -> Result<Tools> {
     if failing("age") {
         apt.push("age");
     }
-    let has_venv = || {
-        Command::new("python3").args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success())
-    };
+    let has_venv =
+        || Command::new("python3").args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success());
     if failing("moto") && !has_venv() {
         apt.push("python3-venv");
     }
@@ -466,16 +465,12 @@ pub fn ensure_all() -> Result<Tools> {
     if failing("moto") {
         install_moto()?;
     }
-    let after = if apt.is_empty()
-        && !failing("etcd 3.5.1")
-        && !failing("s3s-fs")
-        && !failing("protoc")
-        && !failing("moto")
-    {
-        before
-    } else {
-        check_all()
-    };
+    let after =
+        if apt.is_empty() && !failing("etcd 3.5.1") && !failing("s3s-fs") && !failing("protoc") && !failing("moto") {
+            before
+        } else {
+            check_all()
+        };
     report(&after)?;
     Ok(Tools {
         etcd35: etcd35_dir(),

@@ -300,7 +300,8 @@ mod tests {
                 "--etcd-s3-sse-kms-key-id",
             ),
         ] {
-            let a = snapshot_args(&["etcd-snapshot", "save", rec, "/r.txt", id, "/k.txt", sse, "aws:kms", kms, "alias/x"]);
+            let a =
+                snapshot_args(&["etcd-snapshot", "save", rec, "/r.txt", id, "/k.txt", sse, "aws:kms", kms, "alias/x"]);
             assert_eq!(a.common.encryption_recipients_file.as_deref(), Some(std::path::Path::new("/r.txt")));
             assert_eq!(a.common.encryption_identity_file.as_deref(), Some(std::path::Path::new("/k.txt")));
             assert_eq!(a.common.s3.sse.as_deref(), Some("aws:kms"));

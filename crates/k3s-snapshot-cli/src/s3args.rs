@@ -130,7 +130,12 @@ pub struct S3Args {
     )]
     pub sse: Option<String>,
     /// KMS key for --etcd-s3-sse aws:kms [default: the bucket's]
-    #[arg(id = "etcd-s3-sse-kms-key-id", long = "etcd-s3-sse-kms-key-id", visible_alias = "s3-sse-kms-key-id", global = true)]
+    #[arg(
+        id = "etcd-s3-sse-kms-key-id",
+        long = "etcd-s3-sse-kms-key-id",
+        visible_alias = "s3-sse-kms-key-id",
+        global = true
+    )]
     pub sse_kms_key_id: Option<String>,
 }
 

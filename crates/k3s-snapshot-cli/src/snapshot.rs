@@ -375,6 +375,11 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
     // Work files (a download, an extracted zip) live in a private temp dir that is removed at the end.
     let scratch_parent = if local.dir().is_dir() { local.dir().to_path_buf() } else { std::env::temp_dir() };
     let scratch = tempfile::Builder::new().prefix(".status-").tempdir_in(&scratch_parent)?;
+    // An encrypted snapshot needs the identity: said before anything is downloaded.
+    let identities = common.identities()?;
+    if identities.is_none() && encryption::has_age_suffix(&as_path) {
+        return Err(k3s_snapshot_core::Error::NeedIdentity { name: target.to_string() }.into());
+    }
     let mut path = if target.contains('/') || (as_path.is_file() && !local.dir().join(target).is_file()) {
         as_path
     } else {
@@ -395,7 +400,7 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
     let mut kind = path.clone();
     let mut _decrypted = None;
     if encryption::is_encrypted(&path)? {
-        let ids = common.identities()?;
+        let ids = identities;
         let (src, into) = (path.clone(), scratch.path().to_path_buf());
         let shown = kind.file_name().map_or_else(|| target.to_string(), |n| n.to_string_lossy().into_owned());
         let x = tokio::task::spawn_blocking(move || encryption::decrypt_to_scratch(&src, &into, ids.as_ref(), &shown))

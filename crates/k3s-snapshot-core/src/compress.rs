@@ -144,7 +144,9 @@ impl<W: Write> ZipStream<W> {
         let header_len = 30 + entry.len() as u64 + if zip64 { 20 } else { 0 };
         let compressed = out.n - header_len;
         let too_big = |what: &str| {
-            std::io::Error::other(format!("the zip {what} reached 4 GiB, which needs zip64; this is a bug in the size estimate"))
+            std::io::Error::other(format!(
+                "the zip {what} reached 4 GiB, which needs zip64; this is a bug in the size estimate"
+            ))
         };
         if !zip64 && (size >= u32::MAX as u64 || compressed >= u32::MAX as u64) {
             return Err(too_big("entry"));
@@ -358,7 +360,10 @@ mod tests {
             let mut a = zip::ZipArchive::new(File::open(&p).unwrap()).unwrap();
             assert_eq!(a.len(), 1);
             let mut e = a.by_index(0).unwrap();
-            assert_eq!((e.name(), e.size(), e.compression()), ("on-demand-n-9", 700_000, zip::CompressionMethod::Deflated));
+            assert_eq!(
+                (e.name(), e.size(), e.compression()),
+                ("on-demand-n-9", 700_000, zip::CompressionMethod::Deflated)
+            );
             assert_eq!(e.unix_mode().map(|m| m & 0o777), Some(0o600));
             let mut back = Vec::new();
             e.read_to_end(&mut back).unwrap();

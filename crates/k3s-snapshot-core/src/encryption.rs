@@ -67,8 +67,13 @@ fn key_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
 impl Recipients {
     /// Reads a recipients file (`age -R`'s format, X25519 keys only).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| key_file_error(RECIPIENTS_FLAG, path, format!("cannot be read ({e}); give a file of age public keys, one per line")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            key_file_error(
+                RECIPIENTS_FLAG,
+                path,
+                format!("cannot be read ({e}); give a file of age public keys, one per line"),
+            )
+        })?;
         Self::parse(&text, path)
     }
 
@@ -86,7 +91,9 @@ impl Recipients {
                 key_file_error(
                     RECIPIENTS_FLAG,
                     path,
-                    format!("line {n} is not an age X25519 public key (age1…): {why}; only X25519 recipients are supported"),
+                    format!(
+                        "line {n} is not an age X25519 public key (age1…): {why}; only X25519 recipients are supported"
+                    ),
                 )
             })?;
             keys.push(key);
@@ -129,20 +136,26 @@ impl Identities {
     /// when group or others have any permission on it: `chmod 600` it.
     pub fn from_file(path: &Path) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt;
-        let mut f = std::fs::File::open(path)
-            .map_err(|e| key_file_error(IDENTITY_FLAG, path, format!("cannot be read ({e}); give the file age-keygen wrote")))?;
+        let mut f = std::fs::File::open(path).map_err(|e| {
+            key_file_error(IDENTITY_FLAG, path, format!("cannot be read ({e}); give the file age-keygen wrote"))
+        })?;
         // The mode of what was opened (a symbolic link, as Kubernetes mounts secrets, is followed).
         let mode = f.metadata().map_err(Error::io("stat", path))?.permissions().mode();
         if mode & 0o077 != 0 {
             return Err(key_file_error(
                 IDENTITY_FLAG,
                 path,
-                format!("is accessible by group or others (mode {:o}); it holds private keys: run `chmod 600 {}`", mode & 0o7777, path.display()),
+                format!(
+                    "is accessible by group or others (mode {:o}); it holds private keys: run `chmod 600 {}`",
+                    mode & 0o7777,
+                    path.display()
+                ),
             ));
         }
         let mut text = String::new();
-        f.read_to_string(&mut text)
-            .map_err(|e| key_file_error(IDENTITY_FLAG, path, format!("cannot be read ({e}); give the file age-keygen wrote")))?;
+        f.read_to_string(&mut text).map_err(|e| {
+            key_file_error(IDENTITY_FLAG, path, format!("cannot be read ({e}); give the file age-keygen wrote"))
+        })?;
         let parsed = Self::parse(&text, path);
         // The text held the keys; wipe it rather than leave it in freed memory.
         zeroize_string(&mut text);

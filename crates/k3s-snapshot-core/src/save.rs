@@ -302,8 +302,10 @@ fn seal(
     let mut out = Some(Out::Age(age));
     let mut zip_entry = zip_entry;
     let mut start_zip = |out: &mut Option<Out>, zip64: bool| -> std::io::Result<()> {
-        if let (Some(entry), Some(Out::Age(age))) = (zip_entry.take(), out.take()) {
-            *out = Some(Out::Zip(compress::ZipStream::new(age, &entry, zip64)?));
+        if let Some(entry) = zip_entry.take() {
+            if let Some(Out::Age(age)) = out.take() {
+                *out = Some(Out::Zip(compress::ZipStream::new(age, &entry, zip64)?));
+            }
         }
         Ok(())
     };

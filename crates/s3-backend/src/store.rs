@@ -103,12 +103,17 @@ impl fmt::Debug for S3Store {
     }
 }
 
-/// An object's size, time, content type and user metadata (`x-amz-meta-*`, without the prefix).
+/// An object's size, time, content type, user metadata (`x-amz-meta-*`, without the prefix) and
+/// server-side encryption.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectDetails {
     pub info: ObjectInfo,
     pub content_type: Option<String>,
     pub user_metadata: Vec<(String, String)>,
+    /// `x-amz-server-side-encryption` as S3 reports it (`AES256`, `aws:kms`), when encrypted.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id`, for SSE-KMS.
+    pub sse_kms_key_id: Option<String>,
 }
 
 impl S3Store {
@@ -264,13 +269,16 @@ impl S3Store {
         };
         let headers = resp.headers();
         let size = resp.size().map_err(|e| inner.storage_error("stat", key, S3Error::Invalid(e.to_string())))?;
-        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let content_type = header("content-type");
         let mut user_metadata: Vec<(String, String)> = resp.user_metadata().unwrap_or_default().into_iter().collect();
         user_metadata.sort();
         Ok(Some(ObjectDetails {
             info: ObjectInfo { key: key.to_string(), size, modified: last_modified(headers) },
             content_type,
             user_metadata,
+            sse: header("x-amz-server-side-encryption"),
+            sse_kms_key_id: header("x-amz-server-side-encryption-aws-kms-key-id"),
         }))
     }
 }

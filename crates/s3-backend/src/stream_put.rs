@@ -320,7 +320,9 @@ mod tests {
         let headers = request_headers(&req, "127.0.0.1:9000".into(), utc_now());
         let (signed, canonical) = headers.get_canonical_headers();
         let signed: Vec<&str> = signed.split(';').collect();
-        for h in ["x-amz-server-side-encryption", "x-amz-server-side-encryption-aws-kms-key-id", "x-amz-meta-k3s-node-name"] {
+        for h in
+            ["x-amz-server-side-encryption", "x-amz-server-side-encryption-aws-kms-key-id", "x-amz-meta-k3s-node-name"]
+        {
             assert!(signed.contains(&h), "{h} is not signed: {signed:?}");
         }
         assert!(canonical.contains("x-amz-server-side-encryption:aws:kms"), "{canonical}");
