@@ -6,7 +6,10 @@
 //! - `files`: zip bombs, restores beside a different snapshot of the same name, planted symlinks,
 //!   directories others own or can write, foreign `.part` files, loose modes
 //! - `s3`: an S3 endpoint that answers at a trickle
+//! - `encrypted`: encrypted restores without the right key, with a damaged file, or with an
+//!   identity file others can read
 
 mod api;
+mod encrypted;
 mod files;
 mod s3;
