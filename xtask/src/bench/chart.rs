@@ -41,6 +41,7 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::Restore => RGBColor(44, 160, 44),
         Scenario::Status => RGBColor(148, 103, 189),
         Scenario::StatusFast => RGBColor(255, 127, 14),
+        Scenario::SaveS3Age => RGBColor(140, 86, 75),
     }
 }
 
