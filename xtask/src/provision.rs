@@ -276,28 +276,8 @@ fn check_s3s_fs(bin: &Path) -> std::result::Result<String, String> {
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}: {remedy}", bin.display()))?,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.0.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("{} exited ({st}) instead of serving: {remedy}", bin.display()));
-            }
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-                let req = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-                s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-                let mut head = [0u8; 12];
-                s.read_exact(&mut head).map_err(|e| format!("s3s-fs accepted but did not answer: {e}: {remedy}"))?;
-                let head = String::from_utf8_lossy(&head).into_owned();
-                if !head.starts_with("HTTP/1.1 ") {
-                    return Err(format!("s3s-fs answered {head:?}, not HTTP: {remedy}"));
-                }
-                return Ok(format!("{} answers HTTP ({})", bin.display(), head.trim_end()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{} did not listen on 127.0.0.1:{port} within 10 s: {remedy}", bin.display()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let head = first_http_answer(&mut child, bin, port, Duration::from_secs(10), remedy)?;
+        Ok(format!("{} answers HTTP ({head})", bin.display()))
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -378,7 +358,20 @@ fn check_moto(bin: &Path) -> std::result::Result<String, String> {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}: {remedy}", bin.display()))?,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
+    first_http_answer(&mut child, bin, port, Duration::from_secs(30), &remedy)?;
+    Ok(format!("{} answers HTTP", bin.display()))
+}
+
+/// Waits until `child` (the program `bin`) listens on 127.0.0.1:`port`, sends it `GET /` and
+/// returns the start of its status line (`HTTP/1.1 403`); any HTTP answer will do.
+fn first_http_answer(
+    child: &mut crate::demo::KillOnDrop,
+    bin: &Path,
+    port: u16,
+    within: Duration,
+    remedy: &str,
+) -> std::result::Result<String, String> {
+    let deadline = Instant::now() + within;
     loop {
         if let Some(st) = child.0.try_wait().map_err(|e| e.to_string())? {
             return Err(format!("{} exited ({st}) instead of serving: {remedy}", bin.display()));
@@ -387,17 +380,23 @@ fn check_moto(bin: &Path) -> std::result::Result<String, String> {
             s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
             let req = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
             s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-            let mut head = [0u8; 9];
-            s.read_exact(&mut head).map_err(|e| format!("moto accepted but did not answer: {e}: {remedy}"))?;
-            if !head.starts_with(b"HTTP/1.") {
-                return Err(format!("moto answered {:?}, not HTTP: {remedy}", String::from_utf8_lossy(&head)));
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)
+                .map_err(|e| format!("{} accepted but did not answer: {e}: {remedy}", bin.display()))?;
+            let head = String::from_utf8_lossy(&head).into_owned();
+            if !head.starts_with("HTTP/1.") {
+                return Err(format!("{} answered {head:?}, not HTTP: {remedy}", bin.display()));
             }
-            return Ok(format!("{} answers HTTP", bin.display()));
+            return Ok(head.trim_end().to_string());
         }
         if Instant::now() > deadline {
-            return Err(format!("{} did not listen on 127.0.0.1:{port} within 30 s: {remedy}", bin.display()));
+            return Err(format!(
+                "{} did not listen on 127.0.0.1:{port} within {} s: {remedy}",
+                bin.display(),
+                within.as_secs()
+            ));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
