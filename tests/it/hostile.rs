@@ -7,8 +7,11 @@
 //!   directories others own or can write, foreign `.part` files, loose modes
 //! - `s3`: an S3 endpoint that answers at a trickle
 //! - `imds`: an instance metadata service that hangs or answers garbage
+//! - `encrypted`: encrypted restores without the right key, with a damaged file, or with an
+//!   identity file others can read
 
 mod api;
+mod encrypted;
 mod files;
 mod imds;
 mod s3;

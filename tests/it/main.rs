@@ -1,4 +1,5 @@
 mod deltas;
+mod encryption;
 mod ha;
 mod hostile;
 mod k3s_node;

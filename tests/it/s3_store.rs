@@ -612,6 +612,8 @@ async fn s3_download_snapshot_checks_size_and_sha256_before_renaming() {
         etcd_version: Some("3.5.1".into()),
         total_key: None,
         token_hash: None,
+        encrypted: false,
+        recipients: Vec::new(),
     };
     store.put(&SnapshotMetadata::key_for(file), chunked(Bytes::from(meta.to_json()), 64), opts()).await.unwrap();
     let fetched = fetch_metadata(&store, file).await.unwrap().expect("metadata was stored");

@@ -12,6 +12,9 @@
 //! - `status`: `etcdutl snapshot status -w json` vs `etcd-snapshot status -o json` (which also
 //!   hashes the file against its sha256 trailer), and `status-fast`: the same with
 //!   `--skip-hash-check` (the structure check and etcdutl's own reads only)
+//! - `save+s3+age`: our own `etcd-snapshot save --s3` (the reference here) vs the same with
+//!   `--snapshot-encryption-recipients-file` (age-encrypted as it streams, to a key made by
+//!   `age-keygen`): the cost of encryption
 //!
 //! Peak RSS is the kernel's: `wait4`'s `ru_maxrss` of our process (see [`measure`]).
 
@@ -32,7 +35,7 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,status-fast] [--chart] [--keep]";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,status-fast,s3-age] [--chart] [--keep]";
 
 #[derive(Debug)]
 struct Args {
@@ -51,16 +54,18 @@ enum Scenario {
     RestoreNoBump,
     Status,
     StatusFast,
+    SaveS3Age,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Save,
         Scenario::SaveS3,
         Scenario::Restore,
         Scenario::RestoreNoBump,
         Scenario::Status,
         Scenario::StatusFast,
+        Scenario::SaveS3Age,
     ];
 
     fn key(self) -> &'static str {
@@ -71,6 +76,7 @@ impl Scenario {
             Scenario::RestoreNoBump => "restore-nobump",
             Scenario::Status => "status",
             Scenario::StatusFast => "status-fast",
+            Scenario::SaveS3Age => "save+s3+age",
         }
     }
 
@@ -80,6 +86,7 @@ impl Scenario {
             Scenario::SaveS3 => "etcdctl snapshot save + curl PUT",
             Scenario::Restore | Scenario::RestoreNoBump => "etcdutl snapshot restore + etcd start + stop",
             Scenario::Status | Scenario::StatusFast => "etcdutl snapshot status",
+            Scenario::SaveS3Age => "our save --s3, unencrypted",
         }
     }
 
@@ -91,8 +98,9 @@ impl Scenario {
             "restore-nobump" => Scenario::RestoreNoBump,
             "status" => Scenario::Status,
             "status-fast" => Scenario::StatusFast,
+            "s3-age" | "save+s3+age" => Scenario::SaveS3Age,
             _ => bail!(
-                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, status, status-fast"
+                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, status, status-fast, s3-age"
             ),
         })
     }
@@ -204,6 +212,7 @@ struct Bench {
     work: PathBuf,
     logs: PathBuf,
     runs: usize,
+    age_keygen: PathBuf,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -245,6 +254,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
         work: work.to_path_buf(),
         logs,
         runs: args.runs,
+        age_keygen: tools.age.with_file_name("age-keygen"),
     };
     let machine = machine();
     let mut sizes = Vec::new();
@@ -268,6 +278,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
                 Scenario::RestoreNoBump => bench_restore(&b, &snap, Scenario::RestoreNoBump)?,
                 Scenario::Status => bench_status(&b, &snap, Scenario::Status)?,
                 Scenario::StatusFast => bench_status(&b, &snap, Scenario::StatusFast)?,
+                Scenario::SaveS3Age => bench_save_s3_age(&b)?,
             };
             rows.push(row);
         }
@@ -391,25 +402,59 @@ fn bench_save_s3(b: &Bench) -> Result<Row> {
         reset_dir(&dir_ref)?;
         Ok((save.wall + put.wall, save.maxrss_kib.max(put.maxrss_kib)))
     };
-    let our_run = || {
-        reset_dir(&dir_ours)?;
-        b.s3.clear()?;
-        measure::sync();
-        let mut c = our_save(b, &dir_ours);
-        c.args(["--s3", "--s3-endpoint", &b.s3.endpoint, "--s3-insecure", "--s3-bucket", servers::BUCKET]).args([
-            "--s3-access-key",
-            servers::ACCESS_KEY,
-            "--s3-secret-key",
-            servers::SECRET_KEY,
-        ]);
-        let m = Measure::sampled().run(&mut c, &log)?;
-        if std::fs::read_dir(b.s3.root.join(servers::BUCKET))?.count() == 0 {
-            bail!("etcd-snapshot save --s3 uploaded nothing; see {}", log.display());
-        }
-        reset_dir(&dir_ours)?;
-        Ok(m)
-    };
+    let our_run = || our_save_s3(b, &dir_ours, &log, None);
     let row = interleaved(b, Scenario::SaveS3, reference, our_run)?;
+    b.s3.clear()?;
+    Ok(row)
+}
+
+/// One `etcd-snapshot save --s3` into an empty dir and bucket, encrypted to `recipients` if given.
+fn our_save_s3(b: &Bench, dir: &Path, log: &Path, recipients: Option<&Path>) -> Result<Measured> {
+    reset_dir(dir)?;
+    b.s3.clear()?;
+    measure::sync();
+    let mut c = our_save(b, dir);
+    c.args(["--s3", "--s3-endpoint", &b.s3.endpoint, "--s3-insecure", "--s3-bucket", servers::BUCKET]).args([
+        "--s3-access-key",
+        servers::ACCESS_KEY,
+        "--s3-secret-key",
+        servers::SECRET_KEY,
+    ]);
+    if let Some(r) = recipients {
+        c.arg("--snapshot-encryption-recipients-file").arg(r);
+    }
+    let m = Measure::sampled().run(&mut c, log)?;
+    if std::fs::read_dir(b.s3.root.join(servers::BUCKET))?.count() == 0 {
+        bail!("etcd-snapshot save --s3 uploaded nothing; see {}", log.display());
+    }
+    if recipients.is_some()
+        && !std::fs::read_dir(dir)?.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".age"))
+    {
+        bail!("etcd-snapshot save with recipients wrote no .age file; see {}", log.display());
+    }
+    reset_dir(dir)?;
+    Ok(m)
+}
+
+/// Encrypted save+S3 against our own unencrypted save+S3, interleaved the same way.
+fn bench_save_s3_age(b: &Bench) -> Result<Row> {
+    let (dir_plain, dir_age) = (b.work.join("s3-plain"), b.work.join("s3-age"));
+    let log = b.logs.join("save-s3-age.log");
+    let key = b.work.join("age.key");
+    let _ = std::fs::remove_file(&key);
+    run_checked(Command::new(&b.age_keygen).arg("-o").arg(&key), "age-keygen")?;
+    let public = Command::new(&b.age_keygen).arg("-y").arg(&key).output().context("age-keygen -y")?;
+    if !public.status.success() {
+        bail!("age-keygen -y {} failed", key.display());
+    }
+    let recipients = b.work.join("age.pub");
+    std::fs::write(&recipients, &public.stdout)?;
+    let reference = || {
+        let m = our_save_s3(b, &dir_plain, &log, None)?;
+        Ok((m.wall, m.maxrss_kib))
+    };
+    let encrypted = || our_save_s3(b, &dir_age, &log, Some(&recipients));
+    let row = interleaved(b, Scenario::SaveS3Age, reference, encrypted)?;
     b.s3.clear()?;
     Ok(row)
 }
@@ -536,6 +581,9 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
             Scenario::StatusFast => {
                 format!("status --skip-hash-check: {:.2}x etcdutl snapshot status (target <= 1x)", r.ratio())
             }
+            Scenario::SaveS3Age => {
+                format!("save+s3+age: {:.2}x our unencrypted save+s3 (target <= 1.2x)", r.ratio())
+            }
         };
         println!("{line}");
     }
@@ -627,6 +675,7 @@ mod tests {
         assert_eq!(a.sizes_mib, vec![128, 512], "sorted and deduplicated");
         assert_eq!(a.runs, 5);
         assert_eq!(a.only, vec![Scenario::SaveS3, Scenario::Status]);
+        assert_eq!(parse(&["--only", "s3-age"]).unwrap().only, vec![Scenario::SaveS3Age]);
         assert!(a.chart && a.keep);
     }
 

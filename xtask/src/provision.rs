@@ -9,10 +9,15 @@
 //! - s3s-fs 0.14.1: `cargo install`
 //! - nginx (TLS in front of s3s-fs): Debian `nginx-light`
 //! - iproute2 (`ip netns`, for the e2e hosts): Debian `iproute2`
+//! - age 1.x (`age`, `age-keygen`: the stock CLI the encryption tests decrypt with): Debian `age`
+//! - moto's S3 server (records server-side encryption, which s3s-fs ignores): `moto[server]` from
+//!   PyPI in a virtual environment under `target/tools/moto` (Debian `python3-venv` first when
+//!   `python3 -m venv` is missing)
 //!
 //! A tool counts as present only when it passes its check: protoc compiles a `.proto` that imports
 //! `google/protobuf/descriptor.proto`, each etcd binary reports the expected version, s3s-fs
-//! answers an HTTP request, nginx accepts a configuration with the directives the tests use.
+//! answers an HTTP request, nginx accepts a configuration with the directives the tests use, age
+//! decrypts what it encrypted to a key age-keygen made, moto's server answers an HTTP request.
 //! `cargo xtask provision --check` runs the checks alone and installs nothing.
 
 use std::io::{Read, Write};
@@ -30,6 +35,8 @@ pub struct Tools {
     pub etcd34: PathBuf,
     pub s3s_fs: PathBuf,
     pub nginx: PathBuf,
+    pub age: PathBuf,
+    pub moto_server: PathBuf,
     pub protoc: Protoc,
 }
 
@@ -50,6 +57,8 @@ impl Tools {
             ("K3S_SNAPSHOT_ETCD34_BIN_DIR", self.etcd34.clone()),
             ("K3S_SNAPSHOT_S3S_FS", self.s3s_fs.clone()),
             ("K3S_SNAPSHOT_NGINX", self.nginx.clone()),
+            ("K3S_SNAPSHOT_AGE", self.age.clone()),
+            ("K3S_SNAPSHOT_MOTO_SERVER", self.moto_server.clone()),
         ];
         env.extend(self.protoc.env());
         env
@@ -131,6 +140,21 @@ fn nginx_path() -> PathBuf {
     which("nginx").unwrap_or_else(|| PathBuf::from("/usr/sbin/nginx"))
 }
 
+fn age_path() -> PathBuf {
+    which("age").unwrap_or_else(|| PathBuf::from("/usr/bin/age"))
+}
+
+/// The version of moto installed into its own virtual environment.
+const MOTO: &str = "moto[server]==5.1.22";
+
+fn moto_venv() -> PathBuf {
+    workspace_root().join("target/tools/moto")
+}
+
+fn moto_server_path() -> PathBuf {
+    moto_venv().join("bin/moto_server")
+}
+
 /// The protoc the build will use: `PROTOC` (with `PROTOC_INCLUDE`) from the environment when set,
 /// else the one the `protoc-bin-vendored` crate ships, with its includes.
 pub fn protoc() -> Result<Protoc> {
@@ -158,6 +182,8 @@ pub fn check_all() -> Vec<Check> {
     checks.push(Check { name: "s3s-fs", result: check_s3s_fs(&s3s_fs_path()) });
     checks.push(Check { name: "nginx", result: check_nginx(&nginx_path()) });
     checks.push(Check { name: "ip (iproute2)", result: check_ip() });
+    checks.push(Check { name: "age", result: check_age(&age_path()) });
+    checks.push(Check { name: "moto", result: check_moto(&moto_server_path()) });
     checks
 }
 
@@ -250,28 +276,8 @@ fn check_s3s_fs(bin: &Path) -> std::result::Result<String, String> {
                 .spawn()
                 .map_err(|e| format!("cannot start {}: {e}: {remedy}", bin.display()))?,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.0.try_wait().map_err(|e| e.to_string())? {
-                return Err(format!("{} exited ({st}) instead of serving: {remedy}", bin.display()));
-            }
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-                let req = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-                s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-                let mut head = [0u8; 12];
-                s.read_exact(&mut head).map_err(|e| format!("s3s-fs accepted but did not answer: {e}: {remedy}"))?;
-                let head = String::from_utf8_lossy(&head).into_owned();
-                if !head.starts_with("HTTP/1.1 ") {
-                    return Err(format!("s3s-fs answered {head:?}, not HTTP: {remedy}"));
-                }
-                return Ok(format!("{} answers HTTP ({})", bin.display(), head.trim_end()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{} did not listen on 127.0.0.1:{port} within 10 s: {remedy}", bin.display()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let head = first_http_answer(&mut child, bin, port, Duration::from_secs(10), remedy)?;
+        Ok(format!("{} answers HTTP ({head})", bin.display()))
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -309,6 +315,89 @@ fn check_ip() -> std::result::Result<String, String> {
         format!("{e}: install Debian iproute2 (`apt-get install iproute2`, or run `cargo xtask provision` as root)")
     })?;
     Ok(first_line(&v).to_string())
+}
+
+/// age-keygen makes a key, age encrypts a file to its public key and decrypts it again.
+fn check_age(age: &Path) -> std::result::Result<String, String> {
+    let remedy = "install Debian age (`apt-get install age`, or run `cargo xtask provision` as root)";
+    let keygen = age.with_file_name("age-keygen");
+    let dir = tempfile_dir("age-check").map_err(|e| e.to_string())?;
+    let result = (|| {
+        let key = dir.join("key.txt");
+        output_of(&keygen, &["-o", &key.to_string_lossy()]).map_err(|e| format!("{e}: {remedy}"))?;
+        let public = output_of(&keygen, &["-y", &key.to_string_lossy()]).map_err(|e| format!("{e}: {remedy}"))?;
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"k3s-snapshot age check\n").map_err(|e| e.to_string())?;
+        let sealed = dir.join("plain.age");
+        let (p, s, k, o) = (plain.to_string_lossy(), sealed.to_string_lossy(), key.to_string_lossy(), dir.join("out"));
+        output_of(age, &["-r", public.trim(), "-o", &s, &p]).map_err(|e| format!("{e}: {remedy}"))?;
+        output_of(age, &["-d", "-i", &k, "-o", &o.to_string_lossy(), &s]).map_err(|e| format!("{e}: {remedy}"))?;
+        if std::fs::read(&o).map_err(|e| e.to_string())? != b"k3s-snapshot age check\n" {
+            return Err(format!("{} decrypted something else than it encrypted: {remedy}", age.display()));
+        }
+        let v = output_of(age, &["--version"]).unwrap_or_default();
+        Ok(format!("age {} at {} encrypts and decrypts", first_line(&v), age.display()))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// Starts moto's S3 server on a free loopback port and sends it one request.
+fn check_moto(bin: &Path) -> std::result::Result<String, String> {
+    let remedy = format!("run `cargo xtask provision` (python3 -m venv target/tools/moto, then pip install {MOTO})");
+    if !bin.is_file() {
+        return Err(format!("moto's server is not installed ({} missing): {remedy}", bin.display()));
+    }
+    let port = crate::demo::free_port().map_err(|e| e.to_string())?;
+    let mut child = crate::demo::KillOnDrop(
+        Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}: {remedy}", bin.display()))?,
+    );
+    first_http_answer(&mut child, bin, port, Duration::from_secs(30), &remedy)?;
+    Ok(format!("{} answers HTTP", bin.display()))
+}
+
+/// Waits until `child` (the program `bin`) listens on 127.0.0.1:`port`, sends it `GET /` and
+/// returns the start of its status line (`HTTP/1.1 403`); any HTTP answer will do.
+fn first_http_answer(
+    child: &mut crate::demo::KillOnDrop,
+    bin: &Path,
+    port: u16,
+    within: Duration,
+    remedy: &str,
+) -> std::result::Result<String, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.0.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("{} exited ({st}) instead of serving: {remedy}", bin.display()));
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+            let req = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+            s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head)
+                .map_err(|e| format!("{} accepted but did not answer: {e}: {remedy}", bin.display()))?;
+            let head = String::from_utf8_lossy(&head).into_owned();
+            if !head.starts_with("HTTP/1.") {
+                return Err(format!("{} answered {head:?}, not HTTP: {remedy}", bin.display()));
+            }
+            return Ok(head.trim_end().to_string());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{} did not listen on 127.0.0.1:{port} within {} s: {remedy}",
+                bin.display(),
+                within.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
@@ -350,6 +439,14 @@ pub fn ensure_all() -> Result<Tools> {
     if failing("ip (iproute2)") {
         apt.push("iproute2");
     }
+    if failing("age") {
+        apt.push("age");
+    }
+    let has_venv =
+        || Command::new("python3").args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success());
+    if failing("moto") && !has_venv() {
+        apt.push("python3-venv");
+    }
     if failing("etcd 3.5.1")
         && !Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success())
     {
@@ -364,17 +461,23 @@ pub fn ensure_all() -> Result<Tools> {
     if failing("s3s-fs") {
         install_s3s_fs()?;
     }
-    let after = if apt.is_empty() && !failing("etcd 3.5.1") && !failing("s3s-fs") && !failing("protoc") {
-        before
-    } else {
-        check_all()
-    };
+    if failing("moto") {
+        install_moto()?;
+    }
+    let after =
+        if apt.is_empty() && !failing("etcd 3.5.1") && !failing("s3s-fs") && !failing("protoc") && !failing("moto") {
+            before
+        } else {
+            check_all()
+        };
     report(&after)?;
     Ok(Tools {
         etcd35: etcd35_dir(),
         etcd34: PathBuf::from(ETCD34_DIR),
         s3s_fs: s3s_fs_path(),
         nginx: nginx_path(),
+        age: age_path(),
+        moto_server: moto_server_path(),
         protoc: protoc()?,
     })
 }
@@ -442,6 +545,19 @@ fn install_etcd35() -> Result<()> {
         std::fs::set_permissions(dir.join(b), std::fs::Permissions::from_mode(0o755))?;
     }
     Ok(())
+}
+
+/// moto's S3 server in a virtual environment of its own (PyPI `moto[server]`).
+fn install_moto() -> Result<()> {
+    let venv = moto_venv();
+    eprintln!("xtask: installing {MOTO} into {} (pip, a minute)", venv.display());
+    let _ = std::fs::remove_dir_all(&venv);
+    let mut mk = Command::new("python3");
+    mk.args(["-m", "venv"]).arg(&venv);
+    run_checked(&mut mk, "python3 -m venv target/tools/moto")?;
+    let mut pip = Command::new(venv.join("bin/pip"));
+    pip.args(["install", "-q", "--disable-pip-version-check", MOTO]);
+    run_checked(&mut pip, &format!("pip install {MOTO}"))
 }
 
 fn install_s3s_fs() -> Result<()> {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use k3s_snapshot_core::encryption::{Identities, Recipients};
 use k3s_snapshot_core::store::{LocalStore, ScratchFile, SnapshotStore};
 
 use crate::etcd_proc::EtcdLaunch;
@@ -48,6 +49,8 @@ pub struct SnapshotSettings {
     pub jitter: Duration,
     /// `--etcd-snapshot-delta-interval`: continuous backup when set.
     pub delta_interval: Option<Duration>,
+    /// `--etcd-snapshot-encryption-recipients-file`: scheduled snapshots are encrypted to these.
+    pub encryption: Option<Arc<Recipients>>,
 }
 
 /// `--cluster-reset-restore-deltas`, `--cluster-reset-restore-to-revision`,
@@ -87,6 +90,9 @@ pub struct ServerConfig {
     pub etcd_args: Vec<String>,
     pub etcd_expose_metrics: bool,
     pub snapshots: SnapshotSettings,
+    /// `--etcd-snapshot-encryption-identity-file`: decrypts an encrypted
+    /// `--cluster-reset-restore-path`.
+    pub identities: Option<Arc<Identities>>,
     /// How long etcd may take to become ready.
     pub etcd_ready_timeout: Duration,
     /// How long etcd may take to stop after SIGTERM before it is killed.

@@ -190,7 +190,7 @@ async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken)
 /// file, as a restore will read it).
 async fn newest_snapshot_revision(local: &LocalStore) -> Option<i64> {
     let entries = list_snapshots(local, false).await.ok()?;
-    let newest = entries.iter().rev().find(|e| !e.name.ends_with(k3s_snapshot_core::name::ZIP_SUFFIX))?;
+    let newest = entries.iter().rev().next().filter(|e| !e.name.ends_with(".zip") && !e.name.ends_with(".age"))?;
     let path = local.dir().join(&newest.name);
     tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()
 }
@@ -213,9 +213,9 @@ async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64
     if let Some(Err(e)) = &out.upload {
         tracing::warn!(snapshot = %out.local.metadata.name, error = %e, "continuous backup: the chain's full snapshot is local only; its upload failed");
     }
-    // The chain's snapshots are read back for the revision a restore will start from; a zip is
-    // not opened again, its recorded revision (at least 1) stands in.
-    let rev = if out.local.metadata.compressed {
+    // The chain's snapshots are read back for the revision a restore will start from; a zip or
+    // an encrypted file is not opened again, its recorded revision (at least 1) stands in.
+    let rev = if out.local.metadata.compressed || out.local.path.extension().is_some_and(|e| e == "age") {
         out.local.metadata.etcd_revision.unwrap_or(0).max(1)
     } else {
         let path = out.local.path.clone();

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use k3s_snapshot_core::metadata::{MetadataDoc, SnapshotMetadata};
 use k3s_snapshot_core::store::{create_private_dir, durable_rename, sync_dir, write_file_atomic, Placed};
-use k3s_snapshot_core::{compress, integrity, name};
+use k3s_snapshot_core::{compress, encryption, integrity, name};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
@@ -163,6 +163,9 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         None => match &cfg.snapshots.remote_fetch {
             Some(fetch) => {
                 name::validate_file_name(given).map_err(|e| Error::Reset(format!("restore path: {e}")))?;
+                if encryption::has_age_suffix(Path::new(given)) && cfg.identities.is_none() {
+                    return Err(k3s_snapshot_core::Error::NeedIdentity { name: given.to_string() }.into());
+                }
                 store.ensure_dirs()?;
                 tracing::info!(snapshot = %given, "downloading the snapshot to restore");
                 let scratch = fetch(given.to_string(), store.dir().to_path_buf()).await?;
@@ -177,21 +180,41 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         },
     };
     let named = downloaded.as_ref().map_or(file.as_path(), |d| d.target());
-    let extracted = if named.extension().is_some_and(|e| e == "zip") {
+    // An age file is decrypted first, streaming, into a scratch file in the snapshot dir. Its
+    // plaintext (and a zip's extracted entry) never takes a name: both are removed once the
+    // restore is done, so only the encrypted file stays.
+    let encrypted = encryption::has_age_suffix(named) || encryption::is_encrypted(&file)?;
+    let decrypted = if encrypted {
         store.ensure_dirs()?;
+        let shown_name = named.display().to_string();
         let out = tokio::task::spawn_blocking({
-            let (file, dir) = (file.clone(), store.dir().to_path_buf());
-            move || compress::extract_to_scratch(&file, &dir)
+            let (file, dir, ids) = (file.clone(), store.dir().to_path_buf(), cfg.identities.clone());
+            move || encryption::decrypt_to_scratch(&file, &dir, ids.as_deref(), &shown_name)
         })
         .await
-        .map_err(|e| Error::Reset(format!("extraction task failed: {e}")))??;
-        tracing::info!(zip = %named.display(), snapshot = %out.path().display(), "extracted the snapshot");
+        .map_err(|e| Error::Reset(format!("decryption task failed: {e}")))??;
+        tracing::info!(snapshot = %named.display(), "decrypted the snapshot");
         Some(out)
     } else {
         None
     };
-    let raw = extracted.as_ref().map_or(file.clone(), |x| x.path().to_path_buf());
-    let shown = extracted.as_ref().map_or(named.to_path_buf(), |x| x.target().to_path_buf());
+    let plain_named = decrypted.as_ref().map_or(named, |d| d.target());
+    let plain_file = decrypted.as_ref().map_or(file.as_path(), |d| d.path()).to_path_buf();
+    let extracted = if plain_named.extension().is_some_and(|e| e == "zip") {
+        store.ensure_dirs()?;
+        let out = tokio::task::spawn_blocking({
+            let (file, dir) = (plain_file.clone(), store.dir().to_path_buf());
+            move || compress::extract_to_scratch(&file, &dir)
+        })
+        .await
+        .map_err(|e| Error::Reset(format!("extraction task failed: {e}")))??;
+        tracing::info!(zip = %plain_named.display(), snapshot = %out.path().display(), "extracted the snapshot");
+        Some(out)
+    } else {
+        None
+    };
+    let raw = extracted.as_ref().map_or(plain_file.clone(), |x| x.path().to_path_buf());
+    let shown = extracted.as_ref().map_or(plain_named.to_path_buf(), |x| x.target().to_path_buf());
     let len = std::fs::metadata(&raw).map_err(|e| Error::Reset(format!("cannot read {}: {e}", raw.display())))?.len();
     if len % 512 != integrity::TRAILER_LEN as u64 {
         return Err(Error::Reset(format!(
@@ -235,6 +258,9 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     // (never over) what is there. A file kept under its scratch name is removed at the end.
     let mut kept = Vec::new();
     let mut snapshot = if downloaded.is_none() { Some(file.clone()) } else { None };
+    // Plaintext of an encrypted snapshot is dropped (removed) here, never placed.
+    let extracted = if encrypted { None } else { extracted };
+    drop(decrypted);
     for (what, f) in [("downloaded", downloaded), ("extracted", extracted)] {
         let Some(f) = f else { continue };
         let placed = tokio::task::spawn_blocking(move || f.place())

@@ -105,6 +105,9 @@ pub struct SnapshotService {
     pub node: String,
     /// `--etcd-snapshot-compress`, when the request does not say.
     pub compress: bool,
+    /// `--etcd-snapshot-encryption-recipients-file`: requested snapshots are encrypted as
+    /// scheduled ones are.
+    pub encryption: Option<Arc<k3s_snapshot_core::encryption::Recipients>>,
     pub token_hash: String,
     /// `--etcd-snapshot-retention`, when a prune request does not say.
     pub retention: i64,
@@ -276,6 +279,7 @@ impl SnapshotService {
             node: self.node.clone(),
             compress: req.compress.unwrap_or(self.compress),
             token_hash: Some(self.token_hash.clone()),
+            encryption: self.encryption.clone(),
         };
         let _held = self.lock.clone().lock_owned().await;
         let unavailable = |e: &dyn std::fmt::Display| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string());

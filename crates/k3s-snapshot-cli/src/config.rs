@@ -286,6 +286,33 @@ mod tests {
     }
 
     #[test]
+    fn encryption_and_sse_keys_of_the_config_file_reach_both_commands() {
+        use clap::CommandFactory;
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = tmp.path().join("config.yaml");
+        std::fs::write(
+            &cfg,
+            "etcd-snapshot-encryption-recipients-file: /r.txt\netcd-snapshot-encryption-identity-file: /k.txt\n\
+             etcd-s3-sse: aws:kms\netcd-s3-sse-kms-key-id: alias/x\n",
+        )
+        .unwrap();
+        for cmd in [&["etcd-snapshot", "save"][..], &["server"]] {
+            let argv: Vec<OsString> = std::iter::once("k3s-snapshot")
+                .chain(cmd.iter().copied())
+                .chain(["--config"])
+                .map(OsString::from)
+                .chain([cfg.clone().into()])
+                .collect();
+            let merged = merge(crate::Cli::command(), argv).unwrap();
+            assert!(merged.warnings.is_empty(), "{:?}", merged.warnings);
+            let shown: Vec<String> = merged.argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+            for want in ["recipients-file=/r.txt", "identity-file=/k.txt", "sse=aws:kms", "sse-kms-key-id=alias/x"] {
+                assert!(shown.iter().any(|a| a.ends_with(want)), "{cmd:?}: {want} not in {shown:?}");
+            }
+        }
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("5m").unwrap().as_secs(), 300);
         assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);

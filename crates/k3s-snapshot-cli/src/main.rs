@@ -286,6 +286,53 @@ mod tests {
     }
 
     #[test]
+    fn encryption_and_sse_flags_parse_in_both_spellings() {
+        for (rec, id, sse, kms) in [
+            (
+                "--snapshot-encryption-recipients-file",
+                "--snapshot-encryption-identity-file",
+                "--s3-sse",
+                "--s3-sse-kms-key-id",
+            ),
+            (
+                "--etcd-snapshot-encryption-recipients-file",
+                "--etcd-snapshot-encryption-identity-file",
+                "--etcd-s3-sse",
+                "--etcd-s3-sse-kms-key-id",
+            ),
+        ] {
+            let a =
+                snapshot_args(&["etcd-snapshot", "save", rec, "/r.txt", id, "/k.txt", sse, "aws:kms", kms, "alias/x"]);
+            assert_eq!(a.common.encryption_recipients_file.as_deref(), Some(std::path::Path::new("/r.txt")));
+            assert_eq!(a.common.encryption_identity_file.as_deref(), Some(std::path::Path::new("/k.txt")));
+            assert_eq!(a.common.s3.sse.as_deref(), Some("aws:kms"));
+            assert_eq!(a.common.s3.sse_kms_key_id.as_deref(), Some("alias/x"));
+        }
+        assert!(parse(&["etcd-snapshot", "--s3-sse", "aes256"]).is_err(), "only AES256 or aws:kms");
+        let a = snapshot_args(&["etcd-snapshot", "--s3", "--s3-bucket", "b", "--s3-sse-kms-key-id", "k"]);
+        let e = a.common.s3.to_config().unwrap_err().to_string();
+        assert!(e.contains("--etcd-s3-sse aws:kms"), "{e}");
+        let s = match parse(&[
+            "server",
+            "--etcd-snapshot-encryption-recipients-file",
+            "/r.txt",
+            "--etcd-snapshot-encryption-identity-file",
+            "/k.txt",
+            "--etcd-s3-sse",
+            "AES256",
+        ])
+        .unwrap()
+        .command
+        {
+            Command::Server(s) => s,
+            other => panic!("not server: {other:?}"),
+        };
+        assert_eq!(s.etcd_snapshot_encryption_recipients_file.as_deref(), Some(std::path::Path::new("/r.txt")));
+        assert_eq!(s.etcd_snapshot_encryption_identity_file.as_deref(), Some(std::path::Path::new("/k.txt")));
+        assert_eq!(s.s3.sse.as_deref(), Some("AES256"));
+    }
+
+    #[test]
     fn delete_needs_a_name_and_retention_needs_a_number() {
         assert!(parse(&["etcd-snapshot", "delete"]).is_err());
         assert!(parse(&["etcd-snapshot", "prune", "--snapshot-retention", "five"]).is_err());

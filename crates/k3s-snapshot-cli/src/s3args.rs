@@ -120,6 +120,23 @@ pub struct S3Args {
     /// Proxy URL for S3 requests
     #[arg(id = "etcd-s3-proxy", long = "etcd-s3-proxy", visible_alias = "s3-proxy", global = true)]
     pub proxy: Option<String>,
+    /// Server-side encryption of every object written: AES256 (SSE-S3) or aws:kms (SSE-KMS)
+    #[arg(
+        id = "etcd-s3-sse",
+        long = "etcd-s3-sse",
+        visible_alias = "s3-sse",
+        global = true,
+        value_parser = ["AES256", "aws:kms"]
+    )]
+    pub sse: Option<String>,
+    /// KMS key for --etcd-s3-sse aws:kms [default: the bucket's]
+    #[arg(
+        id = "etcd-s3-sse-kms-key-id",
+        long = "etcd-s3-sse-kms-key-id",
+        visible_alias = "s3-sse-kms-key-id",
+        global = true
+    )]
+    pub sse_kms_key_id: Option<String>,
 }
 
 impl std::fmt::Debug for S3Args {
@@ -133,6 +150,7 @@ impl std::fmt::Debug for S3Args {
             .field("access_key", &self.access_key.as_ref().map(|_| "<set>"))
             .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
             .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field("sse", &self.sse)
             .finish_non_exhaustive()
     }
 }
@@ -166,6 +184,8 @@ impl S3Args {
             proxy: self.proxy.clone(),
             // Without the keys: the shared credentials file, then the instance role, as k3s.
             credential_chain: s3_backend::CredentialChain::from_env(),
+            sse: s3_backend::ServerSideEncryption::from_flags(self.sse.as_deref(), self.sse_kms_key_id.as_deref())
+                .map_err(anyhow::Error::msg)?,
         }))
     }
 

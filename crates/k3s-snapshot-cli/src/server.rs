@@ -10,6 +10,7 @@ use anyhow::Context;
 use k3s_server_hooks::config::{RemoteFetch, RestoreDeltas, ServerConfig, SnapshotSettings};
 use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::schedule::Schedule;
+use k3s_snapshot_core::encryption::{Identities, Recipients};
 use k3s_snapshot_core::store::{create_private_dir, write_file_atomic, LocalStore, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +108,13 @@ pub struct ServerArgs {
     /// full snapshots, to the snapshot dir and S3 [default: off]
     #[arg(long, value_parser = config::parse_duration)]
     pub etcd_snapshot_delta_interval: Option<Duration>,
+    /// Encrypt scheduled snapshots (age) to the public keys in FILE, one per line, as `age -R` reads them
+    #[arg(long, env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_RECIPIENTS_FILE", value_name = "FILE")]
+    pub etcd_snapshot_encryption_recipients_file: Option<PathBuf>,
+    /// Private keys (age-keygen's file, as `age -i` reads it; mode 0600) that decrypt an encrypted
+    /// --cluster-reset-restore-path
+    #[arg(long, env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_IDENTITY_FILE", value_name = "FILE")]
+    pub etcd_snapshot_encryption_identity_file: Option<PathBuf>,
     /// Upper bound of the random delay added to each scheduled snapshot (tests set 0s)
     #[arg(long, hide = true, env = "K3S_SNAPSHOT_JITTER", default_value = "5s", value_parser = config::parse_duration)]
     pub etcd_snapshot_jitter: Duration,
@@ -169,6 +177,18 @@ impl ServerArgs {
             });
             f
         });
+        let encryption = self
+            .etcd_snapshot_encryption_recipients_file
+            .as_deref()
+            .map(Recipients::from_file)
+            .transpose()?
+            .map(Arc::new);
+        let identities = self
+            .etcd_snapshot_encryption_identity_file
+            .as_deref()
+            .map(Identities::from_file)
+            .transpose()?
+            .map(Arc::new);
         Ok(ServerConfig {
             data_dir: DataDir::new(self.data_dir.clone().unwrap_or_else(config::default_data_dir)),
             node_name: self.node_name.clone().unwrap_or_else(config::default_node_name),
@@ -202,7 +222,9 @@ impl ServerArgs {
                 remote_fetch,
                 jitter: self.etcd_snapshot_jitter,
                 delta_interval: self.etcd_snapshot_delta_interval.filter(|d| !d.is_zero()),
+                encryption,
             },
+            identities,
             etcd_ready_timeout: Duration::from_secs(120),
             etcd_stop_grace: Duration::from_secs(10),
         })

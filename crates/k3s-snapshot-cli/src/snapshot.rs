@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use k3s_snapshot_core::encryption::{self, Identities, Recipients};
 use k3s_snapshot_core::etcd::{self, EtcdClientConfig};
 use k3s_snapshot_core::k3s_list::{self, SnapshotFileList};
 use k3s_snapshot_core::list::list_snapshots;
@@ -128,11 +129,40 @@ pub struct CommonArgs {
     /// --token, then ${data-dir}/server/token]
     #[arg(long, global = true, env = "K3S_ETCD_TOKEN", hide_env_values = true)]
     pub etcd_token: Option<crate::secret::Secret>,
+    /// Encrypt snapshots (age) to the public keys in FILE, one per line, as `age -R` reads them
+    #[arg(
+        long = "snapshot-encryption-recipients-file",
+        visible_alias = "etcd-snapshot-encryption-recipients-file",
+        global = true,
+        env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_RECIPIENTS_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_recipients_file: Option<PathBuf>,
+    /// Private keys (age-keygen's file, as `age -i` reads it; mode 0600) that decrypt encrypted snapshots
+    #[arg(
+        long = "snapshot-encryption-identity-file",
+        visible_alias = "etcd-snapshot-encryption-identity-file",
+        global = true,
+        env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_IDENTITY_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_identity_file: Option<PathBuf>,
     #[command(flatten)]
     pub s3: S3Args,
 }
 
 impl CommonArgs {
+    /// The recipients of `--snapshot-encryption-recipients-file`, when given.
+    fn recipients(&self) -> anyhow::Result<Option<Arc<Recipients>>> {
+        let Some(f) = &self.encryption_recipients_file else { return Ok(None) };
+        Ok(Some(Arc::new(Recipients::from_file(f)?)))
+    }
+
+    /// The identities of `--snapshot-encryption-identity-file`, when given.
+    fn identities(&self) -> anyhow::Result<Option<Identities>> {
+        self.encryption_identity_file.as_deref().map(Identities::from_file).transpose().map_err(Into::into)
+    }
+
     pub(crate) fn data_dir(&self) -> PathBuf {
         self.data_dir.clone().unwrap_or_else(config::default_data_dir)
     }
@@ -204,6 +234,7 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
     name::validate_prefix(&common.name).context("--name")?;
     let node = common.node();
     name::validate_file_name(&node).context("--node-name")?;
+    let encryption = common.recipients()?;
     let local = common.local_store();
     local.ensure_dirs()?;
     // An unreachable S3 must not cost the local snapshot: remember why, save locally, then fail.
@@ -213,8 +244,13 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
         Err(e) => return Err(e),
     };
     let mut conn = common.etcd_config()?.connect().await?;
-    let opts =
-        SaveOptions { prefix: common.name.clone(), node, compress: common.compress, token_hash: common.token_hash() };
+    let opts = SaveOptions {
+        prefix: common.name.clone(),
+        node,
+        compress: common.compress,
+        token_hash: common.token_hash(),
+        encryption,
+    };
     let progress = bar();
     let outcome = save_and_upload(&mut conn, &local, remote.as_deref(), &opts, progress.as_ref(), cancel).await?;
     let saved = &outcome.local;
@@ -363,6 +399,11 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
     // Work files (a download, an extracted zip) live in a private temp dir that is removed at the end.
     let scratch_parent = if local.dir().is_dir() { local.dir().to_path_buf() } else { std::env::temp_dir() };
     let scratch = tempfile::Builder::new().prefix(".status-").tempdir_in(&scratch_parent)?;
+    // An encrypted snapshot needs the identity: said before anything is downloaded.
+    let identities = common.identities()?;
+    if identities.is_none() && encryption::has_age_suffix(&as_path) {
+        return Err(k3s_snapshot_core::Error::NeedIdentity { name: target.to_string() }.into());
+    }
     let mut path = if target.contains('/') || (as_path.is_file() && !local.dir().join(target).is_file()) {
         as_path
     } else {
@@ -378,9 +419,22 @@ async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, che
     if !path.is_file() {
         bail!("snapshot {} not found; give a path or a name that `etcd-snapshot ls` shows", path.display());
     }
-    // The extracted entry stays a scratch file in the temp dir, removed with it.
+    // A decrypted or extracted file stays a scratch file in the temp dir, removed with it; `kind`
+    // is the name it stands for (`x.zip.age` → `x.zip` → `x`), which says what to do next.
+    let mut kind = path.clone();
+    let mut _decrypted = None;
+    if encryption::is_encrypted(&path)? {
+        let ids = identities;
+        let (src, into) = (path.clone(), scratch.path().to_path_buf());
+        let shown = kind.file_name().map_or_else(|| target.to_string(), |n| n.to_string_lossy().into_owned());
+        let x = tokio::task::spawn_blocking(move || encryption::decrypt_to_scratch(&src, &into, ids.as_ref(), &shown))
+            .await??;
+        path = x.path().to_path_buf();
+        kind = x.target().to_path_buf();
+        _decrypted = Some(x);
+    }
     let mut _extracted = None;
-    if path.extension().is_some_and(|e| e == "zip") {
+    if kind.extension().is_some_and(|e| e == "zip") {
         let zip = path.clone();
         let into = scratch.path().to_path_buf();
         let x =

@@ -1,4 +1,8 @@
 //! Zip compression in k3s's layout: `<file>.zip` holds exactly one deflate entry named `<file>`.
+//!
+//! Two writers: [`compress_file`] zips a saved snapshot (the zip crate, which seeks back to put
+//! the sizes in the entry's header), and [`ZipStream`] writes the same one-entry zip front to back
+//! for an encrypted save, whose output (an age stream) cannot seek.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -41,6 +45,202 @@ pub fn compress_file(raw: &Path) -> Result<PathBuf> {
             "{} appeared while compressing and is not this snapshot; it was left as it is and the uncompressed snapshot is kept",
             existing.display()
         ))),
+    }
+}
+
+/// A zip holding one deflated entry, written front to back into a writer that cannot seek (the
+/// age stream of an encrypted save, so that no plaintext reaches the disk): the entry's local
+/// header has no sizes or CRC-32 (general purpose flag bit 3), a data descriptor after the data
+/// carries them, then the central directory and its end record. Every zip reader (Go's
+/// archive/zip in k3s, the zip crate, Info-ZIP's unzip) reads this layout. With `zip64` the sizes
+/// are 64-bit (ZIP64 extra fields and end records): asked for when the entry may reach 4 GiB.
+pub struct ZipStream<W: Write> {
+    deflate: flate2::write::DeflateEncoder<Counted<W>>,
+    crc: crc32fast::Hasher,
+    size: u64,
+    entry: String,
+    zip64: bool,
+    dos_time: (u16, u16),
+}
+
+/// A writer that counts what passes through it.
+struct Counted<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+const LOCAL_HEADER_SIG: u32 = 0x0403_4b50;
+const DATA_DESCRIPTOR_SIG: u32 = 0x0807_4b50;
+const CENTRAL_HEADER_SIG: u32 = 0x0201_4b50;
+const ZIP64_END_SIG: u32 = 0x0606_4b50;
+const ZIP64_LOCATOR_SIG: u32 = 0x0706_4b50;
+const END_SIG: u32 = 0x0605_4b50;
+/// Sizes and CRC-32 follow the data (general purpose flag bit 3).
+const FLAG_DATA_DESCRIPTOR: u16 = 0x0008;
+const METHOD_DEFLATE: u16 = 8;
+const ZIP64_EXTRA_ID: u16 = 0x0001;
+
+/// Date and time in MS-DOS form (UTC), as zip headers carry them.
+fn dos_time(t: chrono::DateTime<chrono::Utc>) -> (u16, u16) {
+    use chrono::{Datelike, Timelike};
+    let time = ((t.hour() << 11) | (t.minute() << 5) | (t.second() / 2)) as u16;
+    let year = t.year().clamp(1980, 2107) as u32 - 1980;
+    let date = ((year << 9) | (t.month() << 5) | t.day()) as u16;
+    (time, date)
+}
+
+impl<W: Write> ZipStream<W> {
+    /// Writes the local header of `entry` into `out`; the data follows through [`Write`].
+    pub fn new(out: W, entry: &str, zip64: bool) -> std::io::Result<Self> {
+        let dos_time = dos_time(chrono::Utc::now());
+        let mut out = Counted { inner: out, n: 0 };
+        let mut h = Vec::with_capacity(30 + entry.len() + 20);
+        h.extend(LOCAL_HEADER_SIG.to_le_bytes());
+        h.extend(if zip64 { 45u16 } else { 20u16 }.to_le_bytes());
+        h.extend(FLAG_DATA_DESCRIPTOR.to_le_bytes());
+        h.extend(METHOD_DEFLATE.to_le_bytes());
+        h.extend(dos_time.0.to_le_bytes());
+        h.extend(dos_time.1.to_le_bytes());
+        h.extend(0u32.to_le_bytes()); // CRC-32: in the data descriptor
+        let unknown = if zip64 { u32::MAX } else { 0 };
+        h.extend(unknown.to_le_bytes()); // compressed size
+        h.extend(unknown.to_le_bytes()); // uncompressed size
+        h.extend((entry.len() as u16).to_le_bytes());
+        h.extend(if zip64 { 20u16 } else { 0u16 }.to_le_bytes());
+        h.extend(entry.as_bytes());
+        if zip64 {
+            h.extend(ZIP64_EXTRA_ID.to_le_bytes());
+            h.extend(16u16.to_le_bytes());
+            h.extend([0u8; 16]);
+        }
+        out.write_all(&h)?;
+        Ok(ZipStream {
+            deflate: flate2::write::DeflateEncoder::new(out, flate2::Compression::default()),
+            crc: crc32fast::Hasher::new(),
+            size: 0,
+            entry: entry.to_string(),
+            zip64,
+            dos_time,
+        })
+    }
+
+    /// Ends the data, writes the data descriptor and the central directory, and returns the
+    /// writer. Without `zip64`, an entry (or zip) that reached 4 GiB is an error.
+    pub fn finish(self) -> std::io::Result<W> {
+        let ZipStream { deflate, crc, size, entry, zip64, dos_time } = self;
+        let mut out = deflate.finish()?;
+        let crc = crc.finalize();
+        let header_len = 30 + entry.len() as u64 + if zip64 { 20 } else { 0 };
+        let compressed = out.n - header_len;
+        let too_big = |what: &str| {
+            std::io::Error::other(format!(
+                "the zip {what} reached 4 GiB, which needs zip64; this is a bug in the size estimate"
+            ))
+        };
+        if !zip64 && (size >= u32::MAX as u64 || compressed >= u32::MAX as u64) {
+            return Err(too_big("entry"));
+        }
+        let mut d = Vec::with_capacity(24);
+        d.extend(DATA_DESCRIPTOR_SIG.to_le_bytes());
+        d.extend(crc.to_le_bytes());
+        if zip64 {
+            d.extend(compressed.to_le_bytes());
+            d.extend(size.to_le_bytes());
+        } else {
+            d.extend((compressed as u32).to_le_bytes());
+            d.extend((size as u32).to_le_bytes());
+        }
+        out.write_all(&d)?;
+
+        let cd_offset = out.n;
+        let mut c = Vec::with_capacity(46 + entry.len() + 20);
+        c.extend(CENTRAL_HEADER_SIG.to_le_bytes());
+        let version: u16 = if zip64 { 45 } else { 20 };
+        c.extend(((3u16 << 8) | version).to_le_bytes()); // made by: Unix
+        c.extend(version.to_le_bytes());
+        c.extend(FLAG_DATA_DESCRIPTOR.to_le_bytes());
+        c.extend(METHOD_DEFLATE.to_le_bytes());
+        c.extend(dos_time.0.to_le_bytes());
+        c.extend(dos_time.1.to_le_bytes());
+        c.extend(crc.to_le_bytes());
+        if zip64 {
+            c.extend(u32::MAX.to_le_bytes());
+            c.extend(u32::MAX.to_le_bytes());
+        } else {
+            c.extend((compressed as u32).to_le_bytes());
+            c.extend((size as u32).to_le_bytes());
+        }
+        c.extend((entry.len() as u16).to_le_bytes());
+        c.extend(if zip64 { 20u16 } else { 0u16 }.to_le_bytes());
+        c.extend(0u16.to_le_bytes()); // comment
+        c.extend(0u16.to_le_bytes()); // disk
+        c.extend(0u16.to_le_bytes()); // internal attributes
+        c.extend(((0o100600u32) << 16).to_le_bytes()); // a regular file, 0600
+        c.extend(0u32.to_le_bytes()); // the local header is at 0
+        c.extend(entry.as_bytes());
+        if zip64 {
+            c.extend(ZIP64_EXTRA_ID.to_le_bytes());
+            c.extend(16u16.to_le_bytes());
+            c.extend(size.to_le_bytes());
+            c.extend(compressed.to_le_bytes());
+        }
+        let cd_len = c.len() as u64;
+        out.write_all(&c)?;
+
+        let mut e = Vec::with_capacity(98);
+        if zip64 {
+            let end64_offset = out.n;
+            e.extend(ZIP64_END_SIG.to_le_bytes());
+            e.extend(44u64.to_le_bytes());
+            e.extend(((3u16 << 8) | 45).to_le_bytes());
+            e.extend(45u16.to_le_bytes());
+            e.extend(0u32.to_le_bytes());
+            e.extend(0u32.to_le_bytes());
+            e.extend(1u64.to_le_bytes());
+            e.extend(1u64.to_le_bytes());
+            e.extend(cd_len.to_le_bytes());
+            e.extend(cd_offset.to_le_bytes());
+            e.extend(ZIP64_LOCATOR_SIG.to_le_bytes());
+            e.extend(0u32.to_le_bytes());
+            e.extend(end64_offset.to_le_bytes());
+            e.extend(1u32.to_le_bytes());
+        } else if cd_offset >= u32::MAX as u64 {
+            return Err(too_big("file"));
+        }
+        e.extend(END_SIG.to_le_bytes());
+        e.extend(0u16.to_le_bytes());
+        e.extend(0u16.to_le_bytes());
+        e.extend(1u16.to_le_bytes());
+        e.extend(1u16.to_le_bytes());
+        e.extend((cd_len as u32).to_le_bytes());
+        e.extend((cd_offset.min(u32::MAX as u64) as u32).to_le_bytes());
+        e.extend(0u16.to_le_bytes()); // comment
+        out.write_all(&e)?;
+        out.flush()?;
+        Ok(out.inner)
+    }
+}
+
+impl<W: Write> Write for ZipStream<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.deflate.write(buf)?;
+        self.crc.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.deflate.flush()
     }
 }
 
@@ -142,6 +342,37 @@ mod tests {
         assert!(err.contains("has a path"), "{err}");
         assert!(!tmp.path().join("evil").exists());
         assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn streamed_zip_reads_back_whole_with_and_without_zip64() {
+        let data: Vec<u8> = (0..700_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        for zip64 in [false, true] {
+            let mut z = ZipStream::new(Vec::new(), "on-demand-n-9", zip64).unwrap();
+            for chunk in data.chunks(32 * 1024) {
+                z.write_all(chunk).unwrap();
+            }
+            let bytes = z.finish().unwrap();
+            let tmp = tempfile::tempdir().unwrap();
+            let p = tmp.path().join("on-demand-n-9.zip");
+            std::fs::write(&p, &bytes).unwrap();
+            // The zip crate reads the central directory and checks the CRC-32 at the end.
+            let mut a = zip::ZipArchive::new(File::open(&p).unwrap()).unwrap();
+            assert_eq!(a.len(), 1);
+            let mut e = a.by_index(0).unwrap();
+            assert_eq!(
+                (e.name(), e.size(), e.compression()),
+                ("on-demand-n-9", 700_000, zip::CompressionMethod::Deflated)
+            );
+            assert_eq!(e.unix_mode().map(|m| m & 0o777), Some(0o600));
+            let mut back = Vec::new();
+            e.read_to_end(&mut back).unwrap();
+            assert_eq!(back, data, "zip64 {zip64}");
+            drop(e);
+            let out = tempfile::tempdir().unwrap();
+            let x = extract_to_scratch(&p, out.path()).unwrap();
+            assert_eq!(std::fs::read(x.path()).unwrap(), data);
+        }
     }
 
     #[test]

@@ -61,6 +61,15 @@ pub enum Error {
     #[error("not enough space in {dir} for {what}: it needs {need} bytes, {free} are free and {margin} must stay free; free some space or use another directory")]
     NoSpace { dir: PathBuf, what: String, need: u64, free: u64, margin: u64 },
 
+    #[error("{flag} {path} {detail}")]
+    KeyFile { flag: &'static str, path: PathBuf, detail: String },
+
+    #[error("snapshot {name} is encrypted (age): give --etcd-snapshot-encryption-identity-file with the private key of one of its recipients; nothing was changed")]
+    NeedIdentity { name: String },
+
+    #[error("snapshot {name} cannot be decrypted: {detail}; nothing was changed")]
+    Decrypt { name: String, detail: String },
+
     #[error("{0}")]
     Invalid(String),
 

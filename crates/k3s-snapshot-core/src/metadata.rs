@@ -41,6 +41,13 @@ pub struct SnapshotMetadata {
     /// First 12 hex digits of sha256(token); never the token itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_hash: Option<String>,
+    /// Encrypted with age (the stored file is `<…>[.zip].age`; `size` and `sha256` are those of
+    /// the encrypted bytes).
+    #[serde(default)]
+    pub encrypted: bool,
+    /// The age public keys (`age1…`) it was encrypted to; never a private key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
 }
 
 /// Keys of the flat document. Those in [`REQUIRED`] are always written; a string map that holds
@@ -56,6 +63,8 @@ mod key {
     pub const ETCD_VERSION: &str = "etcdVersion";
     pub const TOTAL_KEY: &str = "totalKey";
     pub const TOKEN_HASH: &str = "tokenHash";
+    pub const ENCRYPTED: &str = "encrypted";
+    pub const RECIPIENTS: &str = "encryptionRecipients";
     pub const REQUIRED: [&str; 6] = [NAME, NODE_NAME, SIZE, CREATED_AT, COMPRESSED, SHA256];
 }
 
@@ -88,6 +97,11 @@ impl SnapshotMetadata {
         }
         if let Some(t) = &self.token_hash {
             put(key::TOKEN_HASH, t.clone());
+        }
+        // Only on encrypted snapshots, so that plain ones keep exactly the keys k3s knows.
+        if self.encrypted {
+            put(key::ENCRYPTED, "true".into());
+            put(key::RECIPIENTS, self.recipients.join(","));
         }
         m
     }
@@ -124,6 +138,11 @@ impl SnapshotMetadata {
             etcd_version: m.get(key::ETCD_VERSION).cloned(),
             total_key: parsed(m, key::TOTAL_KEY, "a key count")?,
             token_hash: m.get(key::TOKEN_HASH).cloned(),
+            encrypted: parsed(m, key::ENCRYPTED, "true or false")?.unwrap_or_default(),
+            recipients: m
+                .get(key::RECIPIENTS)
+                .map(|r| r.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect())
+                .unwrap_or_default(),
         }))
     }
 
@@ -205,6 +224,8 @@ mod tests {
             etcd_version: Some("3.5.1".into()),
             total_key: Some(7),
             token_hash: Some("0123456789ab".into()),
+            encrypted: false,
+            recipients: Vec::new(),
         }
     }
 
@@ -218,6 +239,22 @@ mod tests {
         assert_eq!(doc["compressed"], "true");
         assert_eq!(doc["etcdRevision"], "42");
         assert_eq!(doc["totalKey"], "7");
+        assert_eq!(MetadataDoc::parse(&m.to_json()).unwrap(), MetadataDoc::Ours(m));
+    }
+
+    #[test]
+    fn encryption_is_recorded_with_the_public_keys_only_when_encrypted() {
+        let plain = sample().to_map();
+        assert!(!plain.contains_key("encrypted") && !plain.contains_key("encryptionRecipients"), "{plain:?}");
+        let m = SnapshotMetadata {
+            name: "on-demand-n1-1700000000.zip.age".into(),
+            encrypted: true,
+            recipients: vec!["age1aaa".into(), "age1bbb".into()],
+            ..sample()
+        };
+        let doc: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(doc["encrypted"], "true");
+        assert_eq!(doc["encryptionRecipients"], "age1aaa,age1bbb");
         assert_eq!(MetadataDoc::parse(&m.to_json()).unwrap(), MetadataDoc::Ours(m));
     }
 

@@ -1,9 +1,12 @@
-//! Snapshot names: `<name>-<node>-<unix seconds>`, optionally with `.zip`.
+//! Snapshot names: `<name>-<node>-<unix seconds>`, optionally with `.zip`, then `.age` when
+//! encrypted (`<name>-<node>-<unix seconds>[.zip].age`: zipped first, then encrypted).
 
 use crate::{Error, Result};
 
 /// Suffix of a compressed snapshot.
 pub const ZIP_SUFFIX: &str = ".zip";
+/// Suffix of an encrypted snapshot (age v1), after `.zip` when both apply.
+pub const AGE_SUFFIX: &str = ".age";
 /// Suffix of a file being written; never listed, never restored.
 pub const PART_SUFFIX: &str = ".part";
 
@@ -23,7 +26,7 @@ pub fn part_target(file: &str) -> Option<&str> {
 }
 
 /// Whether a `.part` file has a name this program could have made: its target (see
-/// [`part_target`]) is a snapshot name of ours, `<name>-<node>-<digits>[.zip]`. Anything else
+/// [`part_target`]) is a snapshot name of ours, `<name>-<node>-<digits>[.zip][.age]`. Anything else
 /// ending in `.part` belongs to someone else and is left alone.
 pub fn is_our_part(file: &str) -> bool {
     part_target(file)
@@ -69,29 +72,35 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
 /// A file name that parsed as one of our snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedName<'a> {
-    /// The file name as stored (with `.zip` when compressed).
+    /// The file name as stored (with `.zip` when compressed, `.age` when encrypted).
     pub file: &'a str,
     /// `<name>-<node>` part, without the timestamp.
     pub stem: &'a str,
     /// Unix seconds from the name.
     pub timestamp: i64,
     pub compressed: bool,
+    /// Encrypted with age (`.age`).
+    pub encrypted: bool,
 }
 
-/// Parses `<stem>-<digits>[.zip]`; anything else (including `.part` files) is not ours.
+/// Parses `<stem>-<digits>[.zip][.age]`; anything else (including `.part` files) is not ours.
 pub fn parse(file: &str) -> Option<ParsedName<'_>> {
     if file.starts_with('.') || file.ends_with(PART_SUFFIX) {
         return None;
     }
-    let (base, compressed) = match file.strip_suffix(ZIP_SUFFIX) {
+    let (base, encrypted) = match file.strip_suffix(AGE_SUFFIX) {
         Some(b) => (b, true),
         None => (file, false),
+    };
+    let (base, compressed) = match base.strip_suffix(ZIP_SUFFIX) {
+        Some(b) => (b, true),
+        None => (base, false),
     };
     let (stem, ts) = base.rsplit_once('-')?;
     if stem.is_empty() || ts.is_empty() || ts.len() > 12 || !ts.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    Some(ParsedName { file, stem, timestamp: ts.parse().ok()?, compressed })
+    Some(ParsedName { file, stem, timestamp: ts.parse().ok()?, compressed, encrypted })
 }
 
 /// The timestamp of `file` when it is one of our snapshots whose name starts with `<prefix>-`,
@@ -122,6 +131,14 @@ mod tests {
         assert_eq!((p.stem, p.timestamp, p.compressed), ("on-demand-node-a", 1_700_000_000, false));
         let z = format!("{n}.zip");
         assert!(parse(&z).unwrap().compressed);
+        let p = parse("on-demand-node-a-17.zip.age").unwrap();
+        assert_eq!((p.stem, p.timestamp, p.compressed, p.encrypted), ("on-demand-node-a", 17, true, true));
+        let p = parse("on-demand-node-a-17.age").unwrap();
+        assert_eq!((p.stem, p.timestamp, p.compressed, p.encrypted), ("on-demand-node-a", 17, false, true));
+        // One suffix of each, in that order.
+        for bad in ["a-b-17.age.zip", "a-b-17.age.age", "a-b-17.zip.zip", "a-b-17.age.part"] {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]
@@ -138,6 +155,8 @@ mod tests {
             "on-demand-n1-5.zip.part",
             "on-demand-n1-5.AbCdEfGh01234567.part",
             "on-demand-n1-5.zip.0123456789abcdef.part",
+            "on-demand-n1-5.zip.age.part",
+            "on-demand-n1-5.age.0123456789abcdef.part",
         ] {
             assert!(is_our_part(ours), "{ours}");
         }
@@ -158,6 +177,7 @@ mod tests {
     fn prefix_matching_respects_the_dash_and_takes_any_node() {
         assert_eq!(matches_prefix("on-demand-n1-5", "on-demand"), Some(5));
         assert_eq!(matches_prefix("on-demand-renamed-host-6.zip", "on-demand"), Some(6));
+        assert_eq!(matches_prefix("on-demand-n1-7.zip.age", "on-demand"), Some(7));
         assert_eq!(matches_prefix("on-demandx-n1-5", "on-demand"), None);
         assert_eq!(matches_prefix("on-demand-5", "on-demand"), None);
         assert_eq!(matches_prefix("on-demand-n1-notanumber", "on-demand"), None);

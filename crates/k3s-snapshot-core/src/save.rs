@@ -5,8 +5,17 @@
 //! The upload never slows the local save: it reads what the save already wrote (from the page
 //! cache, with `pread` on its own descriptor) at its own pace, and the save never waits for it. A
 //! slow S3 only makes the upload finish later, bounded by the store's own deadline.
+//!
+//! With recipients ([`SaveOptions::encryption`]) the plaintext never reaches the disk: etcd's
+//! messages go, after the trailer check, to a [`Sealer`] thread that zips them (with
+//! [`compress::ZipStream`], when compressing) and encrypts them with age straight into
+//! `<file>[.zip].age.part`; the tee follows that file as it follows a plain one. The SHA-256 in the
+//! metadata is then that of the encrypted bytes, and no native content check runs after the save
+//! (it would need the plaintext): the revision is the one etcd reported, the key count is unknown.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -16,10 +25,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::compress;
+use crate::encryption::Recipients;
 use crate::etcd::EtcdConnection;
 use crate::integrity::TrailerCheck;
 use crate::metadata::SnapshotMetadata;
-use crate::name::{self, ZIP_SUFFIX};
+use crate::name::{self, AGE_SUFFIX, ZIP_SUFFIX};
 use crate::progress::Progress;
 use crate::store::{
     create_new_private, durable_rename, part_path, write_file_atomic, ByteStream, LocalStore, PutOptions, RemoveOnDrop,
@@ -35,6 +45,21 @@ pub struct SaveOptions {
     pub compress: bool,
     /// `name::token_hash` of the cluster token, when known.
     pub token_hash: Option<String>,
+    /// Encrypt every stored copy to these age recipients (`--etcd-snapshot-encryption-recipients-file`).
+    pub encryption: Option<Arc<Recipients>>,
+}
+
+impl SaveOptions {
+    /// What follows `<name>-<node>-<ts>` in the stored file's name: `.zip` when compressed, then
+    /// `.age` when encrypted.
+    fn suffix(&self) -> &'static str {
+        match (self.compress, self.encryption.is_some()) {
+            (false, false) => "",
+            (true, false) => ZIP_SUFFIX,
+            (false, true) => AGE_SUFFIX,
+            (true, true) => ".zip.age",
+        }
+    }
 }
 
 /// A saved snapshot.
@@ -141,23 +166,24 @@ impl Tee {
     }
 }
 
-/// Picks a free name for this second, or the next free second, and creates its `.part` with
-/// `O_EXCL|O_NOFOLLOW`, so that two saves in the same second never write the same file and
-/// nothing planted at the name is written through.
-fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::File, RemoveOnDrop)> {
+/// Picks a free name for this second, or the next free second, and creates the `.part` of the
+/// stored file (`<name>-<node>-<ts>` plus `suffix`) with `O_EXCL|O_NOFOLLOW`, so that two saves in
+/// the same second never write the same file and nothing planted at the name is written
+/// through. A second is taken when any form of its name (plain, `.zip`, `.age`, `.zip.age`) is.
+/// Returns the base name, the file and the guard that removes the `.part`.
+fn reserve(store: &LocalStore, opts: &SaveOptions, suffix: &str) -> Result<(String, std::fs::File, RemoveOnDrop)> {
     let first = Utc::now().timestamp();
     for ts in first..first + 1000 {
         let file = name::snapshot_name(&opts.prefix, &opts.node, ts);
-        let path = store.dir().join(&file);
-        let zip = store.dir().join(format!("{file}{ZIP_SUFFIX}"));
-        let part = part_path(&path);
+        let forms = ["", ZIP_SUFFIX, AGE_SUFFIX, ".zip.age"].map(|s| store.dir().join(format!("{file}{s}")));
+        let part = part_path(&store.dir().join(format!("{file}{suffix}")));
         // Anything at a name, a dangling symbolic link too, makes it taken.
-        let taken = |p: &std::path::Path| std::fs::symlink_metadata(p).is_ok();
-        if !taken(&path) && !taken(&zip) {
+        let taken = || forms.iter().any(|p| std::fs::symlink_metadata(p).is_ok());
+        if !taken() {
             match create_new_private(&part) {
                 Ok(f) => {
                     let guard = RemoveOnDrop::new(part);
-                    if !taken(&path) && !taken(&zip) {
+                    if !taken() {
                         return Ok((file, f, guard));
                     }
                 }
@@ -167,6 +193,152 @@ fn reserve(store: &LocalStore, opts: &SaveOptions) -> Result<(String, std::fs::F
         }
     }
     Err(Error::Invalid(format!("no free snapshot name for {} in {}", opts.prefix, store.dir().display())))
+}
+
+/// What the [`Sealer`] thread is told.
+enum SealMsg {
+    /// Before the first byte, when compressing: whether the zip needs 64-bit sizes.
+    Zip64(bool),
+    Data(Bytes),
+    /// The snapshot is whole and verified: write the last chunk and fsync.
+    End,
+}
+
+/// What an encrypted save wrote.
+struct Sealed {
+    len: u64,
+    sha256: [u8; 32],
+}
+
+/// The file under the age stream: counts and hashes the encrypted bytes as they reach it.
+struct Tap {
+    file: std::fs::File,
+    written: Arc<AtomicU64>,
+    sha: sha2::Sha256,
+}
+
+impl std::io::Write for Tap {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use sha2::Digest;
+        let n = self.file.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.written.fetch_add(n as u64, Ordering::Release);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Zips (optionally) and encrypts on a thread of its own, so that deflate and ChaCha20-Poly1305
+/// run beside the receiving of etcd's stream rather than on the async runtime. age writes whole
+/// 64 KiB chunks, so the file needs no buffer of its own and every byte counted in `written` is
+/// in the file, where the tee can read it.
+struct Sealer {
+    tx: tokio::sync::mpsc::Sender<SealMsg>,
+    task: tokio::task::JoinHandle<Result<Sealed>>,
+    written: Arc<AtomicU64>,
+    /// The age header and payload nonce, written before the first byte of data.
+    header_len: u64,
+}
+
+/// A streamed zip of a snapshot this large or larger (or of unknown size) gets 64-bit sizes: deflate
+/// may grow incompressible data a little, and the headers follow it.
+const ZIP64_ABOVE: u64 = u32::MAX as u64 - (64 << 20);
+
+/// Messages waiting for the sealer: at most this many of etcd's (32 KiB) chunks are in memory.
+const SEAL_QUEUE: usize = 64;
+
+impl Sealer {
+    fn start(file: std::fs::File, part: &Path, recipients: &Recipients, zip_entry: Option<String>) -> Result<Sealer> {
+        use sha2::Digest;
+        let written = Arc::new(AtomicU64::new(0));
+        let tap = Tap { file, written: written.clone(), sha: sha2::Sha256::new() };
+        let age = recipients.encrypt_to(tap)?;
+        let header_len = written.load(Ordering::Acquire);
+        let (tx, rx) = tokio::sync::mpsc::channel(SEAL_QUEUE);
+        let part = part.to_path_buf();
+        let task = tokio::task::spawn_blocking(move || seal(age, zip_entry, rx, &part));
+        Ok(Sealer { tx, task, written, header_len })
+    }
+
+    /// Bytes of the encrypted file on disk so far.
+    fn written(&self) -> u64 {
+        self.written.load(Ordering::Acquire)
+    }
+
+    async fn send(&mut self, msg: SealMsg) -> Result<()> {
+        if self.tx.send(msg).await.is_ok() {
+            return Ok(());
+        }
+        // The thread stopped: its error says why.
+        match (&mut self.task).await {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(_)) => Err(Error::Invalid("the encryption thread ended early".into())),
+            Err(e) => Err(Error::Invalid(format!("the encryption thread failed: {e}"))),
+        }
+    }
+
+    async fn finish(mut self) -> Result<Sealed> {
+        self.send(SealMsg::End).await?;
+        drop(self.tx);
+        self.task.await.map_err(|e| Error::Invalid(format!("the encryption thread failed: {e}")))?
+    }
+}
+
+/// The sealer thread: `[zip →] age → file`, until [`SealMsg::End`] (then the last chunk and an
+/// fsync) or until the save drops its side (then it stops and writes nothing more).
+fn seal(
+    age: age::stream::StreamWriter<Tap>,
+    zip_entry: Option<String>,
+    mut rx: tokio::sync::mpsc::Receiver<SealMsg>,
+    part: &Path,
+) -> Result<Sealed> {
+    use std::io::Write;
+    enum Out {
+        Age(age::stream::StreamWriter<Tap>),
+        Zip(compress::ZipStream<age::stream::StreamWriter<Tap>>),
+    }
+    let mut out = Some(Out::Age(age));
+    let mut zip_entry = zip_entry;
+    let mut start_zip = |out: &mut Option<Out>, zip64: bool| -> std::io::Result<()> {
+        if let Some(entry) = zip_entry.take() {
+            if let Some(Out::Age(age)) = out.take() {
+                *out = Some(Out::Zip(compress::ZipStream::new(age, &entry, zip64)?));
+            }
+        }
+        Ok(())
+    };
+    while let Some(msg) = rx.blocking_recv() {
+        let step = match msg {
+            SealMsg::Zip64(zip64) => start_zip(&mut out, zip64),
+            SealMsg::Data(b) => {
+                // No size was announced: a zip that may be large.
+                start_zip(&mut out, true).and_then(|()| match out.as_mut() {
+                    Some(Out::Age(w)) => w.write_all(&b),
+                    Some(Out::Zip(w)) => w.write_all(&b),
+                    None => Ok(()),
+                })
+            }
+            SealMsg::End => {
+                let _ = start_zip(&mut out, false);
+                let age = match out.take() {
+                    Some(Out::Zip(z)) => z.finish(),
+                    Some(Out::Age(a)) => Ok(a),
+                    None => Err(std::io::Error::other("nothing to finish")),
+                };
+                let tap = age.and_then(|a| a.finish()).map_err(Error::io("write", part))?;
+                tap.file.sync_all().map_err(Error::io("fsync", part))?;
+                use sha2::Digest;
+                let len = tap.written.load(Ordering::Acquire);
+                return Ok(Sealed { len, sha256: tap.sha.finalize().into() });
+            }
+        };
+        if let Err(cause) = step {
+            return Err(Error::Io { action: "write", path: part.to_path_buf(), cause });
+        }
+    }
+    Err(Error::Cancelled)
 }
 
 /// Streams a snapshot from etcd into the store's directory and writes its metadata.
@@ -205,12 +377,17 @@ async fn save_inner(
         r = conn.confirm_quorum() => r?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     }
-    let (file, part_file, guard) = reserve(store, opts)?;
-    let path = store.dir().join(&file);
+    let suffix = opts.suffix();
+    let sealed_save = opts.encryption.is_some();
+    // `file` is the base name; a plain save writes `file.part` and zips afterwards, an encrypted
+    // one writes the stored file (`file[.zip].age`) directly.
+    let (file, part_file, guard) = reserve(store, opts, if sealed_save { suffix } else { "" })?;
+    let stored_file = if sealed_save { format!("{file}{suffix}") } else { file.clone() };
+    let path = store.dir().join(&stored_file);
     let part = part_path(&path);
     let started = std::time::Instant::now();
     let mut on_name = on_name;
-    tracing::debug!(snapshot = %file, endpoints = %conn.endpoints, "saving snapshot");
+    tracing::debug!(snapshot = %stored_file, endpoints = %conn.endpoints, "saving snapshot");
 
     let endpoints = conn.endpoints.clone();
     if let Some(t) = &tee {
@@ -221,10 +398,16 @@ async fn save_inner(
         r = conn.client.snapshot() => r.map_err(|cause| Error::EtcdStream { endpoints: endpoints.clone(), received: 0, cause })?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
-    let mut w = tokio::io::BufWriter::with_capacity(4 << 20, tokio::fs::File::from_std(part_file));
+    let (mut w, mut sealer) = match &opts.encryption {
+        Some(recipients) => {
+            let entry = opts.compress.then(|| file.clone());
+            (None, Some(Sealer::start(part_file, &part, recipients, entry)?))
+        }
+        None => (Some(tokio::io::BufWriter::with_capacity(4 << 20, tokio::fs::File::from_std(part_file))), None),
+    };
     // One SHA-256 pass serves both the trailer check and the file's checksum for the metadata.
     let mut check = TrailerCheck::new();
-    progress.start(&file, None);
+    progress.start(&stored_file, None);
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -239,21 +422,64 @@ async fn save_inner(
         if let Some(hook) = on_name.take() {
             // etcd counts `remaining_bytes` over the database only; the trailer follows it.
             let announced = (blob.len() as u64).checked_add(resp.remaining_bytes()).and_then(|n| n.checked_add(32));
-            hook(&file, announced);
+            let stored_len = match &mut sealer {
+                None => announced,
+                Some(s) if opts.compress => {
+                    // The zip's size is not known before the end; it needs 64-bit sizes when the
+                    // entry (or the zip) may reach 4 GiB.
+                    s.send(SealMsg::Zip64(announced.is_none_or(|n| n >= ZIP64_ABOVE))).await?;
+                    None
+                }
+                Some(s) => announced.map(|n| s.header_len + crate::encryption::payload_len(n)),
+            };
+            hook(&stored_file, stored_len);
         }
         check.update(blob);
-        w.write_all(blob).await.map_err(Error::io("write", &part))?;
-        if let Some(t) = &tee {
-            t.advance(check.total() - w.buffer().len() as u64);
+        if let Some(w) = &mut w {
+            w.write_all(blob).await.map_err(Error::io("write", &part))?;
+            if let Some(t) = &tee {
+                t.advance(check.total() - w.buffer().len() as u64);
+            }
+        }
+        if let Some(s) = &mut sealer {
+            s.send(SealMsg::Data(Bytes::copy_from_slice(blob))).await?;
+            if let Some(t) = &tee {
+                t.advance(s.written());
+            }
         }
         progress.advance(blob.len() as u64);
     }
     progress.finish();
     if let Some(hook) = on_name.take() {
-        hook(&file, None);
+        hook(&stored_file, None);
     }
     let raw_size = check.total();
     let raw_sha256 = check.finish_with_stream_sha256(&file)?;
+    if let Some(sealer) = sealer {
+        // The trailer matched: only now does the age stream get its last chunk.
+        let sealed = sealer.finish().await?;
+        durable_rename(&part, &path)?;
+        guard.disarm();
+        if let Some(t) = tee {
+            t.finish(sealed.len);
+        }
+        let metadata = SnapshotMetadata {
+            name: stored_file.clone(),
+            node_name: opts.node.clone(),
+            size: sealed.len,
+            created_at: Utc::now(),
+            compressed: opts.compress,
+            sha256: hex::encode(sealed.sha256),
+            etcd_revision: Some(conn.revision),
+            etcd_version: Some(conn.version.clone()),
+            total_key: None,
+            token_hash: opts.token_hash.clone(),
+            encrypted: true,
+            recipients: opts.encryption.as_ref().map(|r| r.public_keys()).unwrap_or_default(),
+        };
+        return finish_save(store, path, metadata, raw_size, started);
+    }
+    let Some(mut w) = w else { unreachable!("a plain save has its writer") };
     w.flush().await.map_err(Error::io("write", &part))?;
     let f = w.into_inner();
     f.sync_all().await.map_err(Error::io("fsync", &part))?;
@@ -310,11 +536,27 @@ async fn save_inner(
         etcd_version: Some(conn.version.clone()),
         total_key: content.map(|(_, keys)| keys),
         token_hash: opts.token_hash.clone(),
+        encrypted: false,
+        recipients: Vec::new(),
     };
-    write_file_atomic(&store.metadata_dir().join(&stored_name), &metadata.to_json())?;
+    finish_save(store, stored, metadata, raw_size, started)
+}
+
+/// Writes the metadata document of a saved snapshot and logs it.
+fn finish_save(
+    store: &LocalStore,
+    stored: PathBuf,
+    metadata: SnapshotMetadata,
+    raw_size: u64,
+    started: std::time::Instant,
+) -> Result<SavedSnapshot> {
+    let stored_name = &metadata.name;
+    write_file_atomic(&store.metadata_dir().join(stored_name), &metadata.to_json())?;
     tracing::info!(
         snapshot = %stored_name,
-        size,
+        size = metadata.size,
+        snapshot_size = raw_size,
+        encrypted = metadata.encrypted,
         duration_ms = started.elapsed().as_millis() as u64,
         "saved snapshot"
     );
@@ -330,9 +572,9 @@ pub struct SaveOutcome {
     pub upload: Option<Result<u64>>,
 }
 
-/// Saves a snapshot locally and, with a remote store, uploads it. Uncompressed snapshots are
-/// uploaded while etcd's stream arrives (one read of etcd); compressed ones after the zip is
-/// written. Then the metadata document goes up beside it. A failed upload never loses the local
+/// Saves a snapshot locally and, with a remote store, uploads it. Uncompressed and encrypted
+/// snapshots are uploaded while etcd's stream arrives (one read of etcd); compressed plain ones
+/// after the zip is written. Then the metadata document goes up beside it. A failed upload never loses the local
 /// snapshot and leaves nothing under the remote name.
 pub async fn save_and_upload(
     conn: &mut EtcdConnection,
@@ -346,7 +588,7 @@ pub async fn save_and_upload(
         let saved = save(conn, local, opts, None, progress, cancel).await?;
         return Ok(SaveOutcome { local: saved, upload: None });
     };
-    if opts.compress {
+    if opts.compress && opts.encryption.is_none() {
         let saved = save(conn, local, opts, None, progress, cancel).await?;
         let upload = upload_existing(local, remote, &saved, progress, cancel).await;
         return Ok(SaveOutcome { local: saved, upload: Some(upload) });
@@ -434,7 +676,7 @@ async fn upload_file_only(
     cancel: &CancellationToken,
 ) -> Result<u64> {
     let file = &saved.metadata.name;
-    let content_type = if saved.metadata.compressed { "application/zip" } else { "application/octet-stream" };
+    let content_type = content_type(&saved.metadata);
     let opts = PutOptions {
         content_type: content_type.into(),
         user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
@@ -444,6 +686,15 @@ async fn upload_file_only(
     tokio::select! {
         r = crate::transfer::upload_file(remote, file, &path, opts, progress) => r,
         _ = cancel.cancelled() => Err(Error::Cancelled),
+    }
+}
+
+/// The content type of a stored snapshot: an age file is opaque bytes whatever it holds.
+fn content_type(m: &SnapshotMetadata) -> &'static str {
+    if m.compressed && !m.encrypted {
+        "application/zip"
+    } else {
+        "application/octet-stream"
     }
 }
 

@@ -262,6 +262,8 @@ mod tests {
             etcd_version: None,
             total_key: None,
             token_hash: None,
+            encrypted: false,
+            recipients: Vec::new(),
         }
     }
 

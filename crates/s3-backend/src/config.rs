@@ -49,6 +49,47 @@ impl fmt::Display for BucketLookup {
     }
 }
 
+/// `--etcd-s3-sse`: the server-side encryption S3 is asked for on every object written (each
+/// PUT, each multipart upload's initiation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerSideEncryption {
+    /// `AES256`: SSE-S3, keys managed by S3.
+    Aes256,
+    /// `aws:kms`: SSE-KMS, with `--etcd-s3-sse-kms-key-id` or the bucket's default KMS key.
+    Kms { key_id: Option<String> },
+}
+
+impl ServerSideEncryption {
+    /// The request headers that ask for it.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            ServerSideEncryption::Aes256 => vec![("x-amz-server-side-encryption", "AES256".into())],
+            ServerSideEncryption::Kms { key_id } => {
+                let mut h = vec![("x-amz-server-side-encryption", "aws:kms".into())];
+                if let Some(k) = key_id {
+                    h.push(("x-amz-server-side-encryption-aws-kms-key-id", k.clone()));
+                }
+                h
+            }
+        }
+    }
+
+    /// From `--etcd-s3-sse` and `--etcd-s3-sse-kms-key-id`.
+    pub fn from_flags(sse: Option<&str>, kms_key_id: Option<&str>) -> Result<Option<Self>, String> {
+        let key_id = kms_key_id.map(str::trim).filter(|k| !k.is_empty()).map(str::to_string);
+        match (sse.map(str::trim).filter(|s| !s.is_empty()), key_id) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err("--etcd-s3-sse-kms-key-id needs --etcd-s3-sse aws:kms".into()),
+            (Some("AES256"), None) => Ok(Some(ServerSideEncryption::Aes256)),
+            (Some("AES256"), Some(_)) => {
+                Err("--etcd-s3-sse-kms-key-id only applies to --etcd-s3-sse aws:kms, not AES256".into())
+            }
+            (Some("aws:kms"), key_id) => Ok(Some(ServerSideEncryption::Kms { key_id })),
+            (Some(other), _) => Err(format!("--etcd-s3-sse {other:?} is not AES256 or aws:kms")),
+        }
+    }
+}
+
 /// Everything needed to reach a bucket. Empty strings mean "not set" (as k3s's flags do).
 ///
 /// `Debug` never shows the secret key or the session token.
@@ -88,6 +129,8 @@ pub struct S3Config {
     /// Where credentials are looked for when `access_key` is empty: the shared credentials file,
     /// then the instance role (see [`crate::CredentialChain`]). The default consults nothing.
     pub credential_chain: CredentialChain,
+    /// `--etcd-s3-sse` (with `--etcd-s3-sse-kms-key-id`): server-side encryption of what is written.
+    pub sse: Option<ServerSideEncryption>,
 }
 
 impl Default for S3Config {
@@ -107,6 +150,7 @@ impl Default for S3Config {
             bucket_lookup: BucketLookup::Auto,
             proxy: None,
             credential_chain: CredentialChain::default(),
+            sse: None,
         }
     }
 }
@@ -136,6 +180,7 @@ impl fmt::Debug for S3Config {
             .field("bucket_lookup", &self.bucket_lookup)
             .field("proxy", &self.proxy.as_deref().map(redact_url_password))
             .field("credential_chain", &self.credential_chain)
+            .field("sse", &self.sse)
             .finish()
     }
 }
@@ -289,6 +334,29 @@ mod tests {
         assert_eq!(format_duration(Duration::from_secs(5)), "5s");
         assert_eq!(format_duration(Duration::from_secs(90)), "1m30s");
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
+    }
+
+    #[test]
+    fn sse_flags_parse_and_name_what_is_wrong() {
+        assert_eq!(ServerSideEncryption::from_flags(None, None), Ok(None));
+        let s3 = ServerSideEncryption::from_flags(Some("AES256"), None).unwrap().unwrap();
+        assert_eq!(s3.headers(), vec![("x-amz-server-side-encryption", "AES256".to_string())]);
+        let kms = ServerSideEncryption::from_flags(Some("aws:kms"), Some("alias/backups")).unwrap().unwrap();
+        assert_eq!(
+            kms.headers(),
+            vec![
+                ("x-amz-server-side-encryption", "aws:kms".to_string()),
+                ("x-amz-server-side-encryption-aws-kms-key-id", "alias/backups".to_string())
+            ]
+        );
+        assert_eq!(
+            ServerSideEncryption::from_flags(Some("aws:kms"), None).unwrap(),
+            Some(ServerSideEncryption::Kms { key_id: None })
+        );
+        for (sse, key) in [(None, Some("k")), (Some("AES256"), Some("k")), (Some("aes256"), None)] {
+            let e = ServerSideEncryption::from_flags(sse, key).unwrap_err();
+            assert!(e.contains("--etcd-s3-sse"), "{e}");
+        }
     }
 
     #[test]

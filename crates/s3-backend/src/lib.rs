@@ -18,7 +18,9 @@ mod error;
 mod store;
 mod stream_put;
 
-pub use config::{format_duration, BucketLookup, S3Config, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT};
+pub use config::{
+    format_duration, BucketLookup, S3Config, ServerSideEncryption, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT,
+};
 pub use creds::{CredentialChain, DEFAULT_IMDS_ENDPOINT, IMDS_TIMEOUT};
 pub use error::S3Error;
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.

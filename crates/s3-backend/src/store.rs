@@ -88,6 +88,8 @@ struct Inner {
     describe: String,
     timeout: Duration,
     classifier: Classifier,
+    /// `x-amz-server-side-encryption*` headers of every PUT and multipart initiation.
+    sse_headers: Vec<(&'static str, String)>,
 }
 
 impl fmt::Debug for S3Store {
@@ -101,12 +103,17 @@ impl fmt::Debug for S3Store {
     }
 }
 
-/// An object's size, time, content type and user metadata (`x-amz-meta-*`, without the prefix).
+/// An object's size, time, content type, user metadata (`x-amz-meta-*`, without the prefix) and
+/// server-side encryption.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectDetails {
     pub info: ObjectInfo,
     pub content_type: Option<String>,
     pub user_metadata: Vec<(String, String)>,
+    /// `x-amz-server-side-encryption` as S3 reports it (`AES256`, `aws:kms`), when encrypted.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id`, for SSE-KMS.
+    pub sse_kms_key_id: Option<String>,
 }
 
 impl S3Store {
@@ -170,6 +177,7 @@ impl S3Store {
                 prefix,
                 describe,
                 timeout: cfg.timeout,
+                sse_headers: cfg.sse.as_ref().map(|s| s.headers()).unwrap_or_default(),
             }),
         };
         Ok(store)
@@ -233,13 +241,16 @@ impl S3Store {
         };
         let headers = resp.headers();
         let size = resp.size().map_err(|e| inner.storage_error("stat", key, S3Error::Invalid(e.to_string())))?;
-        let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let content_type = header("content-type");
         let mut user_metadata: Vec<(String, String)> = resp.user_metadata().unwrap_or_default().into_iter().collect();
         user_metadata.sort();
         Ok(Some(ObjectDetails {
             info: ObjectInfo { key: key.to_string(), size, modified: last_modified(headers) },
             content_type,
             user_metadata,
+            sse: header("x-amz-server-side-encryption"),
+            sse_kms_key_id: header("x-amz-server-side-encryption-aws-kms-key-id"),
         }))
     }
 }
@@ -485,6 +496,18 @@ impl Inner {
         Some(m)
     }
 
+    /// The server-side encryption headers, for minio's requests.
+    fn sse_headers(&self) -> Option<Multimap> {
+        if self.sse_headers.is_empty() {
+            return None;
+        }
+        let mut m = Multimap::new();
+        for (k, v) in &self.sse_headers {
+            m.add(*k, v.clone());
+        }
+        Some(m)
+    }
+
     fn content_type(opts: &PutOptions) -> String {
         if opts.content_type.is_empty() {
             "application/octet-stream".into()
@@ -503,8 +526,9 @@ impl Inner {
         let data = Arc::new(data);
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
+        let sse = self.sse_headers();
         self.call("upload", key, || {
-            let (data, meta, ctype) = (data.clone(), meta.clone(), ctype.clone());
+            let (data, meta, ctype, sse) = (data.clone(), meta.clone(), ctype.clone(), sse.clone());
             async move {
                 let part = UploadPart::builder()
                     .client(self.client())
@@ -513,6 +537,7 @@ impl Inner {
                     .data(data)
                     .content_type(Some(ctype))
                     .user_metadata(meta)
+                    .extra_headers(sse)
                     .build();
                 PutObject::builder().inner(part).build().send().await.map_err(|e| self.classifier.classify(e))?;
                 Ok(())
@@ -524,8 +549,10 @@ impl Inner {
     async fn start_multipart(&self, key: &str, object: &str, opts: &PutOptions) -> Result<String, S3Error> {
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
+        // The encryption is asked for once, at the initiation (S3 refuses it on UploadPart).
+        let sse = self.sse_headers();
         self.call("start the multipart upload of", key, || {
-            let (meta, ctype) = (meta.clone(), ctype.clone());
+            let (meta, ctype, sse) = (meta.clone(), ctype.clone(), sse.clone());
             async move {
                 let resp = self
                     .client()
@@ -533,6 +560,7 @@ impl Inner {
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .content_type(Some(ctype))
                     .user_metadata(meta)
+                    .extra_headers(sse)
                     .build()
                     .send()
                     .await
@@ -818,6 +846,7 @@ impl S3Store {
                 len,
                 content_type: &Inner::content_type(&opts),
                 user_metadata: &opts.user_metadata,
+                extra_headers: &inner.sse_headers,
                 stall_timeout: inner.timeout,
             };
             let creds = inner.signer.refresh().await.map_err(|e| inner.storage_error("upload", key, e))?;

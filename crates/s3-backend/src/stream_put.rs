@@ -61,6 +61,8 @@ pub(crate) struct PutRequest<'a> {
     pub len: u64,
     pub content_type: &'a str,
     pub user_metadata: &'a [(String, String)],
+    /// More headers, signed with the rest (the server-side encryption ones).
+    pub extra_headers: &'a [(&'static str, String)],
     /// No progress (no body chunk taken, or no answer after the body) for this long fails it.
     pub stall_timeout: Duration,
 }
@@ -70,6 +72,24 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("hmac accepts any key"));
     m.update(data);
     m.finalize().into_bytes().to_vec()
+}
+
+/// The headers of a streamed PUT, every one of which is signed: the body's length and type, the
+/// user metadata, the server-side encryption asked for.
+fn request_headers(req: &PutRequest<'_>, host: String, date: chrono::DateTime<chrono::Utc>) -> Multimap {
+    let mut headers = Multimap::new();
+    headers.add("host", host);
+    headers.add("content-type", req.content_type);
+    headers.add("content-length", req.len.to_string());
+    headers.add("x-amz-content-sha256", "UNSIGNED-PAYLOAD");
+    headers.add("x-amz-date", to_amz_date(date));
+    for (k, v) in req.user_metadata {
+        headers.add(format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
+    }
+    for (k, v) in req.extra_headers {
+        headers.add(*k, v.clone());
+    }
+    headers
 }
 
 impl StreamPut {
@@ -92,15 +112,7 @@ impl StreamPut {
             .map_err(|e| classifier.classify(e.into()))?;
 
         let date = utc_now();
-        let mut headers = Multimap::new();
-        headers.add("host", url.host_header_value());
-        headers.add("content-type", req.content_type);
-        headers.add("content-length", req.len.to_string());
-        headers.add("x-amz-content-sha256", "UNSIGNED-PAYLOAD");
-        headers.add("x-amz-date", to_amz_date(date));
-        for (k, v) in req.user_metadata {
-            headers.add(format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
-        }
+        let mut headers = request_headers(&req, url.host_header_value(), date);
         let mut authorization = None;
         if let Some(creds) = creds {
             if let Some(token) = &creds.session_token {
@@ -295,6 +307,31 @@ mod tests {
     async fn drain(src: ByteStream, len: u64) -> Result<Vec<u8>, String> {
         let b = ExactBody::new(slot(src), len, Arc::new(AtomicU64::new(0)), Instant::now());
         b.map_ok(|c| c.to_vec()).try_concat().await.map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn server_side_encryption_headers_are_signed() {
+        let sse = crate::ServerSideEncryption::Kms { key_id: Some("alias/backups".into()) }.headers();
+        let meta = vec![("k3s-node-name".to_string(), "n1".to_string())];
+        let req = PutRequest {
+            bucket: "b",
+            object: "o",
+            len: 5,
+            content_type: "application/octet-stream",
+            user_metadata: &meta,
+            extra_headers: &sse,
+            stall_timeout: Duration::from_secs(1),
+        };
+        let headers = request_headers(&req, "127.0.0.1:9000".into(), utc_now());
+        let (signed, canonical) = headers.get_canonical_headers();
+        let signed: Vec<&str> = signed.split(';').collect();
+        for h in
+            ["x-amz-server-side-encryption", "x-amz-server-side-encryption-aws-kms-key-id", "x-amz-meta-k3s-node-name"]
+        {
+            assert!(signed.contains(&h), "{h} is not signed: {signed:?}");
+        }
+        assert!(canonical.contains("x-amz-server-side-encryption:aws:kms"), "{canonical}");
+        assert!(canonical.contains("x-amz-server-side-encryption-aws-kms-key-id:alias/backups"), "{canonical}");
     }
 
     #[tokio::test]

@@ -42,6 +42,7 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::RestoreNoBump => RGBColor(140, 86, 75),
         Scenario::Status => RGBColor(148, 103, 189),
         Scenario::StatusFast => RGBColor(255, 127, 14),
+        Scenario::SaveS3Age => RGBColor(140, 86, 75),
     }
 }
 

@@ -150,9 +150,9 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default()
 }
 
-/// The unix seconds in a snapshot name `<prefix>-<node>-<secs>[.zip]`.
+/// The unix seconds in a snapshot name `<prefix>-<node>-<secs>[.zip][.age]`.
 fn name_secs(name: &str) -> Option<u64> {
-    name.trim_end_matches(".zip").rsplit('-').next()?.parse().ok()
+    name.trim_end_matches(".age").trim_end_matches(".zip").rsplit('-').next()?.parse().ok()
 }
 
 /// (a) The S3 host's link is cut while a snapshot is being uploaded: on demand, then scheduled.
