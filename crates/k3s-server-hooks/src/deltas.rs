@@ -190,7 +190,7 @@ async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken)
 /// file, as a restore will read it).
 async fn newest_snapshot_revision(local: &LocalStore) -> Option<i64> {
     let entries = list_snapshots(local, false).await.ok()?;
-    let newest = entries.iter().rev().next().filter(|e| !e.name.ends_with(".zip") && !e.name.ends_with(".age"))?;
+    let newest = entries.last().filter(|e| !e.name.ends_with(".zip") && !e.name.ends_with(".age"))?;
     let path = local.dir().join(&newest.name);
     tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()
 }
