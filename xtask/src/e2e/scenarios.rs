@@ -174,6 +174,23 @@ pub fn stop_all(servers: Vec<Server>) -> Result<()> {
     first_err.map_or(Ok(()), Err)
 }
 
+/// An age key pair made by the stock `age-keygen`: (recipients file, identity file).
+fn age_keys(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let keygen = ["/usr/bin/age-keygen", "/usr/local/bin/age-keygen"]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow::anyhow!("age-keygen is not installed; run `cargo xtask provision`"))?;
+    let identity = dir.join("age.key");
+    let out = std::process::Command::new(&keygen).arg("-o").arg(&identity).output()?;
+    ensure!(out.status.success(), "age-keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    let public = std::process::Command::new(&keygen).arg("-y").arg(&identity).output()?;
+    ensure!(public.status.success(), "age-keygen -y failed");
+    let recipients = dir.join("age.pub");
+    std::fs::write(&recipients, &public.stdout)?;
+    Ok((recipients, identity))
+}
+
 pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let nodes = ctx.nodes(dir, etcd);
     let quiet = strings(&["--etcd-disable-snapshots"]);
@@ -182,7 +199,10 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let (n1, n2, n3) = (&nodes[0], &nodes[1], &nodes[2]);
     n1.put(&[("/e2e/ha-a", "1"), ("/e2e/ha-b", "2")])?;
     n2.put(&[("/e2e/ha-from-node2", "3")])?;
-    let snap = n1.save(&[])?;
+    // The snapshot is encrypted (age) and restored with the identity.
+    let (recipients, identity) = age_keys(dir)?;
+    let snap = n1.save(&[format!("--snapshot-encryption-recipients-file={}", recipients.display())])?;
+    ensure!(snap.ends_with(".age"), "an encrypted save wrote {snap}, not a .age file");
     let want = Contents::read(n1)?;
     let snap_rev = n1.revision()?;
     n3.put(&[("/e2e/ha-later", "4")])?;
@@ -190,7 +210,13 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     stop_all(servers)?;
 
     // The default restore moves the revision forward by 1e9 (and marks the past compacted).
-    reset(n1, &[format!("--cluster-reset-restore-path={}", n1.snapshots().join(&snap).display())])?;
+    reset(
+        n1,
+        &[
+            format!("--cluster-reset-restore-path={}", n1.snapshots().join(&snap).display()),
+            format!("--etcd-snapshot-encryption-identity-file={}", identity.display()),
+        ],
+    )?;
     let s1 = start_restored(n1, &want, &quiet)?;
     let mut servers = vec![s1];
 
@@ -222,7 +248,7 @@ pub fn ha_restore(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     }
     stop_all(servers)?;
     Ok(format!(
-        "reset on node1 (revision {snap_rev} bumped past {bumped}), stale joiner refused, 2 rejoined: 3 members serve exactly the {} keys of {snap} at the bumped revision",
+        "encrypted snapshot restored on node1 (revision {snap_rev} bumped past {bumped}), stale joiner refused, 2 rejoined: 3 members serve exactly the {} keys of {snap} at the bumped revision",
         want.keys.len()
     ))
 }
