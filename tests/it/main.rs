@@ -1,3 +1,4 @@
+mod dist;
 mod ha;
 mod hostile;
 mod k3s_node;

@@ -34,6 +34,7 @@ const OUR_ENV: &[&str] = &[
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "NOTIFY_SOCKET",
 ];
 
 /// A `k3s-snapshot` command with a clean environment for the variables it reads.
