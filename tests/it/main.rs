@@ -1,4 +1,5 @@
 mod deltas;
+mod dist;
 mod encryption;
 mod ha;
 mod hostile;

@@ -42,6 +42,7 @@ const OUR_ENV: &[&str] = &[
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_EC2_METADATA_SERVICE_ENDPOINT",
     "AWS_EC2_METADATA_DISABLED",
+    "NOTIFY_SOCKET",
 ];
 
 /// A shared credentials file that never exists (`/nonexistent` is, by convention, never made).

@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod e2e;
 mod provision;
 
@@ -40,6 +41,7 @@ pub const OUR_ENV: &[&str] = &[
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_EC2_METADATA_SERVICE_ENDPOINT",
     "AWS_EC2_METADATA_DISABLED",
+    "NOTIFY_SOCKET",
 ];
 
 fn main() {
@@ -67,6 +69,7 @@ fn run() -> Result<()> {
         },
         "test" => test(&rest),
         "demo" => demo::run(),
+        "dist" => dist::run(&rest),
         "e2e" => e2e::run(&rest),
         "bench" => bench::run(&rest),
         _ => {
@@ -79,6 +82,8 @@ fn run() -> Result<()> {
                  demo          provision, start a throwaway etcd and show save, ls and prune\n  \
                  bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]\n                \
                  release k3s-snapshot vs etcdctl/etcdutl: save, save+S3, reset-restore, status; medians, peak RSS\n  \
+                 dist          build the release binary and write target/dist/k3s-snapshot-<version>-<triple>.tar.gz\n                \
+                 (+ .sha256): binary, man pages, completions, systemd unit, example config, dashboard, alerts\n  \
                  provision     install what is missing, check each tool by using it, print the environment\n                \
                  the build and the tests use (`eval \"$(cargo xtask provision)\"` before a plain cargo build)\n  \
                  provision --check   only check each tool by using it; installs nothing"
@@ -100,9 +105,13 @@ fn test(extra: &[String]) -> Result<()> {
     let mut build = tools.cargo();
     build.args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
     run_checked(&mut build, "build the k3s-snapshot binary")?;
+    // The release tarball's contents, packed around the debug binary, for the suite's dist tests.
+    let bin = root.join("target/debug/k3s-snapshot");
+    let tarball = dist::package(&bin, &root.join("target/debug/dist"))?;
     let mut test = tools.cargo();
     test.args(["test", "--locked", "--workspace", "--exclude", "xtask"]).args(extra);
-    test.env("K3S_SNAPSHOT_BIN", root.join("target/debug/k3s-snapshot"));
+    test.env("K3S_SNAPSHOT_BIN", &bin);
+    test.env("K3S_SNAPSHOT_DIST", &tarball);
     run_checked(&mut test, "run the test suite")
 }
 

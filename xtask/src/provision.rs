@@ -13,11 +13,14 @@
 //! - moto's S3 server (records server-side encryption, which s3s-fs ignores): `moto[server]` from
 //!   PyPI in a virtual environment under `target/tools/moto` (Debian `python3-venv` first when
 //!   `python3 -m venv` is missing)
+//! - systemd-analyze (the dist tests verify the systemd unit): Debian `systemd`
+//! - man with groff (the dist tests render the man pages): Debian `man-db`
 //!
 //! A tool counts as present only when it passes its check: protoc compiles a `.proto` that imports
 //! `google/protobuf/descriptor.proto`, each etcd binary reports the expected version, s3s-fs
 //! answers an HTTP request, nginx accepts a configuration with the directives the tests use, age
-//! decrypts what it encrypted to a key age-keygen made, moto's server answers an HTTP request.
+//! decrypts what it encrypted to a key age-keygen made, moto's server answers an HTTP request,
+//! `systemd-analyze verify` accepts a small unit, `man -l` renders a small page.
 //! `cargo xtask provision --check` runs the checks alone and installs nothing.
 
 use std::io::{Read, Write};
@@ -80,7 +83,7 @@ impl Tools {
 }
 
 impl Protoc {
-    fn env(&self) -> Vec<(&'static str, PathBuf)> {
+    pub fn env(&self) -> Vec<(&'static str, PathBuf)> {
         let mut env = vec![("PROTOC", self.bin.clone())];
         env.extend(self.include.clone().map(|i| ("PROTOC_INCLUDE", i)));
         env
@@ -184,6 +187,8 @@ pub fn check_all() -> Vec<Check> {
     checks.push(Check { name: "ip (iproute2)", result: check_ip() });
     checks.push(Check { name: "age", result: check_age(&age_path()) });
     checks.push(Check { name: "moto", result: check_moto(&moto_server_path()) });
+    checks.push(Check { name: "systemd-analyze", result: check_systemd_analyze() });
+    checks.push(Check { name: "man", result: check_man() });
     checks
 }
 
@@ -400,6 +405,47 @@ fn first_http_answer(
     }
 }
 
+/// `systemd-analyze verify` on a small unit (offline: no running systemd is needed).
+fn check_systemd_analyze() -> std::result::Result<String, String> {
+    let remedy = "install Debian systemd (`apt-get install systemd`, or run `cargo xtask provision` as root)";
+    let bin = which("systemd-analyze").ok_or_else(|| format!("systemd-analyze is not installed: {remedy}"))?;
+    let dir = tempfile_dir("systemd-check").map_err(|e| e.to_string())?;
+    let unit = dir.join("xtask-check.service");
+    let result = std::fs::write(
+        &unit,
+        "[Unit]\nDescription=xtask check\nDefaultDependencies=no\n\n[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|()| {
+        let unit = unit.to_string_lossy().into_owned();
+        output_of(&bin, &["verify", "--man=no", &unit]).map_err(|e| format!("{e}: {remedy}"))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let v = output_of(&bin, &["--version"]).unwrap_or_default();
+    Ok(format!("{} verifies units", first_line(&v)))
+}
+
+/// `man -l` renders a small page (man-db with groff's nroff).
+fn check_man() -> std::result::Result<String, String> {
+    let remedy = "install Debian man-db (`apt-get install man-db`, or run `cargo xtask provision` as root)";
+    let bin = which("man").ok_or_else(|| format!("man is not installed: {remedy}"))?;
+    let dir = tempfile_dir("man-check").map_err(|e| e.to_string())?;
+    let page = dir.join("xtask-check.1");
+    let result = std::fs::write(&page, ".TH XTASK-CHECK 1\n.SH NAME\nxtask-check \\- renders\n")
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            let page = page.to_string_lossy().into_owned();
+            output_of(&bin, &["-P", "cat", "-l", &page]).map_err(|e| format!("{e}: {remedy}"))
+        });
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = result?;
+    if !text.contains("renders") {
+        return Err(format!("man -l printed {:?}, not the page: {remedy}", first_line(&text)));
+    }
+    Ok(format!("{} renders pages", bin.display()))
+}
+
 fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("k3s-snapshot-xtask-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -446,6 +492,12 @@ pub fn ensure_all() -> Result<Tools> {
         || Command::new("python3").args(["-c", "import venv, ensurepip"]).output().is_ok_and(|o| o.status.success());
     if failing("moto") && !has_venv() {
         apt.push("python3-venv");
+    }
+    if failing("systemd-analyze") {
+        apt.push("systemd");
+    }
+    if failing("man") {
+        apt.push("man-db");
     }
     if failing("etcd 3.5.1")
         && !Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success())

@@ -2,7 +2,8 @@
 //! ([`layout::DataDir`]), the cluster token and certificates ([`token`], [`tls`]), one server per
 //! data dir ([`lock`]), supervision of a real `etcd` process ([`etcd_proc`]), scheduled snapshots
 //! ([`schedule`], [`scheduler`], [`metrics`]), the supervisor HTTPS API ([`api`]),
-//! `--cluster-reset` ([`reset`]) and joining a cluster with `--server` ([`join`], [`wal`]).
+//! `--cluster-reset` ([`reset`]), joining a cluster with `--server` ([`join`], [`wal`]) and the
+//! service manager's readiness protocol ([`notify`]).
 //! [`server::run`] ties them together.
 //!
 //! This crate never parses flags and never prints: the binary turns flags into a
@@ -21,6 +22,7 @@ pub mod join;
 pub mod layout;
 pub mod lock;
 pub mod metrics;
+pub mod notify;
 pub mod replay;
 pub mod reset;
 pub mod schedule;

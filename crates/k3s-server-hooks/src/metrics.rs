@@ -1,5 +1,8 @@
 //! Counters of scheduled snapshots per store (`local`, `s3`), rendered in Prometheus text format
-//! on the supervisor API's `/metrics`.
+//! on the supervisor API's `/metrics`, with what an alert needs to judge them without knowing
+//! the server's flags: when the server started and the longest gap its schedule leaves between
+//! two snapshots. `deploy/grafana` and `deploy/prometheus` use these names; a test reads them
+//! back from a running server.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -21,9 +24,23 @@ pub struct StoreStats {
 #[derive(Debug, Default)]
 pub struct SnapshotMetrics {
     stores: Mutex<BTreeMap<&'static str, StoreStats>>,
+    /// Unix seconds the server started at.
+    started: Option<i64>,
+    /// The longest gap between two fires of the schedule; `None` without scheduled snapshots.
+    schedule_gap_secs: Option<f64>,
 }
 
 impl SnapshotMetrics {
+    /// Metrics of a server started now, with every store it uses at zero (so counters exist,
+    /// and an alert can tell "S3 is on" from "S3 is off" before the first upload).
+    pub fn new(stores: &[&'static str], schedule_gap: Option<std::time::Duration>) -> SnapshotMetrics {
+        SnapshotMetrics {
+            stores: Mutex::new(stores.iter().map(|s| (*s, StoreStats::default())).collect()),
+            started: Some(chrono::Utc::now().timestamp()),
+            schedule_gap_secs: schedule_gap.map(|d| d.as_secs_f64()),
+        }
+    }
+
     pub fn success(&self, store: &'static str, duration_secs: f64, size: u64) {
         let mut m = self.stores.lock().expect("metrics lock");
         let s = m.entry(store).or_default();
@@ -82,6 +99,19 @@ impl SnapshotMetrics {
         family("k3s_snapshot_last_failed", "gauge", "1 when the last scheduled snapshot attempt failed.", &|s| {
             Some(if s.last_error.is_some() { "1" } else { "0" }.to_string())
         });
+        let mut single = |name: &str, help: &str, value: Option<String>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} gauge");
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name} {v}");
+            }
+        };
+        single("k3s_snapshot_start_time_seconds", "Unix time the server started.", self.started.map(|v| v.to_string()));
+        single(
+            "k3s_snapshot_schedule_interval_seconds",
+            "Longest gap between two scheduled snapshots in the schedule's next fires (absent when scheduled snapshots are off).",
+            self.schedule_gap_secs.map(|v| format!("{v:.0}")),
+        );
         out
     }
 }
@@ -101,5 +131,19 @@ mod tests {
         assert!(text.contains("k3s_snapshot_last_size_bytes{store=\"local\"} 1234"), "{text}");
         assert!(text.contains("k3s_snapshot_last_failed{store=\"s3\"} 1"), "{text}");
         assert!(!text.contains("last_success_timestamp_seconds{store=\"s3\"}"), "{text}");
+        assert!(!text.contains("\nk3s_snapshot_schedule_interval_seconds "), "no schedule, no value: {text}");
+    }
+
+    #[test]
+    fn a_new_server_exports_its_stores_at_zero_its_start_and_its_schedule_gap() {
+        let m = SnapshotMetrics::new(&["local", "s3"], Some(std::time::Duration::from_secs(43200)));
+        let text = m.render();
+        for store in ["local", "s3"] {
+            assert!(text.contains(&format!("k3s_snapshot_scheduled_taken_total{{store=\"{store}\"}} 0")), "{text}");
+            assert!(text.contains(&format!("k3s_snapshot_last_failed{{store=\"{store}\"}} 0")), "{text}");
+        }
+        assert!(text.contains("\nk3s_snapshot_schedule_interval_seconds 43200\n"), "{text}");
+        let started = text.lines().find_map(|l| l.strip_prefix("k3s_snapshot_start_time_seconds ")).unwrap();
+        assert!((started.parse::<i64>().unwrap() - chrono::Utc::now().timestamp()).abs() < 5, "{text}");
     }
 }

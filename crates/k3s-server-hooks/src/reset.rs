@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::ServerConfig;
 use crate::etcd_proc::{run_tool, EtcdBinaries, EtcdLaunch, EtcdProcess};
 use crate::layout::DataDir;
+use crate::notify;
 use crate::token::Token;
 use crate::{Error, Result};
 
@@ -123,6 +124,7 @@ impl Drop for ScratchDir {
 pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPlan> {
     let dd = &cfg.data_dir;
     let Some(given) = cfg.cluster_reset_restore_path.as_deref() else {
+        notify::status("cluster reset: checking the etcd data");
         if !has_member(&dd.etcd()) {
             return Err(Error::Reset(format!(
                 "there is no etcd data in {} to reset; give --cluster-reset-restore-path to restore a snapshot",
@@ -168,6 +170,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
                 }
                 store.ensure_dirs()?;
                 tracing::info!(snapshot = %given, "downloading the snapshot to restore");
+                notify::status(&format!("restore: downloading {given}"));
                 let scratch = fetch(given.to_string(), store.dir().to_path_buf()).await?;
                 let md = local_metadata(scratch.target());
                 (scratch.path().to_path_buf(), md, Some(scratch))
@@ -227,6 +230,11 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     // wrote it) is refused here rather than by etcd after the swap. Meanwhile etcd's tool restores
     // it into the scratch dir. Both are waited for (so nothing still writes into the scratch dir
     // when the guard removes it), and the check's verdict is reported first.
+    notify::status(&format!(
+        "restore: checking {} and restoring it into {}",
+        shown.display(),
+        cfg.data_dir.etcd_restore_tmp().display()
+    ));
     let scratch = ScratchDir(Some(cfg.data_dir.etcd_restore_tmp()));
     let check = async {
         let file = raw.clone();
@@ -477,6 +485,7 @@ pub async fn execute(
                 let _ = std::fs::remove_dir_all(dd.etcd_restore_tmp().join(".deltas"));
             }
             bump(cfg).await?;
+            notify::status(&format!("restore: moving the restored data into {}", dd.etcd().display()));
             finish_restore(dd, scratch)?;
             abort_point(1);
             move_old_aside(dd)?;
@@ -490,6 +499,7 @@ pub async fn execute(
             abort_point(4);
         }
         None => {
+            notify::status(&format!("cluster reset: copying {} aside", dd.etcd().display()));
             let tmp = dd.etcd_old_tmp();
             remove_dir_if_exists(&tmp)?;
             create_private_dir(&tmp)?;
@@ -514,6 +524,7 @@ pub async fn execute(
     }
 
     let client = launch.client_config();
+    notify::status("cluster reset: starting etcd as the only member to check it");
     let mut etcd = EtcdProcess::start(bins, &launch).await?;
     let checked = async {
         let mut conn = etcd.wait_ready(&client, cfg.etcd_ready_timeout, cancel).await?;
@@ -533,5 +544,6 @@ pub async fn execute(
     checked?;
     write_file_atomic(&dd.reset_flag(), b"")?;
     tracing::info!("{RESET_DONE}");
+    notify::status("cluster reset done: start again without --cluster-reset");
     Ok(())
 }

@@ -105,6 +105,23 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The longest time between two consecutive fires among the next `fires` after `from`: what
+    /// the schedule may leave between two snapshots (`/metrics` exports it for alerts). `None`
+    /// when it fires fewer than twice.
+    pub fn longest_gap(&self, from: DateTime<Utc>, fires: usize) -> Option<Duration> {
+        let mut t = self.next_after(from)?;
+        let mut longest: Option<Duration> = None;
+        for _ in 1..fires {
+            let Some(n) = self.next_after(t) else { break };
+            let gap = (n - t).to_std().unwrap_or_default();
+            longest = longest.max(Some(gap));
+            t = n;
+        }
+        longest
+    }
+}
+
 const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 
 fn day_number(s: &str) -> std::result::Result<u32, String> {
@@ -225,6 +242,16 @@ mod tests {
         let s = utc("0 */12 * * *");
         assert_eq!(s.next_after(at(2024, 1, 1, 0, 0)).unwrap(), at(2024, 1, 1, 12, 0));
         assert_eq!(s.next_after(at(2024, 1, 1, 12, 0)).unwrap(), at(2024, 1, 2, 0, 0));
+    }
+
+    #[test]
+    fn longest_gap_is_the_widest_space_between_fires() {
+        assert_eq!(utc("0 */12 * * *").longest_gap(at(2024, 1, 1, 0, 0), 64), Some(Duration::from_secs(12 * 3600)));
+        // Weekdays at 02:00: Friday to Monday is the widest, three days.
+        let weekdays = utc("0 2 * * 1-5").longest_gap(at(2024, 1, 1, 0, 0), 64);
+        assert_eq!(weekdays, Some(Duration::from_secs(3 * 86400)));
+        let every = Schedule::parse("@every 30m").unwrap();
+        assert_eq!(every.longest_gap(Utc::now(), 64), Some(Duration::from_secs(1800)));
     }
 
     #[test]

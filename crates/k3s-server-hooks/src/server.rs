@@ -20,7 +20,7 @@ use crate::metrics::SnapshotMetrics;
 use crate::scheduler::SnapshotJob;
 use crate::snapshot_api::SnapshotService;
 use crate::token::Token;
-use crate::{api, reset, scheduler, tls, Error, Result};
+use crate::{api, notify, reset, scheduler, tls, Error, Result};
 
 /// For crash tests of a join: `added` aborts right after `MemberAdd` (before etcd starts),
 /// `learner-running` once the new learner's etcd is ready but not yet promoted.
@@ -116,11 +116,14 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
 
     // Joining: everything the cluster can refuse is asked before anything is written.
     let join_plan = match (&cfg.server_url, &plan) {
-        (Some(_), None) => match join::prepare(&cfg, &cancel).await {
-            Ok(p) => Some(p),
-            Err(Error::Cancelled) => return Ok(()),
-            Err(e) => return Err(e),
-        },
+        (Some(url), None) => {
+            notify::status(&format!("joining the cluster at {url}"));
+            match join::prepare(&cfg, &cancel).await {
+                Ok(p) => Some(p),
+                Err(Error::Cancelled) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
         _ => None,
     };
     if let Some(JoinPlan::Fresh(fresh)) = &join_plan {
@@ -166,6 +169,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         }
         None => (None, None),
     };
+    notify::status("starting etcd");
     let mut etcd = match EtcdProcess::start(&bins, &launch).await {
         Ok(e) => e,
         Err(e) => {
@@ -207,7 +211,12 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         tracing::info!(path = %dd.reset_flag().display(), "removed the cluster-reset flag: started normally after a reset");
     }
 
-    let metrics = Arc::new(SnapshotMetrics::default());
+    let mut stores = vec![scheduler::LOCAL];
+    if cfg.snapshots.remote.is_some() {
+        stores.push(scheduler::REMOTE);
+    }
+    let gap = job_schedule.as_ref().and_then(|s| s.longest_gap(chrono::Utc::now(), 64));
+    let metrics = Arc::new(SnapshotMetrics::new(&stores, gap));
     let inner = cancel.child_token();
     let tracker = TaskTracker::new();
     let snapshot_lock = Arc::new(tokio::sync::Mutex::new(()));
@@ -285,6 +294,13 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         tracker.spawn(deltas::run(job, inner.clone()));
     }
     tracing::info!(node = %cfg.node_name, etcd = %client.endpoints_display(), "server is running");
+    // etcd answered its health check above and the API's socket listens (bound before etcd
+    // started, served from now on): the service manager may start what depends on us.
+    notify::ready(&format!(
+        "running: etcd healthy at {}, supervisor api on port {}",
+        client.endpoints_display(),
+        cfg.https_listen_port
+    ));
 
     let (outcome, api_done): (Result<()>, bool) = tokio::select! {
         biased;
@@ -309,8 +325,10 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     };
     if let Err(e) = &outcome {
         tracing::error!(error = %e, "shutting down");
+        notify::stopping(&format!("stopping after an error: {e}"));
     } else {
         tracing::info!("shutting down: stopping scheduled snapshots, then etcd");
+        notify::stopping("stopping: scheduled snapshots, then etcd");
     }
     inner.cancel();
     tracker.close();

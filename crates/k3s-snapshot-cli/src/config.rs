@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::parser::ValueSource;
-use clap::{ArgAction, ArgMatches, Command};
+use clap::{Arg, ArgAction, ArgMatches, Command};
 
 pub const DEFAULT_CONFIG: &str = "/etc/rancher/k3s/config.yaml";
 
@@ -131,6 +131,17 @@ pub fn merge(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Merged> {
         // Let the real parse report usage errors, help and version.
         Err(_) => return Ok(Merged { argv, warnings: Vec::new() }),
     };
+    let links = chain(&matches);
+    let Some((first, _)) = links.first() else {
+        return Ok(Merged { argv, warnings: Vec::new() });
+    };
+    // The command whose flags the file sets, and the matches at every level below it (global
+    // flags propagate, so a flag counts as set if any level says so).
+    let sub_cmd = cmd.find_subcommand(first).expect("parsed subcommand exists").clone();
+    // Commands that take no config file (`completion`) read none.
+    if !sub_cmd.get_arguments().any(|a| a.get_id() == "config") {
+        return Ok(Merged { argv, warnings: Vec::new() });
+    }
     let Some((path, explicit)) = config_path(&matches) else {
         return Ok(Merged { argv, warnings: Vec::new() });
     };
@@ -149,13 +160,6 @@ pub fn merge(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Merged> {
         }
         Err(e) => return Err(e),
     };
-    let links = chain(&matches);
-    let Some((first, _)) = links.first() else {
-        return Ok(Merged { argv, warnings: Vec::new() });
-    };
-    // The command whose flags the file sets, and the matches at every level below it (global
-    // flags propagate, so a flag counts as set if any level says so).
-    let sub_cmd = cmd.find_subcommand(first).expect("parsed subcommand exists").clone();
     let mut all_cmds = vec![sub_cmd.clone()];
     let mut c = sub_cmd.clone();
     for (name, _) in links.iter().skip(1) {
@@ -171,12 +175,7 @@ pub fn merge(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Merged> {
             warnings.push(format!("config file {}: key {k:?} is not a string, ignored", path.display()));
             continue;
         };
-        let arg = all_cmds.iter().find_map(|c| {
-            c.get_arguments()
-                .find(|a| a.get_long() == Some(key) || a.get_all_aliases().is_some_and(|al| al.contains(&key)))
-                .cloned()
-        });
-        let Some(arg) = arg else {
+        let Some(arg) = lookup_key(&all_cmds, key) else {
             warnings.push(format!("config file {}: unknown key {key:?} ignored", path.display()));
             continue;
         };
@@ -211,6 +210,16 @@ pub fn merge(cmd: Command, argv: Vec<OsString>) -> anyhow::Result<Merged> {
     let pos = argv.iter().position(|a| a.to_str() == Some(first.as_str())).map(|p| p + 1).unwrap_or(argv.len());
     argv.splice(pos..pos, extra);
     Ok(Merged { argv, warnings })
+}
+
+/// Whether the config-file key `key` names `arg`: its long name or one of its aliases.
+pub fn names_arg(arg: &Arg, key: &str) -> bool {
+    arg.get_long() == Some(key) || arg.get_all_aliases().is_some_and(|al| al.contains(&key))
+}
+
+/// The arg that the config-file key `key` sets among `cmds` (a subcommand and those below it).
+pub fn lookup_key(cmds: &[Command], key: &str) -> Option<Arg> {
+    cmds.iter().find_map(|c| c.get_arguments().find(|a| names_arg(a, key)).cloned())
 }
 
 fn scalar(v: &serde_yaml::Value) -> Option<String> {

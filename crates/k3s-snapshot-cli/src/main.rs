@@ -3,6 +3,7 @@
 //! that parses flags, prints, installs the log subscriber and handles signals.
 
 mod config;
+mod generate;
 mod ls;
 mod remote;
 mod s3args;
@@ -40,7 +41,18 @@ enum Command {
     Server(server::ServerArgs),
     /// Save, list, delete and prune etcd snapshots
     EtcdSnapshot(snapshot::SnapshotArgs),
+    /// Print the shell completion script: `source <(k3s-snapshot completion bash)`
+    Completion {
+        /// Shell to complete for
+        #[arg(value_enum)]
+        shell: generate::CompletionShell,
+    },
 }
+
+/// `k3s-snapshot generate-dist-files DIR`: man pages, completions and the example config.yaml
+/// for `cargo xtask dist`. Not a clap subcommand, so that neither the completions nor the man
+/// pages offer it (clap_complete lists hidden subcommands too).
+const GENERATE_DIST_FILES: &str = "generate-dist-files";
 
 fn init_logging(format: LogFormat, debug: bool) {
     use tracing_subscriber::EnvFilter;
@@ -60,6 +72,19 @@ fn init_logging(format: LogFormat, debug: bool) {
 
 fn main() -> ExitCode {
     let argv: Vec<_> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == GENERATE_DIST_FILES) {
+        let [_, _, dir] = argv.as_slice() else {
+            eprintln!("error: usage: k3s-snapshot {GENERATE_DIST_FILES} DIR");
+            return ExitCode::from(2);
+        };
+        return match generate::write_dist_files(Cli::command(), std::path::Path::new(dir)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let merged = match config::merge(Cli::command(), argv) {
         Ok(m) => m,
         Err(e) => {
@@ -74,6 +99,15 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // Commands that only print what the clap definitions say: no logging, no runtime.
+    match &cli.command {
+        Command::Completion { shell } => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&generate::completion(Cli::command(), *shell));
+            return ExitCode::SUCCESS;
+        }
+        Command::Server(_) | Command::EtcdSnapshot(_) => {}
+    }
     init_logging(cli.log_format, cli.debug);
     let cli_json = cli.log_format == LogFormat::Json;
     // The S3 client reads its proxy from the environment when it is built; set it while the
@@ -81,6 +115,7 @@ fn main() -> ExitCode {
     let proxy = match &cli.command {
         Command::Server(a) => a.s3.proxy.clone(),
         Command::EtcdSnapshot(a) => a.common.s3.proxy.clone(),
+        Command::Completion { .. } => None,
     };
     if let Some(proxy) = proxy.filter(|p| !p.is_empty()) {
         for (k, v) in s3_backend::proxy_env(&proxy) {
@@ -103,6 +138,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(args) => server::run(args, cancel).await,
             Command::EtcdSnapshot(args) => snapshot::run(args, cancel).await,
+            Command::Completion { .. } => Ok(()),
         }
     });
     match result {
@@ -330,6 +366,17 @@ mod tests {
         assert_eq!(s.etcd_snapshot_encryption_recipients_file.as_deref(), Some(std::path::Path::new("/r.txt")));
         assert_eq!(s.etcd_snapshot_encryption_identity_file.as_deref(), Some(std::path::Path::new("/k.txt")));
         assert_eq!(s.s3.sse.as_deref(), Some("AES256"));
+    }
+
+    #[test]
+    fn completion_takes_bash_zsh_or_fish() {
+        for shell in ["bash", "zsh", "fish"] {
+            assert!(matches!(parse(&["completion", shell]).unwrap().command, Command::Completion { .. }), "{shell}");
+        }
+        assert!(parse(&["completion", "tcsh"]).is_err());
+        assert!(parse(&["completion"]).is_err());
+        // Not a clap subcommand: handled before parsing, so help and completions never show it.
+        assert!(parse(&[GENERATE_DIST_FILES, "/tmp/x"]).is_err());
     }
 
     #[test]
