@@ -57,6 +57,14 @@ fn shipping_flags(s3: &S3Server) -> Vec<String> {
     f
 }
 
+/// A fresh node's reset from S3: the S3 flags, the token, `latest`, then `extra`.
+fn restore_flags(s3: &S3Server, token: &str, extra: &[String]) -> Vec<String> {
+    let mut f = s3.server_flags("snaps");
+    f.extend([format!("--token={token}"), "--cluster-reset".into(), "--cluster-reset-restore-path=latest".into()]);
+    f.extend_from_slice(extra);
+    f
+}
+
 fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -92,14 +100,7 @@ fn a_fresh_node_restores_every_shipped_write_from_s3(v: EtcdVersion) {
     // is new: the old cluster's CA went with the node).
     let token = dd.token().split_once("::server:").map(|(_, s)| s.to_string()).unwrap();
     let fresh = DataDir::new(v);
-    let mut restore_flags = s3.server_flags("snaps");
-    restore_flags.extend([
-        format!("--token={token}"),
-        "--cluster-reset".into(),
-        "--cluster-reset-restore-path=latest".into(),
-        "--cluster-reset-restore-deltas".into(),
-    ]);
-    let r = fresh.run(&strs(&restore_flags));
+    let r = fresh.run(&strs(&restore_flags(&s3, &token, &["--cluster-reset-restore-deltas".into()])));
     assert_reset_done(&r, &fresh);
     assert!(r.stderr.contains("replayed the delta segments"), "{}", r.stderr);
     let s2 = fresh.start(&["--etcd-disable-snapshots", &format!("--token={token}")]);
@@ -111,14 +112,11 @@ fn a_fresh_node_restores_every_shipped_write_from_s3(v: EtcdVersion) {
 
     // Exactly the keyspace of revision `mid`, and its revision (no bump asked).
     let exact = DataDir::new(v);
-    let mut flags = s3.server_flags("snaps");
-    flags.extend([
-        format!("--token={token}"),
-        "--cluster-reset".into(),
-        "--cluster-reset-restore-path=latest".into(),
-        format!("--cluster-reset-restore-to-revision={mid}"),
-        "--cluster-reset-restore-bump-revision=0".into(),
-    ]);
+    let flags = restore_flags(
+        &s3,
+        &token,
+        &[format!("--cluster-reset-restore-to-revision={mid}"), "--cluster-reset-restore-bump-revision=0".into()],
+    );
     assert_reset_done(&exact.run(&strs(&flags)), &exact);
     let s3_ = exact.start(&["--etcd-disable-snapshots", &format!("--token={token}")]);
     assert_eq!(all_keys(&exact), at_mid);
@@ -127,13 +125,7 @@ fn a_fresh_node_restores_every_shipped_write_from_s3(v: EtcdVersion) {
 
     // A revision beyond what was shipped is refused, with nothing changed.
     let beyond = DataDir::new(v);
-    let mut flags = s3.server_flags("snaps");
-    flags.extend([
-        format!("--token={token}"),
-        "--cluster-reset".into(),
-        "--cluster-reset-restore-path=latest".into(),
-        format!("--cluster-reset-restore-to-revision={}", last + 100),
-    ]);
+    let flags = restore_flags(&s3, &token, &[format!("--cluster-reset-restore-to-revision={}", last + 100)]);
     beyond.run(&strs(&flags)).assert_fails_with("reach only revision");
     assert!(!beyond.db().join("etcd/member").exists());
 }

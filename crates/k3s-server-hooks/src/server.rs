@@ -250,19 +250,21 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let mut api_task =
         tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
 
+    // Scheduled snapshots and the full snapshots that start delta chains are saved alike.
+    let scheduled_save = SaveOptions {
+        prefix: cfg.snapshots.name.clone(),
+        node: cfg.node_name.clone(),
+        compress: cfg.snapshots.compress,
+        token_hash: Some(token.metadata_hash()),
+        encryption: cfg.snapshots.encryption.clone(),
+    };
     let mut scheduler_task = None;
     if let Some(schedule) = job_schedule {
         let job = Arc::new(SnapshotJob {
             schedule,
             local: cfg.snapshot_store(),
             remote: cfg.snapshots.remote.clone(),
-            save: SaveOptions {
-                prefix: cfg.snapshots.name.clone(),
-                node: cfg.node_name.clone(),
-                compress: cfg.snapshots.compress,
-                token_hash: Some(token.metadata_hash()),
-                encryption: cfg.snapshots.encryption.clone(),
-            },
+            save: scheduled_save.clone(),
             retention: cfg.snapshots.retention,
             remote_retention: cfg.snapshots.remote_retention,
             jitter: cfg.snapshots.jitter,
@@ -280,13 +282,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             interval,
             local: cfg.snapshot_store(),
             remote: cfg.snapshots.remote.clone(),
-            save: SaveOptions {
-                prefix: cfg.snapshots.name.clone(),
-                node: cfg.node_name.clone(),
-                compress: cfg.snapshots.compress,
-                token_hash: Some(token.metadata_hash()),
-                encryption: cfg.snapshots.encryption.clone(),
-            },
+            save: scheduled_save.clone(),
             etcd: client.clone(),
             metrics,
             lock: snapshot_lock.clone(),
