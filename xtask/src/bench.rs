@@ -175,7 +175,7 @@ impl Row {
     /// child): there the sampled `VmHWM` of our own process.
     fn our_peak_kib(&self) -> u64 {
         let own = |m: &Measured| {
-            if self.scenario == Scenario::Restore {
+            if matches!(self.scenario, Scenario::Restore | Scenario::RestoreNoBump) {
                 m.own_hwm_kib.unwrap_or(m.maxrss_kib)
             } else {
                 m.maxrss_kib
