@@ -11,12 +11,14 @@
 //! from a future that the restore undid. A revision is 8 bytes big-endian main, `_`, 8 bytes
 //! big-endian sub (a tombstone adds a trailing `t`).
 //!
-//! The database is rewritten as a whole ([`crate::bbolt::writer::rewrite_file`]): a new file,
-//! fsynced and checked, renamed over the old one.
+//! The change is committed as bbolt commits ([`crate::bbolt::writer::append_commit`]): copies of
+//! the few touched pages appended, fsync, then a new meta in the other slot; a database of a shape
+//! that commit does not handle is rewritten whole ([`crate::bbolt::writer::rewrite_file`]: a new
+//! file, fsynced and checked, renamed over the old one).
 
 use std::path::Path;
 
-use crate::bbolt::writer::{rewrite_file, Edits, WriteError};
+use crate::bbolt::writer::{append_commit, rewrite_file, Edits, WriteError};
 use crate::bbolt::{Db, Value};
 use crate::{Error, Result};
 
@@ -103,9 +105,18 @@ pub fn bump_revision(db: &Path, amount: u64) -> Result<Bumped> {
     let mut edits = Edits::default();
     edits.put(KEY_BUCKET, &rev, b"");
     edits.put(META_BUCKET, SCHEDULED_COMPACT_KEY, &rev);
-    rewrite_file(db, &edits).map_err(|e| match e {
+    let to_core = |e: WriteError| match e {
         WriteError::Io { action, path, source } => Error::Io { action, path, cause: source },
         e => Error::Invalid(e.to_string()),
-    })?;
+    };
+    // Usually a commit of the few touched pages, as bbolt makes one; a db of another shape is
+    // rewritten whole. Either way the result is checked with the reader.
+    if append_commit(db, &edits).map_err(to_core)?.is_none() {
+        tracing::debug!(db = %db.display(), "the database's shape needs a full rewrite for the bump");
+        rewrite_file(db, &edits).map_err(to_core)?;
+    } else {
+        let opened = Db::open(db).map_err(|e| Error::Invalid(e.to_string()))?;
+        opened.check().map_err(|e| Error::Invalid(format!("the bumped database fails its check: {e}")))?;
+    }
     Ok(Bumped { old, new })
 }

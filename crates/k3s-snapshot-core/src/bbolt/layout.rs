@@ -75,7 +75,7 @@ pub(super) fn le_u32(b: &[u8], off: usize) -> Option<u32> {
     Some(u32::from_le_bytes(s.try_into().ok()?))
 }
 
-pub(super) fn le_u64(b: &[u8], off: usize) -> Option<u64> {
+pub(crate) fn le_u64(b: &[u8], off: usize) -> Option<u64> {
     let s = b.get(off..off.checked_add(8)?)?;
     Some(u64::from_le_bytes(s.try_into().ok()?))
 }
