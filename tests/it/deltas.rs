@@ -69,13 +69,19 @@ fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-fn a_fresh_node_restores_every_shipped_write_from_s3(v: EtcdVersion) {
+/// S3 with a bucket, and a server shipping deltas to it that already follows etcd.
+fn start_shipping(v: EtcdVersion) -> (S3Server, DataDir, Vec<String>, Server) {
     let s3 = S3Server::start();
     s3.create_bucket("snaps");
     let dd = DataDir::new(v);
     let flags = shipping_flags(&s3);
     let s = dd.start(&strs(&flags));
     wait_following(&s);
+    (s3, dd, flags, s)
+}
+
+fn a_fresh_node_restores_every_shipped_write_from_s3(v: EtcdVersion) {
+    let (s3, dd, _, s) = start_shipping(v);
     for i in 0..30 {
         put(&dd, &[(&format!("/registry/k{i:02}"), &i.to_string())]);
     }
@@ -131,12 +137,7 @@ fn a_fresh_node_restores_every_shipped_write_from_s3(v: EtcdVersion) {
 }
 
 fn a_compaction_while_the_server_was_down_starts_a_new_chain(v: EtcdVersion) {
-    let s3 = S3Server::start();
-    s3.create_bucket("snaps");
-    let dd = DataDir::new(v);
-    let flags = shipping_flags(&s3);
-    let s = dd.start(&strs(&flags));
-    wait_following(&s);
+    let (s3, dd, flags, s) = start_shipping(v);
     put(&dd, &[("/a", "1"), ("/b", "2")]);
     wait_shipped(&s, revision(&dd));
     s.stop();
