@@ -61,6 +61,8 @@ fn sha256_hex(p: &Path) -> String {
 fn encrypted_on_demand_snapshots_decrypt_with_the_age_cli_local_and_from_s3() {
     let etcd = Etcd::start(EtcdVersion::V3_5);
     etcd.put_many("/registry/secrets/", 40);
+    // Larger than a part, so the upload follows the encrypted file in one streamed request.
+    etcd.load_mib("/registry/big/", 24);
     let revision = etcd.revision();
     let s3 = S3Server::start();
     s3.create_bucket("snaps");
@@ -74,8 +76,14 @@ fn encrypted_on_demand_snapshots_decrypt_with_the_age_cli_local_and_from_s3() {
             args.push("--snapshot-compress");
         }
         let before = files(&dir);
-        let out = run(&mut snap(&etcd, &dir, &s3, &args));
+        let out = run(snap(&etcd, &dir, &s3, &args).env("K3S_SNAPSHOT_LOG", "debug"));
         out.assert_ok();
+        // The upload follows the encrypted file as it is written; unzipped, in one request of
+        // the length announced up front (a wrong length made it fail at the end and start over).
+        assert!(!out.stderr.contains("uploading the saved file"), "the pipelined upload failed: {}", out.stderr);
+        if !compress {
+            assert!(out.stderr.contains("uploaded in one streamed request"), "{}", out.stderr);
+        }
         let new: Vec<String> = files(&dir).into_iter().filter(|f| !before.contains(f)).collect();
         assert_eq!(new.len(), 1, "one file, the encrypted one: {new:?}");
         let name = &new[0];

@@ -163,6 +163,11 @@ impl Row {
         median(self.ours.iter().map(|m| m.wall.as_secs_f64()).collect())
     }
 
+    /// Median user + system time of our runs, seconds.
+    fn ours_cpu_median(&self) -> f64 {
+        median(self.ours.iter().map(|m| m.cpu.as_secs_f64()).collect())
+    }
+
     fn reference_median(&self) -> f64 {
         median(self.reference.iter().map(Duration::as_secs_f64).collect())
     }
@@ -541,16 +546,17 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
         snap_bytes as f64 / MIB
     );
     println!(
-        "{:<11} {:>9} {:>9} {:>7} {:>13} {:>10}  reference",
-        "scenario", "ours", "ref", "ratio", "our peak RSS", "(anon)"
+        "{:<11} {:>9} {:>9} {:>7} {:>8} {:>13} {:>10}  reference",
+        "scenario", "ours", "ref", "ratio", "our CPU", "our peak RSS", "(anon)"
     );
     for r in rows {
         println!(
-            "{:<11} {:>8.2}s {:>8.2}s {:>6.2}x {:>9.1} MiB {:>6.1} MiB  {}",
+            "{:<11} {:>8.2}s {:>8.2}s {:>6.2}x {:>7.2}s {:>9.1} MiB {:>6.1} MiB  {}",
             r.scenario.key(),
             r.ours_median(),
             r.reference_median(),
             r.ratio(),
+            r.ours_cpu_median(),
             mib(r.our_peak_kib()),
             mib(r.our_anon_peak_kib()),
             r.scenario.reference()
@@ -642,6 +648,7 @@ fn results_json(m: &Machine, runs: usize, sizes: &[(usize, u64, Vec<Row>)]) -> s
                 "ours_median_s": r.ours_median(),
                 "reference_median_s": r.reference_median(),
                 "ratio": r.ratio(),
+                "ours_cpu_s": secs(&r.ours.iter().map(|m| m.cpu).collect::<Vec<_>>()),
                 "our_peak_rss_kib": r.our_peak_kib(),
                 "our_anon_peak_kib_sampled": r.our_anon_peak_kib(),
                 "our_maxrss_with_children_kib": r.ours.iter().map(|m| m.maxrss_kib).max(),

@@ -29,6 +29,8 @@ pub struct Measured {
     pub own_hwm_kib: Option<u64>,
     /// The largest `RssAnon` sampled, KiB.
     pub anon_peak_kib: Option<u64>,
+    /// User + system CPU time of the child (and the descendants it reaped).
+    pub cpu: Duration,
 }
 
 #[derive(Default)]
@@ -61,7 +63,7 @@ impl Measure {
         let pid = child.id() as i32;
         let done = AtomicBool::new(false);
         let (hwm, anon) = (AtomicU64::new(0), AtomicU64::new(0));
-        let (status, maxrss_kib, wall) = std::thread::scope(|s| {
+        let (status, (maxrss_kib, cpu), wall) = std::thread::scope(|s| {
             if self.sample {
                 s.spawn(|| {
                     while !done.load(Ordering::Relaxed) {
@@ -100,7 +102,7 @@ impl Measure {
             );
         }
         let sampled = |v: &AtomicU64| Some(v.load(Ordering::Relaxed)).filter(|k| self.sample && *k > 0);
-        Ok(Measured { wall, maxrss_kib, own_hwm_kib: sampled(&hwm), anon_peak_kib: sampled(&anon) })
+        Ok(Measured { wall, maxrss_kib, own_hwm_kib: sampled(&hwm), anon_peak_kib: sampled(&anon), cpu })
     }
 }
 
@@ -117,9 +119,9 @@ fn exited_ok(status: i32) -> bool {
     libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
 }
 
-/// Reaps `pid`, returning its wait status and `ru_maxrss` (KiB on Linux).
+/// Reaps `pid`, returning its wait status, `ru_maxrss` (KiB on Linux) and user + system time.
 #[allow(unsafe_code)]
-fn wait4(pid: i32) -> Result<(i32, u64)> {
+fn wait4(pid: i32) -> Result<(i32, (u64, Duration))> {
     let mut status: libc::c_int = 0;
     // SAFETY: all-zero bytes are a valid `rusage` (plain integers and timevals).
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -128,7 +130,10 @@ fn wait4(pid: i32) -> Result<(i32, u64)> {
         // our own unreaped child, so nothing else reaps it concurrently.
         let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
         if r == pid {
-            return Ok((status, ru.ru_maxrss.max(0) as u64));
+            let tv = |t: libc::timeval| {
+                Duration::from_micros((t.tv_sec.max(0) as u64) * 1_000_000 + t.tv_usec.max(0) as u64)
+            };
+            return Ok((status, (ru.ru_maxrss.max(0) as u64, tv(ru.ru_utime) + tv(ru.ru_stime))));
         }
         let err = std::io::Error::last_os_error();
         if err.kind() != std::io::ErrorKind::Interrupted {
