@@ -6,10 +6,12 @@
 //! cache, with `pread` on its own descriptor) at its own pace, and the save never waits for it. A
 //! slow S3 only makes the upload finish later, bounded by the store's own deadline.
 //!
-//! With recipients ([`SaveOptions::encryption`]) the plaintext never reaches the disk: etcd's
-//! messages go, after the trailer check, to a [`Sealer`] thread that zips them (with
-//! [`compress::ZipStream`], when compressing) and encrypts them with age straight into
-//! `<file>[.zip].age.part`; the tee follows that file as it follows a plain one. The SHA-256 in the
+//! After the trailer check, etcd's messages go in 256 KiB batches to a [`Sealer`] thread that
+//! writes the file with plain blocking writes (tokio's file type copies every buffer once more on
+//! its way to a blocking thread). With recipients ([`SaveOptions::encryption`]) the plaintext
+//! never reaches the disk: the sealer zips them (with [`compress::ZipStream`], when compressing)
+//! and encrypts them with age straight into `<file>[.zip].age.part`; the tee follows that file as
+//! it follows a plain one. The SHA-256 in the
 //! metadata is then that of the encrypted bytes, and no native content check runs after the save
 //! (it would need the plaintext): the revision is the one etcd reported, the key count is unknown.
 
@@ -20,7 +22,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use chrono::Utc;
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -204,10 +205,11 @@ enum SealMsg {
     End,
 }
 
-/// What an encrypted save wrote.
+/// What the writer thread wrote.
 struct Sealed {
     len: u64,
-    sha256: [u8; 32],
+    /// Of the encrypted file.
+    sha256: Option<[u8; 32]>,
 }
 
 /// The file under the age stream: counts and hashes the encrypted bytes as they reach it. age
@@ -216,14 +218,17 @@ struct Sealed {
 struct Tap {
     file: std::fs::File,
     written: Arc<AtomicU64>,
-    sha: sha2::Sha256,
+    /// Of the encrypted bytes; a plain file's hash comes from the trailer check.
+    sha: Option<sha2::Sha256>,
 }
 
 impl std::io::Write for Tap {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         use sha2::Digest;
         let n = self.file.write(buf)?;
-        self.sha.update(&buf[..n]);
+        if let Some(sha) = &mut self.sha {
+            sha.update(&buf[..n]);
+        }
         self.written.fetch_add(n as u64, Ordering::Release);
         Ok(n)
     }
@@ -232,8 +237,9 @@ impl std::io::Write for Tap {
     }
 }
 
-/// Zips (optionally) and encrypts on a thread of its own, so that deflate and ChaCha20-Poly1305
-/// run beside the receiving of etcd's stream rather than on the async runtime. etcd's messages
+/// Writes the file on a thread of its own (zipping and encrypting it when the save is encrypted),
+/// so that the writes, deflate and ChaCha20-Poly1305 run beside the receiving of etcd's stream
+/// rather than on the async runtime. etcd's messages
 /// are gathered into [`SEAL_BATCH`] batches first: one channel message (and thread wakeup) per
 /// 32 KiB message cost more than a tenth of the encryption's own time.
 struct Sealer {
@@ -255,15 +261,27 @@ const SEAL_BATCH: usize = 256 << 10;
 const SEAL_QUEUE: usize = 8;
 
 impl Sealer {
-    fn start(file: std::fs::File, part: &Path, recipients: &Recipients, zip_entry: Option<String>) -> Result<Sealer> {
+    /// Writes `file` through age to `recipients` (zipped first with `zip_entry`), or as it
+    /// comes without recipients.
+    fn start(
+        file: std::fs::File,
+        part: &Path,
+        recipients: Option<&Recipients>,
+        zip_entry: Option<String>,
+    ) -> Result<Sealer> {
         use sha2::Digest;
         let written = Arc::new(AtomicU64::new(0));
-        let tap = Tap { file, written: written.clone(), sha: sha2::Sha256::new() };
-        let age = recipients.encrypt_to(tap)?;
+        let out = match recipients {
+            Some(r) => {
+                let tap = Tap { file, written: written.clone(), sha: Some(sha2::Sha256::new()) };
+                Out::Age(r.encrypt_to(tap)?)
+            }
+            None => Out::Plain(Tap { file, written: written.clone(), sha: None }),
+        };
         let header_len = written.load(Ordering::Acquire);
         let (tx, rx) = tokio::sync::mpsc::channel(SEAL_QUEUE);
         let part = part.to_path_buf();
-        let task = tokio::task::spawn_blocking(move || seal(age, zip_entry, rx, &part));
+        let task = tokio::task::spawn_blocking(move || seal(out, zip_entry, rx, &part));
         Ok(Sealer { tx, batch: bytes::BytesMut::new(), task, written, header_len })
     }
 
@@ -308,20 +326,23 @@ impl Sealer {
     }
 }
 
-/// The sealer thread: `[zip →] age → file`, until [`SealMsg::End`] (then the last chunk and an
+/// Where the writer thread sends etcd's stream.
+enum Out {
+    Plain(Tap),
+    Age(age::stream::StreamWriter<Tap>),
+    Zip(compress::ZipStream<age::stream::StreamWriter<Tap>>),
+}
+
+/// The writer thread: `[[zip →] age →] file`, until [`SealMsg::End`] (then the last chunk and an
 /// fsync) or until the save drops its side (then it stops and writes nothing more).
 fn seal(
-    age: age::stream::StreamWriter<Tap>,
+    out: Out,
     zip_entry: Option<String>,
     mut rx: tokio::sync::mpsc::Receiver<SealMsg>,
     part: &Path,
 ) -> Result<Sealed> {
     use std::io::Write;
-    enum Out {
-        Age(age::stream::StreamWriter<Tap>),
-        Zip(compress::ZipStream<age::stream::StreamWriter<Tap>>),
-    }
-    let mut out = Some(Out::Age(age));
+    let mut out = Some(out);
     let mut zip_entry = zip_entry;
     let mut start_zip = |out: &mut Option<Out>, zip64: bool| -> std::io::Result<()> {
         if let Some(entry) = zip_entry.take() {
@@ -337,6 +358,7 @@ fn seal(
             SealMsg::Data(b) => {
                 // No size was announced: a zip that may be large.
                 start_zip(&mut out, true).and_then(|()| match out.as_mut() {
+                    Some(Out::Plain(w)) => w.write_all(&b),
                     Some(Out::Age(w)) => w.write_all(&b),
                     Some(Out::Zip(w)) => w.write_all(&b),
                     None => Ok(()),
@@ -344,16 +366,17 @@ fn seal(
             }
             SealMsg::End => {
                 let _ = start_zip(&mut out, false);
-                let age = match out.take() {
-                    Some(Out::Zip(z)) => z.finish(),
-                    Some(Out::Age(a)) => Ok(a),
+                let tap = match out.take() {
+                    Some(Out::Zip(z)) => z.finish().and_then(|a| a.finish()),
+                    Some(Out::Age(a)) => a.finish(),
+                    Some(Out::Plain(t)) => Ok(t),
                     None => Err(std::io::Error::other("nothing to finish")),
                 };
-                let tap = age.and_then(|a| a.finish()).map_err(Error::io("write", part))?;
+                let tap = tap.map_err(Error::io("write", part))?;
                 tap.file.sync_all().map_err(Error::io("fsync", part))?;
                 use sha2::Digest;
                 let len = tap.written.load(Ordering::Acquire);
-                return Ok(Sealed { len, sha256: tap.sha.finalize().into() });
+                return Ok(Sealed { len, sha256: tap.sha.map(|s| s.finalize().into()) });
             }
         };
         if let Err(cause) = step {
@@ -420,13 +443,9 @@ async fn save_inner(
         r = conn.client.snapshot() => r.map_err(|cause| Error::EtcdStream { endpoints: endpoints.clone(), received: 0, cause })?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
-    let (mut w, mut sealer) = match &opts.encryption {
-        Some(recipients) => {
-            let entry = opts.compress.then(|| file.clone());
-            (None, Some(Sealer::start(part_file, &part, recipients, entry)?))
-        }
-        None => (Some(tokio::io::BufWriter::with_capacity(4 << 20, tokio::fs::File::from_std(part_file))), None),
-    };
+    // A plain save zips (when asked) after the file is whole; an encrypted one on the way.
+    let entry = (opts.compress && sealed_save).then(|| file.clone());
+    let mut sealer = Sealer::start(part_file, &part, opts.encryption.as_deref(), entry)?;
     // One SHA-256 pass serves both the trailer check and the file's checksum for the metadata.
     let mut check = TrailerCheck::new();
     let mut advanced = 0u64;
@@ -445,35 +464,27 @@ async fn save_inner(
         if let Some(hook) = on_name.take() {
             // etcd counts `remaining_bytes` over the database only; the trailer follows it.
             let announced = (blob.len() as u64).checked_add(resp.remaining_bytes()).and_then(|n| n.checked_add(32));
-            let stored_len = match &mut sealer {
-                None => announced,
-                Some(s) if opts.compress => {
-                    // The zip's size is not known before the end; it needs 64-bit sizes when the
-                    // entry (or the zip) may reach 4 GiB.
-                    s.send(SealMsg::Zip64(announced.is_none_or(|n| n >= ZIP64_ABOVE))).await?;
-                    None
-                }
-                Some(s) => announced.map(|n| s.header_len + crate::encryption::len_after_start(n)),
+            let stored_len = if !sealed_save {
+                announced
+            } else if opts.compress {
+                // The zip's size is not known before the end; it needs 64-bit sizes when the
+                // entry (or the zip) may reach 4 GiB.
+                sealer.send(SealMsg::Zip64(announced.is_none_or(|n| n >= ZIP64_ABOVE))).await?;
+                None
+            } else {
+                announced.map(|n| sealer.header_len + crate::encryption::len_after_start(n))
             };
             hook(&stored_file, stored_len);
         }
         check.update(blob);
-        if let Some(w) = &mut w {
-            w.write_all(blob).await.map_err(Error::io("write", &part))?;
-            if let Some(t) = &tee {
-                t.advance(check.total() - w.buffer().len() as u64);
-            }
-        }
-        if let Some(s) = &mut sealer {
-            s.push(blob).await?;
-            if let Some(t) = &tee {
-                // The follower reads in steps of at least FOLLOW_CHUNK: waking it for each of
-                // age's 64 KiB chunks cost a thread handoff per chunk.
-                let written = s.written();
-                if written >= advanced + FOLLOW_CHUNK {
-                    t.advance(written);
-                    advanced = written;
-                }
+        sealer.push(blob).await?;
+        if let Some(t) = &tee {
+            // The follower reads in steps of at least FOLLOW_CHUNK: waking it for each write
+            // cost a thread handoff per write.
+            let written = sealer.written();
+            if written >= advanced + FOLLOW_CHUNK {
+                t.advance(written);
+                advanced = written;
             }
         }
         progress.advance(blob.len() as u64);
@@ -484,9 +495,9 @@ async fn save_inner(
     }
     let raw_size = check.total();
     let raw_sha256 = check.finish_with_stream_sha256(&file)?;
-    if let Some(sealer) = sealer {
-        // The trailer matched: only now does the age stream get its last chunk.
-        let sealed = sealer.finish().await?;
+    // The trailer matched: only now does an age stream get its last chunk.
+    let sealed = sealer.finish().await?;
+    if let Some(sha256) = sealed.sha256 {
         durable_rename(&part, &path)?;
         guard.disarm();
         if let Some(t) = tee {
@@ -498,7 +509,7 @@ async fn save_inner(
             size: sealed.len,
             created_at: Utc::now(),
             compressed: opts.compress,
-            sha256: hex::encode(sealed.sha256),
+            sha256: hex::encode(sha256),
             etcd_revision: Some(conn.revision),
             etcd_version: Some(conn.version.clone()),
             total_key: None,
@@ -508,11 +519,6 @@ async fn save_inner(
         };
         return finish_save(store, path, metadata, raw_size, started);
     }
-    let Some(mut w) = w else { unreachable!("a plain save has its writer") };
-    w.flush().await.map_err(Error::io("write", &part))?;
-    let f = w.into_inner();
-    f.sync_all().await.map_err(Error::io("fsync", &part))?;
-    drop(f);
     durable_rename(&part, &path)?;
     guard.disarm();
     if let Some(t) = tee {
