@@ -424,7 +424,8 @@ fn dashboard_and_alert_metrics_all_exist_in_a_live_metrics() {
     assert!(used.len() >= 6, "the parse found too little: {used:?}");
 
     let dd = DataDir::new(EtcdVersion::V3_5);
-    let s = dd.start(&["--etcd-snapshot-schedule-cron=@every 1s"]);
+    // The k3s_snapshot_delta_* series exist only on a server that ships delta segments.
+    let s = dd.start(&["--etcd-snapshot-schedule-cron=@every 1s", "--etcd-snapshot-delta-interval=1s"]);
     let taken = "k3s_snapshot_scheduled_taken_total{store=\"local\"} ";
     let read =
         || block_on(async { s.http().get(format!("{}/metrics", s.api())).send().await.unwrap().text().await.unwrap() });
@@ -436,5 +437,8 @@ fn dashboard_and_alert_metrics_all_exist_in_a_live_metrics() {
     assert!(missing.is_empty(), "used but not exported: {missing:?}; exported: {exported:?}");
     // The alert's "twice the schedule" reads the schedule's gap from the server itself.
     assert!(read().lines().any(|l| l == "k3s_snapshot_schedule_interval_seconds 1"), "{}", read());
+    // So does the delta lag rule's "three intervals".
+    assert!(read().lines().any(|l| l == "k3s_snapshot_delta_interval_seconds 1"), "{}", read());
+    assert!(used.iter().any(|n| n.starts_with("k3s_snapshot_delta_")), "no delta metric is used: {used:?}");
     s.stop();
 }

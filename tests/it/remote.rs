@@ -9,7 +9,7 @@ use tests::support::server::{files, put, DataDir, Server};
 
 /// `k3s-snapshot etcd-snapshot <args> --etcd-server <server> --etcd-token <token>` from a
 /// machine with nothing of the cluster (its own empty data dir).
-fn remote(server: &Server, token: &str, args: &[&str]) -> Run {
+pub(crate) fn remote(server: &Server, token: &str, args: &[&str]) -> Run {
     let elsewhere = tempfile::tempdir().unwrap();
     let mut c = bin::cmd();
     c.arg("etcd-snapshot")

@@ -8,7 +8,8 @@
 //! snapshot at once and a new chain starts after it. A restore replays only contiguous segments.
 //! An upload that fails is retried before each later one, in order, so the chain in S3 has no
 //! hole that the local one lacks. Memory stays bounded: events go to the open segment file as they
-//! arrive.
+//! arrive. With `--etcd-snapshot-encryption-recipients-file` every segment is written through age
+//! (`<name>.seg.age`, see [`k3s_snapshot_core::delta`]): only ciphertext reaches the disk and S3.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub struct DeltaJob {
 /// What `/metrics` shows of the shipping.
 #[derive(Debug, Default)]
 pub struct DeltaMetrics {
+    /// `--etcd-snapshot-delta-interval`, so that an alert can scale its lag threshold.
+    pub interval: Duration,
     pub shipped_revision: AtomicI64,
     pub etcd_revision: AtomicI64,
     /// Unix milliseconds at which the oldest unshipped event arrived; 0 when all are shipped.
@@ -54,6 +57,10 @@ pub struct DeltaMetrics {
 }
 
 impl DeltaMetrics {
+    pub fn new(interval: Duration) -> DeltaMetrics {
+        DeltaMetrics { interval, ..DeltaMetrics::default() }
+    }
+
     /// Prometheus text of the shipping.
     pub fn render(&self) -> String {
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -61,7 +68,13 @@ impl DeltaMetrics {
         let lag_secs = if pending == 0 { 0.0 } else { (now_ms - pending).max(0) as f64 / 1000.0 };
         let shipped = self.shipped_revision.load(Ordering::Relaxed);
         let etcd = self.etcd_revision.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 7] = [
+        let rows: [(&str, &str, &str, String); 8] = [
+            (
+                "k3s_snapshot_delta_interval_seconds",
+                "gauge",
+                "The interval at which delta segments are closed and shipped (--etcd-snapshot-delta-interval).",
+                self.interval.as_secs_f64().to_string(),
+            ),
             (
                 "k3s_snapshot_delta_shipped_revision",
                 "gauge",
@@ -178,7 +191,7 @@ async fn pause(cancel: &CancellationToken) -> bool {
 async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken) -> Result<i64, Stop> {
     if !fresh {
         if let Some(base) = newest_snapshot_revision(&job.local).await {
-            let segments = local_segments(&job.local);
+            let segments = delta::list_segments(&job.local).await.unwrap_or_default();
             let (_, reached) = delta::chain_after(base, &segments, None, None);
             return Ok(reached);
         }
@@ -193,12 +206,6 @@ async fn newest_snapshot_revision(local: &LocalStore) -> Option<i64> {
     let newest = entries.last().filter(|e| !e.name.ends_with(".zip") && !e.name.ends_with(".age"))?;
     let path = local.dir().join(&newest.name);
     tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()
-}
-
-/// The segments in the local snapshot dir.
-pub fn local_segments(local: &LocalStore) -> Vec<SegmentName> {
-    let Ok(rd) = std::fs::read_dir(local.dir()) else { return Vec::new() };
-    rd.flatten().filter_map(|e| e.file_name().to_str().and_then(SegmentName::parse)).collect()
 }
 
 async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64, Stop> {
@@ -268,9 +275,12 @@ async fn follow(
                         let Some(kv) = ev.kv() else { continue };
                         let w = match &mut writer {
                             Some(w) => w,
-                            None => match SegmentWriter::create(job.local.dir(), &job.save.node) {
+                            None => match SegmentWriter::create(job.local.dir(), &job.save.node, job.save.encryption.as_deref()) {
                                 Ok(w) => {
-                                    m.pending_since_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+                                    // The oldest unshipped change: segments still waiting for
+                                    // their upload hold older ones.
+                                    let now = chrono::Utc::now().timestamp_millis();
+                                    let _ = m.pending_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
                                     writer.insert(w)
                                 }
                                 Err(e) => {

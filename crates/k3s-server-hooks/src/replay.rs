@@ -10,6 +10,11 @@
 //! [`REPLAYED_LEASE_TTL_SECS`]: its keys stay leased and expire unless an owner keeps the lease
 //! alive, as they would have in the lost cluster once their owner stopped; no key is left bound to
 //! a lease that does not exist.
+//!
+//! Encrypted segments (`.seg.age`) are decrypted with `--etcd-snapshot-encryption-identity-file`
+//! into scratch files in the reset's scratch dir during [`plan`], so a missing or wrong identity
+//! and a truncated or altered segment (age's authentication) are refused with the other checks,
+//! before anything changes.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,8 @@ use std::sync::Arc;
 use etcd_client::{LeaseGrantOptions, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use k3s_snapshot_core::delta::{self, SegmentName};
-use k3s_snapshot_core::store::{create_private_dir, SnapshotStore};
+use k3s_snapshot_core::encryption::{self, IDENTITY_FLAG};
+use k3s_snapshot_core::store::{create_private_dir, ScratchFile, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
@@ -28,12 +34,15 @@ use crate::{Error, Result};
 /// TTL given to a lease that the snapshot does not know, granted again during the replay.
 pub const REPLAYED_LEASE_TTL_SECS: i64 = 60;
 
-/// The segments to replay, verified, on local disk.
+/// The segments to replay, verified, on local disk (in plaintext: an encrypted one as the scratch
+/// file it was decrypted to, removed with the plan).
 #[derive(Debug)]
 pub struct DeltaPlan {
     pub base: i64,
     pub reached: i64,
     pub segments: Vec<(SegmentName, PathBuf)>,
+    /// The plaintext of encrypted segments, removed when the plan is dropped.
+    _decrypted: Vec<ScratchFile>,
 }
 
 fn reset_err(m: String) -> Error {
@@ -60,19 +69,14 @@ pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPla
         )));
     }
     let local = cfg.snapshot_store();
-    let (segments, remote): (Vec<SegmentName>, Option<&Arc<dyn SnapshotStore>>) = match &cfg.snapshots.remote {
-        Some(store) => {
-            let mut names = Vec::new();
-            let mut listing = store.list("");
-            while let Some(obj) = listing.next().await {
-                let obj = obj.map_err(|e| {
-                    reset_err(format!("cannot list delta segments in {}: {e}; nothing was changed", store.describe()))
-                })?;
-                names.extend(SegmentName::parse(&obj.key));
-            }
-            (names, Some(store))
-        }
-        None => (crate::deltas::local_segments(&local), None),
+    let remote: Option<&Arc<dyn SnapshotStore>> = cfg.snapshots.remote.as_ref();
+    let segments = match remote {
+        Some(store) => delta::list_segments(store.as_ref()).await.map_err(|e| {
+            reset_err(format!("cannot list delta segments in {}: {e}; nothing was changed", store.describe()))
+        })?,
+        None => delta::list_segments(&local).await.map_err(|e| {
+            reset_err(format!("cannot list delta segments in {}: {e}; nothing was changed", local.describe()))
+        })?,
     };
     let (chain, reached) = delta::chain_after(base, &segments, to_rev, to_time);
     if let Some(n) = to_rev {
@@ -90,12 +94,17 @@ pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPla
             "the delta chain stops at revision {reached}: later segments exist after a gap (a compaction or downtime started a new chain); the replay stops there"
         );
     }
-    let mut out = Vec::new();
-    if remote.is_some() {
+    if let Some(s) = chain.iter().find(|s| s.encrypted) {
+        if cfg.identities.is_none() {
+            return Err(need_identity(&s.file));
+        }
+    }
+    let (mut out, mut decrypted) = (Vec::new(), Vec::new());
+    if remote.is_some() || chain.iter().any(|s| s.encrypted) {
         create_private_dir(into)?;
     }
     for s in chain {
-        let path = match remote {
+        let mut path = match remote {
             Some(store) => {
                 let dest = into.join(&s.file);
                 fetch(store.as_ref(), &s.file, &dest).await?;
@@ -103,6 +112,14 @@ pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPla
             }
             None => local.dir().join(&s.file),
         };
+        if s.encrypted {
+            let plain = decrypt(cfg, &path, into, &s.file).await?;
+            if remote.is_some() {
+                let _ = std::fs::remove_file(&path);
+            }
+            path = plain.path().to_path_buf();
+            decrypted.push(plain);
+        }
         let (name, p) = (s.clone(), path.clone());
         tokio::task::spawn_blocking(move || delta::verify(&p, &name))
             .await
@@ -111,7 +128,28 @@ pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPla
         out.push((s.clone(), path));
     }
     tracing::info!(base, reached, segments = out.len(), "delta segments to replay after the snapshot");
-    Ok(DeltaPlan { base, reached, segments: out })
+    Ok(DeltaPlan { base, reached, segments: out, _decrypted: decrypted })
+}
+
+fn need_identity(file: &str) -> Error {
+    reset_err(format!(
+        "delta segment {file} is encrypted (age): give {IDENTITY_FLAG} with the private key of one of its recipients; nothing was changed"
+    ))
+}
+
+/// Decrypts the segment at `path` into a scratch file in `into`, streaming.
+async fn decrypt(cfg: &ServerConfig, path: &Path, into: &Path, file: &str) -> Result<ScratchFile> {
+    let (src, dir, ids, shown) = (path.to_path_buf(), into.to_path_buf(), cfg.identities.clone(), file.to_string());
+    tokio::task::spawn_blocking(move || encryption::decrypt_to_scratch(&src, &dir, ids.as_deref(), &shown))
+        .await
+        .map_err(|e| reset_err(format!("decryption task failed: {e}")))?
+        .map_err(|e| match e {
+            k3s_snapshot_core::Error::Decrypt { detail, .. } => {
+                reset_err(format!("delta segment {file} cannot be decrypted: {detail}; nothing was changed"))
+            }
+            k3s_snapshot_core::Error::NeedIdentity { .. } => need_identity(file),
+            e => e.into(),
+        })
 }
 
 async fn fetch(store: &dyn SnapshotStore, key: &str, dest: &Path) -> Result<()> {

@@ -235,7 +235,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         tracker: tracker.clone(),
         cancel: inner.clone(),
     });
-    let delta_metrics = cfg.snapshots.delta_interval.map(|_| Arc::new(DeltaMetrics::default()));
+    let delta_metrics = cfg.snapshots.delta_interval.map(|i| Arc::new(DeltaMetrics::new(i)));
     let state = Arc::new(api::ApiState {
         data_dir: dd.clone(),
         token: token.clone(),

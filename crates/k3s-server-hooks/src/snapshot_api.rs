@@ -327,7 +327,11 @@ impl SnapshotService {
             None => Vec::new(),
         };
         let rows = k3s_list::rows(local, remote, self.remote_origin.as_ref());
-        Ok(SnapshotFileList::new(&rows, &self.node))
+        let mut list = SnapshotFileList::new(&rows, &self.node);
+        let mut stores: Vec<&dyn SnapshotStore> = vec![&self.local];
+        stores.extend(self.remote_ref());
+        list.delta_chains = k3s_snapshot_core::delta::chains_in(&stores).await.map_err(failed)?;
+        Ok(list)
     }
 
     async fn delete(&self, names: &[String]) -> std::result::Result<(SnapshotResult, Vec<String>), Failure> {

@@ -57,30 +57,38 @@ pub fn print_yaml(out: &mut impl Write, list: &SnapshotFileList) -> anyhow::Resu
     Ok(())
 }
 
-/// Prints `list` in `format`.
+/// Prints `list` in `format`: the table with the delta chains (continuous backup) after it, one
+/// line each with the revision range and the segment count; `-o json|yaml` without them, in
+/// k3s's shape.
 pub fn print(
     out: &mut impl Write,
-    list: &SnapshotFileList,
+    mut list: SnapshotFileList,
     format: crate::snapshot::OutputFormat,
 ) -> anyhow::Result<()> {
     use crate::snapshot::OutputFormat;
+    let chains = std::mem::take(&mut list.delta_chains);
     match format {
-        OutputFormat::Table => print_table(out, list)?,
-        OutputFormat::Json => print_json(out, list)?,
-        OutputFormat::Yaml => print_yaml(out, list)?,
+        OutputFormat::Table => {
+            print_table(out, &list)?;
+            print_chains(out, &chains)?;
+        }
+        OutputFormat::Json => print_json(out, &list)?,
+        OutputFormat::Yaml => print_yaml(out, &list)?,
     }
     Ok(())
 }
 
-/// Delta chains (continuous backup) per place, after the table: one line each with the revision
-/// range and the segment count. Nothing when there are no segments.
-pub fn print_chains(
-    out: &mut impl Write,
-    places: &[(String, Vec<k3s_snapshot_core::delta::SegmentName>)],
-) -> std::io::Result<()> {
-    for (place, segments) in places {
-        for (from, to, n) in k3s_snapshot_core::delta::chains(segments) {
-            writeln!(out, "Delta chain in {place}: revisions {from}-{to}, {n} segments")?;
+fn print_chains(out: &mut impl Write, chains: &[k3s_snapshot_core::delta::Chain]) -> std::io::Result<()> {
+    for c in chains {
+        write!(
+            out,
+            "Delta chain in {}: revisions {}-{}, {} segments",
+            c.location, c.from_revision, c.to_revision, c.segments
+        )?;
+        match c.encrypted {
+            0 => writeln!(out)?,
+            n if n == c.segments => writeln!(out, ", encrypted")?,
+            n => writeln!(out, ", {n} encrypted")?,
         }
     }
     Ok(())

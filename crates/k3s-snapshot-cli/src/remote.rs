@@ -36,7 +36,7 @@ pub async fn run(common: &CommonArgs, server: &str, command: SnapshotCommand) ->
             req.operation = "list".into();
             let answer = client.list(&req).await?;
             warn_all(&answer.warnings);
-            return crate::ls::print(&mut out, &answer.value, output);
+            return crate::ls::print(&mut out, answer.value, output);
         }
         SnapshotCommand::Save => {
             req.operation = "save".into();

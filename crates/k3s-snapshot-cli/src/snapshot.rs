@@ -281,31 +281,21 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
 
 async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
     let with_metadata = output != OutputFormat::Table;
-    let local = list_snapshots(&common.local_store(), with_metadata).await?;
-    let (remote, origin) = match common.s3.open().await? {
-        Some(store) => (list_snapshots(store.as_ref(), with_metadata).await?, Some(common.s3.origin())),
+    let store = common.local_store();
+    let local = list_snapshots(&store, with_metadata).await?;
+    let remote_store = common.s3.open().await?;
+    let (remote, origin) = match &remote_store {
+        Some(r) => (list_snapshots(r.as_ref(), with_metadata).await?, Some(common.s3.origin())),
         None => (Vec::new(), None),
     };
     let rows = k3s_list::rows(local, remote, origin.as_ref());
-    let list = SnapshotFileList::new(&rows, &common.node());
-    let mut out = std::io::stdout().lock();
-    ls::print(&mut out, &list, output)?;
+    let mut list = SnapshotFileList::new(&rows, &common.node());
     if output == OutputFormat::Table {
-        // Continuous backup's delta chains, after the table (only when there are segments).
-        let store = common.local_store();
-        let mut places = vec![(store.describe(), k3s_server_hooks::deltas::local_segments(&store))];
-        if let Some(remote) = common.s3.open().await? {
-            let mut names = Vec::new();
-            let mut listing = remote.list("");
-            while let Some(obj) = futures::StreamExt::next(&mut listing).await {
-                names.extend(k3s_snapshot_core::delta::SegmentName::parse(&obj?.key));
-            }
-            drop(listing);
-            places.push((remote.describe(), names));
-        }
-        ls::print_chains(&mut out, &places)?;
+        let mut stores: Vec<&dyn SnapshotStore> = vec![&store];
+        stores.extend(remote_store.as_deref());
+        list.delta_chains = k3s_snapshot_core::delta::chains_in(&stores).await?;
     }
-    Ok(())
+    ls::print(&mut std::io::stdout().lock(), list, output)
 }
 
 async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {

@@ -19,6 +19,12 @@
 //! Names sort by revision and carry the node and the time the segment was closed:
 //! `delta-<from, 20 digits>-<to, 20 digits>-<node>-<unix seconds>.seg`. They never parse as
 //! snapshot names ([`crate::name::parse`] wants digits after the last `-`).
+//!
+//! Encrypted segments (the server's `--etcd-snapshot-encryption-recipients-file`) are the same
+//! bytes inside an age v1 file, named `<name>.seg.age`: the open segment is written through
+//! [`Recipients::encrypt_to`] into its `.part`, so no plaintext segment ever reaches the disk, and
+//! `age -d` of one gives the plain format above. A restore decrypts them with
+//! [`crate::encryption::decrypt_to_scratch`] before [`verify`] and [`read_events`].
 
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -26,10 +32,12 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::store::{create_new_private, durable_rename, RemoveOnDrop};
+use crate::encryption::Recipients;
+use crate::name::AGE_SUFFIX;
+use crate::store::{create_new_private, durable_rename, RemoveOnDrop, SnapshotStore};
 use crate::{Error, Result};
 
-/// Suffix of a segment.
+/// Suffix of a segment (an encrypted one adds `.age`).
 pub const SUFFIX: &str = ".seg";
 /// Name prefix of a segment.
 pub const PREFIX: &str = "delta-";
@@ -84,21 +92,29 @@ pub struct SegmentName {
     pub node: String,
     /// Unix seconds at which the segment was closed.
     pub closed: i64,
+    /// An age file (`.seg.age`).
+    pub encrypted: bool,
 }
 
 impl SegmentName {
-    pub fn new(from: i64, to: i64, node: &str, closed: i64) -> SegmentName {
+    pub fn new(from: i64, to: i64, node: &str, closed: i64, encrypted: bool) -> SegmentName {
+        let age = if encrypted { AGE_SUFFIX } else { "" };
         SegmentName {
-            file: format!("{PREFIX}{from:020}-{to:020}-{node}-{closed}{SUFFIX}"),
+            file: format!("{PREFIX}{from:020}-{to:020}-{node}-{closed}{SUFFIX}{age}"),
             from,
             to,
             node: node.into(),
             closed,
+            encrypted,
         }
     }
 
     pub fn parse(file: &str) -> Option<SegmentName> {
-        let rest = file.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+        let (plain, encrypted) = match file.strip_suffix(AGE_SUFFIX) {
+            Some(p) => (p, true),
+            None => (file, false),
+        };
+        let rest = plain.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
         let (from, rest) = rest.split_once('-')?;
         let (to, rest) = rest.split_once('-')?;
         let (node, closed) = rest.rsplit_once('-')?;
@@ -109,14 +125,16 @@ impl SegmentName {
         {
             return None;
         }
-        Some(SegmentName { file: file.into(), from, to, node: node.into(), closed: closed.parse().ok()? })
+        Some(SegmentName { file: file.into(), from, to, node: node.into(), closed: closed.parse().ok()?, encrypted })
     }
 }
 
-/// The segments to replay after a base at revision `base`: each starts right after the previous
-/// one ends (of several that do, the one that reaches furthest, whichever node shipped it), none
-/// closed after `to_time`, stopping once `to_revision` is covered. Returns them and the revision
-/// the chain reaches (capped at `to_revision`).
+/// The segments to replay after a base at revision `base`: each starts at most right after the
+/// previous one ends and reaches past it (of several that do, the one that reaches furthest,
+/// whichever node shipped it; an overlap is skipped by the replay, and covers a base that is a
+/// little newer than the revision recorded for it, as when a chain's zipped or encrypted full
+/// snapshot is read from its metadata), none closed after `to_time`, stopping once `to_revision`
+/// is covered. Returns them and the revision the chain reaches (capped at `to_revision`).
 pub fn chain_after(
     base: i64,
     segments: &[SegmentName],
@@ -128,7 +146,7 @@ pub fn chain_after(
     while to_revision.is_none_or(|n| reached < n) {
         let next = segments
             .iter()
-            .filter(|s| s.from == reached + 1 && to_time.is_none_or(|t| s.closed <= t))
+            .filter(|s| s.from <= reached + 1 && s.to > reached && to_time.is_none_or(|t| s.closed <= t))
             .max_by_key(|s| s.to);
         let Some(s) = next else { break };
         chain.push(s);
@@ -137,28 +155,71 @@ pub fn chain_after(
     (chain, to_revision.map_or(reached, |n| reached.min(n)))
 }
 
-/// Maximal runs of contiguous segments, for `ls`: `(from, to, count)` in revision order.
-pub fn chains(segments: &[SegmentName]) -> Vec<(i64, i64, usize)> {
+/// A maximal run of contiguous segments in one place, as `ls` shows it (and a server's list
+/// answers it, see [`crate::k3s_list::SnapshotFileList::delta_chains`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Chain {
+    /// The store: `file:///dir` or `s3://bucket/folder`.
+    pub location: String,
+    pub from_revision: i64,
+    pub to_revision: i64,
+    /// Segments the run is made of (one that only overlaps the others is not counted).
+    pub segments: usize,
+    /// How many of those are encrypted (`.seg.age`).
+    #[serde(default)]
+    pub encrypted: usize,
+}
+
+/// Maximal runs of contiguous segments in `location`, in revision order.
+pub fn chains(location: &str, segments: &[SegmentName]) -> Vec<Chain> {
     let mut sorted: Vec<&SegmentName> = segments.iter().collect();
     sorted.sort_by_key(|s| (s.from, std::cmp::Reverse(s.to)));
-    let mut out: Vec<(i64, i64, usize)> = Vec::new();
+    let mut out: Vec<Chain> = Vec::new();
     for s in sorted {
         match out.last_mut() {
-            Some(last) if s.from <= last.1 + 1 => {
-                if s.to > last.1 {
-                    last.1 = s.to;
-                    last.2 += 1;
+            Some(last) if s.from <= last.to_revision + 1 => {
+                if s.to > last.to_revision {
+                    last.to_revision = s.to;
+                    last.segments += 1;
+                    last.encrypted += usize::from(s.encrypted);
                 }
             }
-            _ => out.push((s.from, s.to, 1)),
+            _ => out.push(Chain {
+                location: location.to_string(),
+                from_revision: s.from,
+                to_revision: s.to,
+                segments: 1,
+                encrypted: usize::from(s.encrypted),
+            }),
         }
     }
     out
 }
 
+/// The chains of every store in `stores`, in that order.
+pub async fn chains_in(stores: &[&dyn SnapshotStore]) -> Result<Vec<Chain>> {
+    let mut out = Vec::new();
+    for store in stores {
+        out.extend(chains(&store.describe(), &list_segments(*store).await?));
+    }
+    Ok(out)
+}
+
+/// The segments in `store` (plain and encrypted).
+pub async fn list_segments(store: &dyn SnapshotStore) -> Result<Vec<SegmentName>> {
+    use futures::StreamExt;
+    let mut names = Vec::new();
+    let mut listing = store.list(PREFIX);
+    while let Some(obj) = listing.next().await {
+        names.extend(SegmentName::parse(&obj?.key));
+    }
+    Ok(names)
+}
+
 /// Deletes the segments of `store` closed before its oldest snapshot was taken: they follow no
 /// snapshot that is still kept, so nothing can replay them. Returns the names deleted.
-pub async fn prune_segments(store: &dyn crate::store::SnapshotStore) -> Result<Vec<String>> {
+pub async fn prune_segments(store: &dyn SnapshotStore) -> Result<Vec<String>> {
     use futures::StreamExt;
     let (mut oldest, mut segments) = (None::<i64>, Vec::new());
     let mut listing = store.list("");
@@ -182,9 +243,10 @@ pub async fn prune_segments(store: &dyn crate::store::SnapshotStore) -> Result<V
 
 /// Writes one segment: events are appended as they arrive (nothing is held in memory), then
 /// [`SegmentWriter::finish`] adds the trailer, fsyncs and gives the file its name. Dropped
-/// unfinished, the file is removed.
+/// unfinished, the file is removed. With recipients everything goes through age on its way to the
+/// `.part`, which then holds only ciphertext.
 pub struct SegmentWriter {
-    out: BufWriter<std::fs::File>,
+    out: Sink,
     path: PathBuf,
     guard: Option<RemoveOnDrop>,
     hasher: Sha256,
@@ -194,22 +256,44 @@ pub struct SegmentWriter {
     bytes: u64,
 }
 
+/// Where a segment's bytes go: the file, or age in front of it.
+enum Sink {
+    Plain(BufWriter<std::fs::File>),
+    Sealed(age::stream::StreamWriter<BufWriter<std::fs::File>>),
+}
+
+impl Sink {
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Plain(w) => w.write_all(b),
+            Sink::Sealed(w) => w.write_all(b),
+        }
+    }
+
+    /// Ends the stream (age's last chunk) and returns the file, flushed.
+    fn finish(self) -> std::io::Result<std::fs::File> {
+        let buffered = match self {
+            Sink::Plain(w) => w,
+            Sink::Sealed(w) => w.finish()?,
+        };
+        buffered.into_inner().map_err(|e| e.into_error())
+    }
+}
+
 impl SegmentWriter {
-    /// Starts `<dir>/.delta-open-<node>.part` (a leftover of a crash is replaced).
-    pub fn create(dir: &Path, node: &str) -> Result<SegmentWriter> {
+    /// Starts `<dir>/.delta-open-<node>.part` (a leftover of a crash is replaced), encrypted to
+    /// `recipients` when given.
+    pub fn create(dir: &Path, node: &str, recipients: Option<&Recipients>) -> Result<SegmentWriter> {
         let path = dir.join(format!(".{PREFIX}open-{node}.part"));
         let _ = std::fs::remove_file(&path);
         let file = create_new_private(&path).map_err(Error::io("create", &path))?;
-        let mut w = SegmentWriter {
-            out: BufWriter::with_capacity(256 << 10, file),
-            guard: Some(RemoveOnDrop::new(path.clone())),
-            path,
-            hasher: Sha256::new(),
-            from: 0,
-            to: 0,
-            events: 0,
-            bytes: 0,
+        let guard = Some(RemoveOnDrop::new(path.clone()));
+        let buffered = BufWriter::with_capacity(256 << 10, file);
+        let out = match recipients {
+            Some(r) => Sink::Sealed(r.encrypt_to(buffered)?),
+            None => Sink::Plain(buffered),
         };
+        let mut w = SegmentWriter { out, guard, path, hasher: Sha256::new(), from: 0, to: 0, events: 0, bytes: 0 };
         w.write(MAGIC)?;
         Ok(w)
     }
@@ -249,24 +333,29 @@ impl SegmentWriter {
         self.events
     }
 
-    /// Bytes written so far (without the trailer).
+    /// Plaintext bytes written so far (without the trailer).
     pub fn bytes_written(&self) -> u64 {
         self.bytes
     }
 
-    /// Adds the trailer, fsyncs, and renames the file to its segment name in the same dir.
+    /// Adds the trailer (and, encrypted, age's last chunk), fsyncs, and renames the file to its
+    /// segment name in the same dir. Returns the name, the path and the file's size.
     pub fn finish(mut self, node: &str, closed: i64) -> Result<(SegmentName, PathBuf, u64)> {
         let sum = std::mem::take(&mut self.hasher).finalize();
-        self.out.write_all(&sum).map_err(Error::io("write", &self.path))?;
-        self.out.flush().map_err(Error::io("write", &self.path))?;
-        self.out.get_ref().sync_all().map_err(Error::io("fsync", &self.path))?;
-        let name = SegmentName::new(self.from, self.to, node, closed);
-        let dest = self.path.with_file_name(&name.file);
-        durable_rename(&self.path, &dest)?;
-        if let Some(g) = self.guard.take() {
+        self.write(&sum)?;
+        let SegmentWriter { out, path, guard, from, to, .. } = self;
+        let encrypted = matches!(out, Sink::Sealed(_));
+        let file = out.finish().map_err(Error::io("write", &path))?;
+        file.sync_all().map_err(Error::io("fsync", &path))?;
+        let size = file.metadata().map_err(Error::io("stat", &path))?.len();
+        drop(file);
+        let name = SegmentName::new(from, to, node, closed, encrypted);
+        let dest = path.with_file_name(&name.file);
+        durable_rename(&path, &dest)?;
+        if let Some(g) = guard {
             g.disarm();
         }
-        Ok((name, dest, self.bytes + TRAILER as u64))
+        Ok((name, dest, size))
     }
 }
 
@@ -365,11 +454,23 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_never_parse_as_snapshots() {
-        let n = SegmentName::new(1001, 2000, "node-a-1", 1_700_000_000);
+        let n = SegmentName::new(1001, 2000, "node-a-1", 1_700_000_000, false);
         assert_eq!(n.file, "delta-00000000000000001001-00000000000000002000-node-a-1-1700000000.seg");
         assert_eq!(SegmentName::parse(&n.file), Some(n.clone()));
         assert!(crate::name::parse(&n.file).is_none());
-        for bad in ["delta-1-2-n-3.seg", "delta-00000000000000000002-00000000000000000001-n-3.seg", "x.seg"] {
+        let e = SegmentName::new(1001, 2000, "node-a-1", 1_700_000_000, true);
+        assert_eq!(e.file, format!("{}.age", n.file));
+        assert_eq!(SegmentName::parse(&e.file), Some(e.clone()));
+        assert!(e.encrypted && !n.encrypted);
+        assert!(crate::name::parse(&e.file).is_none(), "an encrypted segment is no snapshot either");
+        for bad in [
+            "delta-1-2-n-3.seg",
+            "delta-00000000000000000002-00000000000000000001-n-3.seg",
+            "x.seg",
+            "x.seg.age",
+            "delta-00000000000000000001-00000000000000000002-n-3.age",
+            "delta-00000000000000000001-00000000000000000002-n-3.seg.age.age",
+        ] {
             assert!(SegmentName::parse(bad).is_none(), "{bad}");
         }
     }
@@ -377,7 +478,7 @@ mod tests {
     #[test]
     fn written_segments_read_back_and_damage_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = SegmentWriter::create(dir.path(), "n1").unwrap();
+        let mut w = SegmentWriter::create(dir.path(), "n1", None).unwrap();
         let evs = vec![put(5, "a", "1"), put(6, "b", "2"), put(6, "c", "3"), put(7, "a", "4")];
         for e in &evs {
             w.append(e).unwrap();
@@ -406,7 +507,7 @@ mod tests {
     #[test]
     fn an_unfinished_segment_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = SegmentWriter::create(dir.path(), "n1").unwrap();
+        let mut w = SegmentWriter::create(dir.path(), "n1", None).unwrap();
         w.append(&put(3, "a", "1")).unwrap();
         assert!(w.append(&put(2, "a", "1")).is_err(), "revisions never go backwards");
         drop(w);
@@ -415,7 +516,7 @@ mod tests {
 
     #[test]
     fn chains_follow_contiguous_revisions_and_stop_at_gaps() {
-        let s = |from, to, node: &str, closed| SegmentName::new(from, to, node, closed);
+        let s = |from, to, node: &str, closed| SegmentName::new(from, to, node, closed, false);
         let segs = vec![
             s(11, 20, "a", 100),
             s(11, 25, "b", 101),
@@ -431,6 +532,61 @@ mod tests {
         assert_eq!((c.len(), reached), (2, 33));
         let (c, reached) = chain_after(10, &segs, None, Some(105));
         assert_eq!((c.len(), reached), (1, 25));
-        assert_eq!(chains(&segs), vec![(11, 50, 4), (60, 70, 1)]);
+        let runs: Vec<(i64, i64, usize)> =
+            chains("here", &segs).iter().map(|c| (c.from_revision, c.to_revision, c.segments)).collect();
+        assert_eq!(runs, vec![(11, 50, 4), (60, 70, 1)]);
+        // A base a little past where the first segment starts (a full snapshot newer than the
+        // revision recorded for it): the overlapping segment still continues the chain.
+        let (c, reached) = chain_after(15, &segs, None, None);
+        assert_eq!((c.first().map(|x| (x.from, x.to)), reached), (Some((11, 25)), 50));
+        let (c, reached) = chain_after(50, &segs, None, None);
+        assert_eq!((c.len(), reached), (0, 50), "nothing reaches past 50 without a gap");
+    }
+
+    #[test]
+    fn encrypted_segments_hold_only_ciphertext_and_decrypt_to_the_plain_format() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let id = age::x25519::Identity::generate();
+        let rf = dir.path().join("r.txt");
+        std::fs::write(&rf, format!("{}\n", id.to_public())).unwrap();
+        let recipients = Recipients::from_file(&rf).unwrap();
+        let idf = dir.path().join("k.txt");
+        use age::secrecy::ExposeSecret;
+        std::fs::write(&idf, format!("{}\n", id.to_string().expose_secret())).unwrap();
+        std::fs::set_permissions(&idf, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let ids = crate::encryption::Identities::from_file(&idf).unwrap();
+
+        let segs = dir.path().join("segs");
+        std::fs::create_dir(&segs).unwrap();
+        let mut w = SegmentWriter::create(&segs, "n1", Some(&recipients)).unwrap();
+        // Enough events for several age chunks, and a value that would show in plaintext.
+        let evs: Vec<Event> = (0..3000).map(|i| put(10 + i / 3, "/registry/secret", "hunter2-plain")).collect();
+        for e in &evs {
+            w.append(e).unwrap();
+            let part = std::fs::read(segs.join(".delta-open-n1.part")).unwrap();
+            assert!(!part.windows(13).any(|x| x == b"hunter2-plain"), "plaintext reached the .part");
+        }
+        let (name, path, bytes) = w.finish("n1", 42).unwrap();
+        assert!(name.encrypted && name.file.ends_with(".seg.age"), "{}", name.file);
+        assert_eq!((name.from, name.to), (10, 10 + 2999 / 3));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+        let stored = std::fs::read(&path).unwrap();
+        assert!(stored.starts_with(crate::encryption::AGE_MAGIC));
+        assert!(!stored.windows(8).any(|x| x == MAGIC));
+        assert_eq!(std::fs::read_dir(&segs).unwrap().count(), 1, "only the .seg.age");
+
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let plain = crate::encryption::decrypt_to_scratch(&path, &out, Some(&ids), &name.file).unwrap();
+        assert_eq!(plain.target(), out.join(name.file.strip_suffix(".age").unwrap()));
+        assert_eq!(verify(plain.path(), &name).unwrap(), 3000);
+        let mut got = Vec::new();
+        read_events(plain.path(), |e| {
+            got.push(e);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, evs);
     }
 }

@@ -73,6 +73,12 @@ pub struct SnapshotFileList {
     pub metadata: BTreeMap<String, String>,
     #[serde(default)]
     pub items: Vec<Item>,
+    /// Continuous backup's delta chains, answered by our server's list so that `ls --etcd-server`
+    /// can show them under its table. Not part of k3s's document: absent when empty (so `ls -o
+    /// json|yaml`, which never fills it, prints k3s's shape), and k3s's client, which decodes the
+    /// answer with Go's `encoding/json`, ignores a field its struct lacks.
+    #[serde(default, rename = "deltaChains", skip_serializing_if = "Vec::is_empty")]
+    pub delta_chains: Vec<crate::delta::Chain>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +213,7 @@ impl SnapshotFileList {
             api_version: "v1".into(),
             metadata: BTreeMap::new(),
             items: rows.iter().map(|r| item(r, node)).collect(),
+            delta_chains: Vec::new(),
         }
     }
 }
@@ -245,6 +252,32 @@ mod tests {
         assert_eq!(parse_quantity("20E"), None, "beyond u64");
         assert_eq!(parse_quantity("1.5k"), None);
         assert_eq!(parse_quantity(""), None);
+    }
+
+    #[test]
+    fn delta_chains_are_an_extra_top_level_field_only_when_there_are_some() {
+        let mut list = SnapshotFileList::new(&[], "n1");
+        let plain = serde_json::to_value(&list).unwrap();
+        let keys: Vec<&String> = plain.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["apiVersion", "items", "kind", "metadata"], "k3s's List keys only");
+        list.delta_chains = crate::delta::chains(
+            "s3://b/f",
+            &[
+                crate::delta::SegmentName::new(5, 9, "n1", 1, true),
+                crate::delta::SegmentName::new(10, 12, "n1", 2, false),
+            ],
+        );
+        let text = serde_json::to_string(&list).unwrap();
+        let back: SnapshotFileList = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.delta_chains, list.delta_chains);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["deltaChains"],
+            serde_json::json!([{"location": "s3://b/f", "fromRevision": 5, "toRevision": 12, "segments": 2, "encrypted": 1}])
+        );
+        // A k3s server's answer (no such field) reads back with no chains.
+        let k3s: SnapshotFileList = serde_json::from_value(plain).unwrap();
+        assert!(k3s.delta_chains.is_empty());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Hostile encrypted snapshots (issue 15): a restore of an `.age` snapshot without the identity,
 //! with another key, cut short, with a byte changed, or with an identity file others can read, is
-//! refused in one line before anything is swapped, and the data dir keeps its old database.
+//! refused in one line before anything is swapped, and the data dir keeps its old database. The
+//! same for encrypted delta segments after a plain snapshot (encryption turned on mid-chain): no
+//! identity, another key, a segment altered in S3.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -9,7 +11,15 @@ use sha2::Digest;
 use tests::support::age::{self, AgeKey};
 use tests::support::bin::Run;
 use tests::support::etcd::EtcdVersion;
-use tests::support::server::{all_keys, files, kv, put, save, DataDir};
+use tests::support::s3::S3Server;
+use tests::support::server::{all_keys, assert_reset_done, files, kv, put, save, DataDir};
+
+use crate::deltas::{
+    identity_flag, recipients_flag, restore_flags, revision, segment_files, shipping_flags, strs, wait_following,
+    wait_shipped,
+};
+
+tests::on_both_versions!(encrypted_delta_segments_without_the_right_key_or_altered_change_nothing);
 
 /// Every file under `dir` with the SHA-256 of its bytes, sorted by path.
 fn tree(dir: &Path) -> Vec<(String, String)> {
@@ -108,5 +118,75 @@ fn encrypted_restore_without_the_right_key_or_with_a_damaged_file_changes_nothin
     // After all of that, the old database is there and serves.
     let s = dd.start(&["--etcd-disable-snapshots"]);
     assert_eq!(all_keys(&dd), kv(&[("/registry/after", "kept"), ("/registry/snapshot-time", "old")]));
+    s.stop();
+}
+
+fn encrypted_delta_segments_without_the_right_key_or_altered_change_nothing(v: EtcdVersion) {
+    let keys = tempfile::tempdir().unwrap();
+    let key = age::keygen(keys.path(), "ops");
+    let other = age::keygen(keys.path(), "other");
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let dd = DataDir::new(v);
+    // A chain's plain full snapshot, then (restarted with recipients) encrypted segments after it.
+    let plain = shipping_flags(&s3);
+    let s = dd.start(&strs(&plain));
+    wait_following(&s);
+    s.stop();
+    let mut sealed = plain.clone();
+    sealed.push(recipients_flag(&key));
+    let s = dd.start(&strs(&sealed));
+    wait_following(&s);
+    put(&dd, &[("/registry/a", "1"), ("/registry/b", "2")]);
+    put(&dd, &[("/registry/c", "3")]);
+    let last = revision(&dd);
+    wait_shipped(&s, last);
+    let want = all_keys(&dd);
+    s.stop();
+    let bucket = s3.root.join("snaps");
+    let segs = segment_files(&bucket);
+    assert!(!segs.is_empty() && segs.iter().all(|f| f.ends_with(".seg.age")), "{segs:?}");
+    let full: Vec<String> =
+        files(&bucket).into_iter().filter(|f| !f.starts_with('.') && !f.starts_with("delta-")).collect();
+    assert!(!full.is_empty() && full.iter().all(|f| !f.ends_with(".age")), "the chain's snapshot is plain: {full:?}");
+
+    // The reset target is this node, with its data.
+    let db_before = tree(&dd.db().join("etcd"));
+    let snaps = files(&dd.snapshots());
+    let token = dd.token();
+    let reset = |extra: &[String]| {
+        let mut f = restore_flags(&s3, &token, &["--cluster-reset-restore-deltas".into()]);
+        f.extend_from_slice(extra);
+        dd.run(&strs(&f))
+    };
+
+    let r = reset(&[]);
+    refused(&dd, &key, &r, "--etcd-snapshot-encryption-identity-file", &db_before, &snaps);
+    assert!(r.stderr.contains("delta segment delta-"), "{}", r.stderr);
+
+    let r = reset(&[identity_flag(&other)]);
+    refused(&dd, &key, &r, "none of the keys", &db_before, &snaps);
+
+    // One byte of a segment's ciphertext changed in S3: age's chunk tag refuses it.
+    let victim = bucket.join(&segs[0]);
+    let good = std::fs::read(&victim).unwrap();
+    let mut bad = good.clone();
+    let at = bad.len() - 40;
+    bad[at] ^= 0x01;
+    std::fs::write(&victim, &bad).unwrap();
+    let r = reset(&[identity_flag(&key)]);
+    refused(&dd, &key, &r, "altered", &db_before, &snaps);
+    // Cut short.
+    std::fs::write(&victim, &good[..good.len() - 20]).unwrap();
+    let r = reset(&[identity_flag(&key)]);
+    refused(&dd, &key, &r, "truncated", &db_before, &snaps);
+
+    // Whole again: the same reset replays every write.
+    std::fs::write(&victim, &good).unwrap();
+    let r = reset(&[identity_flag(&key)]);
+    assert_reset_done(&r, &dd);
+    assert!(r.stderr.contains("replayed the delta segments"), "{}", r.stderr);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), want);
     s.stop();
 }
