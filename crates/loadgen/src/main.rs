@@ -101,7 +101,7 @@ fn now_ns() -> u64 {
 async fn connect(a: &Args) -> Result<Client> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(10));
     if let Some(dir) = &a.tls_dir {
         let read = |f: &str| std::fs::read(dir.join(f)).with_context(|| format!("read {}", dir.join(f).display()));
         let tls = TlsOptions::new()
@@ -289,6 +289,9 @@ async fn sample_metrics(
     while stop.load(Ordering::Relaxed) == 0 {
         tick.tick().await;
         let acked = st.max_rev.load(Ordering::Relaxed);
+        if acked == 0 {
+            continue; // nothing acknowledged yet: no lag to speak of
+        }
         if let Some((shipped, lag_rev, lag_secs)) = get(http.clone(), url.clone()).await {
             samples.push(json!([t0.elapsed().as_secs_f64(), acked, shipped, lag_rev, lag_secs]));
         }

@@ -7,8 +7,10 @@
 //! response) and the achieved rate. With the follower, `loadgen` also samples `/metrics` every
 //! 250 ms: the true lag is the newest acknowledged revision minus
 //! `k3s_snapshot_delta_shipped_revision` (segments ship once per interval, so it saw-tooths up to
-//! one interval of writes); the follower keeps up when the last third's peak is no higher than the
-//! first third's. Printed, never asserted.
+//! one interval of writes), and `k3s_snapshot_delta_lag_seconds` (the age of the oldest unshipped
+//! change) saw-tooths up to about one interval; the follower keeps up when the last third's peak
+//! of that age is no higher than the first third's (or one interval) plus 0.5 s. Printed, never
+//! asserted.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -41,6 +43,7 @@ struct Run {
     achieved: f64,
     p50: f64,
     p99: f64,
+    failed: u64,
     summary: Value,
 }
 
@@ -73,7 +76,7 @@ fn start(b: &DeltaBench, dir: &Path, follower: bool) -> Result<Server> {
             .args(["--etcd-s3-bucket", servers::BUCKET, "--etcd-s3-folder", "delta"])
             .args(["--etcd-s3-access-key", servers::ACCESS_KEY, "--etcd-s3-secret-key", servers::SECRET_KEY]);
     }
-    let log = dir.with_extension("log");
+    let log = b.logs.join(format!("{}.log", dir.file_name().unwrap_or_default().to_string_lossy()));
     let child = c
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -127,8 +130,10 @@ fn load(b: &DeltaBench, s: &Server, rate: u32, secs: u32, prefix: &str, sample: 
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(text.trim()).with_context(|| format!("loadgen printed {text:?}"))?;
-    if v["failed"] != 0 {
-        bail!("{} puts failed against a running server: {}", v["failed"], v["first_error"]);
+    // A put that fails against a healthy server is counted and reported; many of them void the run.
+    let (failed, issued) = (v["failed"].as_u64().unwrap_or(0), v["issued"].as_u64().unwrap_or(0));
+    if failed * 100 > issued {
+        bail!("{failed} of {issued} puts failed against a running server: {}", v["first_error"]);
     }
     Ok(v)
 }
@@ -142,7 +147,16 @@ fn one(b: &DeltaBench, rate: u32, follower: bool, i: usize) -> Result<Run> {
     let _ = std::fs::remove_dir_all(&dir);
     b.s3.clear()?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
-    Ok(Run { achieved: f("achieved_rate"), p50: f("p50_ms"), p99: f("p99_ms"), summary: v })
+    let failed = v["failed"].as_u64().unwrap_or(0);
+    eprintln!(
+        "xtask bench:   {} the follower: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms{}",
+        if follower { "with" } else { "without" },
+        f("achieved_rate"),
+        f("p50_ms"),
+        f("p99_ms"),
+        if failed > 0 { format!(", {failed} failed ({})", v["first_error"]) } else { String::new() }
+    );
+    Ok(Run { achieved: f("achieved_rate"), p50: f("p50_ms"), p99: f("p99_ms"), failed, summary: v })
 }
 
 /// Peak of `f(sample)` over the samples whose time is in `[from, to)` of the run's span.
@@ -202,16 +216,20 @@ pub fn run(b: &DeltaBench) -> Result<Value> {
             let last = peak(&samples, 2.0 / 3.0, 1.01, true_lag);
             let metric_first = peak(&samples, 0.0, 1.0 / 3.0, |s| s[3].as_f64().unwrap_or(0.0));
             let metric_last = peak(&samples, 2.0 / 3.0, 1.01, |s| s[3].as_f64().unwrap_or(0.0));
-            let secs = peak(&samples, 0.0, 1.01, |s| s[4].as_f64().unwrap_or(0.0));
+            let secs_first = peak(&samples, 0.0, 1.0 / 3.0, |s| s[4].as_f64().unwrap_or(0.0));
+            let secs_last = peak(&samples, 2.0 / 3.0, 1.01, |s| s[4].as_f64().unwrap_or(0.0));
             keep_up.push(json!({
                 "rate": rate, "achieved": r.achieved, "samples": samples.len(),
                 "lag_revisions_peak_first_third": first, "lag_revisions_peak_last_third": last,
                 "metric_lag_revisions_peak_first_third": metric_first, "metric_lag_revisions_peak_last_third": metric_last,
-                "metric_lag_seconds_peak": secs, "caught_up_after_s": r.summary["caught_up_after_s"],
+                "metric_lag_seconds_peak_first_third": secs_first, "metric_lag_seconds_peak_last_third": secs_last,
+                "caught_up_after_s": r.summary["caught_up_after_s"],
             }));
         }
         let runs = |v: &[Run]| {
-            v.iter().map(|r| json!({"achieved": r.achieved, "p50_ms": r.p50, "p99_ms": r.p99})).collect::<Vec<_>>()
+            v.iter()
+                .map(|r| json!({"achieved": r.achieved, "p50_ms": r.p50, "p99_ms": r.p99, "failed": r.failed}))
+                .collect::<Vec<_>>()
         };
         results.push(json!({
             "rate": rate, "without": runs(&without), "with": runs(&with),
@@ -221,16 +239,19 @@ pub fn run(b: &DeltaBench) -> Result<Value> {
     println!();
     for k in &keep_up {
         let f = |n: &str| k[n].as_f64().unwrap_or(f64::NAN);
-        let (first, last) = (f("lag_revisions_peak_first_third"), f("lag_revisions_peak_last_third"));
+        // Segments ship once per interval, so the age of the oldest unshipped change saw-tooths up
+        // to about one interval; growing means the last third's peak is well above that.
+        let (secs_first, secs_last) =
+            (f("metric_lag_seconds_peak_first_third"), f("metric_lag_seconds_peak_last_third"));
+        let interval_secs = INTERVAL.trim_end_matches('s').parse::<f64>().unwrap_or(2.0);
         println!(
-            "keep-up at {}/s (achieved {:.0}/s, {} samples): lag behind the newest acknowledged revision peaks at {first:.0} revisions in the first third, {last:.0} in the last ({}); k3s_snapshot_delta_lag_revisions peaks {:.0} / {:.0}, lag_seconds peaks {:.2} s; everything shipped {} after the load stopped",
+            "keep-up at {}/s (achieved {:.0}/s, {} samples): k3s_snapshot_delta_lag_seconds peaks at {secs_first:.2} s in the first third, {secs_last:.2} s in the last ({}); lag behind the newest acknowledged revision peaks at {:.0} / {:.0} revisions; everything shipped {} after the load stopped",
             k["rate"],
             f("achieved"),
             k["samples"],
-            if last <= first * 1.25 + 100.0 { "not growing" } else { "GROWING" },
-            f("metric_lag_revisions_peak_first_third"),
-            f("metric_lag_revisions_peak_last_third"),
-            f("metric_lag_seconds_peak"),
+            if secs_last <= secs_first.max(interval_secs) + 0.5 { "not growing" } else { "GROWING" },
+            f("lag_revisions_peak_first_third"),
+            f("lag_revisions_peak_last_third"),
             k["caught_up_after_s"].as_f64().map_or("not within 60 s".to_string(), |s| format!("{s:.2} s")),
         );
     }
