@@ -47,7 +47,7 @@ struct Run {
     summary: Value,
 }
 
-/// A server on loopback, killed on drop (SIGTERM first in [`stop`]).
+/// A server on loopback, stopped with SIGTERM on drop (then killed).
 struct Server {
     child: KillOnDrop,
     etcd: String,
@@ -104,15 +104,33 @@ fn start(b: &DeltaBench, dir: &Path, follower: bool) -> Result<Server> {
 }
 
 fn stop(mut s: Server) -> Result<()> {
-    super::measure::terminate(s.child.0.id());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while s.child.0.try_wait()?.is_none() {
-        if Instant::now() > deadline {
-            bail!("the server did not stop within 60s of SIGTERM");
+    s.terminate()
+}
+
+impl Server {
+    /// SIGTERM, and wait for the exit: the server stops its etcd first (a SIGKILL would leave
+    /// etcd running).
+    fn terminate(&mut self) -> Result<()> {
+        if self.child.0.try_wait()?.is_some() {
+            return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        super::measure::terminate(self.child.0.id());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.0.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("the server did not stop within 60s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
-    Ok(())
+}
+
+impl Drop for Server {
+    /// After a failed run too, so that no etcd outlives the bench.
+    fn drop(&mut self) {
+        let _ = self.terminate();
+    }
 }
 
 fn load(b: &DeltaBench, s: &Server, rate: u32, secs: u32, prefix: &str, sample: bool) -> Result<Value> {
