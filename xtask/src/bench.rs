@@ -16,9 +16,14 @@
 //!   `--snapshot-encryption-recipients-file` (age-encrypted as it streams, to a key made by
 //!   `age-keygen`): the cost of encryption
 //!
+//! - `delta-overhead` (once, not per size): put latency p50/p99 of 1 KiB puts at 1,000 and 5,000/s
+//!   on one server without and with the continuous-backup follower, and whether the follower keeps
+//!   up (see [`delta`])
+//!
 //! Peak RSS is the kernel's: `wait4`'s `ru_maxrss` of our process (see [`measure`]).
 
 mod chart;
+mod delta;
 mod measure;
 pub(crate) mod servers;
 
@@ -35,7 +40,7 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,status-fast,s3-age] [--chart] [--keep]";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,status-fast,s3-age,delta-overhead] [--chart] [--keep]";
 
 #[derive(Debug)]
 struct Args {
@@ -55,10 +60,12 @@ enum Scenario {
     Status,
     StatusFast,
     SaveS3Age,
+    /// Not per size: the continuous-backup follower's cost to writers ([`delta`]).
+    DeltaOverhead,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 8] = [
         Scenario::Save,
         Scenario::SaveS3,
         Scenario::Restore,
@@ -66,6 +73,7 @@ impl Scenario {
         Scenario::Status,
         Scenario::StatusFast,
         Scenario::SaveS3Age,
+        Scenario::DeltaOverhead,
     ];
 
     fn key(self) -> &'static str {
@@ -77,6 +85,7 @@ impl Scenario {
             Scenario::Status => "status",
             Scenario::StatusFast => "status-fast",
             Scenario::SaveS3Age => "save+s3+age",
+            Scenario::DeltaOverhead => "delta-overhead",
         }
     }
 
@@ -87,6 +96,7 @@ impl Scenario {
             Scenario::Restore | Scenario::RestoreNoBump => "etcdutl snapshot restore + etcd start + stop",
             Scenario::Status | Scenario::StatusFast => "etcdutl snapshot status",
             Scenario::SaveS3Age => "our save --s3, unencrypted",
+            Scenario::DeltaOverhead => "the same server without the follower",
         }
     }
 
@@ -99,8 +109,9 @@ impl Scenario {
             "status" => Scenario::Status,
             "status-fast" => Scenario::StatusFast,
             "s3-age" | "save+s3+age" => Scenario::SaveS3Age,
+            "delta-overhead" => Scenario::DeltaOverhead,
             _ => bail!(
-                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, status, status-fast, s3-age"
+                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, status, status-fast, s3-age, delta-overhead"
             ),
         })
     }
@@ -229,8 +240,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = workspace_root();
     eprintln!("xtask bench: building k3s-snapshot (release)");
     let mut build = tools.cargo();
-    build.args(["build", "--quiet", "--locked", "--release", "-p", "k3s-snapshot-cli"]);
-    run_checked(&mut build, "build k3s-snapshot in release mode")?;
+    build.args(["build", "--quiet", "--locked", "--release", "-p", "k3s-snapshot-cli", "-p", "loadgen"]);
+    run_checked(&mut build, "build k3s-snapshot and the load generator in release mode")?;
     let out_dir = root.join("target/bench");
     let work = out_dir.join(format!("work-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
@@ -251,6 +262,22 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
     let spec = EtcdSpec::new("bench", work.join("etcd"))?;
     let etcd = servers::start_etcd(&tools.etcd35, &spec, &[&quota], &logs.join("etcd.log"))?;
     let s3 = servers::start_s3(&tools.s3s_fs, &work.join("s3"), &logs.join("s3s-fs.log"))?;
+    let per_size: Vec<Scenario> = args.only.iter().copied().filter(|s| *s != Scenario::DeltaOverhead).collect();
+    let delta_overhead = if args.only.contains(&Scenario::DeltaOverhead) {
+        let loadgen = bin.with_file_name("loadgen");
+        let d = delta::DeltaBench {
+            bin,
+            loadgen: &loadgen,
+            etcd_dir: &tools.etcd35,
+            s3: &s3,
+            work,
+            logs: &logs,
+            runs: args.runs,
+        };
+        Some(delta::run(&d)?)
+    } else {
+        None
+    };
     let b = Bench {
         bin: bin.to_path_buf(),
         etcd_dir: tools.etcd35.clone(),
@@ -264,7 +291,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
     let machine = machine();
     let mut sizes = Vec::new();
     let mut loaded = 0;
-    for &size in &args.sizes_mib {
+    for &size in args.sizes_mib.iter().filter(|_| !per_size.is_empty()) {
         servers::load(&tools.etcd35.join("etcdctl"), &b.endpoint, loaded, size, 6)?;
         loaded = size;
         // One snapshot made by etcd's own tool, read by the restore and status scenarios.
@@ -274,7 +301,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
         let snap_bytes = std::fs::metadata(&snap)?.len();
         eprintln!("xtask bench: {size} MiB of values, snapshot {:.1} MiB", snap_bytes as f64 / MIB);
         let mut rows = Vec::new();
-        for &sc in &args.only {
+        for &sc in &per_size {
             eprintln!("xtask bench: {size} MiB: {} ({} runs each, interleaved)", sc.key(), b.runs);
             let row = match sc {
                 Scenario::Save => bench_save(&b)?,
@@ -284,6 +311,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
                 Scenario::Status => bench_status(&b, &snap, Scenario::Status)?,
                 Scenario::StatusFast => bench_status(&b, &snap, Scenario::StatusFast)?,
                 Scenario::SaveS3Age => bench_save_s3_age(&b)?,
+                Scenario::DeltaOverhead => unreachable!("not a per-size scenario"),
             };
             rows.push(row);
         }
@@ -292,7 +320,10 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
     }
     drop(etcd);
 
-    let results = results_json(&machine, args.runs, &sizes);
+    let mut results = results_json(&machine, args.runs, &sizes);
+    if let Some(d) = delta_overhead {
+        results["delta_overhead"] = d;
+    }
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
     println!("\nwrote {}", path.display());
@@ -590,6 +621,7 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
             Scenario::SaveS3Age => {
                 format!("save+s3+age: {:.2}x our unencrypted save+s3 (target <= 1.2x)", r.ratio())
             }
+            Scenario::DeltaOverhead => continue,
         };
         println!("{line}");
     }

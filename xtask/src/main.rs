@@ -78,10 +78,11 @@ fn run() -> Result<()> {
                  tasks:\n  \
                  test [ARGS]   provision etcd 3.4.23 + 3.5.1, s3s-fs and nginx if missing, then run the whole suite\n  \
                  e2e [--seed N] [--iterations N] [--only NAME,…] [--etcd 3.5|3.4]\n                \
-                 network namespaces (root): restore, S3 restore, HA restore and faults, on etcd 3.5.1 and 3.4.23\n  \
+                 network namespaces (root): restore, S3 restore, HA restore, faults and continuous backup's RPO, on etcd 3.5.1 and 3.4.23\n  \
                  demo          provision, start a throwaway etcd and show save, ls and prune\n  \
-                 bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status] [--chart] [--keep]\n                \
-                 release k3s-snapshot vs etcdctl/etcdutl: save, save+S3, reset-restore, status; medians, peak RSS\n  \
+                 bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,delta-overhead] [--chart] [--keep]\n                \
+                 release k3s-snapshot vs etcdctl/etcdutl: save, save+S3, reset-restore, status; medians, peak RSS;\n                \
+                 the delta follower's cost to put latency\n  \
                  dist          build the release binary and write target/dist/k3s-snapshot-<version>-<triple>.tar.gz\n                \
                  (+ .sha256): binary, man pages, completions, systemd unit, example config, dashboard, alerts\n  \
                  provision     install what is missing, check each tool by using it, print the environment\n                \

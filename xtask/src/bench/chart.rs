@@ -43,6 +43,7 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::Status => RGBColor(148, 103, 189),
         Scenario::StatusFast => RGBColor(255, 127, 14),
         Scenario::SaveS3Age => RGBColor(140, 86, 75),
+        Scenario::DeltaOverhead => RGBColor(127, 127, 127), // never charted: not per size
     }
 }
 

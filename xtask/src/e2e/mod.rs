@@ -11,6 +11,7 @@
 mod faults;
 mod net;
 mod node;
+mod rpo;
 mod scenarios;
 
 use std::path::{Path, PathBuf};
@@ -48,7 +49,7 @@ struct Opts {
 
 const USAGE: &str =
     "usage: cargo xtask e2e [--seed N] [--iterations N] [--only NAME[,NAME…]] [--etcd 3.5|3.4] [--keep] [--no-build]\n\
-scenarios: restore, s3-restore, ha-restore, s3-link-cut, partition, kill9, disk-full";
+scenarios: restore, s3-restore, ha-restore, s3-link-cut, s3-trickle, partition, kill9, disk-full, rpo";
 
 fn parse(args: &[String]) -> Result<Opts> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos() as u64;
@@ -88,6 +89,8 @@ fn parse(args: &[String]) -> Result<Opts> {
 /// Everything a scenario gets: the binary, the network, the hosts, the S3 server, options.
 pub struct Ctx {
     pub bin: PathBuf,
+    /// The load generator (`crates/loadgen`), built with the binary.
+    pub loadgen: PathBuf,
     pub net: Net,
     pub s3: S3Host,
     /// Server hosts: (name, namespace, address).
@@ -124,6 +127,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("partition", faults::partition),
     ("kill9", faults::kill9),
     ("disk-full", faults::disk_full),
+    ("rpo", rpo::rpo),
 ];
 
 struct Row {
@@ -190,14 +194,17 @@ pub fn run(args: &[String]) -> Result<()> {
     let tools = provision::ensure_all()?;
     let root = workspace_root();
     let bin = root.join("target/debug/k3s-snapshot");
+    let loadgen = root.join("target/debug/loadgen");
     if opts.no_build {
-        if !bin.is_file() {
-            bail!("--no-build, but {} is not built", bin.display());
+        for b in [&bin, &loadgen] {
+            if !b.is_file() {
+                bail!("--no-build, but {} is not built", b.display());
+            }
         }
     } else {
         let mut build = tools.cargo();
-        build.args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
-        run_checked(&mut build, "build the k3s-snapshot binary")?;
+        build.args(["build", "--locked", "-p", "k3s-snapshot-cli", "-p", "loadgen"]);
+        run_checked(&mut build, "build the k3s-snapshot binary and the load generator")?;
     }
 
     let e2e_root = root.join("target/e2e");
@@ -237,7 +244,7 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let s3_ns = net.add_host("objstore", node::S3_IP)?;
     let s3 = S3Host::start(&s3_ns, &tools.s3s_fs, &work.join("objstore"))?;
-    let ctx = Ctx { bin, net, s3, hosts, seed: opts.seed, iterations: opts.iterations };
+    let ctx = Ctx { bin, loadgen, net, s3, hosts, seed: opts.seed, iterations: opts.iterations };
 
     let mut rows = Vec::new();
     for (name, scenario) in SCENARIOS {
