@@ -18,6 +18,7 @@ tests::on_both_versions!(
     cluster_reset_without_a_path_keeps_the_data_and_leaves_one_member,
     zip_in_k3s_layout_restores_from_any_working_dir,
     a_restore_moves_the_revision_forward_and_compacts_the_past,
+    the_native_restore_leaves_what_etcds_own_restore_leaves,
 );
 
 fn previously_reset(dd: &DataDir) -> String {
@@ -471,4 +472,79 @@ fn a_restore_moves_the_revision_forward_and_compacts_the_past(v: EtcdVersion) {
     assert_eq!(now, snap_rev);
     assert!(!compacted);
     s.stop();
+}
+
+/// Relative path -> contents of every file under `dir`.
+fn files_under(dir: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    tree(dir).into_iter().filter(|(p, ..)| !p.ends_with('/')).map(|(p, _, bytes)| (p, bytes)).collect()
+}
+
+/// The reset restores the db natively (etcd's tool restores a probe without the keys, the same
+/// edits go into a kernel copy of the image): its output must be what the tool makes of the
+/// whole snapshot. WAL and snap files byte for byte, and every bucket and key of the db.
+fn the_native_restore_leaves_what_etcds_own_restore_leaves(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("/registry/a", "1"), ("/registry/b", "2"), ("/registry/c", "3")]);
+    delete(&dd, "/registry/b");
+    block_on(async {
+        let mut c = connect(&dd).await.client;
+        let rev = c.get("/registry/a", None).await.unwrap().header().unwrap().revision();
+        c.compact(rev, Some(etcd_client::CompactionOptions::new().with_physical())).await.unwrap();
+        let lease = c.lease_grant(3600, None).await.unwrap().id();
+        c.put("/registry/leased", "x", Some(etcd_client::PutOptions::new().with_lease(lease))).await.unwrap();
+    });
+    put(&dd, &[("/registry/a", "4")]);
+    let snap = save(&dd, &[]);
+    s.stop();
+
+    // Ours, stopped right after the restored dir is complete (before etcd ever runs on it).
+    let r = bin::run(
+        dd.command(&[
+            "--cluster-reset",
+            &format!("--cluster-reset-restore-path={}", snap.display()),
+            "--cluster-reset-restore-bump-revision=0",
+        ])
+        .env("K3S_SNAPSHOT_TEST_RESET_ABORT_AFTER", "1"),
+    );
+    assert!(r.code.is_none(), "expected the abort after the restore, got {:?}\n{}", r.code, r.stderr);
+    assert!(r.stderr.contains("the db copied and edited natively"), "the native restore was not used:\n{}", r.stderr);
+    let ours = dd.db().join("etcd-restore");
+
+    // etcd's own tool on the whole snapshot, for the same member.
+    let theirs = dd.tmp.path().join("tool-restore");
+    let peer = format!("https://127.0.0.1:{}", dd.peer_port);
+    let mut tool = match v {
+        EtcdVersion::V3_5 => std::process::Command::new(tests::support::etcd::etcdutl()),
+        EtcdVersion::V3_4 => {
+            let mut c = std::process::Command::new(v.etcdctl());
+            c.env("ETCDCTL_API", "3");
+            c
+        }
+    };
+    let o = tool
+        .args(["snapshot", "restore"])
+        .arg(&snap)
+        .arg(format!("--data-dir={}", theirs.display()))
+        .arg(format!("--name={}", dd.node))
+        .arg(format!("--initial-cluster={}={peer}", dd.node))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "etcd's restore: {}", String::from_utf8_lossy(&o.stderr));
+
+    let (mut a, mut b) = (files_under(&ours), files_under(&theirs));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "different files");
+    let (da, db) = (a.remove("member/snap/db").unwrap(), b.remove("member/snap/db").unwrap());
+    for (name, bytes) in &a {
+        assert!(bytes == &b[name], "{name} differs from what etcd's tool wrote");
+    }
+    let dump = |bytes: Vec<u8>| {
+        let db = k3s_snapshot_core::bbolt::Db::from_bytes("db", bytes, None).unwrap();
+        db.check().unwrap();
+        k3s_snapshot_core::bbolt::writer::dump(&db).unwrap()
+    };
+    let (da, db) = (dump(da), dump(db));
+    assert!(da.iter().any(|(path, _, _)| path.first().is_some_and(|b| b == b"key")), "no keys in the restored db");
+    assert_eq!(da, db, "the restored db reads differently from the one etcd's tool restored");
 }

@@ -341,7 +341,7 @@ impl EtcdProcess {
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
             }
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
             }
         }

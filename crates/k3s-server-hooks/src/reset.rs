@@ -7,8 +7,12 @@
 //!
 //! [`prepare`] runs every check and changes nothing but the snapshot dir (a download or a zip
 //! extraction lands there) and the scratch dir `db/etcd-restore.tmp`: while the snapshot is checked
-//! natively (sha256 and bbolt structure, on two threads), `etcdutl snapshot restore` already
-//! restores it into that scratch dir on the other core. If either fails, the dir is removed once
+//! natively (sha256 and bbolt structure, on two threads), the snapshot is already restored into
+//! that scratch dir: `etcdutl snapshot restore` (or etcd 3.4's `etcdctl`) restores a probe of it
+//! without the keys, which gives the member's WAL and snap files and shows what the tool changes
+//! in the db, while the kernel copies the full image and the same changes are committed into it
+//! ([`k3s_snapshot_core::restore_db`]); what that cannot express is restored by the tool whole.
+//! If either fails, the dir is removed once
 //! both are done, and so it is when the [`ResetPlan`] is dropped unused. [`execute`] then fsyncs
 //! the restored dir, renames it to `db/etcd-restore` (complete), and swaps: `etcd-old` →
 //! `etcd-old-<secs>`, `etcd` → `etcd-old`, `etcd-restore` → `etcd`, each rename fsynced. A crash at any point leaves either the old data in
@@ -429,16 +433,31 @@ fn move_old_aside(dd: &DataDir) -> Result<()> {
 }
 
 /// Restores `snapshot` into `db/etcd-restore.tmp` as the only member, with this server's name and
-/// peer URL (what [`ServerConfig::etcd_launch`] will start etcd with).
+/// peer URL (what [`ServerConfig::etcd_launch`] will start etcd with): natively for the db when it
+/// can ([`restore_native`]), else with etcd's tool on the whole snapshot.
 async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> Result<()> {
     let tmp = cfg.data_dir.etcd_restore_tmp();
     remove_dir_if_exists(&tmp)?;
+    match restore_native(cfg, bins, snapshot).await {
+        Ok(()) => return Ok(()),
+        Err(e) => {
+            tracing::info!(error = %e, "restoring the whole snapshot with etcd's tool instead");
+            remove_dir_if_exists(&tmp)?;
+        }
+    }
+    tracing::info!(snapshot = %snapshot.display(), into = %tmp.display(), "restoring the snapshot");
+    restore_tool(cfg, bins, snapshot, &tmp).await
+}
+
+/// `etcdutl snapshot restore SNAPSHOT --data-dir DIR` (or `etcdctl`'s, for etcd 3.4) for this
+/// server as the only member.
+async fn restore_tool(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path, dir: &Path) -> Result<()> {
     let peer_url = cfg.peer_url();
     let args = vec![
         "snapshot".to_string(),
         "restore".to_string(),
         snapshot.display().to_string(),
-        format!("--data-dir={}", tmp.display()),
+        format!("--data-dir={}", dir.display()),
         format!("--name={}", cfg.node_name),
         format!("--initial-cluster={}", cfg.initial_cluster_of_one()),
         format!("--initial-advertise-peer-urls={peer_url}"),
@@ -448,10 +467,71 @@ async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot:
         (None, Some(c)) => (c, &[("ETCDCTL_API", "3")]),
         (None, None) => unreachable!("checked in prepare"),
     };
-    tracing::info!(snapshot = %snapshot.display(), into = %tmp.display(), tool = %program.display(), "restoring the snapshot");
+    tracing::debug!(snapshot = %snapshot.display(), into = %dir.display(), tool = %program.display(), "running etcd's restore");
     run_tool(program, &args, envs)
         .await
         .map_err(|e| Error::Reset(format!("restoring {} failed, nothing was changed: {e}", snapshot.display())))
+}
+
+/// The restore with the db done natively ([`k3s_snapshot_core::restore_db`]): etcd's tool restores
+/// a probe (the snapshot without its keys), which gives the member's WAL and snap files and shows
+/// what the tool changes in the db; meanwhile the kernel copies the full image; the same changes
+/// are committed into the copy, checked to read exactly as the tool left them, and the copy takes
+/// the probe db's place. The snapshot's sha256 and structure are the concurrent check's job.
+async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> Result<()> {
+    use k3s_snapshot_core::restore_db;
+    let tmp = cfg.data_dir.etcd_restore_tmp();
+    let work = tmp.join(".probe");
+    create_private_dir(&tmp)?;
+    create_private_dir(&work)?;
+    let (probe, probe_dir, full) = (work.join("probe.db"), work.join("etcd"), work.join("db"));
+    let blocking = |what: &'static str, e: tokio::task::JoinError| Error::Reset(format!("{what} task failed: {e}"));
+    let copy = {
+        let (snapshot, full) = (snapshot.to_path_buf(), full.clone());
+        tokio::task::spawn_blocking(move || restore_db::copy_image(&snapshot, &full))
+    };
+    let probed = async {
+        let (snapshot, dest) = (snapshot.to_path_buf(), probe.clone());
+        tokio::task::spawn_blocking(move || restore_db::write_probe(&snapshot, &dest))
+            .await
+            .map_err(|e| blocking("probe", e))??;
+        restore_tool(cfg, bins, &probe, &probe_dir).await
+    };
+    let (copied, probed) = tokio::join!(copy, probed);
+    let copied = copied.map_err(|e| blocking("copy", e))??;
+    probed?;
+    let restored_db = probe_dir.join("member/snap/db");
+    let (probe_in, full_db) = (probe.clone(), full.clone());
+    let restored = restored_db.clone();
+    tokio::task::spawn_blocking(move || {
+        use k3s_snapshot_core::bbolt::Db;
+        let open =
+            |p: &Path| Db::open(p).map_err(|e| k3s_snapshot_core::Error::Invalid(format!("{}: {e}", p.display())));
+        let before =
+            Db::open_image(&probe_in, std::fs::metadata(&probe_in).map(|m| m.len()).unwrap_or(0).saturating_sub(32))
+                .map_err(|e| k3s_snapshot_core::Error::Invalid(format!("{}: {e}", probe_in.display())))?;
+        let after = open(&restored)?;
+        let edits = restore_db::edits_between(&before, &after)?;
+        restore_db::apply(&full_db, &edits)?;
+        if !restore_db::same_outside_key(&open(&full_db)?, &after)? {
+            return Err(k3s_snapshot_core::Error::Invalid(
+                "the restored db does not read as etcd's tool left the probe".into(),
+            ));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| blocking("restore", e))??;
+    std::fs::rename(&full, &restored_db).map_err(Error::io("rename", &full))?;
+    std::fs::rename(probe_dir.join("member"), tmp.join("member")).map_err(Error::io("rename", &probe_dir))?;
+    remove_dir_if_exists(&work)?;
+    tracing::info!(
+        snapshot = %snapshot.display(),
+        into = %tmp.display(),
+        bytes = copied,
+        "restored the snapshot (member files by etcd's tool, the db copied and edited natively)"
+    );
+    Ok(())
 }
 
 /// Makes the restored scratch dir private and durable, then renames it to `db/etcd-restore`.

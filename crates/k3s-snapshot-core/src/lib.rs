@@ -19,6 +19,7 @@ pub mod list;
 pub mod metadata;
 pub mod name;
 pub mod progress;
+pub mod restore_db;
 pub mod retention;
 pub mod revision;
 #[cfg(feature = "etcd")]

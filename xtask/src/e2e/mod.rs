@@ -45,10 +45,11 @@ struct Opts {
     versions: Vec<String>,
     keep: bool,
     no_build: bool,
+    rpo_rates: Vec<u32>,
 }
 
 const USAGE: &str =
-    "usage: cargo xtask e2e [--seed N] [--iterations N] [--only NAME[,NAME…]] [--etcd 3.5|3.4] [--keep] [--no-build]\n\
+    "usage: cargo xtask e2e [--seed N] [--iterations N] [--only NAME[,NAME…]] [--etcd 3.5|3.4] [--rpo-rates N[,N…]] [--keep] [--no-build]\n\
 scenarios: restore, s3-restore, ha-restore, s3-link-cut, s3-trickle, partition, kill9, disk-full, rpo";
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -60,6 +61,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         versions: Vec::new(),
         keep: false,
         no_build: false,
+        rpo_rates: rpo::RATES.to_vec(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -74,6 +76,18 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--iterations" => o.iterations = value()?.parse().context("--iterations")?,
             "--only" => o.only.extend(value()?.split(',').map(String::from)),
             "--etcd" => o.versions.push(value()?),
+            "--rpo-rates" => {
+                o.rpo_rates = value()?
+                    .split(',')
+                    .map(|r| {
+                        r.trim()
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|&r| r > 0)
+                            .with_context(|| format!("--rpo-rates: {r:?} is not a positive number of writes/s"))
+                    })
+                    .collect::<Result<_>>()?
+            }
             "--keep" => o.keep = true,
             "--no-build" => o.no_build = true,
             "-h" | "--help" => {
@@ -97,6 +111,8 @@ pub struct Ctx {
     hosts: Vec<(String, String, String)>,
     pub seed: u64,
     pub iterations: usize,
+    /// Write rates of the `rpo` scenario (default [`rpo::RATES`]).
+    pub rpo_rates: Vec<u32>,
 }
 
 impl Ctx {
@@ -244,7 +260,16 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let s3_ns = net.add_host("objstore", node::S3_IP)?;
     let s3 = S3Host::start(&s3_ns, &tools.s3s_fs, &work.join("objstore"))?;
-    let ctx = Ctx { bin, loadgen, net, s3, hosts, seed: opts.seed, iterations: opts.iterations };
+    let ctx = Ctx {
+        bin,
+        loadgen,
+        net,
+        s3,
+        hosts,
+        seed: opts.seed,
+        iterations: opts.iterations,
+        rpo_rates: opts.rpo_rates.clone(),
+    };
 
     let mut rows = Vec::new();
     for (name, scenario) in SCENARIOS {

@@ -34,7 +34,7 @@ pub fn rpo(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
     let seed = ctx.seed ^ etcd.label.bytes().fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b as u64));
     let mut rng = Rng::new(seed);
     let mut notes = Vec::new();
-    for rate in RATES {
+    for &rate in &ctx.rpo_rates {
         let note = at_rate(ctx, etcd, &dir.join(format!("rate-{rate}")), rate, &mut rng)
             .with_context(|| format!("at {rate} writes/s"))?;
         println!("e2e:   rpo on etcd {} at {rate}/s: {note}", etcd.label);

@@ -109,6 +109,12 @@ pub struct Written {
 
 /// Writes `src` with `edits` applied into a new file `dest` (which must not exist), fsynced.
 pub fn write_image(src: &Db, dest: &Path, edits: &Edits) -> Result<Written, WriteError> {
+    write_image_emptying(src, dest, edits, &[])
+}
+
+/// [`write_image`], with the top-level buckets named in `emptied` written empty (their sequence
+/// kept): an image of everything but, say, etcd's keys, whatever their size, in milliseconds.
+pub fn write_image_emptying(src: &Db, dest: &Path, edits: &Edits, emptied: &[&[u8]]) -> Result<Written, WriteError> {
     edits.validate()?;
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -126,6 +132,7 @@ pub fn write_image(src: &Db, dest: &Path, edits: &Edits) -> Result<Written, Writ
         scratch: Vec::new(),
         roots_seen: HashSet::new(),
         src_path: src.path().to_path_buf(),
+        emptied: emptied.iter().map(|b| b.to_vec()).collect(),
     };
     // Metas and freelist are written last, over this placeholder.
     out.write(&vec![0u8; ps * first_data as usize])?;
@@ -416,6 +423,8 @@ struct Out {
     /// bucket nested in itself) is a corrupt source, refused before it multiplies the work.
     roots_seen: HashSet<u64>,
     src_path: PathBuf,
+    /// Top-level buckets written without their contents ([`write_image_emptying`]).
+    emptied: HashSet<Vec<u8>>,
 }
 
 /// The leaf being filled and the first keys of the leaves written so far.
@@ -579,7 +588,8 @@ impl Out {
                         String::from_utf8_lossy(k)
                     ))),
                     (Value::Bucket(b), None) => {
-                        let value = self.sub_bucket(Some(b), child_hit, b.sequence(), depth + 1)?;
+                        let src = Some(b).filter(|_| !(is_root && self.emptied.contains(k)));
+                        let value = self.sub_bucket(src, child_hit, b.sequence(), depth + 1)?;
                         self.push(&mut f, LEAF_FLAG_BUCKET, k, Cow::Owned(value))
                     }
                 }
@@ -624,7 +634,18 @@ impl Out {
 /// Every bucket and key of `db`, depth first in key order: `(bucket path, key, Some(value))` for
 /// values, `(bucket path, name, None)` for nested buckets (with their sequence in the path entry).
 pub fn dump(db: &Db) -> Result<Vec<DumpEntry>, BoltError> {
-    fn walk(b: Bucket<'_>, path: &mut Vec<Vec<u8>>, out: &mut Vec<DumpEntry>) -> Result<(), BoltError> {
+    dump_except(db, &[])
+}
+
+/// [`dump`] without the contents of the top-level buckets named in `skipped` (their own entry,
+/// with its sequence, stays).
+pub fn dump_except(db: &Db, skipped: &[&[u8]]) -> Result<Vec<DumpEntry>, BoltError> {
+    fn walk(
+        b: Bucket<'_>,
+        path: &mut Vec<Vec<u8>>,
+        skipped: &[&[u8]],
+        out: &mut Vec<DumpEntry>,
+    ) -> Result<(), BoltError> {
         b.for_each(|k, v| {
             match v {
                 Value::Data(d) => out.push((path.clone(), k.to_vec(), Some(d.to_vec()))),
@@ -632,16 +653,18 @@ pub fn dump(db: &Db) -> Result<Vec<DumpEntry>, BoltError> {
                     let mut tag = k.to_vec();
                     tag.extend_from_slice(format!("#seq={}", child.sequence()).as_bytes());
                     out.push((path.clone(), tag, None));
-                    path.push(k.to_vec());
-                    walk(child, path, out)?;
-                    path.pop();
+                    if !(path.is_empty() && skipped.contains(&k)) {
+                        path.push(k.to_vec());
+                        walk(child, path, skipped, out)?;
+                        path.pop();
+                    }
                 }
             }
             Ok::<(), BoltError>(())
         })
     }
     let mut out = Vec::new();
-    walk(db.root(), &mut Vec::new(), &mut out)?;
+    walk(db.root(), &mut Vec::new(), skipped, &mut out)?;
     Ok(out)
 }
 
