@@ -1,6 +1,7 @@
-//! `--chart`: median time against db size, one colour per scenario, ours solid and the reference
-//! dashed. A PNG drawn with plotters' bitmap backend; its text is rendered with ab_glyph from a
-//! TrueType font found on the machine (Debian `fonts-dejavu-core`), so no system library is linked.
+//! `--chart`: median time and peak RSS against db size (two panels), one colour per scenario, ours
+//! solid and the reference dashed. A PNG drawn with plotters' bitmap backend; its text is rendered with
+//! ab_glyph from a TrueType font found on the machine (Debian `fonts-dejavu-core`), so no system
+//! library is linked.
 
 use std::path::{Path, PathBuf};
 
@@ -47,27 +48,61 @@ fn colour(s: Scenario) -> RGBColor {
     }
 }
 
-/// `sizes`: each db size (MiB of values) with its rows, in increasing size; at least two.
+/// `sizes`: each db size (MiB of values) with its rows, in increasing size; at least two. Two
+/// panels: median time, and peak RSS (ours: the largest of our runs; the reference's likewise).
 pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
     register_font()?;
-    let x_max = sizes.iter().map(|(s, _)| *s).max().unwrap_or(1) as f64 * 1.05;
-    let y_max = sizes
-        .iter()
-        .flat_map(|(_, rows)| rows.iter().flat_map(|r| [r.ours_median(), r.reference_median()]))
-        .fold(0.0f64, f64::max)
-        * 1.1;
     let scenarios: Vec<Scenario> = Scenario::ALL
         .into_iter()
         .filter(|s| sizes.iter().all(|(_, rows)| rows.iter().any(|r| r.scenario == *s)))
         .collect();
-
-    let root = BitMapBackend::new(png, (1000, 650)).into_drawing_area();
+    let root = BitMapBackend::new(png, (1000, 1250)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "k3s-snapshot vs etcd tools: median time by db size (solid: ours, dashed: reference)",
-            ("sans-serif", 20),
-        )
+    let (top, bottom) = root.split_vertically(650);
+    panel(
+        &top,
+        sizes,
+        &scenarios,
+        "k3s-snapshot vs etcd tools: median time by db size (solid: ours, dashed: reference)",
+        "seconds",
+        (Row::ours_median, Row::reference_median),
+    )?;
+    panel(
+        &bottom,
+        sizes,
+        &scenarios,
+        "peak RSS by db size (solid: ours, dashed: reference)",
+        "MiB",
+        (
+            |r: &Row| r.our_peak_kib() as f64 / 1024.0,
+            |r: &Row| r.reference_rss_kib.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
+        ),
+    )?;
+    root.present().map_err(|e| anyhow::anyhow!("write {}: {e}", png.display()))?;
+    Ok(())
+}
+
+type Pick = fn(&Row) -> f64;
+
+/// One panel: `value.0` (ours, solid) and `value.1` (reference, dashed) of every scenario
+/// against db size.
+fn panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    sizes: &[(usize, &[Row])],
+    scenarios: &[Scenario],
+    caption: &str,
+    unit: &str,
+    value: (Pick, Pick),
+) -> Result<()> {
+    let x_max = sizes.iter().map(|(s, _)| *s).max().unwrap_or(1) as f64 * 1.05;
+    let y_max = sizes
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().flat_map(|r| [value.0(r), value.1(r)]))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
@@ -76,20 +111,20 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
     chart
         .configure_mesh()
         .x_desc("MiB of values in etcd")
-        .y_desc("seconds")
+        .y_desc(unit)
         .label_style(("sans-serif", 14))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for s in scenarios {
+    for &s in scenarios {
         let c = colour(s);
-        let pick = |f: fn(&Row) -> f64| -> Vec<(f64, f64)> {
+        let pick = |f: Pick| -> Vec<(f64, f64)> {
             sizes
                 .iter()
                 .filter_map(|(size, rows)| rows.iter().find(|r| r.scenario == s).map(|r| (*size as f64, f(r))))
                 .collect()
         };
-        let ours = pick(Row::ours_median);
-        let reference = pick(Row::reference_median);
+        let ours = pick(value.0);
+        let reference = pick(value.1);
         chart
             .draw_series(LineSeries::new(ours.clone(), c.stroke_width(3)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -112,6 +147,5 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
         .label_font(("sans-serif", 14))
         .draw()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("write {}: {e}", png.display()))?;
     Ok(())
 }
