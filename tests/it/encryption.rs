@@ -269,8 +269,8 @@ fn encrypted_zip_restores_with_the_identity_and_leaves_no_plaintext(v: EtcdVersi
     }
 }
 
-/// SSE: every way an object is written (one PUT, our signed streamed PUT, a multipart upload) asks
-/// S3 for the server-side encryption of `--etcd-s3-sse`, and S3 (moto's) keeps it.
+/// SSE: every way an object is written (one PUT, our signed streamed PUT, a multipart upload of
+/// buffered or of streamed parts) asks S3 for the server-side encryption of `--etcd-s3-sse`, and S3 (moto's) keeps it.
 #[test]
 fn sse_headers_reach_the_s3_server_on_every_kind_of_put() {
     let moto = MotoServer::start();
@@ -281,6 +281,8 @@ fn sse_headers_reach_the_s3_server_on_every_kind_of_put() {
     ] {
         let store = block_on(s3_backend::S3Store::connect(&s3_backend::S3Config {
             sse: Some(sse.clone()),
+            // Bodies above 16 MiB of known length go up in streamed parts of 5 MiB.
+            stream_limits: Some((16 << 20, 5 << 20)),
             ..moto.config("snaps")
         }))
         .unwrap();
@@ -295,10 +297,14 @@ fn sse_headers_reach_the_s3_server_on_every_kind_of_put() {
             ("small-n1-1", 1000usize, Some(1000u64)),    // one PUT
             ("streamed-n1-2", 12 << 20, Some(12 << 20)), // our signed streamed PUT
             ("multipart-n1-3", 20 << 20, None),          // multipart: size unknown
+            ("parts-n1-4", 21 << 20, Some(21 << 20)),    // multipart of streamed parts
         ];
         for (key, n, hint) in cases {
             let stored = block_on(store.put(key, body(n), opts(hint))).unwrap();
             assert_eq!(stored, n as u64);
+            let (_, got) = block_on(store.get(key)).unwrap();
+            let got: Vec<bytes::Bytes> = block_on(futures::TryStreamExt::try_collect(got)).unwrap();
+            assert!(got.concat() == vec![0x5au8; n], "{key}: the object reads back as it was sent");
             let d = block_on(store.head_details(key)).unwrap().expect("stored");
             let expected = match sse {
                 s3_backend::ServerSideEncryption::Aes256 => "AES256",

@@ -186,6 +186,7 @@ impl S3Args {
             credential_chain: s3_backend::CredentialChain::from_env(),
             sse: s3_backend::ServerSideEncryption::from_flags(self.sse.as_deref(), self.sse_kms_key_id.as_deref())
                 .map_err(anyhow::Error::msg)?,
+            stream_limits: None,
         }))
     }
 

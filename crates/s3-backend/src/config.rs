@@ -131,6 +131,10 @@ pub struct S3Config {
     pub credential_chain: CredentialChain,
     /// `--etcd-s3-sse` (with `--etcd-s3-sse-kms-key-id`): server-side encryption of what is written.
     pub sse: Option<ServerSideEncryption>,
+    /// Streamed uploads' limits, bytes: `(largest single PUT, part size)` of a known-length body.
+    /// `None`: S3's 5 GiB and 64 MiB parts (or `K3S_SNAPSHOT_TEST_S3_STREAM_LIMITS`). For tests,
+    /// which cannot move 5 GiB; no flag sets it.
+    pub stream_limits: Option<(u64, u64)>,
 }
 
 impl Default for S3Config {
@@ -151,6 +155,7 @@ impl Default for S3Config {
             proxy: None,
             credential_chain: CredentialChain::default(),
             sse: None,
+            stream_limits: None,
         }
     }
 }

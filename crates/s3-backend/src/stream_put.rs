@@ -63,6 +63,8 @@ pub(crate) struct PutRequest<'a> {
     pub user_metadata: &'a [(String, String)],
     /// More headers, signed with the rest (the server-side encryption ones).
     pub extra_headers: &'a [(&'static str, String)],
+    /// Query parameters, signed (`partNumber` and `uploadId` for a part of a multipart upload).
+    pub query: &'a [(&'static str, String)],
     /// No progress (no body chunk taken, or no answer after the body) for this long fails it.
     pub stall_timeout: Duration,
 }
@@ -95,16 +97,20 @@ fn request_headers(req: &PutRequest<'_>, host: String, date: chrono::DateTime<ch
 impl StreamPut {
     /// Sends `body` (exactly `req.len` bytes) to `bucket/object` as one request, signed with
     /// `creds` (their session token, if any, goes in `x-amz-security-token`), or anonymous.
+    /// Returns the ETag the server answered with, if any.
     pub async fn put(
         &self,
         classifier: &Classifier,
         creds: Option<&Key>,
         req: PutRequest<'_>,
         body: ByteStream,
-    ) -> Result<(), S3Error> {
+    ) -> Result<Option<String>, S3Error> {
         let bucket = BucketName::new(req.bucket).map_err(|e| classifier.classify(e.into()))?;
         let object = ObjectKey::new(req.object).map_err(|e| classifier.classify(e.into()))?;
-        let query = Multimap::new();
+        let mut query = Multimap::new();
+        for (k, v) in req.query {
+            query.add(*k, v.clone());
+        }
         let region = &self.base.region;
         let url = self
             .base
@@ -176,7 +182,9 @@ impl StreamPut {
         })?;
         let status = resp.status();
         if status.is_success() {
-            return Ok(());
+            let etag =
+                resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(|v| v.trim_matches('"').to_string());
+            return Ok(etag);
         }
         let headers = resp.headers().clone();
         let text = resp.bytes().await.unwrap_or_default();
@@ -320,6 +328,7 @@ mod tests {
             content_type: "application/octet-stream",
             user_metadata: &meta,
             extra_headers: &sse,
+            query: &[],
             stall_timeout: Duration::from_secs(1),
         };
         let headers = request_headers(&req, "127.0.0.1:9000".into(), utc_now());
