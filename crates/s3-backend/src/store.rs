@@ -988,19 +988,7 @@ impl S3Store {
             Ok(total)
         }
         .await;
-        match res {
-            Ok(total) => {
-                guard.disarm();
-                Ok(total)
-            }
-            Err(e) => {
-                // Stop the part uploads still running (and wait for them, so that none lands
-                // after the abort), then abort the upload so that its parts are dropped.
-                tasks.shutdown().await;
-                guard.abort_now().await;
-                Err(e)
-            }
-        }
+        settle(res, &mut tasks, guard).await
     }
 }
 
@@ -1170,16 +1158,27 @@ impl S3Store {
             Ok(count as u16)
         }
         .await;
-        match res {
-            Ok(n) => {
-                guard.disarm();
-                Ok(n)
-            }
-            Err(e) => {
-                tasks.shutdown().await;
-                guard.abort_now().await;
-                Err(e)
-            }
+        settle(res, &mut tasks, guard).await
+    }
+}
+
+/// The end of a multipart upload: kept when `res` is ok; otherwise the part uploads still running
+/// are stopped (and waited for, so that none lands after the abort), then the upload is aborted
+/// so that its parts are dropped.
+async fn settle<T>(
+    res: Result<T, S3Error>,
+    tasks: &mut JoinSet<Result<PartInfo, S3Error>>,
+    guard: AbortOnDrop,
+) -> Result<T, S3Error> {
+    match res {
+        Ok(v) => {
+            guard.disarm();
+            Ok(v)
+        }
+        Err(e) => {
+            tasks.shutdown().await;
+            guard.abort_now().await;
+            Err(e)
         }
     }
 }
