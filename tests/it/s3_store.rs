@@ -199,6 +199,7 @@ fn sized(len: usize) -> PutOptions {
         content_type: "application/octet-stream".into(),
         user_metadata: vec![("k3s-node-name".into(), "n1".into())],
         size_hint: Some(len as u64),
+        ranges: None,
     }
 }
 
@@ -282,6 +283,7 @@ async fn s3_multipart_upload_of_40_mib_round_trips_with_metadata() {
         content_type: "application/zip".into(),
         user_metadata: vec![("k3s-node-name".into(), "n1".into()), ("k3s-token-hash".into(), "0123456789ab".into())],
         size_hint: None,
+        ranges: None,
     };
     let started = Instant::now();
     let n = store.put("on-demand-n1-1700000000.zip", chunked(data.clone(), 64 * 1024), put_opts).await.unwrap();

@@ -76,6 +76,7 @@ async fn put(store: &s3_backend::S3Store, key: &str, body: Bytes, content_type: 
         content_type: content_type.into(),
         user_metadata: user_metadata(node),
         size_hint: Some(body.len() as u64),
+        ranges: None,
     };
     let stream = futures::StreamExt::boxed(futures::stream::once(async move { Ok(body) }));
     store.put(key, stream, opts).await.unwrap();

@@ -5,10 +5,14 @@
 //! Scenarios, for each db size:
 //! - `save`: `etcdctl snapshot save` vs `etcd-snapshot save --etcd-endpoints … --dir …`
 //! - `save+s3`: `etcdctl snapshot save` then `curl` PUT of the file (what k3s does: save, then
-//!   upload) vs `etcd-snapshot save --s3 …` (local file and upload in one pass)
+//!   upload; above S3's 5 GiB single-PUT limit, which curl cannot pass, etcdctl's save alone) vs
+//!   `etcd-snapshot save --s3 …` (local file and upload in one pass)
 //! - `restore`: `etcdutl snapshot restore` + etcd start until `/health` is true + SIGTERM stop vs
 //!   `server --cluster-reset --cluster-reset-restore-path` (which does all three, and bumps the
 //!   revision natively); `restore-nobump`: the same with `--cluster-reset-restore-bump-revision=0`
+//! - `restore-s3`: the snapshot as an object in s3s-fs, restored by its name: `curl` GET +
+//!   `etcdutl snapshot restore` + etcd start + stop vs `server --cluster-reset
+//!   --cluster-reset-restore-path NAME --etcd-s3 …` (download, checks, restore, start, stop)
 //! - `status`: `etcdutl snapshot status -w json` vs `etcd-snapshot status -o json` (which also
 //!   hashes the file against its sha256 trailer), and `status-fast`: the same with
 //!   `--skip-hash-check` (the structure check and etcdutl's own reads only)
@@ -40,7 +44,7 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,status,status-fast,s3-age,delta-overhead] [--chart] [--keep]";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead] [--chart] [--keep]";
 
 #[derive(Debug)]
 struct Args {
@@ -60,16 +64,18 @@ enum Scenario {
     Status,
     StatusFast,
     SaveS3Age,
+    RestoreS3,
     /// Not per size: the continuous-backup follower's cost to writers ([`delta`]).
     DeltaOverhead,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 8] = [
+    const ALL: [Scenario; 9] = [
         Scenario::Save,
         Scenario::SaveS3,
         Scenario::Restore,
         Scenario::RestoreNoBump,
+        Scenario::RestoreS3,
         Scenario::Status,
         Scenario::StatusFast,
         Scenario::SaveS3Age,
@@ -85,6 +91,7 @@ impl Scenario {
             Scenario::Status => "status",
             Scenario::StatusFast => "status-fast",
             Scenario::SaveS3Age => "save+s3+age",
+            Scenario::RestoreS3 => "restore-s3",
             Scenario::DeltaOverhead => "delta-overhead",
         }
     }
@@ -96,6 +103,7 @@ impl Scenario {
             Scenario::Restore | Scenario::RestoreNoBump => "etcdutl snapshot restore + etcd start + stop",
             Scenario::Status | Scenario::StatusFast => "etcdutl snapshot status",
             Scenario::SaveS3Age => "our save --s3, unencrypted",
+            Scenario::RestoreS3 => "curl GET + etcdutl snapshot restore + etcd start + stop",
             Scenario::DeltaOverhead => "the same server without the follower",
         }
     }
@@ -109,9 +117,10 @@ impl Scenario {
             "status" => Scenario::Status,
             "status-fast" => Scenario::StatusFast,
             "s3-age" | "save+s3+age" => Scenario::SaveS3Age,
+            "restore-s3" => Scenario::RestoreS3,
             "delta-overhead" => Scenario::DeltaOverhead,
             _ => bail!(
-                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, status, status-fast, s3-age, delta-overhead"
+                "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, restore-s3, status, status-fast, s3-age, delta-overhead"
             ),
         })
     }
@@ -191,7 +200,7 @@ impl Row {
     /// child): there the sampled `VmHWM` of our own process.
     fn our_peak_kib(&self) -> u64 {
         let own = |m: &Measured| {
-            if matches!(self.scenario, Scenario::Restore | Scenario::RestoreNoBump) {
+            if matches!(self.scenario, Scenario::Restore | Scenario::RestoreNoBump | Scenario::RestoreS3) {
                 m.own_hwm_kib.unwrap_or(m.maxrss_kib)
             } else {
                 m.maxrss_kib
@@ -311,6 +320,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
                 Scenario::Status => bench_status(&b, &snap, Scenario::Status)?,
                 Scenario::StatusFast => bench_status(&b, &snap, Scenario::StatusFast)?,
                 Scenario::SaveS3Age => bench_save_s3_age(&b)?,
+                Scenario::RestoreS3 => bench_restore_s3(&b, &snap)?,
                 Scenario::DeltaOverhead => unreachable!("not a per-size scenario"),
             };
             rows.push(row);
@@ -429,6 +439,13 @@ fn bench_save_s3(b: &Bench) -> Result<Row> {
         measure::sync();
         let file = dir_ref.join("etcdctl.db");
         let save = Measure::default().run(etcdctl(b).args(["snapshot", "save"]).arg(&file), &log)?;
+        if std::fs::metadata(&file)?.len() > SINGLE_PUT_LIMIT {
+            // One PUT cannot carry it (S3's limit), and curl does no multipart: the reference is
+            // etcdctl's save alone, the issue's own yardstick for save+s3.
+            eprintln!("xtask bench: the snapshot is above S3's 5 GiB single-PUT limit; the save+s3 reference is etcdctl's save alone");
+            reset_dir(&dir_ref)?;
+            return Ok((save.wall, save.maxrss_kib));
+        }
         let put = Measure::default().run(&mut b.s3.curl_put(&file, "etcdctl.db"), &log)?;
         if std::fs::metadata(b.s3.root.join(servers::BUCKET).join("etcdctl.db"))?.len()
             != std::fs::metadata(&file)?.len()
@@ -495,6 +512,42 @@ fn bench_save_s3_age(b: &Bench) -> Result<Row> {
     Ok(row)
 }
 
+/// S3's largest single PUT: above it the save+s3 reference (one curl PUT) cannot run.
+const SINGLE_PUT_LIMIT: u64 = 5 << 30;
+
+/// The reference restore of `snap` in `dir`: `etcdutl snapshot restore`, etcd started on it until
+/// `/health` is true, SIGTERM and wait. Returns its wall time and etcdutl's peak RSS.
+fn reference_restore(b: &Bench, snap: &Path, dir: &Path, log: &Path) -> Result<(Duration, u64)> {
+    let spec = EtcdSpec::new("bench", dir.join("etcd"))?;
+    let mut c = Command::new(b.etcd_dir.join("etcdutl"));
+    c.args(["snapshot", "restore"])
+        .arg(snap)
+        .arg(format!("--data-dir={}", spec.data_dir.display()))
+        .arg(format!("--name={}", spec.name))
+        .arg(format!("--initial-cluster={}", spec.initial_cluster()))
+        .arg(format!("--initial-advertise-peer-urls={}", spec.peer_url()));
+    let started = std::time::Instant::now();
+    let restore = Measure::default().run(&mut c, log)?;
+    let etcd = servers::start_etcd(&b.etcd_dir, &spec, &[], log)?;
+    etcd.stop()?;
+    Ok((started.elapsed(), restore.maxrss_kib))
+}
+
+/// `server --cluster-reset --cluster-reset-restore-path PATH` on the data dir `dir`, on free ports.
+fn our_restore(b: &Bench, dir: &Path, path: &str) -> Result<Command> {
+    let mut c = ours(b);
+    c.args(["server", "--cluster-reset", "--cluster-reset-restore-path", path])
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--etcd-bin-dir")
+        .arg(&b.etcd_dir)
+        .args(["--node-name", "bench", "--token", "bench-token", "--bind-address", "127.0.0.1"])
+        .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
+        .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
+        .args(["--https-listen-port", &crate::demo::free_port()?.to_string()]);
+    Ok(c)
+}
+
 /// `restore` bumps the revision (the default); `restore-nobump` passes
 /// `--cluster-reset-restore-bump-revision=0`, so the two rows give the bump's cost.
 fn bench_restore(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
@@ -502,37 +555,15 @@ fn bench_restore(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
     let log = b.logs.join("restore.log");
     let reference = || {
         reset_dir(&dir_ref)?;
-        let spec = EtcdSpec::new("bench", dir_ref.join("etcd"))?;
         measure::sync();
-        let mut c = Command::new(b.etcd_dir.join("etcdutl"));
-        c.args(["snapshot", "restore"])
-            .arg(snap)
-            .arg(format!("--data-dir={}", spec.data_dir.display()))
-            .arg(format!("--name={}", spec.name))
-            .arg(format!("--initial-cluster={}", spec.initial_cluster()))
-            .arg(format!("--initial-advertise-peer-urls={}", spec.peer_url()));
-        let started = std::time::Instant::now();
-        let restore = Measure::default().run(&mut c, &log)?;
-        let etcd = servers::start_etcd(&b.etcd_dir, &spec, &[], &log)?;
-        etcd.stop()?;
-        let wall = started.elapsed();
+        let r = reference_restore(b, snap, &dir_ref, &log)?;
         reset_dir(&dir_ref)?;
-        Ok((wall, restore.maxrss_kib))
+        Ok(r)
     };
     let our_run = || {
         reset_dir(&dir_ours)?;
         measure::sync();
-        let mut c = ours(b);
-        c.args(["server", "--cluster-reset", "--cluster-reset-restore-path"])
-            .arg(snap)
-            .arg("--data-dir")
-            .arg(&dir_ours)
-            .arg("--etcd-bin-dir")
-            .arg(&b.etcd_dir)
-            .args(["--node-name", "bench", "--token", "bench-token", "--bind-address", "127.0.0.1"])
-            .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
-            .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
-            .args(["--https-listen-port", &crate::demo::free_port()?.to_string()]);
+        let mut c = our_restore(b, &dir_ours, &snap.display().to_string())?;
         if sc == Scenario::RestoreNoBump {
             c.arg("--cluster-reset-restore-bump-revision=0");
         }
@@ -541,6 +572,46 @@ fn bench_restore(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
         Ok(m)
     };
     interleaved(b, sc, reference, our_run)
+}
+
+/// `restore-s3`: the snapshot as an object in the bucket (hard-linked into s3s-fs's directory,
+/// untimed), restored by its name: ours downloads, checks and restores it in one command
+/// (`--etcd-s3 …`); the reference downloads it with one signed curl GET, then restores as above.
+fn bench_restore_s3(b: &Bench, snap: &Path) -> Result<Row> {
+    let (dir_ref, dir_ours) = (b.work.join("restore-s3-ref"), b.work.join("restore-s3-ours"));
+    let log = b.logs.join("restore-s3.log");
+    let name = "etcd-snapshot-bench-1";
+    b.s3.clear()?;
+    std::fs::hard_link(snap, b.s3.root.join(servers::BUCKET).join(name))
+        .with_context(|| format!("link {} into the bucket", snap.display()))?;
+    let reference = || {
+        reset_dir(&dir_ref)?;
+        measure::sync();
+        let file = dir_ref.join(name);
+        let started = std::time::Instant::now();
+        let get = Measure::default().run(&mut b.s3.curl_get(name, &file), &log)?;
+        if std::fs::metadata(&file)?.len() != std::fs::metadata(snap)?.len() {
+            bail!("the curl download did not fetch the whole snapshot; see {}", log.display());
+        }
+        let (_, rss) = reference_restore(b, &file, &dir_ref, &log)?;
+        let wall = started.elapsed();
+        reset_dir(&dir_ref)?;
+        Ok((wall, rss.max(get.maxrss_kib)))
+    };
+    let our_run = || {
+        reset_dir(&dir_ours)?;
+        measure::sync();
+        let mut c = our_restore(b, &dir_ours, name)?;
+        c.args(["--etcd-s3", "--etcd-s3-endpoint", &b.s3.endpoint, "--etcd-s3-insecure"])
+            .args(["--etcd-s3-bucket", servers::BUCKET, "--etcd-s3-access-key", servers::ACCESS_KEY])
+            .args(["--etcd-s3-secret-key", servers::SECRET_KEY]);
+        let m = Measure::sampled().run(&mut c, &log)?;
+        reset_dir(&dir_ours)?;
+        Ok(m)
+    };
+    let row = interleaved(b, Scenario::RestoreS3, reference, our_run)?;
+    b.s3.clear()?;
+    Ok(row)
 }
 
 fn bench_status(b: &Bench, snap: &Path, sc: Scenario) -> Result<Row> {
@@ -597,10 +668,10 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
     let save_alone = rows.iter().find(|r| r.scenario == Scenario::Save).map(Row::reference_median);
     for r in rows {
         let line = match r.scenario {
-            Scenario::Save => format!("save: {:.2}x etcdctl snapshot save (target <= 1.05x)", r.ratio()),
+            Scenario::Save => format!("save: {:.2}x etcdctl snapshot save (target <= 0.90x)", r.ratio()),
             Scenario::SaveS3 => {
                 let alone = save_alone
-                    .map(|s| format!("; {:.2}x etcdctl snapshot save alone (target <= 1.25x)", r.ours_median() / s))
+                    .map(|s| format!("; {:.2}x etcdctl snapshot save alone (target <= 1.10x)", r.ours_median() / s))
                     .unwrap_or_default();
                 format!("save+s3: {:.2}x etcdctl snapshot save + curl PUT{alone}", r.ratio())
             }
@@ -609,7 +680,7 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
                 let bump = plain
                     .map(|p| format!("; the revision bump costs {:.2} s", r.ours_median() - p.ours_median()))
                     .unwrap_or_default();
-                format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.2x){bump}", r.ratio())
+                format!("restore: {:.2}x etcdutl snapshot restore + etcd start (target <= 1.0x){bump}", r.ratio())
             }
             Scenario::RestoreNoBump => {
                 format!("restore without the bump: {:.2}x etcdutl snapshot restore + etcd start", r.ratio())
@@ -621,13 +692,16 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
             Scenario::SaveS3Age => {
                 format!("save+s3+age: {:.2}x our unencrypted save+s3 (target <= 1.2x)", r.ratio())
             }
+            Scenario::RestoreS3 => {
+                format!("restore from S3: {:.2}x curl GET + etcdutl snapshot restore + etcd start", r.ratio())
+            }
             Scenario::DeltaOverhead => continue,
         };
         println!("{line}");
     }
     let rss: Vec<String> =
         rows.iter().map(|r| format!("{} {:.1} MiB", r.scenario.key(), mib(r.our_peak_kib()))).collect();
-    println!("peak RSS: {} (target <= 64 MiB)", rss.join(", "));
+    println!("peak RSS: {} (target <= 38 MiB, etcdctl's)", rss.join(", "));
 }
 
 struct Machine {

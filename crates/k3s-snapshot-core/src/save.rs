@@ -95,8 +95,13 @@ const FOLLOW_CHUNK: u64 = 1 << 20;
 /// the save never waits for the stream.
 pub fn tee_channel() -> (Tee, ByteStream) {
     let (tx, rx) = watch::channel(Written::default());
-    let stream = futures::stream::unfold((rx, 0u64, false), |(mut rx, offset, ended)| async move {
-        if ended {
+    (Tee { tx }, follow(rx, 0, None))
+}
+
+/// The file the save writes from `start`, up to `end` (exclusive) or its end.
+fn follow(rx: watch::Receiver<Written>, start: u64, end: Option<u64>) -> ByteStream {
+    let stream = futures::stream::unfold((rx, start, false), move |(mut rx, offset, ended)| async move {
+        if ended || end.is_some_and(|e| offset >= e) {
             return None;
         }
         loop {
@@ -104,7 +109,8 @@ pub fn tee_channel() -> (Tee, ByteStream) {
             if let (Some(file), true) = (&w.file, offset < w.len) {
                 // `len` counts what the save handed to its writer; the last of it may still be on
                 // its way to the file, so a short read waits for the next step instead of failing.
-                let (file, len) = (file.clone(), (w.len - offset).min(FOLLOW_CHUNK) as usize);
+                let until = end.map_or(w.len, |e| e.min(w.len));
+                let (file, len) = (file.clone(), (until - offset).min(FOLLOW_CHUNK) as usize);
                 let read = tokio::task::spawn_blocking(move || {
                     use std::os::unix::fs::FileExt;
                     let mut buf = vec![0u8; len];
@@ -128,7 +134,15 @@ pub fn tee_channel() -> (Tee, ByteStream) {
                     Err(e) => return Some((Err(e), (rx, offset, true))),
                 }
             } else if w.done {
-                return None;
+                // Caught up with a whole file. A range that reaches past its end is short (an
+                // error), except one starting exactly at the end: the check that nothing follows.
+                return match end {
+                    Some(_) if !(offset == start && start == w.len) => Some((
+                        Err(std::io::Error::other("the snapshot ended before the range asked for")),
+                        (rx, offset, true),
+                    )),
+                    _ => None,
+                };
             }
             if rx.changed().await.is_err() {
                 // The save ended without finishing; what it finished is read first.
@@ -140,10 +154,16 @@ pub fn tee_channel() -> (Tee, ByteStream) {
             }
         }
     });
-    (Tee { tx }, stream.boxed())
+    stream.boxed()
 }
 
 impl Tee {
+    /// Streams of byte ranges of the file the save writes, each waiting for its bytes.
+    pub fn ranges(&self) -> crate::store::Ranges {
+        let rx = self.tx.subscribe();
+        crate::store::Ranges(std::sync::Arc::new(move |offset, len| follow(rx.clone(), offset, Some(offset + len))))
+    }
+
     /// The file the save writes, read through its own descriptor.
     fn attach(&self, file: std::fs::File) {
         self.tx.send_modify(|w| w.file = Some(std::sync::Arc::new(file)));
@@ -632,6 +652,7 @@ pub async fn save_and_upload(
     // message, so the uploader learns both through a oneshot before the first byte arrives. With
     // the size, the store can send the whole snapshot as one streamed request.
     let (tee, body) = tee_channel();
+    let ranges = tee.ranges();
     let (name_tx, name_rx) = tokio::sync::oneshot::channel::<(String, Option<u64>)>();
     let (node, token_hash) = (opts.node.clone(), opts.token_hash.clone());
     let upload = async move {
@@ -642,6 +663,7 @@ pub async fn save_and_upload(
             content_type: "application/octet-stream".into(),
             user_metadata: user_metadata(&node, token_hash.as_deref()),
             size_hint,
+            ranges: Some(ranges),
         };
         remote.put(&file, body, opts).await
     };
@@ -716,6 +738,7 @@ async fn upload_file_only(
         content_type: content_type.into(),
         user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
         size_hint: None,
+        ranges: None,
     };
     let path = local.path_of(file)?;
     tokio::select! {
@@ -750,9 +773,67 @@ async fn put_metadata(remote: &dyn crate::store::SnapshotStore, saved: &SavedSna
         content_type: "application/json".into(),
         user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
         size_hint: Some(doc.len() as u64),
+        ranges: None,
     };
     remote
         .put(&SnapshotMetadata::key_for(&saved.metadata.name), futures::stream::once(async { Ok(doc) }).boxed(), opts)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use futures::TryStreamExt;
+
+    use super::*;
+
+    async fn read_all(s: ByteStream) -> std::io::Result<Vec<u8>> {
+        let chunks: Vec<Bytes> = s.try_collect().await?;
+        Ok(chunks.concat())
+    }
+
+    /// Ranges of the file a save writes: each waits for its bytes, reads exactly them, and the
+    /// range at the end tells a whole file (nothing) from a longer one (bytes) or a short one.
+    #[tokio::test]
+    async fn ranges_follow_the_file_as_it_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.part");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        let (tee, body) = tee_channel();
+        let ranges = tee.ranges();
+        tee.attach(std::fs::File::open(&path).unwrap());
+        // Asked for before any of their bytes exist.
+        let middle = tokio::spawn(read_all((ranges.0)(1_000_000, 1_500_000)));
+        let tail = tokio::spawn(read_all((ranges.0)(2_500_000, 500_000)));
+        for (i, chunk) in data.chunks(700_000).enumerate() {
+            f.write_all(chunk).unwrap();
+            tee.advance(((i + 1) * 700_000).min(data.len()) as u64);
+            tokio::task::yield_now().await;
+        }
+        let whole = data.len() as u64;
+        tee.finish(whole);
+        assert_eq!(middle.await.unwrap().unwrap(), &data[1_000_000..2_500_000]);
+        assert_eq!(tail.await.unwrap().unwrap(), &data[2_500_000..]);
+        assert_eq!(read_all(body).await.unwrap(), data, "the whole-body follower is unchanged");
+        assert!(read_all((ranges.0)(whole, 1)).await.unwrap().is_empty(), "nothing follows a whole file");
+        assert!(read_all((ranges.0)(whole - 10, 20)).await.is_err(), "a range past the end is short");
+        assert_eq!(read_all((ranges.0)(whole - 10, 10)).await.unwrap(), &data[data.len() - 10..]);
+    }
+
+    #[tokio::test]
+    async fn a_range_fails_when_the_save_stops_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap.part");
+        std::fs::write(&path, vec![7u8; 1000]).unwrap();
+        let (tee, _body) = tee_channel();
+        let ranges = tee.ranges();
+        tee.attach(std::fs::File::open(&path).unwrap());
+        tee.advance(1000);
+        let waiting = tokio::spawn(read_all((ranges.0)(500, 1000)));
+        drop(tee);
+        assert!(waiting.await.unwrap().is_err(), "a save that ends unfinished fails the range");
+    }
 }

@@ -36,6 +36,21 @@ pub struct PutOptions {
     pub user_metadata: Vec<(String, String)>,
     /// Total size when known in advance (uploads of an existing file).
     pub size_hint: Option<u64>,
+    /// The same body as independent streams of byte ranges, when the caller can give them (a
+    /// file being written or written): a store may then send parts of it at the same time.
+    pub ranges: Option<Ranges>,
+}
+
+/// `(offset, len)` → a stream of exactly those bytes of the body (an error if it has fewer),
+/// waiting for them while they are still being written. A range at the end (`offset` = the
+/// length) yields nothing once the body is whole, or what follows if it is longer.
+#[derive(Clone)]
+pub struct Ranges(pub std::sync::Arc<dyn Fn(u64, u64) -> ByteStream + Send + Sync>);
+
+impl std::fmt::Debug for Ranges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Ranges")
+    }
 }
 
 /// A place that holds snapshots and their metadata.

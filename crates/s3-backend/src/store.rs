@@ -615,6 +615,13 @@ impl Inner {
         size: u64,
         body: ByteStream,
     ) -> Result<PartInfo, S3Error> {
+        // The request starts once the part's first bytes are there, so that a part waiting for
+        // the save to reach it is not taken for a stalled upload.
+        let mut body = body.peekable();
+        if let Some(Err(e)) = std::pin::Pin::new(&mut body).peek().await {
+            return Err(S3Error::Source(innermost_detail(e)));
+        }
+        let body = body.boxed();
         let query = [("partNumber", number.to_string()), ("uploadId", upload_id.to_string())];
         let req = PutRequest {
             bucket: &self.bucket,
@@ -993,9 +1000,11 @@ impl S3Store {
 }
 
 /// Above `single_put` bytes (S3's limit for one PUT) a body of known length goes up as a
-/// multipart upload whose parts stream like the single PUT: nothing is buffered. Each part is a
-/// consecutive slice of the body; the next part's request starts as soon as the previous one
-/// has taken its last byte, while that one still waits for its answer.
+/// multipart upload whose parts stream like the single PUT: nothing is buffered. When the caller
+/// gives the body's byte ranges ([`Ranges`](k3s_snapshot_core::store::Ranges): a save's file as it is written), up to
+/// [`STREAMED_PARTS_IN_FLIGHT`] parts go up at once, each starting once its first bytes are
+/// there. Otherwise each part is a consecutive slice of the one body, and the next part's request
+/// starts as soon as the previous one has taken its last byte, while that one awaits its answer.
 #[derive(Debug, Clone, Copy)]
 struct StreamLimits {
     single_put: u64,
@@ -1004,6 +1013,8 @@ struct StreamLimits {
 
 /// Streamed parts of 64 MiB: 96 requests for a 6 GiB snapshot, 10,000 parts hold 625 GiB.
 const STREAMED_PART_SIZE: u64 = 64 << 20;
+/// Streamed parts sent at the same time when the body comes as byte ranges.
+const STREAMED_PARTS_IN_FLIGHT: usize = 4;
 /// For tests only: `SINGLE_PUT_LIMIT:PART_SIZE` in bytes, so that the streamed multipart upload
 /// runs on a snapshot of a few MiB.
 const TEST_LIMITS_ENV: &str = "K3S_SNAPSHOT_TEST_S3_STREAM_LIMITS";
@@ -1103,18 +1114,28 @@ impl S3Store {
             upload_id: upload_id.clone(),
             armed: true,
         };
+        let ranges = opts.ranges.clone();
+        let in_flight = if ranges.is_some() { STREAMED_PARTS_IN_FLIGHT } else { PARTS_IN_FLIGHT };
         let splitter = Arc::new(tokio::sync::Mutex::new(Splitter { body, carry: None }));
         let mut tasks: JoinSet<Result<PartInfo, S3Error>> = JoinSet::new();
         let res = async {
             let mut parts: Vec<PartInfo> = Vec::new();
             for number in 1..=count as u16 {
-                let size = part.min(len - (u64::from(number) - 1) * part);
-                while tasks.len() >= PARTS_IN_FLIGHT {
+                let offset = (u64::from(number) - 1) * part;
+                let size = part.min(len - offset);
+                while tasks.len() >= in_flight {
                     parts.push(joined(tasks.join_next().await)?);
+                }
+                let (inner, key, object, id) = (inner.clone(), key.to_string(), object.clone(), upload_id.clone());
+                if let Some(r) = &ranges {
+                    let slice = (r.0)(offset, size);
+                    tasks.spawn(
+                        async move { inner.upload_streamed_part(&key, &object, &id, number, size, slice).await },
+                    );
+                    continue;
                 }
                 let (taken_tx, mut taken) = tokio::sync::oneshot::channel();
                 let slice = slice_of(splitter.clone(), size, taken_tx);
-                let (inner, key, object, id) = (inner.clone(), key.to_string(), object.clone(), upload_id.clone());
                 tasks.spawn(async move { inner.upload_streamed_part(&key, &object, &id, number, size, slice).await });
                 // The next part starts once this one took its last byte (or as soon as one fails).
                 loop {
@@ -1138,6 +1159,10 @@ impl S3Store {
             }
             // Nothing may follow the announced length.
             let mut s = splitter.lock().await;
+            if let Some(r) = &ranges {
+                s.carry = None;
+                s.body = (r.0)(len, 1);
+            }
             let extra = match s.carry.take() {
                 Some(c) if !c.is_empty() => true,
                 _ => loop {

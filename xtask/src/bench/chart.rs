@@ -40,10 +40,11 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::Save => RGBColor(31, 119, 180),
         Scenario::SaveS3 => RGBColor(214, 39, 40),
         Scenario::Restore => RGBColor(44, 160, 44),
-        Scenario::RestoreNoBump => RGBColor(140, 86, 75),
+        Scenario::RestoreNoBump => RGBColor(227, 119, 194),
         Scenario::Status => RGBColor(148, 103, 189),
         Scenario::StatusFast => RGBColor(255, 127, 14),
         Scenario::SaveS3Age => RGBColor(140, 86, 75),
+        Scenario::RestoreS3 => RGBColor(23, 190, 207),
         Scenario::DeltaOverhead => RGBColor(127, 127, 127), // never charted: not per size
     }
 }

@@ -166,6 +166,17 @@ impl S3 {
         Ok(())
     }
 
+    /// A single SigV4-signed GET of `key` into `file` with curl.
+    pub fn curl_get(&self, key: &str, file: &Path) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["--silent", "--show-error", "--fail", "--output"])
+            .arg(file)
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{ACCESS_KEY}:{SECRET_KEY}")])
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .arg(format!("http://{}/{BUCKET}/{key}", self.endpoint));
+        c
+    }
+
     /// A single SigV4-signed PUT of `file` with curl (UNSIGNED-PAYLOAD, as large uploads do).
     pub fn curl_put(&self, file: &Path, key: &str) -> Command {
         let mut c = Command::new("curl");
