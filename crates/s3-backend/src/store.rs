@@ -1014,7 +1014,7 @@ struct StreamLimits {
 /// Streamed parts of 64 MiB: 96 requests for a 6 GiB snapshot, 10,000 parts hold 625 GiB.
 const STREAMED_PART_SIZE: u64 = 64 << 20;
 /// Streamed parts sent at the same time when the body comes as byte ranges.
-const STREAMED_PARTS_IN_FLIGHT: usize = 4;
+const STREAMED_PARTS_IN_FLIGHT: usize = 3;
 /// For tests only: `SINGLE_PUT_LIMIT:PART_SIZE` in bytes, so that the streamed multipart upload
 /// runs on a snapshot of a few MiB.
 const TEST_LIMITS_ENV: &str = "K3S_SNAPSHOT_TEST_S3_STREAM_LIMITS";

@@ -24,7 +24,7 @@ pub const LEAF_FLAG_BUCKET: u32 = 0x01;
 /// Maximum combined depth of b+tree levels and bucket nesting followed by a walk.
 pub const MAX_DEPTH: u32 = 256;
 /// Bytes of mapped pages a walk may touch before the mapping is released (see the module docs).
-pub const RESIDENT_WINDOW: u64 = 8 << 20;
+pub const RESIDENT_WINDOW: u64 = 2 << 20;
 
 pub(crate) const META_SIZE: usize = 64;
 pub(crate) const META_CHECKSUM_OFFSET: usize = 56;
