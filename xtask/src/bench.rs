@@ -44,7 +44,7 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead] [--chart] [--keep]";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead] [--chart] [--keep]\n       cargo xtask bench --redraw target/bench/results.json";
 
 #[derive(Debug)]
 struct Args {
@@ -241,6 +241,11 @@ struct Bench {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
+    if let [flag, file] = args {
+        if flag == "--redraw" {
+            return redraw(Path::new(file));
+        }
+    }
     let args = parse_args(args)?;
     if args.chart {
         chart::font()?;
@@ -346,6 +351,50 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// `--redraw FILE`: the chart of a `results.json` again (after a change to the chart itself),
+/// next to it as `bench.png`, without measuring anything.
+fn redraw(file: &Path) -> Result<()> {
+    chart::font()?;
+    let doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(file).with_context(|| format!("read {}", file.display()))?)
+            .with_context(|| format!("{} is not a results.json", file.display()))?;
+    let secs = |v: &serde_json::Value| -> Vec<f64> {
+        v.as_array().map(|a| a.iter().filter_map(serde_json::Value::as_f64).collect()).unwrap_or_default()
+    };
+    let mut sizes = Vec::new();
+    for size in doc["sizes"].as_array().context("no sizes in the results")? {
+        let mib = size["values_mib"].as_u64().context("a size without values_mib")? as usize;
+        let mut rows = Vec::new();
+        for sc in size["scenarios"].as_array().context("a size without scenarios")? {
+            let key = sc["scenario"].as_str().context("a scenario without a name")?;
+            let Some(scenario) = Scenario::ALL.into_iter().find(|s| s.key() == key) else { continue };
+            let peak = sc["our_peak_rss_kib"].as_u64().unwrap_or(0);
+            let mut row = Row::new(scenario);
+            let cpu = secs(&sc["ours_cpu_s"]);
+            for (i, wall) in secs(&sc["ours_s"]).into_iter().enumerate() {
+                row.ours.push(Measured {
+                    wall: Duration::from_secs_f64(wall),
+                    maxrss_kib: peak,
+                    own_hwm_kib: Some(peak),
+                    anon_peak_kib: sc["our_anon_peak_kib_sampled"].as_u64(),
+                    cpu: Duration::from_secs_f64(cpu.get(i).copied().unwrap_or(0.0)),
+                });
+            }
+            row.reference = secs(&sc["reference_s"]).into_iter().map(Duration::from_secs_f64).collect();
+            row.reference_rss_kib = vec![sc["reference_peak_rss_kib"].as_u64().unwrap_or(0)];
+            rows.push(row);
+        }
+        sizes.push((mib, rows));
+    }
+    if sizes.len() < 2 {
+        bail!("{} has {} db size(s); a chart needs at least two", file.display(), sizes.len());
+    }
+    let png = file.with_file_name("bench.png");
+    chart::draw(&png, &sizes.iter().map(|(s, rows)| (*s, rows.as_slice())).collect::<Vec<_>>())?;
+    println!("wrote {}", png.display());
+    Ok(())
+}
 
 fn etcdctl(b: &Bench) -> Command {
     let mut c = Command::new(b.etcd_dir.join("etcdctl"));

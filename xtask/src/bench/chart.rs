@@ -67,6 +67,7 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
         "k3s-snapshot vs etcd tools: median time by db size (solid: ours, dashed: reference)",
         "seconds",
         (Row::ours_median, Row::reference_median),
+        false,
     )?;
     panel(
         &bottom,
@@ -78,6 +79,7 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
             |r: &Row| r.our_peak_kib() as f64 / 1024.0,
             |r: &Row| r.reference_rss_kib.iter().copied().max().unwrap_or(0) as f64 / 1024.0,
         ),
+        true,
     )?;
     root.present().map_err(|e| anyhow::anyhow!("write {}: {e}", png.display()))?;
     Ok(())
@@ -86,7 +88,9 @@ pub fn draw(png: &Path, sizes: &[(usize, &[Row])]) -> Result<()> {
 type Pick = fn(&Row) -> f64;
 
 /// One panel: `value.0` (ours, solid) and `value.1` (reference, dashed) of every scenario
-/// against db size.
+/// against db size. With `cap`, a reference series far above all of ours (etcdutl maps the whole
+/// db, so its RSS is the db's size) is not drawn, only named with its largest value, so that the
+/// scale stays readable for the rest.
 fn panel(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     sizes: &[(usize, &[Row])],
@@ -94,12 +98,28 @@ fn panel(
     caption: &str,
     unit: &str,
     value: (Pick, Pick),
+    cap: bool,
 ) -> Result<()> {
     let x_max = sizes.iter().map(|(s, _)| *s).max().unwrap_or(1) as f64 * 1.05;
-    let y_max = sizes
+    let max_of = |f: Pick, s: Option<Scenario>| {
+        sizes
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().filter(|r| s.is_none_or(|s| r.scenario == s)).map(f))
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max)
+    };
+    let ours_max = max_of(value.0, None);
+    let off_scale = |s: Scenario| cap && max_of(value.1, Some(s)) > 4.0 * ours_max;
+    let y_max = scenarios
         .iter()
-        .flat_map(|(_, rows)| rows.iter().flat_map(|r| [value.0(r), value.1(r)]))
-        .filter(|v| v.is_finite())
+        .map(|&s| {
+            let ours = max_of(value.0, Some(s));
+            if off_scale(s) {
+                ours
+            } else {
+                ours.max(max_of(value.1, Some(s)))
+            }
+        })
         .fold(0.0f64, f64::max)
         * 1.1;
     let mut chart = ChartBuilder::on(area)
@@ -126,6 +146,18 @@ fn panel(
         };
         let ours = pick(value.0);
         let reference = pick(value.1);
+        if off_scale(s) {
+            let top = max_of(value.1, Some(s));
+            chart
+                .draw_series(LineSeries::new(ours.clone(), c.stroke_width(3)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(format!("{} (ours); {}: up to {top:.0} {unit}, off the scale", s.key(), s.reference()))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+            chart
+                .draw_series(ours.iter().map(|p| Circle::new(*p, 4, c.filled())))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(ours.clone(), c.stroke_width(3)))
             .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -142,7 +174,7 @@ fn panel(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(if cap { SeriesLabelPosition::LowerRight } else { SeriesLabelPosition::UpperLeft })
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
