@@ -791,6 +791,16 @@ struct AbortOnDrop {
 }
 
 impl AbortOnDrop {
+    fn armed(inner: &Arc<Inner>, key: &str, object: &str, upload_id: &str) -> Self {
+        AbortOnDrop {
+            inner: inner.clone(),
+            key: key.to_string(),
+            object: object.to_string(),
+            upload_id: upload_id.to_string(),
+            armed: true,
+        }
+    }
+
     async fn abort_now(mut self) {
         self.armed = false;
         self.inner.abort_multipart(&self.key, &self.object, &self.upload_id).await;
@@ -941,13 +951,7 @@ impl S3Store {
         let inner = self.inner.clone();
         let upload_id = inner.start_multipart(key, &object, opts).await?;
         tracing::debug!(key, upload_id = %upload_id, part_size, "multipart upload started");
-        let guard = AbortOnDrop {
-            inner: inner.clone(),
-            key: key.to_string(),
-            object: object.clone(),
-            upload_id: upload_id.clone(),
-            armed: true,
-        };
+        let guard = AbortOnDrop::armed(&inner, key, &object, &upload_id);
         let mut tasks: JoinSet<Result<PartInfo, S3Error>> = JoinSet::new();
         let res = async {
             let mut parts: Vec<PartInfo> = Vec::new();
@@ -1107,13 +1111,7 @@ impl S3Store {
         }
         let upload_id = inner.start_multipart(key, &object, opts).await?;
         tracing::debug!(key, upload_id = %upload_id, part_size = part, parts = count, "multipart upload of streamed parts started");
-        let guard = AbortOnDrop {
-            inner: inner.clone(),
-            key: key.to_string(),
-            object: object.clone(),
-            upload_id: upload_id.clone(),
-            armed: true,
-        };
+        let guard = AbortOnDrop::armed(&inner, key, &object, &upload_id);
         let ranges = opts.ranges.clone();
         let in_flight = if ranges.is_some() { STREAMED_PARTS_IN_FLIGHT } else { PARTS_IN_FLIGHT };
         let splitter = Arc::new(tokio::sync::Mutex::new(Splitter { body, carry: None }));
