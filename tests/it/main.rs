@@ -4,6 +4,7 @@ mod encryption;
 mod ha;
 mod hostile;
 mod k3s_node;
+mod pitr;
 mod remote;
 mod reset;
 mod s3_credentials;

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 /// A segment is closed early once it holds this much, whatever the interval.
 const MAX_SEGMENT_BYTES: u64 = 256 << 20;
+/// Decoding limit of a watch response: etcd's own gRPC send limit (its default, `math.MaxInt32`).
+const MAX_WATCH_MESSAGE: usize = i32::MAX as usize;
 /// Pause before following again after a watch failure.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
@@ -199,11 +201,16 @@ async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken)
     full_snapshot(job, cancel).await
 }
 
-/// The revision etcd had when the newest uncompressed local snapshot was taken (read from the
-/// file, as a restore will read it).
+/// The revision etcd had when the newest local snapshot was taken: read from the file, as a
+/// restore will read it, or for a zipped or encrypted one (which is not opened again) from its
+/// metadata, as the restore's chain does; none when neither is known.
 async fn newest_snapshot_revision(local: &LocalStore) -> Option<i64> {
-    let entries = list_snapshots(local, false).await.ok()?;
-    let newest = entries.last().filter(|e| !e.name.ends_with(".zip") && !e.name.ends_with(".age"))?;
+    let entries = list_snapshots(local, true).await.ok()?;
+    let newest = entries.last()?;
+    if newest.name.ends_with(".zip") || newest.name.ends_with(".age") {
+        // An empty keyspace is recorded as revision 0; etcd starts at 1.
+        return newest.metadata.as_ref()?.ours()?.etcd_revision.map(|r| r.max(1));
+    }
     let path = local.dir().join(&newest.name);
     tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()
 }
@@ -244,12 +251,21 @@ async fn follow(
 ) -> Stop {
     let m = &job.metrics;
     m.shipped_revision.fetch_max(after, Ordering::Relaxed);
-    let mut conn = match job.etcd.connect().await {
+    let conn = match job.etcd.connect().await {
         Ok(c) => c,
         Err(e) => return Stop::Failed(e.to_string()),
     };
-    let opts = etcd_client::WatchOptions::new().with_from_key().with_start_revision(after + 1).with_progress_notify();
-    let mut stream = match conn.client.watch(vec![0u8], Some(opts)).await {
+    // A catching-up watch gets up to 1,000 revisions per response, and one revision (a lease's
+    // revoke, a DeleteRange) can hold thousands of events: etcd splits such a response into
+    // fragments of about --max-request-bytes when asked, and the decoding limit is raised so
+    // that a fragment holding one event as large as etcd accepts still decodes.
+    let opts = etcd_client::WatchOptions::new()
+        .with_from_key()
+        .with_start_revision(after + 1)
+        .with_progress_notify()
+        .with_fragment();
+    let mut watch = conn.client.watch_client().max_decoding_message_size(MAX_WATCH_MESSAGE);
+    let mut stream = match watch.watch(vec![0u8], Some(opts)).await {
         Ok(s) => s,
         Err(e) => return Stop::Failed(format!("watch: {e}")),
     };
@@ -257,10 +273,20 @@ async fn follow(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + job.interval, job.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_rev = after;
+    // Inside a fragmented response: the revision's remaining events are still to come, so the
+    // open segment is not closed (a revision never spans two segments).
+    let mut mid_revision = false;
+    let mut close_due = false;
     loop {
         let stop = tokio::select! {
             _ = cancel.cancelled() => Some(Stop::Cancelled),
-            _ = ticker.tick() => None,
+            _ = ticker.tick() => {
+                if mid_revision {
+                    close_due = true;
+                    continue;
+                }
+                None
+            }
             msg = stream.message() => match msg {
                 Err(e) => Some(Stop::Failed(format!("watch: {e}"))),
                 Ok(None) => Some(Stop::Failed("the watch ended".into())),
@@ -309,9 +335,14 @@ async fn follow(
                         }
                         last_rev = last_rev.max(kv.mod_revision());
                     }
+                    mid_revision = resp.0.fragment;
                     if let Some(e) = failed {
                         Some(Stop::Failed(e))
-                    } else if writer.as_ref().is_some_and(|w| w.bytes_written() >= MAX_SEGMENT_BYTES) {
+                    } else if mid_revision {
+                        continue;
+                    } else if std::mem::take(&mut close_due)
+                        || writer.as_ref().is_some_and(|w| w.bytes_written() >= MAX_SEGMENT_BYTES)
+                    {
                         None
                     } else {
                         continue;
@@ -319,7 +350,17 @@ async fn follow(
                 }
             },
         };
-        // A tick, a full segment, or the end: close what there is and ship it.
+        // A tick, a full segment, or the end: close what there is and ship it. Ending inside a
+        // fragmented revision, the open segment is dropped (its .part removed): the next
+        // follow starts again after the last closed one, so nothing is lost or half-shipped.
+        if stop.is_some() && mid_revision {
+            if let Some(w) = writer.take() {
+                tracing::info!(
+                    events = w.events(),
+                    "continuous backup: dropping the open segment, which ends inside a revision; it is followed again"
+                );
+            }
+        }
         if let Some(w) = writer.take() {
             match w.finish(&job.save.node, chrono::Utc::now().timestamp()) {
                 Ok((name, path, bytes)) => {

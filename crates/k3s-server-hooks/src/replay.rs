@@ -19,6 +19,7 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::{LeaseGrantOptions, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
@@ -220,34 +221,83 @@ async fn apply(mut client: etcd_client::Client, plan: &DeltaPlan) -> Result<u64>
     if at != plan.base {
         return Err(fail(format!("the restored etcd is at revision {at}, the chain starts after {}", plan.base)));
     }
-    let mut leases: HashSet<i64> =
+    // The private etcd's lessor runs: a lease of the snapshot expires after its TTL, and its
+    // keys' deletion would be a revision the chain does not have. Every lease is kept alive
+    // until the replay ends; the chain itself holds the deletes of the leases that did expire.
+    let mut keeper = LeaseKeeper::new(client.clone());
+    let base_leases: Vec<i64> =
         client.leases().await.map_err(|e| fail(e.to_string()))?.leases().iter().map(|l| l.id()).collect();
-    let mut txns = 0u64;
-    let mut rev = plan.base;
-    for (name, path) in &plan.segments {
-        // Decoding runs on a blocking thread; each revision's events come over a bounded channel.
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<delta::Event>>(16);
-        let p = path.clone();
-        let reader = tokio::task::spawn_blocking(move || {
-            let mut batch: Vec<delta::Event> = Vec::new();
-            let r = delta::read_events(&p, |ev| {
-                if batch.first().is_some_and(|b| b.revision() != ev.revision()) {
-                    tx.blocking_send(std::mem::take(&mut batch)).map_err(|_| "the replay stopped".to_string())?;
-                }
-                batch.push(ev);
-                Ok(())
-            });
-            if r.is_ok() && !batch.is_empty() {
-                let _ = tx.blocking_send(batch);
+    for id in &base_leases {
+        keeper.keep(*id).await.map_err(|e| fail(format!("keeping lease {id:x} of the snapshot alive: {e}")))?;
+    }
+    let mut leases: HashSet<i64> = base_leases.into_iter().collect();
+    let outcome = async {
+        let mut txns = 0u64;
+        let mut rev = plan.base;
+        for (name, path) in &plan.segments {
+            if rev >= plan.reached {
+                break;
             }
-            r
+            txns += apply_segment(&mut client, &mut keeper, &mut leases, plan.reached, &mut rev, name, path).await?;
+        }
+        if rev != plan.reached {
+            return Err(fail(format!("the replay ended at revision {rev}, expected {}", plan.reached)));
+        }
+        Ok(txns)
+    }
+    .await;
+    keeper.stop().await;
+    outcome
+}
+
+/// Replays the revisions of one segment that come after `*rev`, up to `reached`.
+async fn apply_segment(
+    client: &mut etcd_client::Client,
+    keeper: &mut LeaseKeeper,
+    leases: &mut HashSet<i64>,
+    reached: i64,
+    rev: &mut i64,
+    name: &SegmentName,
+    path: &Path,
+) -> Result<u64> {
+    let fail = |m: String| reset_err(format!("replaying delta segments: {m}; nothing was changed"));
+    // Decoding runs on a blocking thread; each revision's events come over a bounded channel.
+    // When the replay has what it wants before the segment ends (a target revision in the
+    // middle of it), it drops the receiver: the reader then stops, and that is not damage.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<delta::Event>>(16);
+    let p = path.to_path_buf();
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut batch: Vec<delta::Event> = Vec::new();
+        let mut receiver_gone = false;
+        let r = delta::read_events(&p, |ev| {
+            if batch.first().is_some_and(|b| b.revision() != ev.revision()) {
+                if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                    receiver_gone = true;
+                    return Err(STOPPED.into());
+                }
+            }
+            batch.push(ev);
+            Ok(())
         });
+        match r {
+            Ok(()) => {
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(batch);
+                }
+                Ok(())
+            }
+            Err(_) if receiver_gone => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    let mut txns = 0u64;
+    let applied = async {
         while let Some(batch) = rx.recv().await {
             let want = batch[0].revision();
-            if want <= rev {
+            if want <= *rev {
                 continue; // segments may overlap where one node's ends inside another's
             }
-            if plan.reached < want {
+            if reached < want {
                 break;
             }
             let mut ops = Vec::with_capacity(batch.len());
@@ -264,6 +314,10 @@ async fn apply(mut client: etcd_client::Client, plan: &DeltaPlan) -> Result<u64>
                             .lease_grant(REPLAYED_LEASE_TTL_SECS, Some(LeaseGrantOptions::new().with_id(kv.lease)))
                             .await
                             .map_err(|e| fail(format!("granting lease {:x} again: {e}", kv.lease)))?;
+                        keeper
+                            .keep(kv.lease)
+                            .await
+                            .map_err(|e| fail(format!("keeping lease {:x} alive: {e}", kv.lease)))?;
                     }
                     opts = Some(PutOptions::new().with_lease(kv.lease));
                 }
@@ -274,14 +328,73 @@ async fn apply(mut client: etcd_client::Client, plan: &DeltaPlan) -> Result<u64>
             if got != want {
                 return Err(fail(format!("{}: revision {want} replayed as {got}", name.file)));
             }
-            rev = want;
+            *rev = want;
             txns += 1;
+            if *rev == reached {
+                break;
+            }
         }
-        drop(rx);
-        reader.await.map_err(|e| fail(format!("reader task failed: {e}")))?.map_err(|e| fail(e.to_string()))?;
+        Ok(())
     }
-    if rev != plan.reached {
-        return Err(fail(format!("the replay ended at revision {rev}, expected {}", plan.reached)));
-    }
+    .await;
+    drop(rx);
+    let read = reader.await.map_err(|e| fail(format!("reader task failed: {e}")))?;
+    applied?;
+    read.map_err(|e| fail(e.to_string()))?;
     Ok(txns)
+}
+
+/// What the reader returns to `read_events` when the replay no longer wants events.
+const STOPPED: &str = "the replay stopped reading";
+
+/// Keeps leases of the private etcd alive while the replay runs: one keep-alive stream per
+/// lease, renewed every third of its TTL.
+struct LeaseKeeper {
+    client: etcd_client::Client,
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl LeaseKeeper {
+    fn new(client: etcd_client::Client) -> LeaseKeeper {
+        LeaseKeeper { client, stop: CancellationToken::new(), tasks: tokio::task::JoinSet::new() }
+    }
+
+    async fn keep(&mut self, id: i64) -> std::result::Result<(), etcd_client::Error> {
+        let ttl = self.client.lease_time_to_live(id, None).await?.granted_ttl().max(1);
+        let period = Duration::from_millis((ttl as u64 * 1000 / 3).clamp(200, 5_000));
+        let (mut keeper, mut responses) = self.client.lease_keep_alive(id).await?;
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            loop {
+                let renewed = async {
+                    keeper.keep_alive().await?;
+                    responses.message().await
+                };
+                match renewed.await {
+                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    Ok(_) => {
+                        tracing::warn!(lease = format!("{id:x}"), "a lease expired on the replay's etcd");
+                        return;
+                    }
+                    Err(e) => {
+                        if !stop.is_cancelled() {
+                            tracing::warn!(lease = format!("{id:x}"), error = %e, "cannot keep a lease alive on the replay's etcd");
+                        }
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+        Ok(())
+    }
+
+    async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
 }

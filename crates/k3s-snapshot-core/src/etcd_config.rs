@@ -73,6 +73,34 @@ fn sorted(v: Value) -> Value {
     }
 }
 
+/// etcd reads its config file with a YAML 1.1 parser, where a plain `n`, `yes`, `on` or `off` is a
+/// boolean; serde_yaml writes YAML 1.2, which leaves such strings unquoted. A node named `n` then
+/// made etcd refuse the file ("cannot unmarshal bool into ... name of type string"). Every plain
+/// scalar (a mapping value or a list item) that YAML 1.1 reads as a boolean is quoted.
+fn quote_yaml11_words(text: &str) -> String {
+    const WORDS: &[&str] =
+        &["y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"];
+    let mut out = String::with_capacity(text.len() + 16);
+    for line in text.split_inclusive('\n') {
+        let body = line.trim_end_matches('\n');
+        let split = body.rfind(": ").map(|i| i + 2).or_else(|| {
+            let item = body.trim_start();
+            item.starts_with("- ").then(|| body.len() - item.len() + 2)
+        });
+        match split {
+            Some(at) if WORDS.contains(&&body[at..]) => {
+                out.push_str(&body[..at]);
+                out.push('\'');
+                out.push_str(&body[at..]);
+                out.push('\'');
+                out.push_str(&line[body.len()..]);
+            }
+            _ => out.push_str(line),
+        }
+    }
+    out
+}
+
 fn key_text(v: &Value) -> String {
     v.as_str().map(str::to_string).unwrap_or_else(|| serde_yaml::to_string(v).unwrap_or_default())
 }
@@ -152,7 +180,7 @@ impl EtcdConfigFile {
                 }
             }
         }
-        serde_yaml::to_string(&sorted(v)).expect("etcd config serializes")
+        quote_yaml11_words(&serde_yaml::to_string(&sorted(v)).expect("etcd config serializes"))
     }
 
     /// Writes the file (0600, atomically).
@@ -269,6 +297,22 @@ mod tests {
         assert_eq!(pick_endpoint("https://0.0.0.0:2379", "").as_deref(), Some("https://127.0.0.1:2379"));
         assert_eq!(pick_endpoint("http://[::]:2379", "").as_deref(), Some("http://[::1]:2379"));
         assert_eq!(pick_endpoint("", ""), None);
+    }
+
+    #[test]
+    fn strings_yaml_1_1_reads_as_booleans_are_quoted() {
+        let cfg = EtcdConfigFile {
+            name: "n".into(),
+            extra_args: vec!["initial-cluster-state=new".into(), "log-level=on".into()],
+            ..Default::default()
+        };
+        let text = cfg.to_yaml();
+        assert!(text.contains("name: 'n'\n"), "{text}");
+        assert!(text.contains("log-level: 'on'\n"), "{text}");
+        assert!(text.contains("initial-cluster-state: new\n"), "{text}");
+        let doc: Mapping = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(doc.get("name").and_then(Value::as_str), Some("n"));
+        assert_eq!(quote_yaml11_words("log-outputs:\n- yes\n- stderr\n"), "log-outputs:\n- 'yes'\n- stderr\n");
     }
 
     #[test]
