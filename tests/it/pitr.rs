@@ -4,7 +4,8 @@
 //! still refused; `-to-time` restores the newest base taken at or before the time; leases of the
 //! snapshot survive a replay that lasts longer than their TTL; a follower catches up over watch
 //! responses larger than gRPC's default 4 MiB; a zipped newest snapshot does not restart the
-//! chain on every start.
+//! chain on every start; after a restore that keeps revision numbers, the new history's writes
+//! are shipped and never mixed with the old history's segments.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,6 +23,7 @@ tests::on_both_versions!(
     leases_of_the_snapshot_outlive_a_replay_longer_than_their_ttl,
     a_follower_catches_up_over_watch_responses_larger_than_4_mib,
     a_zipped_newest_snapshot_does_not_restart_the_chain,
+    a_restore_that_keeps_revision_numbers_starts_a_new_history,
 );
 
 /// Key, value, create revision, mod revision and version of every key at `rev` (what
@@ -363,4 +365,51 @@ fn a_zipped_newest_snapshot_does_not_restart_the_chain(v: EtcdVersion) {
         assert!(f <= covered + 1, "a hole before {f}: {segs:?}");
         covered = covered.max(t);
     }
+}
+
+fn a_restore_that_keeps_revision_numbers_starts_a_new_history(v: EtcdVersion) {
+    let dd = DataDir::new(v);
+    let flags = ["--etcd-disable-snapshots", "--etcd-snapshot-delta-interval=1s"];
+    let s = dd.start(&flags);
+    wait_following(&s);
+    let put_all = |prefix: &str, n: usize| {
+        block_on(async {
+            let mut c = connect(&dd).await.client;
+            for i in 0..n {
+                c.put(format!("{prefix}{i:02}"), "v", None).await.unwrap();
+            }
+        })
+    };
+    put_all("/registry/a/", 10);
+    let base = save_now(&dd);
+    let m = revision(&dd);
+    // The old history goes on to H = M + 20, all of it shipped.
+    put_all("/registry/old/", 20);
+    let h = revision(&dd);
+    wait_shipped_within(&s, h, Duration::from_secs(30));
+    s.stop();
+
+    // Back to M, revision numbers kept: M+1..H will now mean other writes.
+    let r = dd.run(&[
+        "--cluster-reset",
+        &format!("--cluster-reset-restore-path={}", base.display()),
+        "--cluster-reset-restore-bump-revision=0",
+    ]);
+    assert_reset_done(&r, &dd);
+    let s = dd.start(&flags);
+    assert_eq!(revision(&dd), m);
+    put_all("/registry/new/", 30);
+    let last = revision(&dd);
+    assert!(last > h);
+    wait_shipped_within(&s, last, Duration::from_secs(30));
+    let want = all_keys(&dd);
+    s.stop();
+
+    let r = dd.run(&["--cluster-reset", "--cluster-reset-restore-path=latest", "--cluster-reset-restore-deltas"]);
+    assert_reset_done(&r, &dd);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    let got = all_keys(&dd);
+    assert!(!got.iter().any(|(k, _)| k.starts_with("/registry/old/")), "the old history's writes came back");
+    assert_eq!(got, want, "every write of the new history, none of the old");
+    s.stop();
 }

@@ -510,6 +510,15 @@ fn the_native_restore_leaves_what_etcds_own_restore_leaves(v: EtcdVersion) {
     assert!(r.code.is_none(), "expected the abort after the restore, got {:?}\n{}", r.code, r.stderr);
     assert!(r.stderr.contains("the db copied and edited natively"), "the native restore was not used:\n{}", r.stderr);
     let ours = dd.db().join("etcd-restore");
+    // Each restore starts a new history under a cluster token of its own; etcd's tool gets the same.
+    let token = r
+        .stderr
+        .split("token=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("the restore did not log its cluster token:\n{}", r.stderr))
+        .trim_matches('"')
+        .to_string();
 
     // etcd's own tool on the whole snapshot, for the same member.
     let theirs = dd.tmp.path().join("tool-restore");
@@ -529,6 +538,7 @@ fn the_native_restore_leaves_what_etcds_own_restore_leaves(v: EtcdVersion) {
         .arg(format!("--name={}", dd.node))
         .arg(format!("--initial-cluster={}={peer}", dd.node))
         .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster-token={token}"))
         .output()
         .unwrap();
     assert!(o.status.success(), "etcd's restore: {}", String::from_utf8_lossy(&o.stderr));

@@ -616,6 +616,7 @@ async fn s3_download_snapshot_checks_size_and_sha256_before_renaming() {
         token_hash: None,
         encrypted: false,
         recipients: Vec::new(),
+        cluster_id: None,
     };
     store.put(&SnapshotMetadata::key_for(file), chunked(Bytes::from(meta.to_json()), 64), opts()).await.unwrap();
     let fetched = fetch_metadata(&store, file).await.unwrap().expect("metadata was stored");

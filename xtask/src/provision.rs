@@ -31,7 +31,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::run_checked;
+/// Runs an installer with its stdout sent to our stderr: provision's stdout is
+/// the `export` lines a shell `eval`s, and apt/pip chatter there breaks it.
+fn run_checked(cmd: &mut Command, what: &str) -> Result<()> {
+    cmd.stdout(Stdio::from(std::io::stderr()));
+    crate::run_checked(cmd, what)
+}
 
 pub struct Tools {
     pub etcd35: PathBuf,

@@ -141,7 +141,7 @@ pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
     let mut fresh_chain = false;
     tracing::info!(interval = ?job.interval, "continuous backup: shipping delta segments");
     loop {
-        let start = match start_revision(&job, fresh_chain, &cancel).await {
+        let (start, history) = match start_revision(&job, fresh_chain, &cancel).await {
             Ok(r) => r,
             Err(Stop::Cancelled) => return,
             Err(Stop::Compacted(r)) => {
@@ -160,7 +160,7 @@ pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
             }
         };
         fresh_chain = false;
-        match follow(&job, start, &mut pending, &cancel).await {
+        match follow(&job, start, history, &mut pending, &cancel).await {
             Stop::Cancelled => return,
             Stop::Compacted(at) => {
                 job.metrics.chain_breaks.fetch_add(1, Ordering::Relaxed);
@@ -188,31 +188,48 @@ async fn pause(cancel: &CancellationToken) -> bool {
     }
 }
 
-/// Where to follow from: the end of the chain that starts at the newest full snapshot (local
-/// segments counted), or a new full snapshot's revision when there is none or `fresh` asks.
-async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken) -> Result<i64, Stop> {
+/// Where to follow from, and the history (etcd's cluster ID) the chain belongs to: the end of the
+/// chain of this history that starts at the newest full snapshot taken in it (local segments
+/// counted), or a new full snapshot's revision when there is none or `fresh` asks. A newest
+/// snapshot of another history (the one a reset restored from) or of none recorded starts a new
+/// chain: its segments' numbers may mean other writes than this history's.
+async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken) -> Result<(i64, u64), Stop> {
+    let history = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?.cluster_id;
     if !fresh {
-        if let Some(base) = newest_snapshot_revision(&job.local).await {
-            let segments = delta::list_segments(&job.local).await.unwrap_or_default();
-            let (_, reached) = delta::chain_after(base, &segments, None, None);
-            return Ok(reached);
+        match newest_snapshot_revision(&job.local).await {
+            Some((base, Some(h))) if h == history => {
+                let segments = delta::list_segments(&job.local).await.unwrap_or_default();
+                let (_, reached) = delta::chain_after(base, Some(history), &segments, None, None);
+                return Ok((reached, history));
+            }
+            Some((_, other)) => tracing::info!(
+                history = format!("{history:016x}"),
+                snapshot_history = other.map(|h| format!("{h:016x}")),
+                "continuous backup: the newest snapshot is not of etcd's current history (a restore started a new one); a new chain starts"
+            ),
+            None => {}
         }
     }
-    full_snapshot(job, cancel).await
+    full_snapshot(job, cancel).await.map(|r| (r, history))
 }
 
-/// The revision etcd had when the newest local snapshot was taken: read from the file, as a
-/// restore will read it, or for a zipped or encrypted one (which is not opened again) from its
-/// metadata, as the restore's chain does; none when neither is known.
-async fn newest_snapshot_revision(local: &LocalStore) -> Option<i64> {
+/// The revision etcd had when the newest local snapshot was taken, and its history (etcd's
+/// cluster ID, from its metadata): the revision read from the file, as a restore will read it,
+/// or for a zipped or encrypted one (which is not opened again) from its metadata, as the
+/// restore's chain does; none when the revision is not known.
+async fn newest_snapshot_revision(local: &LocalStore) -> Option<(i64, Option<u64>)> {
     let entries = list_snapshots(local, true).await.ok()?;
     let newest = entries.last()?;
+    let md = newest.metadata.as_ref().and_then(|d| d.ours());
+    let history = md.and_then(|m| m.cluster_id.as_deref()).and_then(|h| u64::from_str_radix(h, 16).ok());
     if newest.name.ends_with(".zip") || newest.name.ends_with(".age") {
         // An empty keyspace is recorded as revision 0; etcd starts at 1.
-        return newest.metadata.as_ref()?.ours()?.etcd_revision.map(|r| r.max(1));
+        return md?.etcd_revision.map(|r| (r.max(1), history));
     }
     let path = local.dir().join(&newest.name);
-    tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()
+    let rev =
+        tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()?;
+    Some((rev, history))
 }
 
 async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64, Stop> {
@@ -246,6 +263,7 @@ async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64
 async fn follow(
     job: &DeltaJob,
     after: i64,
+    history: u64,
     pending: &mut Vec<(SegmentName, std::path::PathBuf, u64)>,
     cancel: &CancellationToken,
 ) -> Stop {
@@ -362,7 +380,7 @@ async fn follow(
             }
         }
         if let Some(w) = writer.take() {
-            match w.finish(&job.save.node, chrono::Utc::now().timestamp()) {
+            match w.finish(&job.save.node, chrono::Utc::now().timestamp(), Some(history)) {
                 Ok((name, path, bytes)) => {
                     tracing::debug!(segment = %name.file, bytes, "delta segment closed");
                     pending.push((name, path, bytes));

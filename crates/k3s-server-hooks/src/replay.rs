@@ -59,8 +59,9 @@ pub fn wanted(cfg: &ServerConfig) -> bool {
 /// Finds the chain after `base` (the restored db's revision) in S3 (with `--etcd-s3`) or the
 /// snapshot dir, fetches S3 segments into `into`, and verifies every one. With
 /// `--cluster-reset-restore-to-revision` the chain must reach it exactly; otherwise a gap ends
-/// the replay where it is, and the log says so.
-pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPlan> {
+/// the replay where it is, and the log says so. With the base's `history` (etcd's cluster ID
+/// from its metadata), only segments of that history follow it.
+pub async fn plan(cfg: &ServerConfig, base: i64, history: Option<u64>, into: &Path) -> Result<DeltaPlan> {
     let to_rev = cfg.restore.to_revision;
     let to_time = cfg.restore.to_time;
     if to_rev.is_some_and(|n| n < base) {
@@ -79,7 +80,7 @@ pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPla
             reset_err(format!("cannot list delta segments in {}: {e}; nothing was changed", local.describe()))
         })?,
     };
-    let (chain, reached) = delta::chain_after(base, &segments, to_rev, to_time);
+    let (chain, reached) = delta::chain_after(base, history, &segments, to_rev, to_time);
     if let Some(n) = to_rev {
         if reached < n {
             return Err(reset_err(format!(
@@ -87,7 +88,7 @@ pub async fn plan(cfg: &ServerConfig, base: i64, into: &Path) -> Result<DeltaPla
             )));
         }
     }
-    let later = segments.iter().filter(|s| s.from > reached + 1).count();
+    let later = segments.iter().filter(|s| s.follows_history(history) && s.from > reached + 1).count();
     if later > 0 && to_rev.is_none() && to_time.is_none() {
         tracing::warn!(
             reached,

@@ -272,7 +272,9 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         })
         .await
         .map_err(|e| Error::Reset(format!("revision task failed: {e}")))??;
-        Some(crate::replay::plan(cfg, base, &tmp.join(".deltas")).await?)
+        let history =
+            metadata.as_ref().and_then(|m| m.cluster_id.as_deref()).and_then(|h| u64::from_str_radix(h, 16).ok());
+        Some(crate::replay::plan(cfg, base, history, &tmp.join(".deltas")).await?)
     } else {
         None
     };
@@ -476,6 +478,8 @@ async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot:
 /// server as the only member.
 async fn restore_tool(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path, dir: &Path) -> Result<()> {
     let peer_url = cfg.peer_url();
+    let token = format!("k3s-snapshot-restore-{:016x}", rand::random::<u64>());
+    tracing::info!(%token, "the restored member starts a new history under its own cluster token");
     let args = vec![
         "snapshot".to_string(),
         "restore".to_string(),
@@ -484,6 +488,11 @@ async fn restore_tool(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path, 
         format!("--name={}", cfg.node_name),
         format!("--initial-cluster={}", cfg.initial_cluster_of_one()),
         format!("--initial-advertise-peer-urls={peer_url}"),
+        // A cluster token of this restore's own, so the restored member gets a new cluster ID:
+        // the ID is derived from the token and the peer URLs only, so without it a node restoring
+        // its own snapshot would get the very ID of the history it rolls back, and delta segments
+        // of both would look like one history.
+        format!("--initial-cluster-token={token}"),
     ];
     let (program, envs): (&Path, &[(&str, &str)]) = match (&bins.etcdutl, &bins.etcdctl) {
         (Some(u), _) => (u, &[]),

@@ -16,9 +16,15 @@
 //! only for a transaction that changes something), which is what lets a chain be checked for gaps
 //! by its numbers alone.
 //!
-//! Names sort by revision and carry the node and the time the segment was closed:
-//! `delta-<from, 20 digits>-<to, 20 digits>-<node>-<unix seconds>.seg`. They never parse as
-//! snapshot names ([`crate::name::parse`] wants digits after the last `-`).
+//! Names sort by revision and carry the node, the time the segment was closed and the history
+//! it belongs to: `delta-<from, 20 digits>-<to, 20 digits>-<node>-<unix seconds>-h<etcd cluster
+//! ID, 16 hex digits>.seg` (segments written before the history was recorded lack `-h…`). They
+//! never parse as snapshot names ([`crate::name::parse`] wants digits after the last `-`).
+//!
+//! A history is etcd's cluster ID. A restore from a snapshot gives the member a new one (the
+//! reset restores with a cluster token of its own), so after a restore that keeps the revision
+//! numbers (`--cluster-reset-restore-bump-revision 0`) the old history's segments, whose numbers
+//! now mean other writes, never chain onto the new history's: a chain never crosses histories.
 //!
 //! Encrypted segments (the server's `--etcd-snapshot-encryption-recipients-file`) are the same
 //! bytes inside an age v1 file, named `<name>.seg.age`: the open segment is written through
@@ -94,19 +100,32 @@ pub struct SegmentName {
     pub closed: i64,
     /// An age file (`.seg.age`).
     pub encrypted: bool,
+    /// etcd's cluster ID of the history it belongs to; none in names from before it was recorded.
+    pub history: Option<u64>,
 }
 
 impl SegmentName {
     pub fn new(from: i64, to: i64, node: &str, closed: i64, encrypted: bool) -> SegmentName {
-        let age = if encrypted { AGE_SUFFIX } else { "" };
-        SegmentName {
-            file: format!("{PREFIX}{from:020}-{to:020}-{node}-{closed}{SUFFIX}{age}"),
-            from,
-            to,
-            node: node.into(),
-            closed,
-            encrypted,
-        }
+        SegmentName { file: String::new(), from, to, node: node.into(), closed, encrypted, history: None }.named()
+    }
+
+    /// The same segment in history `history` (etcd's cluster ID).
+    pub fn in_history(self, history: Option<u64>) -> SegmentName {
+        SegmentName { history, ..self }.named()
+    }
+
+    fn named(mut self) -> SegmentName {
+        let age = if self.encrypted { AGE_SUFFIX } else { "" };
+        let history = self.history.map(|h| format!("-h{h:016x}")).unwrap_or_default();
+        let SegmentName { from, to, node, closed, .. } = &self;
+        self.file = format!("{PREFIX}{from:020}-{to:020}-{node}-{closed}{history}{SUFFIX}{age}");
+        self
+    }
+
+    /// Whether the segment may follow a base of history `base` (none: a base whose history is
+    /// not known, which any segment may follow, as before histories were recorded).
+    pub fn follows_history(&self, base: Option<u64>) -> bool {
+        base.is_none_or(|b| self.history == Some(b))
     }
 
     pub fn parse(file: &str) -> Option<SegmentName> {
@@ -117,6 +136,12 @@ impl SegmentName {
         let rest = plain.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
         let (from, rest) = rest.split_once('-')?;
         let (to, rest) = rest.split_once('-')?;
+        let (rest, history) = match rest.rsplit_once('-') {
+            Some((head, h)) if h.len() == 17 && h.starts_with('h') && h[1..].bytes().all(|b| b.is_ascii_hexdigit()) => {
+                (head, Some(u64::from_str_radix(&h[1..], 16).ok()?))
+            }
+            _ => (rest, None),
+        };
         let (node, closed) = rest.rsplit_once('-')?;
         let num =
             |s: &str| (s.len() == 20 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<i64>().ok()).flatten();
@@ -125,7 +150,15 @@ impl SegmentName {
         {
             return None;
         }
-        Some(SegmentName { file: file.into(), from, to, node: node.into(), closed: closed.parse().ok()?, encrypted })
+        Some(SegmentName {
+            file: file.into(),
+            from,
+            to,
+            node: node.into(),
+            closed: closed.parse().ok()?,
+            encrypted,
+            history,
+        })
     }
 }
 
@@ -133,10 +166,12 @@ impl SegmentName {
 /// previous one ends and reaches past it (of several that do, the one that reaches furthest,
 /// whichever node shipped it; an overlap is skipped by the replay, and covers a base that is a
 /// little newer than the revision recorded for it, as when a chain's zipped or encrypted full
-/// snapshot is read from its metadata), none closed after `to_time`, stopping once `to_revision`
-/// is covered. Returns them and the revision the chain reaches (capped at `to_revision`).
+/// snapshot is read from its metadata), none closed after `to_time`, only of the base's
+/// `history` when it is known ([`SegmentName::follows_history`]), stopping once `to_revision` is
+/// covered. Returns them and the revision the chain reaches (capped at `to_revision`).
 pub fn chain_after(
     base: i64,
+    history: Option<u64>,
     segments: &[SegmentName],
     to_revision: Option<i64>,
     to_time: Option<i64>,
@@ -146,6 +181,7 @@ pub fn chain_after(
     while to_revision.is_none_or(|n| reached < n) {
         let next = segments
             .iter()
+            .filter(|s| s.follows_history(history))
             .filter(|s| s.from <= reached + 1 && s.to > reached && to_time.is_none_or(|t| s.closed <= t))
             .max_by_key(|s| s.to);
         let Some(s) = next else { break };
@@ -169,15 +205,21 @@ pub struct Chain {
     /// How many of those are encrypted (`.seg.age`).
     #[serde(default)]
     pub encrypted: usize,
+    /// The history (etcd's cluster ID, 16 hex digits) of its segments, when recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<String>,
 }
 
-/// Maximal runs of contiguous segments in `location`, in revision order.
+/// Maximal runs of contiguous segments of one history in `location`, in revision order.
 pub fn chains(location: &str, segments: &[SegmentName]) -> Vec<Chain> {
     let mut sorted: Vec<&SegmentName> = segments.iter().collect();
     sorted.sort_by_key(|s| (s.from, std::cmp::Reverse(s.to)));
     let mut out: Vec<Chain> = Vec::new();
     for s in sorted {
-        match out.last_mut() {
+        let history = s.history.map(|h| format!("{h:016x}"));
+        // The open run of this segment's history (runs of other histories may be interleaved).
+        let last = out.iter_mut().rev().find(|c| c.history == history);
+        match last {
             Some(last) if s.from <= last.to_revision + 1 => {
                 if s.to > last.to_revision {
                     last.to_revision = s.to;
@@ -191,6 +233,7 @@ pub fn chains(location: &str, segments: &[SegmentName]) -> Vec<Chain> {
                 to_revision: s.to,
                 segments: 1,
                 encrypted: usize::from(s.encrypted),
+                history,
             }),
         }
     }
@@ -340,7 +383,7 @@ impl SegmentWriter {
 
     /// Adds the trailer (and, encrypted, age's last chunk), fsyncs, and renames the file to its
     /// segment name in the same dir. Returns the name, the path and the file's size.
-    pub fn finish(mut self, node: &str, closed: i64) -> Result<(SegmentName, PathBuf, u64)> {
+    pub fn finish(mut self, node: &str, closed: i64, history: Option<u64>) -> Result<(SegmentName, PathBuf, u64)> {
         let sum = std::mem::take(&mut self.hasher).finalize();
         self.write(&sum)?;
         let SegmentWriter { out, path, guard, from, to, .. } = self;
@@ -349,7 +392,7 @@ impl SegmentWriter {
         file.sync_all().map_err(Error::io("fsync", &path))?;
         let size = file.metadata().map_err(Error::io("stat", &path))?.len();
         drop(file);
-        let name = SegmentName::new(from, to, node, closed, encrypted);
+        let name = SegmentName::new(from, to, node, closed, encrypted).in_history(history);
         let dest = path.with_file_name(&name.file);
         durable_rename(&path, &dest)?;
         if let Some(g) = guard {
@@ -483,7 +526,7 @@ mod tests {
         for e in &evs {
             w.append(e).unwrap();
         }
-        let (name, path, bytes) = w.finish("n1", 42).unwrap();
+        let (name, path, bytes) = w.finish("n1", 42, None).unwrap();
         assert_eq!((name.from, name.to), (5, 7));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
         assert_eq!(verify(&path, &name).unwrap(), 4);
@@ -525,22 +568,46 @@ mod tests {
             s(41, 50, "a", 130),
             s(60, 70, "a", 140),
         ];
-        let (c, reached) = chain_after(10, &segs, None, None);
+        let (c, reached) = chain_after(10, None, &segs, None, None);
         assert_eq!(c.iter().map(|x| (x.from, x.to)).collect::<Vec<_>>(), [(11, 25), (26, 40), (41, 50)]);
         assert_eq!(reached, 50, "the gap 51..59 stops the chain");
-        let (c, reached) = chain_after(10, &segs, Some(33), None);
+        let (c, reached) = chain_after(10, None, &segs, Some(33), None);
         assert_eq!((c.len(), reached), (2, 33));
-        let (c, reached) = chain_after(10, &segs, None, Some(105));
+        let (c, reached) = chain_after(10, None, &segs, None, Some(105));
         assert_eq!((c.len(), reached), (1, 25));
         let runs: Vec<(i64, i64, usize)> =
             chains("here", &segs).iter().map(|c| (c.from_revision, c.to_revision, c.segments)).collect();
         assert_eq!(runs, vec![(11, 50, 4), (60, 70, 1)]);
         // A base a little past where the first segment starts (a full snapshot newer than the
         // revision recorded for it): the overlapping segment still continues the chain.
-        let (c, reached) = chain_after(15, &segs, None, None);
+        let (c, reached) = chain_after(15, None, &segs, None, None);
         assert_eq!((c.first().map(|x| (x.from, x.to)), reached), (Some((11, 25)), 50));
-        let (c, reached) = chain_after(50, &segs, None, None);
+        let (c, reached) = chain_after(50, None, &segs, None, None);
         assert_eq!((c.len(), reached), (0, 50), "nothing reaches past 50 without a gap");
+    }
+
+    #[test]
+    fn a_chain_never_crosses_histories() {
+        let (old, new) = (Some(0xaaaa_u64), Some(0xbbbb_u64));
+        let s = |from, to, closed, h| SegmentName::new(from, to, "a", closed, false).in_history(h);
+        // History `old` shipped to 120; a restore to 100 (numbers kept) started `new`.
+        let segs = vec![s(51, 80, 100, old), s(81, 120, 110, old), s(101, 105, 200, new), s(106, 140, 210, new)];
+        let n = &segs[1];
+        assert_eq!(n.file, "delta-00000000000000000081-00000000000000000120-a-110-h000000000000aaaa.seg");
+        assert_eq!(SegmentName::parse(&n.file).as_ref(), Some(n));
+        let (c, reached) = chain_after(100, new, &segs, None, None);
+        assert_eq!(
+            (c.iter().map(|x| (x.from, x.to)).collect::<Vec<_>>(), reached),
+            (vec![(101, 105), (106, 140)], 140)
+        );
+        let (c, reached) = chain_after(50, old, &segs, None, None);
+        assert_eq!((c.len(), reached), (2, 120), "the old history's chain is still whole");
+        let runs: Vec<(i64, i64, Option<String>)> =
+            chains("here", &segs).into_iter().map(|c| (c.from_revision, c.to_revision, c.history)).collect();
+        assert_eq!(runs, vec![(51, 120, Some("000000000000aaaa".into())), (101, 140, Some("000000000000bbbb".into()))]);
+        // A node name that ends like a history is still read as the node.
+        let odd = SegmentName::new(1, 2, "n-hzzzzzzzzzzzzzzzz", 3, false);
+        assert_eq!(SegmentName::parse(&odd.file), Some(odd));
     }
 
     #[test]
@@ -567,7 +634,7 @@ mod tests {
             let part = std::fs::read(segs.join(".delta-open-n1.part")).unwrap();
             assert!(!part.windows(13).any(|x| x == b"hunter2-plain"), "plaintext reached the .part");
         }
-        let (name, path, bytes) = w.finish("n1", 42).unwrap();
+        let (name, path, bytes) = w.finish("n1", 42, None).unwrap();
         assert!(name.encrypted && name.file.ends_with(".seg.age"), "{}", name.file);
         assert_eq!((name.from, name.to), (10, 10 + 2999 / 3));
         assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);

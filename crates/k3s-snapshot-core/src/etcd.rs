@@ -179,6 +179,7 @@ impl EtcdClientConfig {
             version: status.version().to_string(),
             revision: status.header().map(|h| h.revision()).unwrap_or_default(),
             db_size: status.db_size(),
+            cluster_id: status.header().map(|h| h.cluster_id()).unwrap_or_default(),
         })
     }
 }
@@ -206,4 +207,6 @@ pub struct EtcdConnection {
     pub version: String,
     pub revision: i64,
     pub db_size: i64,
+    /// etcd's cluster ID: the history the data belongs to (a restore makes a new one).
+    pub cluster_id: u64,
 }

@@ -48,6 +48,10 @@ pub struct SnapshotMetadata {
     /// The age public keys (`age1…`) it was encrypted to; never a private key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<String>,
+    /// etcd's cluster ID when it was taken (16 hex digits): the history whose delta segments
+    /// may follow it. Absent in k3s's documents and ours from before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 /// Keys of the flat document. Those in [`REQUIRED`] are always written; a string map that holds
@@ -65,6 +69,7 @@ mod key {
     pub const TOKEN_HASH: &str = "tokenHash";
     pub const ENCRYPTED: &str = "encrypted";
     pub const RECIPIENTS: &str = "encryptionRecipients";
+    pub const CLUSTER_ID: &str = "etcdClusterId";
     pub const REQUIRED: [&str; 6] = [NAME, NODE_NAME, SIZE, CREATED_AT, COMPRESSED, SHA256];
 }
 
@@ -97,6 +102,9 @@ impl SnapshotMetadata {
         }
         if let Some(t) = &self.token_hash {
             put(key::TOKEN_HASH, t.clone());
+        }
+        if let Some(c) = &self.cluster_id {
+            put(key::CLUSTER_ID, c.clone());
         }
         // Only on encrypted snapshots, so that plain ones keep exactly the keys k3s knows.
         if self.encrypted {
@@ -143,6 +151,7 @@ impl SnapshotMetadata {
                 .get(key::RECIPIENTS)
                 .map(|r| r.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect())
                 .unwrap_or_default(),
+            cluster_id: m.get(key::CLUSTER_ID).cloned(),
         }))
     }
 
@@ -226,6 +235,7 @@ mod tests {
             token_hash: Some("0123456789ab".into()),
             encrypted: false,
             recipients: Vec::new(),
+            cluster_id: None,
         }
     }
 
@@ -250,6 +260,7 @@ mod tests {
             name: "on-demand-n1-1700000000.zip.age".into(),
             encrypted: true,
             recipients: vec!["age1aaa".into(), "age1bbb".into()],
+            cluster_id: None,
             ..sample()
         };
         let doc: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();

@@ -559,6 +559,7 @@ async fn save_inner(
             token_hash: opts.token_hash.clone(),
             encrypted: true,
             recipients: opts.encryption.as_ref().map(|r| r.public_keys()).unwrap_or_default(),
+            cluster_id: Some(format!("{:016x}", conn.cluster_id)),
         };
         return finish_save(store, path, metadata, raw_size, started);
     }
@@ -616,6 +617,7 @@ async fn save_inner(
         token_hash: opts.token_hash.clone(),
         encrypted: false,
         recipients: Vec::new(),
+        cluster_id: Some(format!("{:016x}", conn.cluster_id)),
     };
     finish_save(store, stored, metadata, raw_size, started)
 }

@@ -264,6 +264,7 @@ mod tests {
             token_hash: None,
             encrypted: false,
             recipients: Vec::new(),
+            cluster_id: None,
         }
     }
 
