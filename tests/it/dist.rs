@@ -104,6 +104,92 @@ fn tarball_holds_the_usr_tree_and_its_checksum_matches() {
     assert!(example.contains("\n#etcd-snapshot-schedule-cron: 0 */12 * * *\n"), "{example}");
 }
 
+/// `(name, type, address)` of every section of an ELF file, as `readelf -S -W` lists them.
+fn sections(elf: &Path) -> Vec<(String, String, u64)> {
+    let out = Command::new(tool("readelf", "binutils")).args(["-S", "-W"]).arg(elf).output().unwrap();
+    assert!(out.status.success(), "readelf -S {}: {}", elf.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix('[')?.split_once(']').map(|(_, rest)| rest.to_string()))
+        .filter_map(|rest| {
+            let mut w = rest.split_whitespace();
+            let (name, kind) = (w.next()?.to_string(), w.next()?.to_string());
+            Some((name, kind, u64::from_str_radix(w.next()?, 16).ok()?))
+        })
+        .collect()
+}
+
+/// Issue 25.5: the binary shipped without its debug information (115 MB with line tables, 22
+/// stripped), which lies beside the tarball with its own checksum; the binary links to it and a
+/// crash address resolves to a source line through that link only.
+#[test]
+fn the_shipped_binary_is_stripped_and_its_debug_information_lies_beside_the_tarball() {
+    let tarball = tarball();
+    let name = tarball.file_name().unwrap().to_string_lossy().into_owned();
+    let debug_name = format!("{}.debug", name.strip_suffix(".tar.gz").unwrap());
+    let debug = tarball.with_file_name(&debug_name);
+    assert!(debug.is_file(), "no {} beside the tarball", debug.display());
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&debug).unwrap()));
+    let sha_file = std::fs::read_to_string(format!("{}.sha256", debug.display())).unwrap();
+    assert_eq!(sha_file, format!("{sum}  {debug_name}\n"), "the debug file's .sha256, `sha256sum -c` format");
+
+    let root = extracted();
+    let bin_dir = root.path().join("usr/local/bin");
+    let binary = bin_dir.join("k3s-snapshot");
+    let shipped = sections(&binary);
+    assert!(shipped.iter().any(|(n, ..)| n == ".text"), "{shipped:?}");
+    // `.debug_gdb_scripts` is no debug information: 34 bytes naming gdb's Rust pretty-printers,
+    // loaded with the program (it has an address) and read by rustc's `main` shim.
+    let debug_sections: Vec<_> = shipped
+        .iter()
+        .filter(|(n, _, addr)| n.starts_with(".debug_") && !(n == ".debug_gdb_scripts" && *addr != 0))
+        .collect();
+    assert!(debug_sections.is_empty(), "the shipped binary has debug sections: {debug_sections:?}");
+    assert!(shipped.iter().any(|(n, ..)| n == ".gnu_debuglink"), "no .gnu_debuglink: {shipped:?}");
+    let link = Command::new(tool("readelf", "binutils"))
+        .args(["-W", "--string-dump=.gnu_debuglink"])
+        .arg(&binary)
+        .output()
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains(&debug_name), "the debuglink does not name {debug_name}:\n{link}");
+    let kept = sections(&debug);
+    for wanted in [".debug_line", ".debug_info"] {
+        assert!(
+            kept.iter().any(|(n, t, _)| n == wanted && t == "PROGBITS"),
+            "{} has no {wanted} with contents: {kept:?}",
+            debug.display()
+        );
+    }
+
+    // A function's address, from the symbol table the binary keeps, resolves to its source file
+    // only once the debug file is where the link says (beside the binary).
+    let nm = Command::new(tool("nm", "binutils")).arg("-C").arg(&binary).output().unwrap();
+    let nm = String::from_utf8_lossy(&nm.stdout);
+    let addr = nm
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.splitn(3, ' ');
+            let (addr, kind, sym) = (w.next()?, w.next()?, w.next()?);
+            let sym = sym.split("::h").next().unwrap_or(sym);
+            (kind.eq_ignore_ascii_case("t") && sym.ends_with("k3s_snapshot_core::compress::extract_to_scratch"))
+                .then(|| format!("0x{addr}"))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no extract_to_scratch in the symbol table"));
+    let addr2line = |what: &str| {
+        let out = Command::new(tool("addr2line", "binutils")).arg("-e").arg(&binary).arg(&addr).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        eprintln!("addr2line {addr} {what}: {text}");
+        text
+    };
+    let without = addr2line("without the debug file");
+    assert!(without.starts_with("??"), "the shipped binary itself has line tables: {without}");
+    std::fs::copy(&debug, bin_dir.join(&debug_name)).unwrap();
+    let with = addr2line("with the debug file beside the binary");
+    assert!(with.contains("compress.rs:"), "not symbolised through the debuglink: {with}");
+}
+
 #[test]
 fn completions_load_in_bash_and_complete_subcommands() {
     let root = extracted();

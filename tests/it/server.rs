@@ -422,9 +422,38 @@ fn etcd_dying_stops_the_server_with_its_last_lines() {
     assert!(log.contains("last lines"), "{log}");
 }
 
-/// A server killed with SIGKILL leaves its etcd running (its own process group) until etcd next
-/// writes to its closed log pipe; the next start must not fail on the busy port, and tidies the
-/// partial files a kill leaves. (The reaping itself is unit-tested in `etcd_proc`.)
+/// Whether a process has let go of everything: gone, or a zombie with no thread left (a Go
+/// process's main thread can be a zombie while its other threads still hold its sockets).
+fn let_go(pid: u32) -> bool {
+    let gone_or_zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true);
+    gone_or_zombie && std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count() <= 1).unwrap_or(true)
+}
+
+/// Issue 25.4: `kill -9` of the server left its etcd running, holding the client and peer ports
+/// and the data dir. Its children now get SIGKILL when it dies (PR_SET_PDEATHSIG).
+#[test]
+fn etcd_dies_with_a_server_killed_with_sigkill() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    let etcd = etcd_pids(&dd.path());
+    assert_eq!(etcd.len(), 1, "{etcd:?}");
+    let etcd = etcd[0];
+    let status = std::fs::read_to_string(format!("/proc/{etcd}/status")).unwrap();
+    assert!(status.lines().any(|l| l == format!("PPid:\t{}", s.pid())), "etcd is the server's child:\n{status}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    wait_until("etcd to die with its server", Duration::from_secs(2), || let_go(etcd));
+    for port in [dd.client_port, dd.peer_port] {
+        std::net::TcpListener::bind(("127.0.0.1", port)).unwrap_or_else(|e| panic!("port {port} is still held: {e}"));
+    }
+    drop(s);
+}
+
+/// A server killed with SIGKILL takes its etcd with it (see above); an etcd left running by a
+/// server that could not (an older version) is stopped at the next start, which must not fail on
+/// the busy port, and tidies the partial files a kill leaves. (The reaping itself is unit-tested
+/// in `etcd_proc`.)
 #[test]
 fn a_server_killed_with_sigkill_starts_again_despite_its_orphaned_etcd() {
     let dd = DataDir::new(EtcdVersion::V3_5);

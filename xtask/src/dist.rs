@@ -9,6 +9,14 @@
 //! the mode of an existing directory), owned by root, 0755 for the binary and 0644 for the rest,
 //! in a sorted order with one modification time (`SOURCE_DATE_EPOCH`, else the commit's time),
 //! so the same commit and binary give the same bytes.
+//!
+//! The shipped binary has no debug information (`objcopy --strip-debug`; its symbol table stays,
+//! so panics still name functions): the release profile's line tables (`debug =
+//! "line-tables-only"`, about 5x the stripped size) go into `<same>.debug` beside the tarball
+//! (`objcopy --only-keep-debug`), with its own `<same>.debug.sha256`, and the binary carries a
+//! `.gnu_debuglink` naming that file (and its CRC-32), so gdb, addr2line or eu-stack find it in
+//! the binary's directory or under `/usr/lib/debug/usr/local/bin/` and symbolise a crash
+//! report. objcopy is GNU binutils, which every machine that links Rust has (gcc needs it).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +49,41 @@ pub fn run(args: &[String]) -> Result<()> {
     let tarball = package(&root.join("target/release/k3s-snapshot"), &root.join("target/dist"))?;
     println!("{}", tarball.display());
     println!("{}", sha_path(&tarball).display());
+    let debug = debug_path(&tarball);
+    println!("{}", debug.display());
+    println!("{}", sha_path(&debug).display());
+    Ok(())
+}
+
+/// `<name>.debug` beside `<name>.tar.gz`: the shipped binary's debug information.
+pub fn debug_path(tarball: &Path) -> PathBuf {
+    let name = tarball.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    tarball.with_file_name(format!("{}.debug", name.strip_suffix(".tar.gz").unwrap_or(name)))
+}
+
+/// Splits `bin` into `stripped` (no `.debug_*` sections, a `.gnu_debuglink` to `debug`) and
+/// `debug` (only the debug information), with GNU objcopy.
+fn split_debug(bin: &Path, stripped: &Path, debug: &Path) -> Result<()> {
+    let objcopy = std::env::var_os("OBJCOPY").map(PathBuf::from).unwrap_or_else(|| "objcopy".into());
+    let run = |args: &[&std::ffi::OsStr], what: &str| -> Result<()> {
+        let mut c = Command::new(&objcopy);
+        c.args(args);
+        let out = c.output().with_context(|| {
+            format!("cannot run {}: install GNU binutils (Debian `binutils`, which gcc depends on)", objcopy.display())
+        })?;
+        if !out.status.success() {
+            bail!("{} failed to {what}: {}", objcopy.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    run(&["--only-keep-debug".as_ref(), bin.as_os_str(), debug.as_os_str()], "keep the debug information")?;
+    // Not a program: objcopy gives it the binary's mode.
+    std::fs::set_permissions(debug, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .with_context(|| format!("cannot chmod {}", debug.display()))?;
+    // `--strip-debug` keeps `.debug_gdb_scripts`: it is part of the loaded image (rustc's `main`
+    // reads it), 34 bytes naming gdb's Rust pretty-printers, not debug information.
+    let link = format!("--add-gnu-debuglink={}", debug.display());
+    run(&["--strip-debug".as_ref(), link.as_ref(), bin.as_os_str(), stripped.as_os_str()], "strip the binary")?;
     Ok(())
 }
 
@@ -91,9 +134,32 @@ pub fn package(bin: &Path, out_dir: &Path) -> Result<PathBuf> {
     let mut generate = Command::new(bin);
     generate.arg("generate-dist-files").arg(&staging);
     run_checked(&mut generate, "generate man pages, completions and the example config")?;
-    let result = write_archive(&root, bin, &staging, out_dir, &name);
+    let result = (|| {
+        // The debug file gets its final name only once the archive is written; the debuglink
+        // names just the file, so it is made under that name in the staging dir.
+        let debug_name = format!("{name}.debug");
+        let (stripped, debug) = (staging.join("k3s-snapshot"), staging.join(&debug_name));
+        split_debug(bin, &stripped, &debug)?;
+        let tarball = write_archive(&root, &stripped, &staging, out_dir, &name)?;
+        let shipped = debug_path(&tarball);
+        std::fs::rename(&debug, &shipped).with_context(|| format!("cannot rename to {}", shipped.display()))?;
+        write_sha256(&shipped)?;
+        eprintln!("xtask: wrote {} (the binary's debug information)", shipped.display());
+        Ok(tarball)
+    })();
     let _ = std::fs::remove_dir_all(&staging);
     result
+}
+
+/// `<file>.sha256` in `sha256sum -c` format; returns the hex digest.
+fn write_sha256(file: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", file.display()))?;
+    let sum = hex(&h.finalize());
+    let file_name = file.file_name().and_then(|n| n.to_str()).context("file name")?;
+    std::fs::write(sha_path(file), format!("{sum}  {file_name}\n"))?;
+    Ok(sum)
 }
 
 fn entries(root: &Path, bin: &Path, generated: &Path) -> Result<Vec<Entry>> {
@@ -150,11 +216,9 @@ fn write_archive(root: &Path, bin: &Path, generated: &Path, out_dir: &Path, name
         gz.finish().context("cannot finish the archive")?.sync_all()?;
     }
     std::fs::rename(&part, &tarball).with_context(|| format!("cannot rename to {}", tarball.display()))?;
-    let bytes = std::fs::read(&tarball)?;
-    let sum = hex(&sha2::Sha256::digest(&bytes));
-    let file_name = tarball.file_name().and_then(|n| n.to_str()).unwrap_or(name);
-    std::fs::write(sha_path(&tarball), format!("{sum}  {file_name}\n"))?;
-    eprintln!("xtask: wrote {} ({} bytes, sha256 {sum})", tarball.display(), bytes.len());
+    let sum = write_sha256(&tarball)?;
+    let len = std::fs::metadata(&tarball)?.len();
+    eprintln!("xtask: wrote {} ({len} bytes, sha256 {sum})", tarball.display());
     Ok(tarball)
 }
 

@@ -194,6 +194,7 @@ pub fn check_all() -> Vec<Check> {
     checks.push(Check { name: "moto", result: check_moto(&moto_server_path()) });
     checks.push(Check { name: "systemd-analyze", result: check_systemd_analyze() });
     checks.push(Check { name: "man", result: check_man() });
+    checks.push(Check { name: "binutils", result: check_binutils() });
     checks
 }
 
@@ -451,6 +452,21 @@ fn check_man() -> std::result::Result<String, String> {
     Ok(format!("{} renders pages", bin.display()))
 }
 
+/// GNU binutils: `cargo xtask dist` splits the debug information off with objcopy, and the dist
+/// tests read the sections and symbolise through the link with readelf, nm and addr2line.
+fn check_binutils() -> std::result::Result<String, String> {
+    let remedy = "install Debian binutils (`apt-get install binutils`, or run `cargo xtask provision` as root)";
+    let mut found = String::new();
+    for tool in ["objcopy", "readelf", "nm", "addr2line"] {
+        let bin = which(tool).ok_or_else(|| format!("{tool} is not installed: {remedy}"))?;
+        let v = output_of(&bin, &["--version"]).map_err(|e| format!("{e}: {remedy}"))?;
+        if found.is_empty() {
+            found = first_line(&v).to_string();
+        }
+    }
+    Ok(found)
+}
+
 fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("k3s-snapshot-xtask-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -503,6 +519,9 @@ pub fn ensure_all() -> Result<Tools> {
     }
     if failing("man") {
         apt.push("man-db");
+    }
+    if failing("binutils") {
+        apt.push("binutils");
     }
     if failing("etcd 3.5.1")
         && !Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success())

@@ -220,21 +220,21 @@ impl EtcdProcess {
         let args = launch.args();
         tracing::info!(etcd = %bins.etcd.display(), name = %launch.name, client_url = %launch.client_url, peer_url = %launch.peer_url,
             force_new_cluster = launch.force_new_cluster, "starting etcd");
-        let mut child = Command::new(&bins.etcd)
-            .args(&args)
+        let mut cmd = Command::new(&bins.etcd);
+        cmd.args(&args)
             .env_clear()
             .envs(crate::children::env())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            // Its own process group: a Ctrl-C in a terminal reaches us only, and we stop etcd in order.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| Error::Binary {
-                program: bins.etcd.display().to_string(),
-                detail: format!("cannot start it: {e}"),
-            })?;
+            // Its own process group: a Ctrl-C in a terminal reaches us only, and we stop etcd in
+            // order. If we die without stopping it, it is SIGKILLed (`children::spawn`).
+            .process_group(0);
+        let mut child = crate::children::spawn(cmd).await.map_err(|e| Error::Binary {
+            program: bins.etcd.display().to_string(),
+            detail: format!("cannot start it: {e}"),
+        })?;
         let last = Arc::new(Mutex::new(VecDeque::new()));
         let mut logs = Vec::new();
         macro_rules! pump {
@@ -379,17 +379,16 @@ pub async fn run_tool(program: &Path, args: &[String], envs: &[(&str, &str)]) ->
         program: program.display().to_string(),
         detail: format!("cannot run it: {e}"),
     };
-    let child = Command::new(program)
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .env_clear()
         .envs(crate::children::env())
         .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(cannot)?;
+        .kill_on_drop(true);
+    let child = crate::children::spawn(cmd).await.map_err(cannot)?;
     let _registered = crate::children::register(child.id());
     let out = child.wait_with_output().await.map_err(cannot)?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));

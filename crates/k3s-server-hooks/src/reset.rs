@@ -72,7 +72,10 @@ fn has_member(dir: &Path) -> bool {
 
 /// Cleans what an interrupted reset left: temporary dirs go; a complete restore whose swap was cut
 /// short after `db/etcd` moved away is moved into place; one whose swap never began is dropped
-/// (the old data is still in `db/etcd`).
+/// (the old data is still in `db/etcd`). `db/etcd` itself is never deleted here: when it has no
+/// `member` dir that can be seen (gone, not a dir, or not stat-able: a dangling link to a disk
+/// not mounted, a permission, an I/O error) an empty dir is removed and anything else is moved
+/// aside to `etcd-old-<secs>` before the restore takes its place.
 pub fn recover_interrupted(dd: &DataDir) -> Result<()> {
     for tmp in [dd.etcd_restore_tmp(), dd.etcd_old_tmp()] {
         if tmp.exists() {
@@ -82,16 +85,60 @@ pub fn recover_interrupted(dd: &DataDir) -> Result<()> {
     }
     let restored = dd.etcd_restore();
     if restored.exists() {
-        if has_member(&dd.etcd()) {
-            tracing::warn!(dir = %restored.display(), "an interrupted cluster reset never swapped its restore in; keeping the current data and removing it");
-            remove_dir_if_exists(&restored)?;
-        } else {
-            remove_dir_if_exists(&dd.etcd())?;
-            durable_rename(&restored, &dd.etcd())?;
-            tracing::warn!(dir = %dd.etcd().display(), "completed the swap of an interrupted cluster reset: the restored data is in place");
+        let member = dd.etcd().join("member");
+        match std::fs::metadata(&member) {
+            Ok(m) if m.is_dir() => {
+                tracing::warn!(dir = %restored.display(), "an interrupted cluster reset never swapped its restore in; keeping the current data and removing it");
+                remove_dir_if_exists(&restored)?;
+            }
+            seen => {
+                if let Err(e) = &seen {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(member = %member.display(), error = %e, "cannot tell whether the current etcd data is whole");
+                    }
+                }
+                set_aside(dd, &dd.etcd())?;
+                durable_rename(&restored, &dd.etcd())?;
+                tracing::warn!(dir = %dd.etcd().display(), "completed the swap of an interrupted cluster reset: the restored data is in place");
+            }
         }
     }
     Ok(())
+}
+
+/// Clears `dir`'s name without deleting anything in it: nothing there, fine; an empty directory
+/// is removed; anything else (files, a symbolic link, a dir that cannot be read) is renamed to
+/// `etcd-old-<unix secs>` in `db/`.
+fn set_aside(dd: &DataDir, dir: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::Reset(format!(
+                "cannot stat {} ({e}), so the interrupted cluster reset in {} cannot be completed; nothing was changed: make {} readable (or move it away) and start again",
+                dir.display(),
+                dd.etcd_restore().display(),
+                dir.display()
+            )))
+        }
+        Ok(m) if m.is_dir() && std::fs::remove_dir(dir).is_ok() => return Ok(()),
+        Ok(_) => {}
+    }
+    let target = aside_name(dd);
+    durable_rename(dir, &target)?;
+    tracing::warn!(from = %dir.display(), to = %target.display(), "moved aside what was left in place of the etcd data");
+    Ok(())
+}
+
+/// `db/etcd-old-<unix secs>`, with `-<n>` when taken.
+fn aside_name(dd: &DataDir) -> PathBuf {
+    let secs = chrono::Utc::now().timestamp();
+    let mut target = dd.db().join(format!("etcd-old-{secs}"));
+    let mut n = 1;
+    while std::fs::symlink_metadata(&target).is_ok() {
+        target = dd.db().join(format!("etcd-old-{secs}-{n}"));
+        n += 1;
+    }
+    target
 }
 
 /// What the checks found.
@@ -445,13 +492,7 @@ fn move_old_aside(dd: &DataDir) -> Result<()> {
     if !old.exists() {
         return Ok(());
     }
-    let secs = chrono::Utc::now().timestamp();
-    let mut target = dd.db().join(format!("etcd-old-{secs}"));
-    let mut n = 1;
-    while target.exists() {
-        target = dd.db().join(format!("etcd-old-{secs}-{n}"));
-        n += 1;
-    }
+    let target = aside_name(dd);
     durable_rename(&old, &target)?;
     tracing::info!(from = %old.display(), to = %target.display(), "kept the previous etcd-old");
     Ok(())
@@ -465,7 +506,11 @@ async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot:
     remove_dir_if_exists(&tmp)?;
     match restore_native(cfg, bins, snapshot).await {
         Ok(()) => return Ok(()),
-        Err(e) => {
+        Err(Native::Refused(e)) => {
+            remove_dir_if_exists(&tmp)?;
+            return Err(e);
+        }
+        Err(Native::Declined(e)) => {
             tracing::info!(error = %e, "restoring the whole snapshot with etcd's tool instead");
             remove_dir_if_exists(&tmp)?;
         }
@@ -505,12 +550,33 @@ async fn restore_tool(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path, 
         .map_err(|e| Error::Reset(format!("restoring {} failed, nothing was changed: {e}", snapshot.display())))
 }
 
+/// Why [`restore_native`] did not restore: it declined (etcd's tool restores the whole snapshot
+/// instead), or it refused (the copy of the snapshot does not hash to its trailer; the tool would
+/// copy on the same filesystem, so nothing is restored).
+enum Native {
+    Declined(Error),
+    Refused(Error),
+}
+
+impl From<Error> for Native {
+    fn from(e: Error) -> Self {
+        Native::Declined(e)
+    }
+}
+
+impl From<k3s_snapshot_core::Error> for Native {
+    fn from(e: k3s_snapshot_core::Error) -> Self {
+        Native::Declined(e.into())
+    }
+}
+
 /// The restore with the db done natively ([`k3s_snapshot_core::restore_db`]): etcd's tool restores
 /// a probe (the snapshot without its keys), which gives the member's WAL and snap files and shows
 /// what the tool changes in the db; meanwhile the kernel copies the full image; the same changes
 /// are committed into the copy, checked to read exactly as the tool left them, and the copy takes
-/// the probe db's place. The snapshot's sha256 and structure are the concurrent check's job.
-async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> Result<()> {
+/// the probe db's place. The snapshot's sha256 and structure are the concurrent check's job; the
+/// copy is read back and must hash to the same trailer before anything is committed into it.
+async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> std::result::Result<(), Native> {
     use k3s_snapshot_core::restore_db;
     let tmp = cfg.data_dir.etcd_restore_tmp();
     let work = tmp.join(".probe");
@@ -520,7 +586,11 @@ async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path
     let blocking = |what: &'static str, e: tokio::task::JoinError| Error::Reset(format!("{what} task failed: {e}"));
     let copy = {
         let (snapshot, full) = (snapshot.to_path_buf(), full.clone());
-        tokio::task::spawn_blocking(move || restore_db::copy_image(&snapshot, &full))
+        tokio::task::spawn_blocking(move || {
+            let copied = restore_db::copy_image(&snapshot, &full).map_err(Native::from)?;
+            restore_db::verify_copy(&snapshot, &full, &copied).map_err(|e| Native::Refused(e.into()))?;
+            Ok::<_, Native>(copied.len)
+        })
     };
     let probed = async {
         let (snapshot, dest) = (snapshot.to_path_buf(), probe.clone());
@@ -658,4 +728,56 @@ pub async fn execute(
     tracing::info!("{RESET_DONE}");
     notify::status("cluster reset done: start again without --cluster-reset");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restore left complete in `db/etcd-restore` by a crash, and a `db/etcd` whose `member`
+    /// cannot be seen (a link to a disk that is not mounted) beside files of the operator's.
+    /// Recovery used to `remove_dir_all` it.
+    #[test]
+    fn recovery_moves_an_etcd_dir_without_a_visible_member_aside_never_deleting_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("k3s"));
+        std::fs::create_dir_all(dd.etcd_restore().join("member/wal")).unwrap();
+        std::fs::create_dir_all(dd.etcd()).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("unmounted/etcd-member"), dd.etcd().join("member")).unwrap();
+        std::fs::write(dd.etcd().join("precious"), b"keep me").unwrap();
+
+        recover_interrupted(&dd).unwrap();
+
+        assert!(dd.etcd().join("member/wal").is_dir(), "the restore is in place");
+        assert!(!dd.etcd_restore().exists());
+        let aside: Vec<PathBuf> = std::fs::read_dir(dd.db())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("etcd-old-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(std::fs::read(aside[0].join("precious")).unwrap(), b"keep me");
+        assert!(std::fs::symlink_metadata(aside[0].join("member")).unwrap().file_type().is_symlink());
+    }
+
+    /// An empty `db/etcd` (what a start creates) is simply replaced; a whole one keeps its place
+    /// and the never-swapped restore goes.
+    #[test]
+    fn recovery_replaces_an_empty_etcd_dir_and_keeps_a_whole_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dd = DataDir::new(tmp.path().join("k3s"));
+        std::fs::create_dir_all(dd.etcd_restore().join("member/wal")).unwrap();
+        std::fs::create_dir_all(dd.etcd()).unwrap();
+        recover_interrupted(&dd).unwrap();
+        assert!(dd.etcd().join("member/wal").is_dir());
+        let names: Vec<String> = std::fs::read_dir(dd.db())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["etcd".to_string()]);
+
+        std::fs::create_dir_all(dd.etcd_restore().join("member/snap")).unwrap();
+        recover_interrupted(&dd).unwrap();
+        assert!(dd.etcd().join("member/wal").is_dir() && !dd.etcd_restore().exists());
+    }
 }

@@ -6,9 +6,10 @@
 //! So the reset lets the tool restore a *probe*: the snapshot with `key` emptied ([`write_probe`],
 //! a few pages). The tool writes the WAL and snap files of the new member, as it always does, and
 //! a restored probe db. [`edits_between`] reads what the tool changed in the probe, the full image
-//! is copied in the kernel ([`copy_image`], `copy_file_range`), the same edits are committed into
-//! it ([`apply`]), and [`same_outside_key`] confirms that every bucket but `key` now reads exactly
-//! as the tool left it in the probe. Anything this cannot express (a nested bucket, a created or
+//! is copied in the kernel ([`copy_image`], `copy_file_range`) and read back to hash to the
+//! snapshot's trailer ([`verify_copy`]: the snapshot's own checks read the source, not the copy),
+//! the same edits are committed into it ([`apply`]), and [`same_outside_key`] confirms that every
+//! bucket but `key` now reads exactly as the tool left it in the probe. Anything this cannot express (a nested bucket, a created or
 //! dropped bucket, a key written into `key`) is an error, and the caller restores the whole
 //! snapshot with the tool instead.
 
@@ -78,11 +79,24 @@ pub fn write_probe(snapshot: &Path, probe: &Path) -> Result<()> {
     Ok(())
 }
 
+/// What [`copy_image`] copied: the image's length, and the sha256 trailer the snapshot carried
+/// when the copy began, which the copy must hash to ([`verify_copy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopiedImage {
+    pub len: u64,
+    pub trailer: [u8; TRAILER_LEN],
+}
+
 /// Copies `snapshot`'s image (without its trailer) into the new file `dest` (mode 0600), in the
-/// kernel where it can (`std::io::copy` between files uses `copy_file_range`). Not fsynced.
-pub fn copy_image(snapshot: &Path, dest: &Path) -> Result<u64> {
+/// kernel where it can (`std::io::copy` between files uses `copy_file_range`, which a filesystem
+/// may answer by sharing blocks: a reflink, or OpenZFS's block cloning). Not fsynced, and not yet
+/// known to be right: [`verify_copy`] reads it back.
+pub fn copy_image(snapshot: &Path, dest: &Path) -> Result<CopiedImage> {
+    use std::os::unix::fs::FileExt;
     let len = image_len(snapshot)?;
     let src = std::fs::File::open(snapshot).map_err(io("open", snapshot))?;
+    let mut trailer = [0u8; TRAILER_LEN];
+    src.read_exact_at(&mut trailer, len).map_err(io("read", snapshot))?;
     let mut out =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest).map_err(io("create", dest))?;
     let copied = std::io::copy(&mut src.take(len), &mut out).map_err(io("copy into", dest))?;
@@ -92,7 +106,46 @@ pub fn copy_image(snapshot: &Path, dest: &Path) -> Result<u64> {
             snapshot.display()
         )));
     }
-    Ok(len)
+    Ok(CopiedImage { len, trailer })
+}
+
+/// Reads the copy `dest` back and checks that it hashes to the trailer `snapshot` carried (the
+/// snapshot's own check compares the same trailer with the snapshot, so the db the member gets is
+/// exactly what was checked). Refuses a copy of another length, and one that differs: a faulty
+/// kernel copy (a filesystem's block cloning bug) or a snapshot that changed while it was copied.
+pub fn verify_copy(snapshot: &Path, dest: &Path, copied: &CopiedImage) -> Result<()> {
+    let refuse = |what: String| {
+        Error::Invalid(format!(
+            "the copy of {} in {} {what}: the filesystem's copy is faulty or the snapshot changed while it was copied; refusing to restore it, nothing was changed",
+            snapshot.display(),
+            dest.display()
+        ))
+    };
+    let mut f = std::fs::File::open(dest).map_err(io("open", dest))?;
+    let on_disk = f.metadata().map_err(io("stat", dest))?.len();
+    if on_disk != copied.len {
+        return Err(refuse(format!("holds {on_disk} bytes instead of {}", copied.len)));
+    }
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io("read", dest)(e)),
+        };
+        sha.update(&buf[..n]);
+    }
+    let actual: [u8; TRAILER_LEN] = sha.finalize().into();
+    if actual != copied.trailer {
+        return Err(refuse(format!(
+            "hashes to sha256 {}, not the snapshot's {}",
+            hex::encode(actual),
+            hex::encode(copied.trailer)
+        )));
+    }
+    Ok(())
 }
 
 type Entries = std::collections::BTreeMap<(Vec<u8>, Vec<u8>), Vec<u8>>;
@@ -244,7 +297,9 @@ mod tests {
 
         let edits = edits_between(&image_of(&probe), &after).unwrap();
         let full = dir.path().join("full.db");
-        assert_eq!(copy_image(&snap, &full).unwrap(), image_len(&snap).unwrap());
+        let copied = copy_image(&snap, &full).unwrap();
+        assert_eq!(copied.len, image_len(&snap).unwrap());
+        verify_copy(&snap, &full, &copied).unwrap();
         apply(&full, &edits).unwrap();
         let full_db = Db::open(&full).unwrap();
         full_db.check().unwrap();
@@ -278,5 +333,33 @@ mod tests {
             writer::write_image(&image_of(&probe), &restored, &tool).unwrap();
             assert!(edits_between(&image_of(&probe), &Db::open(&restored).unwrap()).is_err());
         }
+    }
+
+    /// Issue 26.8: the copy the member gets was never read back. A copy that differs from the
+    /// snapshot after the copy (a byte flipped, as a faulty block clone serves it, or cut short)
+    /// is refused naming both files.
+    #[test]
+    fn a_copy_that_differs_from_the_snapshot_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = snapshot(dir.path(), "snap.db", &etcd_like());
+        let good = dir.path().join("good.db");
+        let copied = copy_image(&snap, &good).unwrap();
+        verify_copy(&snap, &good, &copied).unwrap();
+
+        let flipped = dir.path().join("flipped.db");
+        let copied = copy_image(&snap, &flipped).unwrap();
+        let mut bytes = std::fs::read(&flipped).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x40;
+        std::fs::write(&flipped, &bytes).unwrap();
+        let err = verify_copy(&snap, &flipped, &copied).unwrap_err().to_string();
+        assert!(err.contains("hashes to sha256") && err.contains(&hex::encode(copied.trailer)), "{err}");
+        assert!(err.contains(&snap.display().to_string()) && err.contains(&flipped.display().to_string()), "{err}");
+
+        let short = dir.path().join("short.db");
+        let copied = copy_image(&snap, &short).unwrap();
+        std::fs::OpenOptions::new().write(true).open(&short).unwrap().set_len(copied.len - 4096).unwrap();
+        let err = verify_copy(&snap, &short, &copied).unwrap_err().to_string();
+        assert!(err.contains(&format!("holds {} bytes instead of {}", copied.len - 4096, copied.len)), "{err}");
     }
 }

@@ -52,24 +52,6 @@ fn refused_reset(dd: &DataDir, zip: &Path) -> String {
     line
 }
 
-/// A zip holding one deflated entry `name` of `len` zero bytes.
-fn zip_of_zeros(path: &Path, name: &str, len: usize) {
-    let mut zw = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
-    let opts = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .compression_level(Some(1))
-        .large_file(false);
-    zw.start_file(name, opts).unwrap();
-    let chunk = vec![0u8; 1 << 20];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        zw.write_all(&chunk[..n]).unwrap();
-        left -= n;
-    }
-    zw.finish().unwrap();
-}
-
 fn find(hay: &[u8], sig: &[u8], from: usize) -> Option<usize> {
     hay[from..].windows(sig.len()).position(|w| w == sig).map(|p| p + from)
 }
@@ -115,19 +97,129 @@ fn zip64_of(path: &Path, name: &str, data: &[u8]) {
     zw.finish().unwrap();
 }
 
+/// A real etcd snapshot, small (a fresh etcd with one key): its length is exactly the bbolt
+/// high-water mark times the page size plus the 32-byte sha256, the most its header allows.
+fn small_real_snapshot() -> Vec<u8> {
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    etcd.put("k", "v");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("snaps");
+    snap_cmd(&etcd, &dir, &["save", "--name", "small"]).assert_ok();
+    let saved = files(&dir);
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    let bytes = std::fs::read(dir.join(&saved[0])).unwrap();
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as u64;
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap());
+    // Page 0: 16-byte page header, then the meta: page size at +8, high-water mark at +40.
+    let (page_size, pgid) = (u32_at(16 + 8), u64_at(16 + 40));
+    assert_eq!(pgid * page_size + 32, bytes.len() as u64, "a snapshot is exactly as long as its header says");
+    bytes
+}
+
+/// A zip (the zip crate, as any zip tool writes one) of one deflated entry `name`: `prefix`, then
+/// `zeros` zero bytes.
+fn zip_of_prefix_and_zeros(path: &Path, name: &str, prefix: &[u8], zeros: usize) {
+    let mut zw = zip::ZipWriter::new(std::fs::File::create(path).unwrap());
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .compression_level(Some(1))
+        .large_file(false);
+    zw.start_file(name, opts).unwrap();
+    zw.write_all(prefix).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = zeros;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        zw.write_all(&chunk[..n]).unwrap();
+        left -= n;
+    }
+    zw.finish().unwrap();
+}
+
+/// The most bytes any file a refused reset writes may reach: the kernel enforces it
+/// (`RLIMIT_FSIZE` through util-linux's `prlimit`; a write past it kills the process with
+/// SIGXFSZ), so a test under it cannot pass while the extraction writes the bomb out.
+const FILE_SIZE_LIMIT: u64 = 16 << 20;
+
+/// [`reset_with`] under [`FILE_SIZE_LIMIT`].
+fn reset_with_file_size_limit(dd: &DataDir, zip: &Path) -> Run {
+    let restore = format!("--cluster-reset-restore-path={}", zip.display());
+    let inner = dd.command(&["--cluster-reset", restore.as_str()]);
+    let mut c = std::process::Command::new("prlimit");
+    c.arg(format!("--fsize={FILE_SIZE_LIMIT}")).arg("--").arg(inner.get_program()).args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    bin::run(&mut c)
+}
+
+/// As [`refused_reset`], under [`FILE_SIZE_LIMIT`]: a run that wrote past it died of SIGXFSZ
+/// (no exit code) instead of refusing.
+#[track_caller]
+fn refused_reset_within_file_size_limit(dd: &DataDir, zip: &Path) -> String {
+    let r = reset_with_file_size_limit(dd, zip);
+    assert_eq!(r.code, Some(1), "killed by a signal means it wrote past {FILE_SIZE_LIMIT} bytes:\n{}", r.stderr);
+    let line = error_line(&r);
+    assert!(line.contains(&zip.display().to_string()), "{line}");
+    assert_nothing_left(dd);
+    line
+}
+
 #[test]
 fn zip_bomb_inflating_past_its_declared_size_is_refused_and_leaves_nothing() {
+    let snapshot = small_real_snapshot();
     let dd = DataDir::new(EtcdVersion::V3_5);
     let tmp = tempfile::tempdir().unwrap();
     let entry = "etcd-snapshot-node-a-1700000000";
     let bomb = tmp.path().join(format!("{entry}.zip"));
-    // 512 MiB of zeros deflate to about half a MiB; the entry says it holds 1 MiB.
-    zip_of_zeros(&bomb, entry, 512 << 20);
-    declare_size(&bomb, 1 << 20);
+    // 512 MiB of zeros after a real snapshot deflate to about half a MiB; the entry says it holds
+    // just the snapshot.
+    zip_of_prefix_and_zeros(&bomb, entry, &snapshot, 512 << 20);
+    declare_size(&bomb, snapshot.len() as u64);
     assert!(std::fs::metadata(&bomb).unwrap().len() < 4 << 20);
 
-    let line = refused_reset(&dd, &bomb);
-    assert!(line.contains("inflates beyond the 1048576 bytes it declares"), "{line}");
+    let line = refused_reset_within_file_size_limit(&dd, &bomb);
+    assert!(line.contains(&format!("inflates beyond the {} bytes it declares", snapshot.len())), "{line}");
+}
+
+/// Issue 25.3: an entry that honestly declares far more than its bbolt header allows was written
+/// out in full (capped only by the free space) before the restore refused it.
+#[test]
+fn zip_entry_longer_than_its_bbolt_header_allows_stops_after_two_pages() {
+    let snapshot = small_real_snapshot();
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let entry = "etcd-snapshot-node-a-1700000000";
+    let zip = tmp.path().join(format!("{entry}.zip"));
+    let zeros = 256usize << 20;
+    zip_of_prefix_and_zeros(&zip, entry, &snapshot, zeros);
+
+    let line = refused_reset_within_file_size_limit(&dd, &zip);
+    let declared = snapshot.len() + zeros;
+    assert!(
+        line.contains(&format!(
+            "declares {declared} bytes, but its bbolt header says the snapshot holds at most {}",
+            snapshot.len()
+        )),
+        "{line}"
+    );
+}
+
+/// Issue 25.3: a zip named like a snapshot whose entry is no bbolt file at all (here 50 MiB of
+/// text) is refused at its first page, before anything is written.
+#[test]
+fn zip_entry_that_is_no_bbolt_file_is_refused_at_its_first_page() {
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let entry = "etcd-snapshot-node-a-1700000000";
+    let zip = tmp.path().join(format!("{entry}.zip"));
+    zip_of_prefix_and_zeros(&zip, entry, &b"this is no etcd snapshot\n".repeat(2 << 20), 0);
+
+    let line = refused_reset_within_file_size_limit(&dd, &zip);
+    assert!(line.contains("its first page is not a bbolt meta page (bad magic"), "{line}");
 }
 
 #[test]

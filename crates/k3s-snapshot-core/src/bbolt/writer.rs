@@ -219,11 +219,21 @@ pub fn rewrite_file(path: &Path, edits: &Edits) -> Result<Written, WriteError> {
 /// value is re-encoded) or paged with only puts after their last key (the rightmost leaf is
 /// copied with the new keys appended, possibly spanning more pages, and its ancestors copied with
 /// the new child). Anything else returns `Ok(None)`, and the caller rewrites the file instead.
+/// So does a persisted freelist that fails its check (a freelist page, its count within the page,
+/// every id a data page below the high-water mark, none twice, none of the pages this commit
+/// replaces, which are in use): the commit would hand those pages out as free, and the rewrite
+/// does not read the freelist at all.
 pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, WriteError> {
     edits.validate()?;
     let db = Db::open(path)?;
     let ps = db.page_size() as usize;
     let meta = *db.meta();
+    if meta.freelist != NO_FREELIST {
+        if let Err(e) = super::Checker::new(&db) {
+            tracing::warn!(db = %path.display(), error = %e, "the freelist fails its check; rewriting the file instead of committing into it");
+            return Ok(None);
+        }
+    }
     let mut next = meta.pgid;
     let mut freed: Vec<u64> = Vec::new();
     let mut new_pages: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -357,12 +367,18 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
         } else {
             (0, usize::from(fl.count))
         };
+        freed.extend(meta.freelist..=meta.freelist + u64::from(fl.overflow));
+        // The pages replaced here are in use: a freelist that lists one is wrong.
+        let in_use: std::collections::BTreeSet<u64> = freed.iter().copied().collect();
         for i in first..first + count {
             let id = super::layout::le_u64(fl.buf, PAGE_HEADER_SIZE + i * 8)
                 .ok_or_else(|| WriteError::Source { detail: "freelist cut short".into(), path: path.into() })?;
+            if in_use.contains(&id) {
+                tracing::warn!(db = %path.display(), page = id, "the freelist lists a page in use; rewriting the file instead of committing into it");
+                return Ok(None);
+            }
             freed.push(id);
         }
-        freed.extend(meta.freelist..=meta.freelist + u64::from(fl.overflow));
         freed.sort_unstable();
         freed.dedup();
         let mut body = Vec::new();
@@ -858,6 +874,50 @@ mod tests {
         ] {
             assert!(append_commit(&path, &edits).unwrap().is_none());
             assert_eq!(std::fs::read(&path).unwrap(), before, "a declined commit writes nothing");
+        }
+    }
+
+    /// Issue 26.8: the freelist page was trusted as read. Each crafted one is declined (the
+    /// caller rewrites the file, which does not read it) and nothing is written.
+    #[test]
+    fn an_append_commit_declines_a_freelist_that_fails_its_check() {
+        let ps = 512;
+        let set_u16 = |b: &mut Vec<u8>, at: usize, v: u16| b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        let set_u64 = |b: &mut Vec<u8>, at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        type Craft = Box<dyn Fn(&mut Vec<u8>, usize, &Meta)>;
+        let cases: Vec<(&str, Craft)> = vec![
+            ("not a freelist page", Box::new(move |b, fl, _| set_u16(b, fl + 8, FLAG_LEAF))),
+            ("count beyond the page", Box::new(move |b, fl, _| set_u16(b, fl + 10, 0xFFFE))),
+            (
+                "a huge count in the first slot",
+                Box::new(move |b, fl, _| {
+                    set_u16(b, fl + 10, 0xFFFF);
+                    set_u64(b, fl + 16, u64::MAX / 4);
+                }),
+            ),
+            ("an id past the high-water mark", Box::new(move |b, fl, m| set_u64(b, fl + 16, m.pgid + 5))),
+            ("a meta page id", Box::new(move |b, fl, _| set_u64(b, fl + 16, 1))),
+            (
+                "an id twice",
+                Box::new(move |b, fl, _| {
+                    let first = u64::from_le_bytes(b[fl + 16..fl + 24].try_into().unwrap());
+                    set_u64(b, fl + 24, first);
+                }),
+            ),
+            ("the root page, in use", Box::new(move |b, fl, m| set_u64(b, fl + 16, m.root.root))),
+            ("the freelist page itself", Box::new(move |b, fl, m| set_u64(b, fl + 16, m.freelist))),
+        ];
+        for (what, craft) in cases {
+            let (_dir, path) = etcd_like(4, &[1, 2]);
+            let meta = *Db::open(&path).unwrap().meta();
+            let mut bytes = std::fs::read(&path).unwrap();
+            craft(&mut bytes, meta.freelist as usize * ps, &meta);
+            std::fs::write(&path, &bytes).unwrap();
+            let mut edits = Edits::default();
+            edits.put(b"key", b"rev9999", b"");
+            let got = append_commit(&path, &edits).unwrap();
+            assert!(got.is_none(), "{what}: committed over a crafted freelist: {got:?}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{what}: a declined commit writes nothing");
         }
     }
 
