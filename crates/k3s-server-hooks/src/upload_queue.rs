@@ -631,16 +631,15 @@ impl UploadQueue {
         {
             let mut st = self.state();
             for (file, ts, size) in plan.snapshots {
-                let key = (ts, file);
-                if !st.snapshots.contains_key(&key) {
-                    st.snapshots.insert(key, Entry::new(ts.saturating_mul(1000), size));
+                if let std::collections::btree_map::Entry::Vacant(v) = st.snapshots.entry((ts, file)) {
+                    v.insert(Entry::new(ts.saturating_mul(1000), size));
                     snaps += 1;
                 }
             }
             for (seg, size) in plan.segments {
                 let key = (seg.from, seg.to, seg.file.clone());
-                if !st.segments.contains_key(&key) {
-                    st.segments.insert(key, Entry::new(seg.closed.saturating_mul(1000), size));
+                if let std::collections::btree_map::Entry::Vacant(v) = st.segments.entry(key) {
+                    v.insert(Entry::new(seg.closed.saturating_mul(1000), size));
                     segs += 1;
                 }
             }
@@ -662,7 +661,9 @@ impl UploadQueue {
     /// Prometheus text of the queue.
     pub fn render(queue: Option<&UploadQueue>) -> String {
         let now = now_ms();
-        let rows: Vec<(&str, usize, f64, u64)> = match queue {
+        // (kind, waiting, oldest age in seconds, dropped)
+        type Row = (&'static str, usize, f64, u64);
+        let rows: Vec<Row> = match queue {
             Some(q) => {
                 let st = q.state();
                 let age = |since: Option<i64>| since.map_or(0.0, |s| (now - s).max(0) as f64 / 1000.0);
@@ -684,7 +685,7 @@ impl UploadQueue {
             None => vec![("snapshot", 0, 0.0, 0), ("segment", 0, 0.0, 0)],
         };
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&(&str, usize, f64, u64)) -> String| {
+        let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&Row) -> String| {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             for r in &rows {
