@@ -308,8 +308,6 @@ impl UploadQueue {
         let mut failures = 0u32;
         let mut lane_next: Option<Instant> = None;
         let mut warned_sync = false;
-        // An upload failed since the last comparison with S3: compare again once one succeeds.
-        let mut resync = false;
         let mut seen = self.wake.subscribe();
         loop {
             if cancel.is_cancelled() {
@@ -397,7 +395,6 @@ impl UploadQueue {
                 st.snapshot_busy = false;
                 match result {
                     Ok(n) => {
-                        let recovered = std::mem::take(&mut resync);
                         failures = 0;
                         st.snapshot_failing = None;
                         if let Some(mut e) = st.snapshots.remove(&(ts, file.clone())) {
@@ -405,14 +402,10 @@ impl UploadQueue {
                                 let _ = w.send(Ok(n));
                             }
                         }
-                        // S3 answers again: everything waiting is due, oldest first, and anything
-                        // left local meanwhile (another process's save) is looked for again.
+                        // S3 answers: everything waiting is due, oldest first.
                         let now = Instant::now();
                         for e in st.snapshots.values_mut() {
                             e.next_try = now;
-                        }
-                        if recovered {
-                            st.synced = false;
                         }
                         drop(st);
                         self.s.metrics.success(REMOTE, started.elapsed().as_secs_f64(), n);
@@ -429,7 +422,11 @@ impl UploadQueue {
                     }
                     Err(e) => {
                         failures += 1;
-                        resync = true;
+                        // While S3 fails the lane probes it with the comparison (a listing,
+                        // which also finds what was left local meanwhile) rather than with
+                        // uploads: an upload of the oldest snapshot can take longer than local
+                        // retention keeps it. Once S3 lists again, uploads resume oldest first.
+                        st.synced = false;
                         let msg = e.to_string();
                         st.snapshot_failing = Some(msg.clone());
                         let delay = lane_backoff(failures);
@@ -488,9 +485,25 @@ impl UploadQueue {
             Some(Err(e)) if !e.is_retryable() || cancel.is_cancelled() => return Err(e),
             Some(Err(e)) => {
                 tracing::warn!(snapshot = %file, store = %remote.describe(), error = %e, "upload while saving failed; uploading the saved file");
-                upload_file(remote, file, &path, opts.clone(), &NoProgress).await?
+                match upload_file(remote, file, &path, opts.clone(), &NoProgress).await {
+                    // Retention removed the file while S3 failed: S3's failure is the news.
+                    Err(gone) if vanished(&gone) => return Err(e),
+                    r => r?,
+                }
             }
-            None => upload_file(remote, file, &path, opts.clone(), &NoProgress).await?,
+            None => {
+                let existed = path.exists();
+                match upload_file(remote, file, &path, opts.clone(), &NoProgress).await {
+                    // Sent, failed, then removed by retention before it was sent again.
+                    Err(gone) if existed && vanished(&gone) => {
+                        return Err(k3s_snapshot_core::Error::Invalid(format!(
+                            "the upload to {} failed and local retention removed {file} before it was sent again",
+                            remote.describe()
+                        )))
+                    }
+                    r => r?,
+                }
+            }
         };
         if let Some(doc) = doc {
             let opts = PutOptions {
