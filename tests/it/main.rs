@@ -12,3 +12,4 @@ mod s3_store;
 mod server;
 mod snapshot;
 mod snapshot_s3;
+mod upload_queue;

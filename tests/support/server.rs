@@ -11,8 +11,10 @@ use k3s_snapshot_core::etcd::{EtcdClientConfig, EtcdConnection};
 
 use super::etcd::{free_port, EtcdVersion};
 
-/// The log line that says the server is up (etcd ready, API listening, scheduler started).
-pub const RUNNING: &str = "server is running";
+/// The log line that says the server is up (etcd ready, API listening, scheduler started), with
+/// the start of its fields: S3 errors say "check ... that the s3 server is running", which a
+/// server started while S3 is down may log first.
+pub const RUNNING: &str = "server is running node=";
 
 /// A data dir that outlives server processes (start, stop, reset, start again).
 pub struct DataDir {

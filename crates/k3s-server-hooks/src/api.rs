@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `GET /ping` | none | `pong` |
 //! | `GET /cacerts` | none | the cluster CA PEM (its SHA-256 is the hash in the token) |
-//! | `GET /metrics` | none | Prometheus text: scheduled snapshots per store |
+//! | `GET /metrics` | none | Prometheus text: scheduled snapshots per store, the upload queue |
 //! | `GET /db/info` | token | etcd members and leader as JSON ([`DbInfo`]) |
 //! | `GET /db/ca-material` | token | the CAs with their keys, for a joining server ([`CaMaterial`]) |
 //! | `POST /db/snapshot` | token | `etcd-snapshot save/ls/delete/prune` done here ([`snapshot_api`]) |
@@ -296,6 +296,7 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     if let Some(d) = &s.deltas {
         text.push_str(&d.render());
     }
+    text.push_str(&crate::upload_queue::UploadQueue::render(s.snapshots.queue.as_deref()));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -1,13 +1,15 @@
 //! Continuous backup (`--etcd-snapshot-delta-interval`): the server follows etcd's watch over the
 //! whole keyspace from the revision of its newest full snapshot and, every interval, closes the
 //! events since the last segment into a delta segment ([`k3s_snapshot_core::delta`]) in the
-//! snapshot dir, uploaded to S3 with `--etcd-s3`.
+//! snapshot dir, handed to the server's upload queue ([`crate::upload_queue`]) with `--etcd-s3`.
 //!
 //! Gaps are never papered over: when etcd has compacted past the watch (or the server was down
 //! long enough for that), the watch is refused as compacted; the server then takes a full
 //! snapshot at once and a new chain starts after it. A restore replays only contiguous segments.
-//! An upload that fails is retried before each later one, in order, so the chain in S3 has no
-//! hole that the local one lacks. Memory stays bounded: events go to the open segment file as they
+//! The queue uploads segments in order, a failed one again before any later one, and finds
+//! segments closed but not uploaded before a restart (or a kill) by comparing the snapshot dir
+//! with S3, so the chain in S3 has no hole that the local one lacks (see the queue for a segment
+//! that local retention removed before its upload). Memory stays bounded: events go to the open segment file as they
 //! arrive. With `--etcd-snapshot-encryption-recipients-file` every segment is written through age
 //! (`<name>.seg.age`, see [`k3s_snapshot_core::delta`]): only ciphertext reaches the disk and S3.
 
@@ -19,10 +21,11 @@ use k3s_snapshot_core::delta::{self, SegmentName, SegmentWriter};
 use k3s_snapshot_core::etcd::EtcdClientConfig;
 use k3s_snapshot_core::list::list_snapshots;
 use k3s_snapshot_core::progress::NoProgress;
-use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
-use k3s_snapshot_core::store::{LocalStore, PutOptions, SnapshotStore};
-use k3s_snapshot_core::transfer::upload_file;
+use k3s_snapshot_core::save::{save, SaveOptions};
+use k3s_snapshot_core::store::LocalStore;
 use tokio_util::sync::CancellationToken;
+
+use crate::upload_queue::UploadQueue;
 
 /// A segment is closed early once it holds this much, whatever the interval.
 const MAX_SEGMENT_BYTES: u64 = 256 << 20;
@@ -34,7 +37,8 @@ const RETRY_PAUSE: Duration = Duration::from_secs(2);
 pub struct DeltaJob {
     pub interval: Duration,
     pub local: LocalStore,
-    pub remote: Option<Arc<dyn SnapshotStore>>,
+    /// With `--etcd-s3`: where closed segments and the chains' full snapshots go.
+    pub queue: Option<Arc<UploadQueue>>,
     /// For the full snapshots a chain starts from.
     pub save: SaveOptions,
     pub etcd: EtcdClientConfig,
@@ -50,8 +54,10 @@ pub struct DeltaMetrics {
     pub interval: Duration,
     pub shipped_revision: AtomicI64,
     pub etcd_revision: AtomicI64,
-    /// Unix milliseconds at which the oldest unshipped event arrived; 0 when all are shipped.
+    /// Unix milliseconds at which the first event of the open segment arrived; 0 when none is open.
     pub pending_since_ms: AtomicI64,
+    /// The same for the oldest closed segment waiting in the upload queue; 0 when none waits.
+    pub queued_since_ms: AtomicI64,
     pub segments: AtomicU64,
     pub bytes: AtomicU64,
     pub chain_breaks: AtomicU64,
@@ -66,7 +72,9 @@ impl DeltaMetrics {
     /// Prometheus text of the shipping.
     pub fn render(&self) -> String {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let pending = self.pending_since_ms.load(Ordering::Relaxed);
+        let (open, queued) =
+            (self.pending_since_ms.load(Ordering::Relaxed), self.queued_since_ms.load(Ordering::Relaxed));
+        let pending = [open, queued].into_iter().filter(|v| *v > 0).min().unwrap_or(0);
         let lag_secs = if pending == 0 { 0.0 } else { (now_ms - pending).max(0) as f64 / 1000.0 };
         let shipped = self.shipped_revision.load(Ordering::Relaxed);
         let etcd = self.etcd_revision.load(Ordering::Relaxed);
@@ -116,7 +124,7 @@ impl DeltaMetrics {
             (
                 "k3s_snapshot_delta_upload_failures_total",
                 "counter",
-                "Delta segment uploads that failed (retried before the next).",
+                "Delta segment upload attempts that failed (each retried before any later segment).",
                 self.upload_failures.load(Ordering::Relaxed).to_string(),
             ),
         ];
@@ -137,7 +145,6 @@ enum Stop {
 
 /// Runs until `cancel`.
 pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
-    let mut pending: Vec<(SegmentName, std::path::PathBuf, u64)> = Vec::new();
     let mut fresh_chain = false;
     tracing::info!(interval = ?job.interval, "continuous backup: shipping delta segments");
     loop {
@@ -160,7 +167,7 @@ pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
             }
         };
         fresh_chain = false;
-        match follow(&job, start, history, &mut pending, &cancel).await {
+        match follow(&job, start, history, &cancel).await {
             Stop::Cancelled => return,
             Stop::Compacted(at) => {
                 job.metrics.chain_breaks.fetch_add(1, Ordering::Relaxed);
@@ -193,6 +200,8 @@ async fn pause(cancel: &CancellationToken) -> bool {
 /// counted), or a new full snapshot's revision when there is none or `fresh` asks. A newest
 /// snapshot of another history (the one a reset restored from) or of none recorded starts a new
 /// chain: its segments' numbers may mean other writes than this history's.
+/// Local segments not in S3 yet (closed before a restart or a kill while S3 failed) are found by
+/// the upload queue's comparison with S3 and uploaded before any segment written from here on.
 async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken) -> Result<(i64, u64), Stop> {
     let history = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?.cluster_id;
     if !fresh {
@@ -235,38 +244,32 @@ async fn newest_snapshot_revision(local: &LocalStore) -> Option<(i64, Option<u64
 async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64, Stop> {
     let _held = job.lock.clone().lock_owned().await;
     let mut conn = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?;
-    let out = save_and_upload(&mut conn, &job.local, job.remote.as_deref(), &job.save, &NoProgress, cancel)
-        .await
-        .map_err(|e| match e {
-            k3s_snapshot_core::Error::Cancelled => Stop::Cancelled,
-            e => Stop::Failed(format!("full snapshot for a new chain: {e}")),
-        })?;
-    if let Some(Err(e)) = &out.upload {
-        tracing::warn!(snapshot = %out.local.metadata.name, error = %e, "continuous backup: the chain's full snapshot is local only; its upload failed");
-    }
+    // With S3 the upload queue takes the snapshot over: the chain starts at local speed.
+    let saved = match &job.queue {
+        Some(q) => q.save(&mut conn, &job.save, cancel).await.map(|q| q.saved),
+        None => save(&mut conn, &job.local, &job.save, None, &NoProgress, cancel).await,
+    };
+    let saved = saved.map_err(|e| match e {
+        k3s_snapshot_core::Error::Cancelled => Stop::Cancelled,
+        e => Stop::Failed(format!("full snapshot for a new chain: {e}")),
+    })?;
     // The chain's snapshots are read back for the revision a restore will start from; a zip or
     // an encrypted file is not opened again, its recorded revision (at least 1) stands in.
-    let rev = if out.local.metadata.compressed || out.local.path.extension().is_some_and(|e| e == "age") {
-        out.local.metadata.etcd_revision.unwrap_or(0).max(1)
+    let rev = if saved.metadata.compressed || saved.path.extension().is_some_and(|e| e == "age") {
+        saved.metadata.etcd_revision.unwrap_or(0).max(1)
     } else {
-        let path = out.local.path.clone();
+        let path = saved.path.clone();
         tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path))
             .await
             .map_err(|e| Stop::Failed(e.to_string()))?
-            .map_err(|e| Stop::Failed(format!("reading the revision of {}: {e}", out.local.metadata.name)))?
+            .map_err(|e| Stop::Failed(format!("reading the revision of {}: {e}", saved.metadata.name)))?
     };
-    tracing::info!(snapshot = %out.local.metadata.name, revision = rev, "continuous backup: a new chain starts after this full snapshot");
+    tracing::info!(snapshot = %saved.metadata.name, revision = rev, "continuous backup: a new chain starts after this full snapshot");
     Ok(rev)
 }
 
 /// Follows the watch from `after + 1`, closing a segment every interval.
-async fn follow(
-    job: &DeltaJob,
-    after: i64,
-    history: u64,
-    pending: &mut Vec<(SegmentName, std::path::PathBuf, u64)>,
-    cancel: &CancellationToken,
-) -> Stop {
+async fn follow(job: &DeltaJob, after: i64, history: u64, cancel: &CancellationToken) -> Stop {
     let m = &job.metrics;
     m.shipped_revision.fetch_max(after, Ordering::Relaxed);
     let conn = match job.etcd.connect().await {
@@ -321,10 +324,9 @@ async fn follow(
                             Some(w) => w,
                             None => match SegmentWriter::create(job.local.dir(), &job.save.node, job.save.encryption.as_deref()) {
                                 Ok(w) => {
-                                    // The oldest unshipped change: segments still waiting for
-                                    // their upload hold older ones.
-                                    let now = chrono::Utc::now().timestamp_millis();
-                                    let _ = m.pending_since_ms.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+                                    // The open segment's oldest change (segments waiting in the
+                                    // upload queue count theirs, see `render`).
+                                    m.pending_since_ms.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
                                     writer.insert(w)
                                 }
                                 Err(e) => {
@@ -368,7 +370,7 @@ async fn follow(
                 }
             },
         };
-        // A tick, a full segment, or the end: close what there is and ship it. Ending inside a
+        // A tick, a full segment, or the end: close what there is and hand it to the queue. Ending inside a
         // fragmented revision, the open segment is dropped (its .part removed): the next
         // follow starts again after the last closed one, so nothing is lost or half-shipped.
         if stop.is_some() && mid_revision {
@@ -381,14 +383,13 @@ async fn follow(
         }
         if let Some(w) = writer.take() {
             match w.finish(&job.save.node, chrono::Utc::now().timestamp(), Some(history)) {
-                Ok((name, path, bytes)) => {
+                Ok((name, _path, bytes)) => {
                     tracing::debug!(segment = %name.file, bytes, "delta segment closed");
-                    pending.push((name, path, bytes));
+                    ship(job, name, bytes);
                 }
                 Err(e) => return Stop::Failed(format!("closing a delta segment: {e}")),
             }
         }
-        upload_pending(job, pending).await;
         if let Some(stop) = stop {
             return match stop {
                 // What was shipped reaches `last_rev`; the next chain starts after a snapshot.
@@ -399,25 +400,18 @@ async fn follow(
     }
 }
 
-/// Uploads closed segments in order (counting each as shipped once it is where it goes); stops
-/// at the first failure, which is kept for the next attempt.
-async fn upload_pending(job: &DeltaJob, pending: &mut Vec<(SegmentName, std::path::PathBuf, u64)>) {
+/// Hands a closed segment to the upload queue; without S3 it is shipped once it is on disk.
+fn ship(job: &DeltaJob, name: SegmentName, bytes: u64) {
     let m = &job.metrics;
-    while let Some((name, path, bytes)) = pending.first() {
-        if let Some(remote) = &job.remote {
-            let opts = PutOptions { size_hint: Some(*bytes), ..PutOptions::default() };
-            if let Err(e) = upload_file(remote.as_ref(), &name.file, path, opts, &NoProgress).await {
-                m.upload_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(segment = %name.file, error = %e, "delta segment upload failed; it is kept locally and sent again before the next one");
-                return;
-            }
+    let since = m.pending_since_ms.load(Ordering::Relaxed);
+    match &job.queue {
+        Some(q) => q.push_segment(name, bytes, since),
+        None => {
+            m.segments.fetch_add(1, Ordering::Relaxed);
+            m.bytes.fetch_add(bytes, Ordering::Relaxed);
+            m.shipped_revision.fetch_max(name.to, Ordering::Relaxed);
         }
-        m.segments.fetch_add(1, Ordering::Relaxed);
-        m.bytes.fetch_add(*bytes, Ordering::Relaxed);
-        m.shipped_revision.fetch_max(name.to, Ordering::Relaxed);
-        pending.remove(0);
     }
-    if pending.is_empty() {
-        m.pending_since_ms.store(0, Ordering::Relaxed);
-    }
+    // The queue holds its time now.
+    m.pending_since_ms.store(0, Ordering::Relaxed);
 }

@@ -1,7 +1,7 @@
 //! What a k3s-like server embeds to run etcd and its snapshots: the data-dir layout
 //! ([`layout::DataDir`]), the cluster token and certificates ([`token`], [`tls`]), one server per
 //! data dir ([`lock`]), supervision of a real `etcd` process ([`etcd_proc`]), scheduled snapshots
-//! ([`schedule`], [`scheduler`], [`metrics`]), the supervisor HTTPS API ([`api`]),
+//! ([`schedule`], [`scheduler`], [`metrics`]) and the S3 upload queue ([`upload_queue`]), the supervisor HTTPS API ([`api`]),
 //! `--cluster-reset` ([`reset`]), joining a cluster with `--server` ([`join`], [`wal`]) and the
 //! service manager's readiness protocol ([`notify`]).
 //! [`server::run`] ties them together.
@@ -31,6 +31,7 @@ pub mod server;
 pub mod snapshot_api;
 pub mod tls;
 pub mod token;
+pub mod upload_queue;
 pub mod wal;
 
 pub use error::{Error, Result};

@@ -1,7 +1,9 @@
 //! Scheduled snapshots (SPEC §7): fire on the schedule plus up to `jitter` of random delay, one at
-//! a time (a fire while the previous snapshot still runs is skipped and logged), save locally and
-//! upload, then prune local then remote. Failures are logged with their cause and counted in
-//! [`SnapshotMetrics`]; the next fire tries again.
+//! a time (a fire while the previous snapshot still runs is skipped and logged), save locally,
+//! hand the snapshot to the server's upload queue ([`crate::upload_queue`], which uploads it and
+//! then applies S3 retention), then apply local retention. The run, and the snapshot lock, end
+//! there: S3 never slows down or skips a local snapshot. Failures are logged with their cause and
+//! counted in [`SnapshotMetrics`]; the next fire tries again.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,13 +12,14 @@ use chrono::Utc;
 use k3s_snapshot_core::etcd::EtcdClientConfig;
 use k3s_snapshot_core::progress::NoProgress;
 use k3s_snapshot_core::retention::{prune, RetentionPolicy};
-use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
-use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
+use k3s_snapshot_core::save::{save, SaveOptions};
+use k3s_snapshot_core::store::LocalStore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::metrics::SnapshotMetrics;
 use crate::schedule::Schedule;
+use crate::upload_queue::UploadQueue;
 
 pub const LOCAL: &str = "local";
 pub const REMOTE: &str = "s3";
@@ -25,12 +28,11 @@ pub const REMOTE: &str = "s3";
 pub struct SnapshotJob {
     pub schedule: Schedule,
     pub local: LocalStore,
-    pub remote: Option<Arc<dyn SnapshotStore>>,
+    /// With `--etcd-s3`: uploads, then S3 retention (`--etcd-s3-retention`).
+    pub queue: Option<Arc<UploadQueue>>,
     pub save: SaveOptions,
     /// `--etcd-snapshot-retention`
     pub retention: i64,
-    /// `--etcd-s3-retention`
-    pub remote_retention: i64,
     /// Upper bound of the random delay added to each fire.
     pub jitter: Duration,
     pub etcd: EtcdClientConfig,
@@ -84,13 +86,14 @@ pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: Cancellati
     }
 }
 
-/// One scheduled snapshot with its retention. Never fails: outcomes go to logs and metrics.
+/// One scheduled snapshot with its local retention. Never fails: outcomes go to logs and
+/// metrics (the upload's, by the queue).
 #[tracing::instrument(skip_all, fields(prefix = %job.save.prefix))]
 pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
     let started = Instant::now();
     let fail_all = |e: String| {
         job.metrics.failure(LOCAL, e.clone());
-        if job.remote.is_some() {
+        if job.queue.is_some() {
             job.metrics.failure(REMOTE, e);
         }
     };
@@ -102,7 +105,10 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
             return;
         }
     };
-    let outcome = save_and_upload(&mut conn, &job.local, job.remote.as_deref(), &job.save, &NoProgress, cancel).await;
+    let outcome = match &job.queue {
+        Some(q) => q.save(&mut conn, &job.save, cancel).await.map(|q| q.saved),
+        None => save(&mut conn, &job.local, &job.save, None, &NoProgress, cancel).await,
+    };
     match outcome {
         Err(k3s_snapshot_core::Error::Cancelled) => {
             tracing::info!("scheduled snapshot cancelled by shutdown; nothing partial was kept");
@@ -112,21 +118,11 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
             tracing::error!(error = %e, "scheduled snapshot failed");
             fail_all(e.to_string());
         }
-        Ok(out) => {
+        Ok(saved) => {
             let secs = started.elapsed().as_secs_f64();
-            job.metrics.success(LOCAL, secs, out.local.metadata.size);
-            tracing::info!(snapshot = %out.local.metadata.name, size = out.local.metadata.size, "scheduled snapshot saved");
-            match out.upload {
-                Some(Ok(n)) => {
-                    job.metrics.success(REMOTE, started.elapsed().as_secs_f64(), n);
-                    tracing::info!(snapshot = %out.local.metadata.name, bytes = n, "scheduled snapshot uploaded");
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(snapshot = %out.local.metadata.name, error = %e, "scheduled snapshot upload failed; the local snapshot is kept, the next one tries s3 again");
-                    job.metrics.failure(REMOTE, e.to_string());
-                }
-                None => {}
-            }
+            job.metrics.success(LOCAL, secs, saved.metadata.size);
+            let queued = job.queue.is_some();
+            tracing::info!(snapshot = %saved.metadata.name, size = saved.metadata.size, queued_for_upload = queued, "scheduled snapshot saved");
         }
     }
     if cancel.is_cancelled() {
@@ -139,12 +135,7 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
     if let Err(e) = k3s_snapshot_core::delta::prune_segments(&job.local).await {
         tracing::warn!(error = %e, "local retention of delta segments failed");
     }
-    if let Some(remote) = &job.remote {
-        let policy = RetentionPolicy { prefix: &job.save.prefix, keep: job.remote_retention };
-        if let Err(e) = prune(remote.as_ref(), &policy).await {
-            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention failed; the next snapshot tries again");
-        } else if let Err(e) = k3s_snapshot_core::delta::prune_segments(remote.as_ref()).await {
-            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention of delta segments failed");
-        }
+    if let Some(q) = &job.queue {
+        q.forget_vanished();
     }
 }

@@ -20,6 +20,7 @@ use crate::metrics::SnapshotMetrics;
 use crate::scheduler::SnapshotJob;
 use crate::snapshot_api::SnapshotService;
 use crate::token::Token;
+use crate::upload_queue::{QueueSettings, UploadQueue};
 use crate::{api, notify, reset, scheduler, tls, Error, Result};
 
 /// For crash tests of a join: `added` aborts right after `MemberAdd` (before etcd starts),
@@ -220,6 +221,23 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let inner = cancel.child_token();
     let tracker = TaskTracker::new();
     let snapshot_lock = Arc::new(tokio::sync::Mutex::new(()));
+    let delta_metrics = cfg.snapshots.delta_interval.map(|i| Arc::new(DeltaMetrics::new(i)));
+    // One upload queue for everything that goes to S3: scheduled, requested and chain-starting
+    // snapshots, and delta segments. It first finds what a previous run left local only.
+    let upload_queue = cfg.snapshots.remote.clone().map(|remote| {
+        let q = UploadQueue::new(QueueSettings {
+            local: cfg.snapshot_store(),
+            remote,
+            node: cfg.node_name.clone(),
+            token_hash: Some(token.metadata_hash()),
+            scheduled_prefix: cfg.snapshots.name.clone(),
+            remote_retention: cfg.snapshots.remote_retention,
+            metrics: metrics.clone(),
+            deltas: delta_metrics.clone(),
+        });
+        tracker.spawn(q.clone().run(inner.clone()));
+        q
+    });
     let snapshots = Arc::new(SnapshotService {
         local: cfg.snapshot_store(),
         remote: cfg.snapshots.remote.clone(),
@@ -230,12 +248,12 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         token_hash: token.metadata_hash(),
         retention: cfg.snapshots.retention,
         remote_retention: cfg.snapshots.remote_retention,
+        queue: upload_queue.clone(),
         etcd: client.clone(),
         lock: snapshot_lock.clone(),
         tracker: tracker.clone(),
         cancel: inner.clone(),
     });
-    let delta_metrics = cfg.snapshots.delta_interval.map(|i| Arc::new(DeltaMetrics::new(i)));
     let state = Arc::new(api::ApiState {
         data_dir: dd.clone(),
         token: token.clone(),
@@ -263,10 +281,9 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         let job = Arc::new(SnapshotJob {
             schedule,
             local: cfg.snapshot_store(),
-            remote: cfg.snapshots.remote.clone(),
+            queue: upload_queue.clone(),
             save: scheduled_save.clone(),
             retention: cfg.snapshots.retention,
-            remote_retention: cfg.snapshots.remote_retention,
             jitter: cfg.snapshots.jitter,
             etcd: client.clone(),
             metrics: metrics.clone(),
@@ -281,7 +298,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         let job = Arc::new(DeltaJob {
             interval,
             local: cfg.snapshot_store(),
-            remote: cfg.snapshots.remote.clone(),
+            queue: upload_queue.clone(),
             save: scheduled_save.clone(),
             etcd: client.clone(),
             metrics,

@@ -15,6 +15,14 @@
 //! write files anywhere the server can, or make it send data to any host). `dir` and S3 fields in
 //! a request are ignored with a warning; asking for S3 from a server without S3 is refused.
 //! `name` (the prefix of a save or prune), `compress` and `retention` are honoured.
+//!
+//! A save with S3 goes through the server's upload queue ([`crate::upload_queue`]): the snapshot
+//! lock is held for the local save only. When S3 answered the last upload and nothing waits, the
+//! save streams to S3 as it writes and the answer waits for that first attempt (and the file sent
+//! again on a retryable error), as before the queue: `uploaded`, or an error saying it stays
+//! queued. When other uploads wait or S3 is failing, the answer does not wait behind them: the
+//! snapshot is `queued` (a location with that action), with a warning naming how many wait, or an
+//! error with S3's last failure; the queue uploads it when S3 answers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,7 +39,7 @@ use k3s_snapshot_core::metadata::SnapshotMetadata;
 use k3s_snapshot_core::name;
 use k3s_snapshot_core::progress::NoProgress;
 use k3s_snapshot_core::retention::{prune, RetentionPolicy};
-use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
+use k3s_snapshot_core::save::{save, SaveOptions};
 use k3s_snapshot_core::status::printable;
 use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
 use serde::{Deserialize, Serialize};
@@ -41,6 +49,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::ApiState;
 use crate::https_client::{self, read_capped, Capped};
 use crate::token::{ca_hash, Token};
+use crate::upload_queue::UploadQueue;
 use crate::{Error, Result};
 
 /// The route.
@@ -77,7 +86,7 @@ pub struct SnapshotRequest {
 pub struct Located {
     pub name: String,
     pub location: String,
-    /// `saved`, `uploaded`, `deleted` or `pruned`.
+    /// `saved`, `uploaded`, `queued` (for upload by the server's queue), `deleted` or `pruned`.
     pub action: String,
 }
 
@@ -113,6 +122,8 @@ pub struct SnapshotService {
     pub retention: i64,
     /// `--etcd-s3-retention`.
     pub remote_retention: i64,
+    /// With S3: saves are uploaded through the server's queue.
+    pub queue: Option<Arc<UploadQueue>>,
     pub etcd: EtcdClientConfig,
     /// Held by whichever snapshot runs: a scheduled one skips while it is held, a requested one
     /// waits.
@@ -261,7 +272,7 @@ impl SnapshotService {
 
     async fn run(&self, req: SnapshotRequest) -> std::result::Result<(Vec<u8>, Vec<String>), Failure> {
         match req.operation.as_str() {
-            "save" => self.save(&req).await.map(|r| (to_json(&r), Vec::new())),
+            "save" => self.save(&req).await.map(|(r, w)| (to_json(&r), w)),
             "list" => self.list().await.map(|l| (to_json(&l), Vec::new())),
             "delete" => self.delete(&req.name).await.map(|(r, w)| (to_json(&r), w)),
             "prune" => self.prune(&req).await.map(|r| (to_json(&r), Vec::new())),
@@ -273,7 +284,7 @@ impl SnapshotService {
         self.remote.as_deref()
     }
 
-    async fn save(&self, req: &SnapshotRequest) -> std::result::Result<SnapshotResult, Failure> {
+    async fn save(&self, req: &SnapshotRequest) -> std::result::Result<(SnapshotResult, Vec<String>), Failure> {
         let opts = SaveOptions {
             prefix: req.name.first().cloned().unwrap_or_else(|| DEFAULT_PREFIX.into()),
             node: self.node.clone(),
@@ -281,41 +292,71 @@ impl SnapshotService {
             token_hash: Some(self.token_hash.clone()),
             encryption: self.encryption.clone(),
         };
-        let _held = self.lock.clone().lock_owned().await;
+        let held = self.lock.clone().lock_owned().await;
         let unavailable = |e: &dyn std::fmt::Display| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         let mut conn = self.etcd.connect().await.map_err(|e| unavailable(&e))?;
-        let out = save_and_upload(&mut conn, &self.local, self.remote_ref(), &opts, &NoProgress, &self.cancel)
-            .await
-            .map_err(|e| match e {
-                k3s_snapshot_core::Error::Cancelled => unavailable(&"the server is shutting down; nothing was kept"),
-                e => Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot failed: {e}")),
-            })?;
-        let name = out.local.metadata.name.clone();
-        tracing::info!(snapshot = %name, size = out.local.metadata.size, "requested snapshot saved");
+        let saved = match &self.queue {
+            Some(q) => q.save(&mut conn, &opts, &self.cancel).await.map(|q| (q.saved.clone(), Some(q))),
+            None => save(&mut conn, &self.local, &opts, None, &NoProgress, &self.cancel).await.map(|s| (s, None)),
+        };
+        // The lock covers the local save only; an upload is the queue's.
+        drop(held);
+        let (local, queued) = match saved {
+            Ok(v) => v,
+            Err(k3s_snapshot_core::Error::Cancelled) => {
+                return Err(unavailable(&"the server is shutting down; nothing was kept"))
+            }
+            Err(e) => return Err(Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot failed: {e}"))),
+        };
+        let name = local.metadata.name.clone();
+        tracing::info!(snapshot = %name, size = local.metadata.size, "requested snapshot saved");
         let mut result = SnapshotResult { created: vec![name.clone()], ..Default::default() };
         result.locations.push(Located {
             name: name.clone(),
             location: self.local.location(&name),
             action: "saved".into(),
         });
-        if let (Some(remote), Some(upload)) = (self.remote_ref(), out.upload) {
-            match upload {
-                Ok(_) => result.locations.push(Located {
-                    name: name.clone(),
-                    location: remote.location(&name),
-                    action: "uploaded".into(),
-                }),
-                Err(e) => {
-                    tracing::warn!(snapshot = %name, error = %e, "requested snapshot upload failed; the local snapshot is kept");
-                    result.errors.push(format!(
-                        "snapshot {name} is saved on the server at {}, but the upload to {} failed: {e}",
-                        out.local.path.display(),
-                        remote.describe()
-                    ));
+        let mut warnings = Vec::new();
+        if let (Some(q), Some(queued)) = (&self.queue, queued) {
+            let remote = q.remote();
+            let kept = |why: String| {
+                format!(
+                    "snapshot {name} is saved on the server at {}, but it is not in {} yet: {why}; it stays in the server's upload queue and is uploaded when s3 answers",
+                    local.path.display(),
+                    remote.describe()
+                )
+            };
+            match queued.first_attempt {
+                Some(rx) => match rx.await {
+                    Ok(Ok(_)) => result.locations.push(Located {
+                        name: name.clone(),
+                        location: remote.location(&name),
+                        action: "uploaded".into(),
+                    }),
+                    Ok(Err(e)) => {
+                        tracing::warn!(snapshot = %name, error = %e, "requested snapshot upload failed; the local snapshot is kept and queued");
+                        result.errors.push(kept(format!("the upload failed: {e}")));
+                    }
+                    Err(_) => result.errors.push(kept("the server is shutting down".into())),
+                },
+                None => {
+                    result.locations.push(Located {
+                        name: name.clone(),
+                        location: remote.location(&name),
+                        action: "queued".into(),
+                    });
+                    match queued.failing {
+                        Some(e) => result.errors.push(kept(format!("uploads to s3 are failing ({e})"))),
+                        None => warnings.push(format!(
+                            "snapshot {name} is queued for upload to {} behind {} other snapshot(s); the server uploads them in order",
+                            remote.describe(),
+                            queued.ahead
+                        )),
+                    }
                 }
             }
         }
-        Ok(result)
+        Ok((result, warnings))
     }
 
     async fn list(&self) -> std::result::Result<SnapshotFileList, Failure> {
@@ -360,6 +401,9 @@ impl SnapshotService {
                 warnings.push(format!("snapshot {n} not found in {}; nothing deleted for it", places.join(" or ")));
             }
         }
+        if let Some(q) = &self.queue {
+            q.forget_vanished();
+        }
         Ok((result, warnings))
     }
 
@@ -380,6 +424,9 @@ impl SnapshotService {
                 });
                 result.deleted.push(d);
             }
+        }
+        if let Some(q) = &self.queue {
+            q.forget_vanished();
         }
         Ok(result)
     }

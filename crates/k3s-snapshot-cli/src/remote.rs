@@ -79,6 +79,7 @@ fn print_result(out: &mut impl Write, r: &SnapshotResult) -> std::io::Result<()>
         match l.action.as_str() {
             "saved" => writeln!(out, "Snapshot {} saved to {}", l.name, l.location)?,
             "uploaded" => writeln!(out, "Snapshot {} uploaded to {}", l.name, l.location)?,
+            "queued" => writeln!(out, "Snapshot {} queued for upload to {}", l.name, l.location)?,
             "deleted" => writeln!(out, "Deleted {}", l.location)?,
             "pruned" => writeln!(out, "Pruned {}", l.location)?,
             other => writeln!(out, "{other} {}", l.location)?,

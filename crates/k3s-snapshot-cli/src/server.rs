@@ -235,8 +235,8 @@ pub async fn run(args: ServerArgs, cancel: CancellationToken) -> anyhow::Result<
     // Flag errors (an invalid cron) come before anything else.
     args.to_config(None)?.validate()?;
     // S3 down, a missing bucket or refused credentials do not keep the server down (SPEC §4):
-    // only S3 flags that cannot work are fatal here. Each scheduled snapshot is kept locally and
-    // tries S3 again; a failed upload is a warning and a metric.
+    // only S3 flags that cannot work are fatal here. Snapshots are kept locally and wait in the
+    // server's upload queue; a failed upload is a warning and a metric.
     let store = args.s3.build().context("--etcd-s3")?;
     if let (Some(store), false) = (&store, args.cluster_reset) {
         tokio::spawn(check_s3(store.clone()));
@@ -254,7 +254,7 @@ async fn check_s3(store: s3_backend::S3Store) {
         Err(e) => tracing::warn!(
             store = %store.describe(),
             error = %e,
-            "s3 is not usable now; scheduled snapshots are kept locally and each one tries s3 again"
+            "s3 is not usable now; snapshots are kept locally and queued, and the upload queue sends them once s3 answers"
         ),
     }
 }

@@ -715,6 +715,66 @@ pub async fn save_and_upload(
     Ok(SaveOutcome { local: saved, upload: Some(upload) })
 }
 
+/// Saves a snapshot locally while its upload follows the `.part` file, as [`save_and_upload`]
+/// does, but the upload runs as a task of its own and is handed back unfinished: the caller never
+/// waits for the store (a server's upload queue takes it over, see k3s-server-hooks'
+/// `upload_queue`). The task uploads the snapshot only, not its metadata document, and never
+/// retries (a consumed stream cannot be sent again; the file can). It stops with
+/// [`Error::Cancelled`] on `cancel`. Compressed plain snapshots are zipped after the save, so
+/// there is nothing to follow: no task (`None`), the caller uploads the file.
+pub async fn save_with_upload_task(
+    conn: &mut EtcdConnection,
+    local: &LocalStore,
+    remote: Arc<dyn crate::store::SnapshotStore>,
+    opts: &SaveOptions,
+    progress: &dyn Progress,
+    cancel: &CancellationToken,
+) -> Result<(SavedSnapshot, Option<tokio::task::JoinHandle<Result<u64>>>)> {
+    if opts.compress && opts.encryption.is_none() {
+        return Ok((save(conn, local, opts, None, progress, cancel).await?, None));
+    }
+    let (tee, body) = tee_channel();
+    let ranges = tee.ranges();
+    let (name_tx, name_rx) = tokio::sync::oneshot::channel::<(String, Option<u64>)>();
+    let (node, token_hash) = (opts.node.clone(), opts.token_hash.clone());
+    let stop = cancel.clone();
+    let task = tokio::spawn(async move {
+        let Ok((file, size_hint)) = name_rx.await else {
+            return Err(Error::Cancelled);
+        };
+        let opts = PutOptions {
+            content_type: "application/octet-stream".into(),
+            user_metadata: user_metadata(&node, token_hash.as_deref()),
+            size_hint,
+            ranges: Some(ranges),
+        };
+        tokio::select! {
+            r = remote.put(&file, body, opts) => r,
+            _ = stop.cancelled() => Err(Error::Cancelled),
+        }
+    });
+    let named_tee = NamedTee { tee, name_tx: Some(name_tx) };
+    match save_named(conn, local, opts, named_tee, progress, cancel).await {
+        Ok(saved) => Ok((saved, Some(task))),
+        Err(e) => {
+            // The tee was dropped unfinished: the upload ends with an error and stores nothing.
+            task.abort();
+            Err(e)
+        }
+    }
+}
+
+/// The content type and user metadata a stored snapshot is uploaded with (k3s's
+/// `k3s-node-name`, `k3s-token-hash`), for uploads of a file already on disk.
+pub fn upload_options(m: &SnapshotMetadata) -> PutOptions {
+    PutOptions {
+        content_type: content_type(m).into(),
+        user_metadata: user_metadata(&m.node_name, m.token_hash.as_deref()),
+        size_hint: None,
+        ranges: None,
+    }
+}
+
 struct NamedTee {
     tee: Tee,
     name_tx: Option<tokio::sync::oneshot::Sender<(String, Option<u64>)>>,
