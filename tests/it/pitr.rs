@@ -1,7 +1,7 @@
 //! Point-in-time restores from delta chains at the scale users run, on etcd 3.5.1 and 3.4.23: a
 //! target revision anywhere inside a segment of more than 10,000 revisions (its first, middle and
 //! last) restores exactly the keyspace etcd had at that revision, while an altered segment is
-//! still refused; `-to-time` restores the newest base taken at or before the time; leases of the
+//! still refused; `-to-time` restores the newest base taken before the time; leases of the
 //! snapshot survive a replay that lasts longer than their TTL; a follower catches up over watch
 //! responses larger than gRPC's default 4 MiB; a zipped newest snapshot does not restart the
 //! chain on every start; after a restore that keeps revision numbers, the new history's writes
@@ -19,7 +19,7 @@ use crate::deltas::{metric, restore_flags, revision, segment_files, strs, wait_f
 
 tests::on_both_versions!(
     a_target_revision_inside_a_long_segment_restores_exactly_that_revision,
-    restore_to_time_picks_a_base_taken_at_or_before_the_time,
+    restore_to_time_picks_a_base_taken_before_the_time,
     leases_of_the_snapshot_outlive_a_replay_longer_than_their_ttl,
     a_follower_catches_up_over_watch_responses_larger_than_4_mib,
     a_zipped_newest_snapshot_does_not_restart_the_chain,
@@ -172,9 +172,10 @@ fn a_target_revision_inside_a_long_segment_restores_exactly_that_revision(v: Etc
     let ((first, end), long_file) = long;
     assert_eq!(end, last, "the long segment holds the churn");
     let mid = (first + end) / 2;
-    // The time target: after the long segment closed, before the next one (written below).
-    let t = now();
-    wait_until("the clock to pass the target time", Duration::from_secs(3), || now() > t);
+    // The time target: a second after the one the long segment closed in (names keep whole
+    // seconds), before the next one (written below, once the clock has passed it).
+    let t = now() + 1;
+    wait_until("the clock to pass the target time", Duration::from_secs(4), || now() > t);
     block_on(async { churn(&connect(&dd).await.client, "/registry/configmaps/ns/c", 100, 50).await });
     let after = revision(&dd);
     let expected: Vec<(i64, Vec<Kv>)> = [first, mid, end].iter().map(|&r| (r, keys_at(&dd, Some(r)))).collect();
@@ -200,14 +201,14 @@ fn a_target_revision_inside_a_long_segment_restores_exactly_that_revision(v: Etc
     assert!(!damaged.db().join("etcd/member").exists());
 }
 
-fn restore_to_time_picks_a_base_taken_at_or_before_the_time(v: EtcdVersion) {
+fn restore_to_time_picks_a_base_taken_before_the_time(v: EtcdVersion) {
     let dd = DataDir::new(v);
     let s = dd.start(&["--etcd-disable-snapshots", "--etcd-snapshot-delta-interval=1s"]);
     wait_following(&s);
     block_on(async { connect(&dd).await.client.put("/registry/secrets/ns/keep", "v", None).await.unwrap() });
     wait_shipped_within(&s, revision(&dd), Duration::from_secs(30));
-    let t = now();
-    wait_until("the clock to pass the target time", Duration::from_secs(3), || now() > t);
+    let t = now() + 1;
+    wait_until("the clock to pass the target time", Duration::from_secs(4), || now() > t);
     // The accident after T, and a snapshot that holds it.
     block_on(async { connect(&dd).await.client.delete("/registry/secrets/ns/keep", None).await.unwrap() });
     let late = save_now(&dd);
@@ -229,7 +230,7 @@ fn restore_to_time_picks_a_base_taken_at_or_before_the_time(v: EtcdVersion) {
     assert!(all_keys(&dd).iter().any(|(k, _)| k == "/registry/secrets/ns/keep"), "the delete after T is undone");
     s.stop();
 
-    // The snapshot taken after T, named explicitly, is refused; and with no base at or before
+    // The snapshot taken after T, named explicitly, is refused; and with no base before
     // a time, `latest` is refused.
     let early = rfc3339(t - 3600);
     let r = dd.run(&[
@@ -237,13 +238,13 @@ fn restore_to_time_picks_a_base_taken_at_or_before_the_time(v: EtcdVersion) {
         &format!("--cluster-reset-restore-path={}", late.display()),
         &format!("--cluster-reset-restore-to-time={}", rfc3339(t)),
     ]);
-    r.assert_fails_with("after --cluster-reset-restore-to-time");
+    r.assert_fails_with("not before --cluster-reset-restore-to-time");
     let r = dd.run(&[
         "--cluster-reset",
         "--cluster-reset-restore-path=latest",
         &format!("--cluster-reset-restore-to-time={early}"),
     ]);
-    r.assert_fails_with("no snapshot taken at or before");
+    r.assert_fails_with("no snapshot taken before");
 }
 
 fn leases_of_the_snapshot_outlive_a_replay_longer_than_their_ttl(v: EtcdVersion) {

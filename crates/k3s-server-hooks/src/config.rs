@@ -61,7 +61,7 @@ pub struct RestoreDeltas {
     pub deltas: bool,
     /// Replay up to and including this revision, exactly.
     pub to_revision: Option<i64>,
-    /// Replay the segments closed at or before this time (unix seconds).
+    /// Replay the segments that certainly closed before this time (unix seconds; a segment named with this very second is left out).
     pub to_time: Option<i64>,
 }
 

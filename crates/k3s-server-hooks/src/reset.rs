@@ -193,9 +193,9 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     };
     if let Some(t) = cfg.restore.to_time {
         let file = Path::new(given).file_name().and_then(|f| f.to_str()).unwrap_or(given);
-        if let Some(taken) = name::parse(file).map(|n| n.timestamp).filter(|&ts| ts > t) {
+        if let Some(taken) = name::parse(file).map(|n| n.timestamp).filter(|&ts| ts >= t) {
             return Err(Error::Reset(format!(
-                "snapshot {file} was taken at {}, after --cluster-reset-restore-to-time {}: it holds changes made after that time; choose an older snapshot (or `latest`, which picks one taken at or before it); nothing was changed",
+                "snapshot {file} was taken at {}, not before --cluster-reset-restore-to-time {}: it may hold changes made after that time; choose an older snapshot (or `latest`, which picks one taken before it); nothing was changed",
                 rfc3339(taken),
                 rfc3339(t)
             )));
@@ -360,7 +360,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
 /// `--cluster-reset-restore-path latest`: the newest full snapshot, in S3 with `--etcd-s3` (a
 /// fresh node with only S3 settings can recover the cluster) or else in the snapshot dir; with
 /// `--cluster-reset-restore-to-revision N`, the newest whose recorded revision is at most N; with
-/// `--cluster-reset-restore-to-time T`, the newest taken at or before T.
+/// `--cluster-reset-restore-to-time T`, the newest taken before T (names keep whole seconds).
 async fn latest_snapshot(cfg: &ServerConfig) -> Result<String> {
     let local = cfg.snapshot_store();
     let (store, remote): (&dyn k3s_snapshot_core::store::SnapshotStore, bool) = match &cfg.snapshots.remote {
@@ -369,18 +369,19 @@ async fn latest_snapshot(cfg: &ServerConfig) -> Result<String> {
     };
     let (to_rev, to_time) = (cfg.restore.to_revision, cfg.restore.to_time);
     let entries = k3s_snapshot_core::list::list_snapshots(store, to_rev.is_some()).await?;
-    // A snapshot holds what etcd held when it was taken (the time in its name, as k3s names it):
-    // one taken after the target time would restore changes made after it.
+    // A snapshot holds what etcd held when it was taken (the time in its name, as k3s names it,
+    // in whole seconds): one named with the target's own second or later may hold changes made
+    // after the target time.
     let pick = entries.iter().rev().find(|e| {
         let rev_ok = to_rev.is_none_or(|n| {
             e.metadata.as_ref().and_then(|d| d.ours()).and_then(|m| m.etcd_revision).is_some_and(|r| r <= n)
         });
-        rev_ok && to_time.is_none_or(|t| e.created.timestamp() <= t)
+        rev_ok && to_time.is_none_or(|t| e.created.timestamp() < t)
     });
     let Some(e) = pick else {
         let which = match (to_rev, to_time) {
             (Some(n), _) => format!(" at or below revision {n}"),
-            (None, Some(t)) => format!(" taken at or before {} (--cluster-reset-restore-to-time)", rfc3339(t)),
+            (None, Some(t)) => format!(" taken before {} (--cluster-reset-restore-to-time)", rfc3339(t)),
             (None, None) => String::new(),
         };
         return Err(Error::Reset(format!(

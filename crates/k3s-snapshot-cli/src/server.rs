@@ -59,7 +59,8 @@ pub struct ServerArgs {
     /// newest full snapshot at or below it is the base)
     #[arg(long)]
     pub cluster_reset_restore_to_revision: Option<i64>,
-    /// Replay the delta segments closed at or before this time (RFC 3339)
+    /// Restore the state before this time (RFC 3339): the newest snapshot taken before it and the
+    /// delta segments closed before it (with `latest`)
     #[arg(long, value_parser = parse_rfc3339)]
     pub cluster_reset_restore_to_time: Option<i64>,
     /// Address the supervisor API listens on

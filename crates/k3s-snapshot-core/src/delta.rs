@@ -166,7 +166,9 @@ impl SegmentName {
 /// previous one ends and reaches past it (of several that do, the one that reaches furthest,
 /// whichever node shipped it; an overlap is skipped by the replay, and covers a base that is a
 /// little newer than the revision recorded for it, as when a chain's zipped or encrypted full
-/// snapshot is read from its metadata), none closed after `to_time`, only of the base's
+/// snapshot is read from its metadata), none that may have closed after `to_time` (names keep
+/// whole seconds, so one named with `to_time`'s own second may hold changes made after it and is
+/// left out: the restored point is never after the time asked for), only of the base's
 /// `history` when it is known ([`SegmentName::follows_history`]), stopping once `to_revision` is
 /// covered. Returns them and the revision the chain reaches (capped at `to_revision`).
 pub fn chain_after(
@@ -182,7 +184,7 @@ pub fn chain_after(
         let next = segments
             .iter()
             .filter(|s| s.follows_history(history))
-            .filter(|s| s.from <= reached + 1 && s.to > reached && to_time.is_none_or(|t| s.closed <= t))
+            .filter(|s| s.from <= reached + 1 && s.to > reached && to_time.is_none_or(|t| s.closed < t))
             .max_by_key(|s| s.to);
         let Some(s) = next else { break };
         chain.push(s);
@@ -575,6 +577,11 @@ mod tests {
         assert_eq!((c.len(), reached), (2, 33));
         let (c, reached) = chain_after(10, None, &segs, None, Some(105));
         assert_eq!((c.len(), reached), (1, 25));
+        // Closed within the time's own second (at 110.x): maybe after it, so left out.
+        let (c, reached) = chain_after(10, None, &segs, None, Some(110));
+        assert_eq!((c.len(), reached), (1, 25));
+        let (c, reached) = chain_after(10, None, &segs, None, Some(111));
+        assert_eq!((c.len(), reached), (2, 30));
         let runs: Vec<(i64, i64, usize)> =
             chains("here", &segs).iter().map(|c| (c.from_revision, c.to_revision, c.segments)).collect();
         assert_eq!(runs, vec![(11, 50, 4), (60, 70, 1)]);

@@ -267,6 +267,28 @@ pub fn check(
     out
 }
 
+/// For a point-in-time restore to `at_ns`: every operation sent after that time that the restored
+/// keyspace shows (a put whose key is there, or an acknowledged delete inside the restored prefix
+/// `visible_rev`), one line each. Such an operation cannot have been applied at `at_ns`.
+pub fn sent_after(ops: &[Op], restored: &Restored, visible_rev: i64, at_ns: u64) -> Vec<String> {
+    let mut v = Vec::new();
+    for o in ops.iter().filter(|o| o.send_ns > at_ns) {
+        let shown = match o.kind {
+            Kind::Put => restored.contains_key(&o.seq),
+            Kind::Delete { .. } => o.acked() && o.rev <= visible_rev,
+        };
+        if shown {
+            v.push(format!(
+                "operation {} (revision {}) was sent {:.3}s after the point in time and is restored",
+                o.seq,
+                o.rev,
+                (o.send_ns - at_ns) as f64 / 1e9
+            ));
+        }
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,6 +361,17 @@ mod tests {
         let out = check(&ops, &state_at(&ops, 20), &[], 8, 22 * S, 4 * S);
         assert_eq!(out.violations, Vec::<String>::new());
         assert_eq!((out.visible_rev, out.rpo_ns), (20, S));
+    }
+
+    #[test]
+    fn a_point_in_time_restore_shows_nothing_sent_after_the_time() {
+        let ops = history();
+        // Each sent just before its acknowledgement: up to revision 17, all sent by second 17.
+        assert_eq!(sent_after(&ops, &state_at(&ops, 17), 17, 17 * S), Vec::<String>::new());
+        let late = sent_after(&ops, &state_at(&ops, 20), 20, 17 * S);
+        // Puts 8 and 9 (sent just before seconds 18 and 19) and the delete (before 20).
+        assert_eq!(late.len(), 3, "{late:?}");
+        assert!(late[0].contains("operation 8 (revision 18) was sent"), "{late:?}");
     }
 
     #[test]

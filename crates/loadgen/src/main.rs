@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
-use loadgen::{check, format_log, key, parse_key, parse_log, value, Kind, Op, Restored};
+use loadgen::{check, format_log, key, parse_key, parse_log, sent_after, value, Kind, Op, Restored};
 use serde_json::json;
 
 const USAGE: &str = "usage:
@@ -23,6 +23,7 @@ const USAGE: &str = "usage:
               [--value-bytes N] [--delete-every N] [--log FILE] [--give-up SECS]
               [--metrics URL --metrics-ca FILE]
   loadgen check --endpoints URL[,URL…] [--tls-dir DIR] --log FILE --loss-unix-ns N --window-ms N
+                [--point-in-time yes] (nothing sent after the loss time may be restored)
 DIR holds server-ca.crt, client.crt and client.key (a k3s server's server/tls/etcd).";
 
 /// A request that has not come back after this counts as failed.
@@ -44,6 +45,7 @@ struct Args {
     metrics_ca: Option<PathBuf>,
     loss_unix_ns: u64,
     window_ms: u64,
+    point_in_time: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
@@ -67,6 +69,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--metrics-ca" => a.metrics_ca = Some(v.into()),
             "--loss-unix-ns" => a.loss_unix_ns = v.parse().context("--loss-unix-ns")?,
             "--window-ms" => a.window_ms = v.parse().context("--window-ms")?,
+            "--point-in-time" => a.point_in_time = v == "yes",
             _ => bail!("unknown flag {flag:?}\n{USAGE}"),
         }
     }
@@ -340,7 +343,10 @@ async fn check_restored(a: Args) -> Result<()> {
             _ => break,
         }
     }
-    let out = check(&ops, &restored, &stray, value_bytes, a.loss_unix_ns, a.window_ms * 1_000_000);
+    let mut out = check(&ops, &restored, &stray, value_bytes, a.loss_unix_ns, a.window_ms * 1_000_000);
+    if a.point_in_time {
+        out.violations.extend(sent_after(&ops, &restored, out.visible_rev, a.loss_unix_ns));
+    }
     println!(
         "{}",
         json!({
