@@ -9,8 +9,7 @@
 //! history up to some revision (values, revisions and deletes), hold every write acknowledged
 //! [`INTERVAL`] × 2 before the loss, and the RPO (last acknowledgement before the loss minus the
 //! acknowledgement of the newest write restored) must be at most that. A second fresh node
-//! restores `latest` with `--cluster-reset-restore-to-time` at a whole second in the middle of
-//! the load: nothing sent after that time may be there, and everything acknowledged
+//! restores `latest` with `--cluster-reset-restore-to-time` at a whole second late in the load: nothing sent after that time may be there, and everything acknowledged
 //! [`INTERVAL`] × 2 (plus the second that segment names round to) before it must be. Once at 1,000
 //! and once at 5,000 writes/s.
 
@@ -97,7 +96,8 @@ fn at_rate(ctx: &Ctx, etcd: &Etcd, dir: &Path, rate: u32, rng: &mut Rng) -> Resu
     );
     let started = Instant::now();
     let kill_after = LOAD + rng.duration_upto(INTERVAL);
-    // The point-in-time target: a whole second in the middle of the load.
+    // The point-in-time target: a whole second three quarters into the load (so that what was
+    // acknowledged the window before it is a good part of the load).
     let mut pit_s = None;
     // The link to S3 slowed to a trickle one and a half intervals before the kill, so that
     // segments close and their uploads hang when the servers are killed.
@@ -112,7 +112,7 @@ fn at_rate(ctx: &Ctx, etcd: &Etcd, dir: &Path, rate: u32, rng: &mut Rng) -> Resu
                     tail(&std::fs::read_to_string(dir.join("loadgen-put.err")).unwrap_or_default(), 4)
                 );
             }
-            if pit_s.is_none() && started.elapsed() >= LOAD / 2 {
+            if pit_s.is_none() && started.elapsed() >= LOAD * 3 / 4 {
                 pit_s = Some(now_ns() / 1_000_000_000 + 1);
             }
             if !throttled && started.elapsed() >= throttle_at {
@@ -285,6 +285,7 @@ fn at_rate(ctx: &Ctx, etcd: &Etcd, dir: &Path, rate: u32, rng: &mut Rng) -> Resu
     let p = json(&checked.stdout, "loadgen check (point in time)")?;
     server.stop()?;
     ensure!(p["violation_count"] == 0, "the keyspace restored to {at} is wrong: {}", p["violations"]);
+    ensure!(p["required"].as_u64().unwrap_or(0) > 0, "nothing was required back at {at}: the target is too early");
     Ok(format!(
         "{note}; {} stuck mid-upload at the kill, uploaded after the restart; to-time {at}: revision {}, {} required writes back, none sent later, {:.2}s before the time",
         stuck.len(),
