@@ -271,11 +271,11 @@ async fn apply_segment(
         let mut batch: Vec<delta::Event> = Vec::new();
         let mut receiver_gone = false;
         let r = delta::read_events(&p, |ev| {
-            if batch.first().is_some_and(|b| b.revision() != ev.revision()) {
-                if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
-                    receiver_gone = true;
-                    return Err(STOPPED.into());
-                }
+            if batch.first().is_some_and(|b| b.revision() != ev.revision())
+                && tx.blocking_send(std::mem::take(&mut batch)).is_err()
+            {
+                receiver_gone = true;
+                return Err(STOPPED.into());
             }
             batch.push(ev);
             Ok(())
