@@ -219,7 +219,7 @@ pub fn s3_link_cut(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
         "--etcd-s3-retention=4",
     ]));
     let mut s = n.start(&flags)?;
-    const UPLOADED: &str = "scheduled snapshot uploaded";
+    const UPLOADED: &str = "snapshot uploaded";
     const UPLOAD_FAILED: &str = "upload failed; the local snapshot is kept";
     s.wait_for_log(UPLOADED, Duration::from_secs(60))?;
     wait_until("a scheduled save to stream", Duration::from_secs(60), || {
@@ -291,7 +291,7 @@ pub fn s3_trickle(ctx: &Ctx, etcd: &Etcd, dir: &Path) -> Result<String> {
         ensure!(!log.contains(S3_SECRET_KEY), "the S3 secret key appears in the server log");
         // The link fast again: the next scheduled upload lands.
         ctx.net.unthrottle("objstore")?;
-        s.wait_for_log("scheduled snapshot uploaded", Duration::from_secs(90))?;
+        s.wait_for_log("snapshot uploaded", Duration::from_secs(90))?;
         s.stop()?;
         Ok(format!(
             "{} local saves at {slowest} ms at most while S3 trickled; uploads gave up at 8 s; recovered",
