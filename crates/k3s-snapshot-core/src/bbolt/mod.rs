@@ -27,10 +27,12 @@
 //!
 //! The parts: [`layout`] (the page format both sides share), [`reader`] ([`Db`], [`Bucket`]),
 //! [`checker`] (the whole-image structure check), [`writer`] (a bulk rewrite of an image with
-//! edits, e.g. the revision bump of a restore).
+//! edits, e.g. the revision bump of a restore), [`append`] (keys streamed onto a bucket's right
+//! edge in one commit: the native replay of delta segments).
 
 use std::path::PathBuf;
 
+pub mod append;
 pub mod checker;
 pub mod layout;
 pub mod reader;

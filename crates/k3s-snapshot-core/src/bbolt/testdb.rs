@@ -125,3 +125,44 @@ pub(crate) fn sample() -> Sample {
     let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"a", &a), (LEAF_FLAG_BUCKET, b"b", &bv), (LEAF_FLAG_BUCKET, b"c", &cv)]);
     Sample { bytes: b.finish(root, NO_FREELIST), leaf_b1, leaf_b2, branch_b, bucket_c, root }
 }
+
+/// A small deterministic generator (xorshift64*), so failures replay from the seed.
+pub(crate) struct Rng(pub u64);
+
+impl Rng {
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    pub(crate) fn bytes(&mut self, len: usize) -> Vec<u8> {
+        (0..len).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// The model of an image with top-level buckets only: bucket → key → value.
+pub(crate) type Model = std::collections::BTreeMap<Vec<u8>, std::collections::BTreeMap<Vec<u8>, Vec<u8>>>;
+
+/// What `db` holds, as a [`Model`] (panics on a nested bucket).
+pub(crate) fn model_of(db: &Db) -> Model {
+    let mut m = Model::new();
+    for (path, k, v) in super::writer::dump(db).unwrap() {
+        match (path.as_slice(), v) {
+            ([], None) => {
+                let name = String::from_utf8_lossy(&k).split("#seq=").next().unwrap().as_bytes().to_vec();
+                m.entry(name).or_default();
+            }
+            ([b], Some(v)) => {
+                m.entry(b.clone()).or_default().insert(k, v);
+            }
+            other => panic!("unexpected entry {other:?}"),
+        }
+    }
+    m
+}

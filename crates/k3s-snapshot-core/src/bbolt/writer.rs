@@ -50,7 +50,7 @@ pub enum WriteError {
     Source { detail: String, path: PathBuf },
 }
 
-type KeyEdits = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+pub(super) type KeyEdits = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 /// A leaf element being collected: flags, key, value.
 type Elem<'k> = (u32, &'k [u8], Cow<'k, [u8]>);
 type OwnEdits<'k> = std::iter::Peekable<std::collections::btree_map::Iter<'k, Vec<u8>, Option<Vec<u8>>>>;
@@ -66,7 +66,7 @@ pub type DumpEntry = (Vec<Vec<u8>>, Vec<u8>, Option<Vec<u8>>);
 /// named by an edit that the image lacks is created.
 #[derive(Debug, Default, Clone)]
 pub struct Edits {
-    buckets: BTreeMap<Vec<u8>, KeyEdits>,
+    pub(super) buckets: BTreeMap<Vec<u8>, KeyEdits>,
 }
 
 impl Edits {
@@ -361,40 +361,8 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
     let freelist = if meta.freelist == NO_FREELIST {
         NO_FREELIST
     } else {
-        let fl = db.page(meta.freelist)?;
-        let (first, count) = if fl.count == 0xFFFF {
-            (1usize, super::layout::le_u64(fl.buf, PAGE_HEADER_SIZE).unwrap_or(0) as usize)
-        } else {
-            (0, usize::from(fl.count))
-        };
-        freed.extend(meta.freelist..=meta.freelist + u64::from(fl.overflow));
-        // The pages replaced here are in use: a freelist that lists one is wrong.
-        let in_use: std::collections::BTreeSet<u64> = freed.iter().copied().collect();
-        for i in first..first + count {
-            let id = super::layout::le_u64(fl.buf, PAGE_HEADER_SIZE + i * 8)
-                .ok_or_else(|| WriteError::Source { detail: "freelist cut short".into(), path: path.into() })?;
-            if in_use.contains(&id) {
-                tracing::warn!(db = %path.display(), page = id, "the freelist lists a page in use; rewriting the file instead of committing into it");
-                return Ok(None);
-            }
-            freed.push(id);
-        }
-        freed.sort_unstable();
-        freed.dedup();
-        let mut body = Vec::new();
-        let id = next;
-        let n = freed.len();
-        let size = PAGE_HEADER_SIZE + 8 * (n + usize::from(n >= 0xFFFF));
-        if n >= 0xFFFF {
-            encode_page_header(&mut body, id, FLAG_FREELIST, 0xFFFF, (span(size) - 1) as u32);
-            body.extend_from_slice(&(n as u64).to_le_bytes());
-        } else {
-            encode_page_header(&mut body, id, FLAG_FREELIST, n as u16, (span(size) - 1) as u32);
-        }
-        for f in &freed {
-            body.extend_from_slice(&f.to_le_bytes());
-        }
-        alloc(body, &mut new_pages, &mut next)
+        let Some(ids) = merge_freelist(&db, path, freed)? else { return Ok(None) };
+        alloc(encode_freelist(next, &ids, ps), &mut new_pages, &mut next)
     };
     let new_meta = Meta {
         root: BucketHeader { root: root_id, sequence: meta.root.sequence },
@@ -422,18 +390,65 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
     Ok(Some(Written { pages: next, size: next * ps as u64 }))
 }
 
+/// The ids the freelist of a commit lists: what the old one listed, the pages the commit
+/// replaces (`freed`), and the old freelist page itself, sorted. `None` when the old freelist
+/// lists a page that the commit replaces (those are in use: the freelist is wrong, and the caller
+/// rewrites the file instead).
+pub(super) fn merge_freelist(db: &Db, path: &Path, mut freed: Vec<u64>) -> Result<Option<Vec<u64>>, WriteError> {
+    let meta = db.meta();
+    let fl = db.page(meta.freelist)?;
+    let (first, count) = if fl.count == 0xFFFF {
+        (1usize, super::layout::le_u64(fl.buf, PAGE_HEADER_SIZE).unwrap_or(0) as usize)
+    } else {
+        (0, usize::from(fl.count))
+    };
+    freed.extend(meta.freelist..=meta.freelist + u64::from(fl.overflow));
+    let in_use: std::collections::BTreeSet<u64> = freed.iter().copied().collect();
+    for i in first..first + count {
+        let id = super::layout::le_u64(fl.buf, PAGE_HEADER_SIZE + i * 8)
+            .ok_or_else(|| WriteError::Source { detail: "freelist cut short".into(), path: path.into() })?;
+        if in_use.contains(&id) {
+            tracing::warn!(db = %path.display(), page = id, "the freelist lists a page in use; rewriting the file instead of committing into it");
+            return Ok(None);
+        }
+        freed.push(id);
+    }
+    freed.sort_unstable();
+    freed.dedup();
+    Ok(Some(freed))
+}
+
+/// A freelist page with id `id` listing `ids` (a count of 0xFFFF says the real count is the
+/// first element, as bbolt writes a long list), unpadded.
+pub(super) fn encode_freelist(id: u64, ids: &[u64], ps: usize) -> Vec<u8> {
+    let n = ids.len();
+    let size = PAGE_HEADER_SIZE + 8 * (n + usize::from(n >= 0xFFFF));
+    let overflow = (size.div_ceil(ps).max(1) - 1) as u32;
+    let mut body = Vec::with_capacity(size);
+    if n >= 0xFFFF {
+        encode_page_header(&mut body, id, FLAG_FREELIST, 0xFFFF, overflow);
+        body.extend_from_slice(&(n as u64).to_le_bytes());
+    } else {
+        encode_page_header(&mut body, id, FLAG_FREELIST, n as u16, overflow);
+    }
+    for f in ids {
+        body.extend_from_slice(&f.to_le_bytes());
+    }
+    body
+}
+
 /// A written bucket: its own pages, or (empty) inline.
-enum Root {
+pub(super) enum Root {
     Paged(u64),
     Inline,
 }
 
-struct Out {
-    w: BufWriter<File>,
+pub(super) struct Out {
+    pub(super) w: BufWriter<File>,
     path: PathBuf,
-    ps: usize,
+    pub(super) ps: usize,
     /// Id of the next page written.
-    next: u64,
+    pub(super) next: u64,
     scratch: Vec<u8>,
     /// Root pages of the source's buckets already copied: a page shared by two buckets (or a
     /// bucket nested in itself) is a corrupt source, refused before it multiplies the work.
@@ -451,12 +466,34 @@ struct Filling<'k> {
 }
 
 impl Out {
+    /// Writes pages into `file` (at `path`, an image of page size `ps`) from page `next` on,
+    /// sequentially: how a commit appends after the high-water mark.
+    pub(super) fn append_to(file: File, path: &Path, ps: usize, next: u64) -> Result<Out, WriteError> {
+        use std::io::Seek;
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(next * ps as u64)).map_err(|source| WriteError::Io {
+            action: "seek",
+            path: path.into(),
+            source,
+        })?;
+        Ok(Out {
+            w: BufWriter::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            ps,
+            next,
+            scratch: Vec::new(),
+            roots_seen: HashSet::new(),
+            src_path: path.to_path_buf(),
+            emptied: HashSet::new(),
+        })
+    }
+
     fn write(&mut self, bytes: &[u8]) -> Result<(), WriteError> {
         self.w.write_all(bytes).map_err(|source| WriteError::Io { action: "write", path: self.path.clone(), source })
     }
 
     /// Writes a page of `size` unpadded bytes that `encode` appends given its id and overflow.
-    fn page(&mut self, size: usize, encode: impl FnOnce(&mut Vec<u8>, u64, u32)) -> Result<u64, WriteError> {
+    pub(super) fn page(&mut self, size: usize, encode: impl FnOnce(&mut Vec<u8>, u64, u32)) -> Result<u64, WriteError> {
         let span = size.div_ceil(self.ps).max(1);
         let overflow = u32::try_from(span - 1).map_err(|_| WriteError::Edit("an element larger than 16 TiB".into()))?;
         let id = self.next;
@@ -527,7 +564,7 @@ impl Out {
 
     /// Writes one bucket: the source's entries (when there is a source) merged with `own` edits,
     /// and, at the root, with the buckets that `children` edits (creating those the source lacks).
-    fn bucket<'k>(
+    pub(super) fn bucket<'k>(
         &mut self,
         src: Option<Bucket<'k>>,
         children: Option<&'k BTreeMap<Vec<u8>, KeyEdits>>,
@@ -686,25 +723,8 @@ pub fn dump_except(db: &Db, skipped: &[&[u8]]) -> Result<Vec<DumpEntry>, BoltErr
 
 #[cfg(test)]
 mod tests {
-    use super::super::testdb::{bucket_value, sample, Builder};
+    use super::super::testdb::{bucket_value, model_of, sample, Builder, Model, Rng};
     use super::*;
-
-    /// A small deterministic generator (xorshift64*), so failures replay from the seed.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-        fn bytes(&mut self, len: usize) -> Vec<u8> {
-            (0..len).map(|_| self.next() as u8).collect()
-        }
-    }
 
     fn empty_db(ps: usize) -> Db {
         let mut b = Builder::new(ps);
@@ -720,26 +740,6 @@ mod tests {
         let db = Db::open(&dest).unwrap();
         db.check().unwrap_or_else(|e| panic!("the written image fails the check: {e}"));
         (dir, db)
-    }
-
-    /// The model: bucket → key → value.
-    type Model = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
-
-    fn model_of(db: &Db) -> Model {
-        let mut m = Model::new();
-        for (path, k, v) in dump(db).unwrap() {
-            match (path.as_slice(), v) {
-                ([], None) => {
-                    let name = String::from_utf8_lossy(&k).split("#seq=").next().unwrap().as_bytes().to_vec();
-                    m.entry(name).or_default();
-                }
-                ([b], Some(v)) => {
-                    m.entry(b.clone()).or_default().insert(k, v);
-                }
-                other => panic!("unexpected entry {other:?}"),
-            }
-        }
-        m
     }
 
     #[test]
