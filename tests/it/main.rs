@@ -4,6 +4,7 @@ mod encryption;
 mod ha;
 mod hostile;
 mod k3s_node;
+mod native_replay;
 mod pitr;
 mod remote;
 mod reset;

@@ -63,6 +63,21 @@ pub struct RestoreDeltas {
     pub to_revision: Option<i64>,
     /// Replay the segments that certainly closed before this time (unix seconds; a segment named with this very second is left out).
     pub to_time: Option<i64>,
+    /// `--cluster-reset-restore-replay`: how the segments are replayed.
+    pub replay_with: ReplayWith,
+}
+
+/// How delta segments are replayed into the restored db.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplayWith {
+    /// Natively into the db, or on a private etcd when the db has a shape the native replay does
+    /// not write into (the log says why).
+    #[default]
+    Auto,
+    /// Natively only: a db the native replay does not write into is an error.
+    Native,
+    /// On a private etcd, one transaction per revision.
+    Etcd,
 }
 
 /// A validated server configuration (the binary's flags, after parsing).

@@ -1,6 +1,9 @@
 //! The restore side of continuous backup: which delta segments follow the restored snapshot
-//! ([`plan`], in the reset's checks), and replaying them into the restored data on a private etcd
-//! ([`replay`], before the swap).
+//! ([`plan`], in the reset's checks), and replaying them into the restored data ([`replay`],
+//! before the swap): natively, straight into the restored db
+//! ([`k3s_snapshot_core::delta_replay`], at disk speed), or on a private etcd, one transaction
+//! per revision (`--cluster-reset-restore-replay etcd`, and the fallback for a db the native
+//! replay does not write into; the tests use it as the oracle the native result must equal).
 //!
 //! The private etcd runs on the scratch dir with loopback-only client and peer URLs on free
 //! ports, so nothing outside can reach it. Each original revision becomes one transaction of its
@@ -28,7 +31,7 @@ use k3s_snapshot_core::encryption::{self, IDENTITY_FLAG};
 use k3s_snapshot_core::store::{create_private_dir, ScratchFile, SnapshotStore};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ServerConfig;
+use crate::config::{ReplayWith, ServerConfig};
 use crate::etcd_proc::{EtcdBinaries, EtcdLaunch, EtcdProcess};
 use crate::{Error, Result};
 
@@ -166,7 +169,9 @@ async fn fetch(store: &dyn SnapshotStore, key: &str, dest: &Path) -> Result<()> 
     Ok(())
 }
 
-/// Replays `plan` into the restored data dir `data_dir` on a private etcd, then stops it.
+/// Replays `plan` into the restored data dir `data_dir`: natively into its db
+/// ([`k3s_snapshot_core::delta_replay`]), or on a private etcd (`--cluster-reset-restore-replay
+/// etcd`, or when the db has a shape the native replay does not write into).
 pub async fn replay(
     cfg: &ServerConfig,
     bins: &EtcdBinaries,
@@ -178,6 +183,69 @@ pub async fn replay(
     if plan.segments.is_empty() {
         return Ok(());
     }
+    let mode = cfg.restore.replay_with;
+    if mode != ReplayWith::Etcd {
+        match replay_native(data_dir, plan).await? {
+            None => return Ok(()),
+            Some(why) if mode == ReplayWith::Native => {
+                return Err(reset_err(format!(
+                    "the restored db cannot be replayed into natively ({why}); --cluster-reset-restore-replay=auto or etcd replays on a private etcd; nothing was changed"
+                )))
+            }
+            Some(why) => tracing::info!(reason = %why, "the native replay does not write into this db; replaying on a private etcd"),
+        }
+    }
+    replay_on_etcd(cfg, bins, launch, data_dir, plan, cancel).await
+}
+
+/// The native replay into `data_dir`'s db; `Some(why)` when the db has a shape it does not
+/// write into (nothing changed).
+async fn replay_native(data_dir: &Path, plan: &DeltaPlan) -> Result<Option<String>> {
+    use k3s_snapshot_core::delta_replay::{self, Outcome};
+    let db = data_dir.join("member/snap/db");
+    let paths: Vec<PathBuf> = plan.segments.iter().map(|(_, p)| p.clone()).collect();
+    let (base, reached) = (plan.base, plan.reached);
+    tracing::info!(
+        from = base + 1,
+        to = reached,
+        segments = paths.len(),
+        "replaying delta segments into the restored db"
+    );
+    let started = std::time::Instant::now();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        delta_replay::replay(&db, base, reached, &refs, REPLAYED_LEASE_TTL_SECS)
+    })
+    .await
+    .map_err(|e| reset_err(format!("replay task failed: {e}")))?
+    .map_err(|e| reset_err(format!("replaying delta segments: {e}; nothing was changed")))?;
+    match outcome {
+        Outcome::Unsupported(why) => Ok(Some(why)),
+        Outcome::Replayed(r) => {
+            let secs = started.elapsed().as_secs_f64();
+            tracing::info!(
+                revision = reached,
+                revisions = r.revisions,
+                events = r.events,
+                leases_granted_again = r.leases.len(),
+                seconds = format!("{secs:.2}"),
+                revisions_per_second = (r.revisions as f64 / secs.max(1e-6)) as u64,
+                "replayed the delta segments into the restored db"
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Replays `plan` into the restored data dir `data_dir` on a private etcd, then stops it.
+async fn replay_on_etcd(
+    cfg: &ServerConfig,
+    bins: &EtcdBinaries,
+    launch: &EtcdLaunch,
+    data_dir: &Path,
+    plan: &DeltaPlan,
+    cancel: &CancellationToken,
+) -> Result<()> {
     let port = |what: &str| {
         std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())

@@ -12,6 +12,14 @@ use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::schedule::Schedule;
 use k3s_snapshot_core::encryption::{Identities, Recipients};
 use k3s_snapshot_core::store::{create_private_dir, write_file_atomic, LocalStore, SnapshotStore};
+
+/// `--cluster-reset-restore-replay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReplayArg {
+    Auto,
+    Native,
+    Etcd,
+}
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
@@ -63,6 +71,11 @@ pub struct ServerArgs {
     /// delta segments closed before it (with `latest`)
     #[arg(long, value_parser = parse_rfc3339)]
     pub cluster_reset_restore_to_time: Option<i64>,
+    /// How delta segments are replayed: `auto` writes them straight into the restored db and
+    /// falls back to a private etcd for a db it cannot write into; `native` never falls back;
+    /// `etcd` replays on a private etcd, one transaction per revision (slower)
+    #[arg(long, value_enum, default_value_t = ReplayArg::Auto)]
+    pub cluster_reset_restore_replay: ReplayArg,
     /// Address the supervisor API listens on
     #[arg(long, default_value = "0.0.0.0")]
     pub bind_address: IpAddr,
@@ -202,6 +215,11 @@ impl ServerArgs {
                 deltas: self.cluster_reset_restore_deltas,
                 to_revision: self.cluster_reset_restore_to_revision,
                 to_time: self.cluster_reset_restore_to_time,
+                replay_with: match self.cluster_reset_restore_replay {
+                    ReplayArg::Auto => k3s_server_hooks::config::ReplayWith::Auto,
+                    ReplayArg::Native => k3s_server_hooks::config::ReplayWith::Native,
+                    ReplayArg::Etcd => k3s_server_hooks::config::ReplayWith::Etcd,
+                },
             },
             bind_address: self.bind_address,
             advertise_address,

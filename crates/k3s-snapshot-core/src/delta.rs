@@ -431,6 +431,12 @@ fn bad(path: &Path, detail: String) -> Error {
 /// Calls `f` for each event of the segment at `path` after checking its trailer: one pass to
 /// hash, one to decode, so nothing is applied from a file that turns out torn.
 pub fn read_events(path: &Path, mut f: impl FnMut(Event) -> std::result::Result<(), String>) -> Result<()> {
+    read_events_while(path, |ev| f(ev).map(|()| true))
+}
+
+/// [`read_events`], stopping (normally, the rest unread) when `f` returns `false`: a replay that
+/// has reached its target revision inside the segment.
+pub fn read_events_while(path: &Path, mut f: impl FnMut(Event) -> std::result::Result<bool, String>) -> Result<()> {
     let len = std::fs::metadata(path).map_err(Error::io("read", path))?.len();
     if len < (MAGIC.len() + TRAILER) as u64 {
         return Err(bad(path, format!("{len} bytes is shorter than a segment can be")));
@@ -473,7 +479,9 @@ pub fn read_events(path: &Path, mut f: impl FnMut(Event) -> std::result::Result<
         if ev.kv.is_none() || !(ev.r#type == PUT || ev.r#type == DELETE) {
             return Err(bad(path, format!("frame at byte {at} is not a put or delete event")));
         }
-        f(ev).map_err(|d| bad(path, d))?;
+        if !f(ev).map_err(|d| bad(path, d))? {
+            return Ok(());
+        }
         at += 4 + u64::from(l);
     }
     Ok(())

@@ -8,6 +8,7 @@
 pub mod bbolt;
 pub mod compress;
 pub mod delta;
+pub mod delta_replay;
 pub mod encryption;
 pub mod error;
 #[cfg(feature = "etcd")]
