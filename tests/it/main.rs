@@ -1,3 +1,4 @@
+mod chains;
 mod deltas;
 mod dist;
 mod encryption;

@@ -3,8 +3,9 @@
 //! accepting them and never answering); when S3 comes back every snapshot still kept locally is
 //! uploaded, oldest first, with its metadata; a restart finds what the previous run left local
 //! only, snapshots and delta segments; the chain in S3 has no hole after a restart while S3 was
-//! down (26.1); a segment that local retention removed before its upload does not hold back the
-//! later ones, and a restore from S3 still gets every write (26.2).
+//! down (26.1); a segment waiting for S3 is never removed by local retention, even when chain
+//! retention would remove it, so S3's chain has no gap once S3 is back, and a restore from S3
+//! gets every write (26.2, issue 27).
 
 use std::path::Path;
 use std::time::Duration;
@@ -18,7 +19,7 @@ use crate::deltas::{metric, restore_flags, revision, segment_files, strs, wait_f
 
 tests::on_both_versions!(
     a_restart_while_s3_was_down_leaves_no_hole_in_the_s3_chain,
-    a_segment_pruned_locally_before_its_upload_does_not_hold_back_later_ones,
+    a_segment_waiting_for_s3_is_never_pruned_locally,
 );
 
 const LOCAL_TAKEN: &str = "k3s_snapshot_scheduled_taken_total{store=\"local\"}";
@@ -56,6 +57,11 @@ fn s3_flags(endpoint: &str) -> Vec<String> {
 /// Scheduled snapshots of node-a in `dir`.
 fn scheduled_in(dir: &Path) -> Vec<String> {
     files(dir).into_iter().filter(|f| f.starts_with("etcd-snapshot-node-a-")).collect()
+}
+
+/// The continuous backup's chain bases in `dir`.
+fn bases_in(dir: &Path) -> Vec<String> {
+    files(dir).into_iter().filter(|f| f.starts_with("chain-base-node-a-")).collect()
 }
 
 /// While S3 is unusable in the way `endpoint` is, a server snapshotting every 2 s keeps taking
@@ -183,7 +189,8 @@ fn a_restart_finds_snapshots_and_segments_left_local_only() {
 /// The full snapshots in the bucket and the delta segments, parsed.
 fn s3_chain_parts(bucket: &Path) -> (Vec<String>, Vec<SegmentName>) {
     let names = files(bucket);
-    let snaps = names.iter().filter(|f| f.starts_with("etcd-snapshot-")).cloned().collect();
+    let snaps =
+        names.iter().filter(|f| f.starts_with("etcd-snapshot-") || f.starts_with("chain-base-")).cloned().collect();
     let segs = names.iter().filter_map(|f| SegmentName::parse(f)).collect();
     (snaps, segs)
 }
@@ -203,9 +210,7 @@ fn a_restart_while_s3_was_down_leaves_no_hole_in_the_s3_chain(v: EtcdVersion) {
         "--etcd-snapshot-delta-interval=1s".into(),
     ]);
     let s = dd.start(&strs(&flags));
-    wait_logged(&s, "the chain's local snapshot", Duration::from_secs(60), || {
-        !scheduled_in(&dd.snapshots()).is_empty()
-    });
+    wait_logged(&s, "the chain's local snapshot", Duration::from_secs(60), || !bases_in(&dd.snapshots()).is_empty());
     for i in 0..10 {
         put(&dd, &[(&format!("/before/{i:02}"), &i.to_string())]);
     }
@@ -232,7 +237,7 @@ fn a_restart_while_s3_was_down_leaves_no_hole_in_the_s3_chain(v: EtcdVersion) {
     let bucket = s3.root.join("snaps");
     let (snaps, segs) = s3_chain_parts(&bucket);
     assert!(!snaps.is_empty(), "the chain's snapshot never reached s3: {:?}", files(&bucket));
-    let runs = chains("s3", &segs);
+    let runs = chains("s3", &segs, &[], &Default::default());
     assert_eq!(runs.len(), 1, "one unbroken chain in s3: {runs:?}");
     let base =
         snaps.iter().map(|f| k3s_snapshot_core::revision::snapshot_revision(&bucket.join(f)).unwrap()).min().unwrap();
@@ -248,11 +253,11 @@ fn a_restart_while_s3_was_down_leaves_no_hole_in_the_s3_chain(v: EtcdVersion) {
     s.stop();
 }
 
-/// Issue 26.2: a segment whose upload failed is removed by local retention (a scheduled snapshot
-/// with retention 1) before S3 is back: the queue drops it (counted), the later segments reach
-/// S3, and a restore of the newest S3 snapshot with its chain has every write (the gap lies
-/// before that snapshot).
-fn a_segment_pruned_locally_before_its_upload_does_not_hold_back_later_ones(v: EtcdVersion) {
+/// Issue 26.2 and 27: a segment whose upload failed stays locally while it waits for S3, even
+/// with chain retention of 1 s and new chains every 2 s (which would remove it otherwise); once S3
+/// is back it and the later ones reach S3 (nothing dropped, no gap), and a restore of the newest
+/// S3 snapshot with its chain has every write.
+fn a_segment_waiting_for_s3_is_never_pruned_locally(v: EtcdVersion) {
     let mut s3 = S3Server::start();
     s3.create_bucket("snaps");
     let dd = DataDir::new(v);
@@ -262,15 +267,16 @@ fn a_segment_pruned_locally_before_its_upload_does_not_hold_back_later_ones(v: E
         "--etcd-snapshot-schedule-cron=@every 3s".into(),
         "--etcd-snapshot-retention=1".into(),
         "--etcd-snapshot-delta-interval=1s".into(),
+        "--etcd-snapshot-delta-max-age=2s".into(),
+        "--etcd-snapshot-delta-retention=1s".into(),
     ]);
     let s = dd.start(&strs(&flags));
     wait_following(&s);
 
     s3.kill();
-    put(&dd, &[("/lost-segment/a", "1")]);
+    put(&dd, &[("/waiting-segment/a", "1")]);
     let written = revision(&dd);
-    // The segment with the write is closed, its upload fails (S3 refuses), and a scheduled
-    // snapshot's retention removes it locally, possibly while its upload is still retried.
+    // The segment with the write is closed and its upload fails (S3 refuses).
     let mut failed = Vec::new();
     wait_logged(&s, "the segment with the write", Duration::from_secs(60), || {
         failed = segment_files(&dd.snapshots())
@@ -279,14 +285,21 @@ fn a_segment_pruned_locally_before_its_upload_does_not_hold_back_later_ones(v: E
             .collect();
         !failed.is_empty()
     });
-    wait_logged(&s, "local retention to remove the failed segment", Duration::from_secs(60), || {
-        let local = segment_files(&dd.snapshots());
-        failed.iter().all(|f| !local.contains(f))
+    // New chains start (writes go on) and local retention runs after each: the failed segment
+    // and the bases it follows are long past the 1 s of chain retention.
+    let rotations = metric(&s, "k3s_snapshot_delta_chain_rotations_total ");
+    let mut i = 0;
+    wait_logged(&s, "two new chains while s3 is down", Duration::from_secs(60), || {
+        i += 1;
+        put(&dd, &[(&format!("/while-down/{i:04}"), "x")]);
+        metric(&s, "k3s_snapshot_delta_chain_rotations_total ") >= rotations + 2.0
     });
+    let local = segment_files(&dd.snapshots());
     assert!(
-        s.log_text().contains("delta segment upload failed")
-            || s.log_text().contains(&format!("key=\"{}\"", failed[0]))
+        failed.iter().all(|f| local.contains(f)),
+        "a segment waiting for s3 was removed locally: {failed:?} {local:?}"
     );
+    assert!(metric(&s, SEGMENTS_WAITING) >= 1.0);
 
     s3.restart();
     put(&dd, &[("/later/b", "2"), ("/later/c", "3")]);
@@ -295,14 +308,14 @@ fn a_segment_pruned_locally_before_its_upload_does_not_hold_back_later_ones(v: E
     wait_logged(&s, "the later segments in s3", Duration::from_secs(90), || {
         metric(&s, "k3s_snapshot_delta_shipped_revision ") >= last as f64
     });
-    wait_logged(&s, "the snapshot lane done", Duration::from_secs(60), || metric(&s, SNAPSHOTS_WAITING) == 0.0);
-    assert!(metric(&s, SEGMENTS_DROPPED) >= 1.0);
+    wait_logged(&s, "the upload queue done", Duration::from_secs(60), || {
+        metric(&s, SNAPSHOTS_WAITING) == 0.0 && metric(&s, SEGMENTS_WAITING) == 0.0
+    });
+    assert_eq!(metric(&s, SEGMENTS_DROPPED), 0.0, "nothing dropped");
+    assert!(!s.log_text().contains("the chain in s3 has a gap"), "{}", s.log_text());
     let bucket = s3.root.join("snaps");
-    let remote = files(&bucket);
-    assert!(failed.iter().all(|f| !remote.contains(f)), "a dropped segment cannot be in s3");
     let (_, segs) = s3_chain_parts(&bucket);
     assert!(segs.iter().any(|n| n.to >= last), "no segment reached the last write in s3: {segs:?}");
-    assert!(s.log_text().contains("the chain in s3 has a gap"), "{}", s.log_text());
     s.stop();
 
     let token = dd.token().split_once("::server:").map(|(_, s)| s.to_string()).unwrap();

@@ -49,6 +49,15 @@ pub struct SnapshotSettings {
     pub jitter: Duration,
     /// `--etcd-snapshot-delta-interval`: continuous backup when set.
     pub delta_interval: Option<Duration>,
+    /// `--etcd-snapshot-delta-max-revisions`: a new chain starts past this many revisions since
+    /// its base (0: no limit).
+    pub delta_max_revisions: u64,
+    /// `--etcd-snapshot-delta-max-age`: a new chain starts once its base is this old (`None`: no
+    /// limit).
+    pub delta_max_age: Option<Duration>,
+    /// `--etcd-snapshot-delta-retention`: chains and their bases are kept for restores to any
+    /// time this far back (`None`: kept whatever their age).
+    pub delta_retention: Option<Duration>,
     /// `--etcd-snapshot-encryption-recipients-file`: scheduled snapshots are encrypted to these.
     pub encryption: Option<Arc<Recipients>>,
 }
@@ -163,6 +172,15 @@ impl ServerConfig {
             .map_err(|e| Error::Config(format!("--node-name: {e}")))?;
         k3s_snapshot_core::name::validate_prefix(&self.snapshots.name)
             .map_err(|e| Error::Config(format!("--etcd-snapshot-name: {e}")))?;
+        // Retention selects by `<prefix>-`: the cron's prefix and the chain bases' must not
+        // select each other's snapshots.
+        let (name, base) = (self.snapshots.name.as_str(), k3s_snapshot_core::delta::BASE_PREFIX);
+        let claims = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}-"));
+        if claims(name, base) || claims(base, name) {
+            return Err(Error::Config(format!(
+                "--etcd-snapshot-name {name:?} would share names with continuous backup's chain bases ({base}-<node>-<time>); choose another name"
+            )));
+        }
         Ok(())
     }
 

@@ -12,7 +12,18 @@
 //! that local retention removed before its upload). Memory stays bounded: events go to the open segment file as they
 //! arrive. With `--etcd-snapshot-encryption-recipients-file` every segment is written through age
 //! (`<name>.seg.age`, see [`k3s_snapshot_core::delta`]): only ciphertext reaches the disk and S3.
+//!
+//! Chains are bounded: a restore replays every revision from its base, so once the current chain
+//! holds more than `--etcd-snapshot-delta-max-revisions` revisions, or its base is older than
+//! `--etcd-snapshot-delta-max-age` and it holds a change, the follower takes a new full snapshot
+//! (`chain-base-<node>-<unix seconds>`, [`delta::BASE_PREFIX`]) while it goes on shipping, and
+//! counts the new chain from that snapshot's revision (the segment open meanwhile straddles it,
+//! which a restore's chain allows). Then local chain retention runs
+//! ([`delta::prune_chains`], `--etcd-snapshot-delta-retention`), leaving alone what waits in the
+//! upload queue; the queue runs it in S3 after the base's upload.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,14 +44,22 @@ const MAX_SEGMENT_BYTES: u64 = 256 << 20;
 const MAX_WATCH_MESSAGE: usize = i32::MAX as usize;
 /// Pause before following again after a watch failure.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
+/// Pause before trying again a new chain's full snapshot that failed (the chain goes on).
+const ROTATION_RETRY: Duration = Duration::from_secs(30);
 
 pub struct DeltaJob {
     pub interval: Duration,
     pub local: LocalStore,
     /// With `--etcd-s3`: where closed segments and the chains' full snapshots go.
     pub queue: Option<Arc<UploadQueue>>,
-    /// For the full snapshots a chain starts from.
+    /// For the full snapshots a chain starts from (prefix [`delta::BASE_PREFIX`]).
     pub save: SaveOptions,
+    /// `--etcd-snapshot-delta-max-revisions`: 0 is no limit.
+    pub max_revisions: u64,
+    /// `--etcd-snapshot-delta-max-age`: `None` is no limit.
+    pub max_age: Option<Duration>,
+    /// `--etcd-snapshot-delta-retention`: `None` keeps every chain.
+    pub chain_retention: Option<Duration>,
     pub etcd: EtcdClientConfig,
     pub metrics: Arc<DeltaMetrics>,
     /// Shared with scheduled and requested snapshots.
@@ -62,11 +81,42 @@ pub struct DeltaMetrics {
     pub bytes: AtomicU64,
     pub chain_breaks: AtomicU64,
     pub upload_failures: AtomicU64,
+    /// The revision of the current chain's base (0 until a chain starts).
+    pub chain_base_revision: AtomicI64,
+    /// Unix seconds of the current chain's base (from its name).
+    pub chain_base_time: AtomicI64,
+    /// Bytes of the current chain's shipped segments.
+    pub chain_bytes: AtomicU64,
+    /// New chains started because the current one reached a bound.
+    pub chain_rotations: AtomicU64,
+    /// `--etcd-snapshot-delta-max-revisions` (0: none).
+    pub max_revisions: u64,
+    /// `--etcd-snapshot-delta-max-age` (`None`: none).
+    pub max_age: Option<Duration>,
 }
 
 impl DeltaMetrics {
-    pub fn new(interval: Duration) -> DeltaMetrics {
-        DeltaMetrics { interval, ..DeltaMetrics::default() }
+    pub fn new(interval: Duration, max_revisions: u64, max_age: Option<Duration>) -> DeltaMetrics {
+        DeltaMetrics { interval, max_revisions, max_age, ..DeltaMetrics::default() }
+    }
+
+    /// A segment reached its destination (S3 with `--etcd-s3`, else the snapshot dir).
+    pub fn segment_shipped(&self, to: i64, bytes: u64) {
+        self.segments.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.shipped_revision.fetch_max(to, Ordering::Relaxed);
+        // A segment that reaches past the base belongs to its chain (one still shipping from
+        // the previous chain ends at or before it).
+        if to > self.chain_base_revision.load(Ordering::Relaxed) {
+            self.chain_bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// A chain (new or continued) starts from `base`; `bytes` of its segments are shipped.
+    fn chain_from(&self, base: &ChainBase, bytes: u64) {
+        self.chain_base_revision.store(base.revision, Ordering::Relaxed);
+        self.chain_base_time.store(base.taken, Ordering::Relaxed);
+        self.chain_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Prometheus text of the shipping.
@@ -78,7 +128,9 @@ impl DeltaMetrics {
         let lag_secs = if pending == 0 { 0.0 } else { (now_ms - pending).max(0) as f64 / 1000.0 };
         let shipped = self.shipped_revision.load(Ordering::Relaxed);
         let etcd = self.etcd_revision.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, String); 8] = [
+        let base = self.chain_base_revision.load(Ordering::Relaxed);
+        let chain_revisions = if base > 0 { (shipped - base).max(0) } else { 0 };
+        let rows: [(&str, &str, &str, String); 14] = [
             (
                 "k3s_snapshot_delta_interval_seconds",
                 "gauge",
@@ -127,6 +179,42 @@ impl DeltaMetrics {
                 "Delta segment upload attempts that failed (each retried before any later segment).",
                 self.upload_failures.load(Ordering::Relaxed).to_string(),
             ),
+            (
+                "k3s_snapshot_delta_chain_revisions",
+                "gauge",
+                "Revisions a restore from the newest chain's base replays to reach the last shipped one (shipped revision minus the base's).",
+                chain_revisions.to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_chain_bytes",
+                "gauge",
+                "Bytes of the newest chain's shipped delta segments (what a restore from its base downloads and replays).",
+                self.chain_bytes.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_chain_base_timestamp_seconds",
+                "gauge",
+                "Unix time of the newest chain's base snapshot (0 before the first chain).",
+                self.chain_base_time.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_chain_max_revisions",
+                "gauge",
+                "Revisions after which a new chain starts (--etcd-snapshot-delta-max-revisions; 0: no limit).",
+                self.max_revisions.to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_chain_max_age_seconds",
+                "gauge",
+                "Age of a chain's base after which a new chain starts (--etcd-snapshot-delta-max-age; 0: no limit).",
+                self.max_age.map_or(0.0, |d| d.as_secs_f64()).to_string(),
+            ),
+            (
+                "k3s_snapshot_delta_chain_rotations_total",
+                "counter",
+                "New chains started because the current one reached --etcd-snapshot-delta-max-revisions or -max-age.",
+                self.chain_rotations.load(Ordering::Relaxed).to_string(),
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, v) in rows {
@@ -148,7 +236,7 @@ pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
     let mut fresh_chain = false;
     tracing::info!(interval = ?job.interval, "continuous backup: shipping delta segments");
     loop {
-        let (start, history) = match start_revision(&job, fresh_chain, &cancel).await {
+        let (start, history, base) = match start_revision(&job, fresh_chain, &cancel).await {
             Ok(r) => r,
             Err(Stop::Cancelled) => return,
             Err(Stop::Compacted(r)) => {
@@ -167,7 +255,7 @@ pub async fn run(job: Arc<DeltaJob>, cancel: CancellationToken) {
             }
         };
         fresh_chain = false;
-        match follow(&job, start, history, &cancel).await {
+        match follow(&job, start, history, base, &cancel).await {
             Stop::Cancelled => return,
             Stop::Compacted(at) => {
                 job.metrics.chain_breaks.fetch_add(1, Ordering::Relaxed);
@@ -195,23 +283,42 @@ async fn pause(cancel: &CancellationToken) -> bool {
     }
 }
 
-/// Where to follow from, and the history (etcd's cluster ID) the chain belongs to: the end of the
-/// chain of this history that starts at the newest full snapshot taken in it (local segments
-/// counted), or a new full snapshot's revision when there is none or `fresh` asks. A newest
-/// snapshot of another history (the one a reset restored from) or of none recorded starts a new
-/// chain: its segments' numbers may mean other writes than this history's.
+/// The full snapshot the current chain counts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ChainBase {
+    revision: i64,
+    /// Unix seconds from its name.
+    taken: i64,
+}
+
+/// Where to follow from, the history (etcd's cluster ID) the chain belongs to, and its base:
+/// the end of the chain of this history that starts at the newest full snapshot taken in it
+/// (local segments counted), or a new full snapshot's revision when there is none or `fresh`
+/// asks. A newest snapshot of another history (the one a reset restored from) or of none
+/// recorded starts a new chain: its segments' numbers may mean other writes than this history's.
 /// Local segments not in S3 yet (closed before a restart or a kill while S3 failed) are found by
 /// the upload queue's comparison with S3 and uploaded before any segment written from here on.
-async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken) -> Result<(i64, u64), Stop> {
+async fn start_revision(
+    job: &DeltaJob,
+    fresh: bool,
+    cancel: &CancellationToken,
+) -> Result<(i64, u64, ChainBase), Stop> {
     let history = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?.cluster_id;
     if !fresh {
         match newest_snapshot_revision(&job.local).await {
-            Some((base, Some(h))) if h == history => {
+            Some((base, Some(h), taken)) if h == history => {
                 let segments = delta::list_segments(&job.local).await.unwrap_or_default();
-                let (_, reached) = delta::chain_after(base, Some(history), &segments, None, None);
-                return Ok((reached, history));
+                let (chain, reached) = delta::chain_after(base, Some(history), &segments, None, None);
+                let bytes = chain
+                    .iter()
+                    .filter_map(|s| std::fs::metadata(job.local.dir().join(&s.file)).ok())
+                    .map(|m| m.len())
+                    .sum();
+                let base = ChainBase { revision: base, taken };
+                job.metrics.chain_from(&base, bytes);
+                return Ok((reached, history, base));
             }
-            Some((_, other)) => tracing::info!(
+            Some((_, other, _)) => tracing::info!(
                 history = format!("{history:016x}"),
                 snapshot_history = other.map(|h| format!("{h:016x}")),
                 "continuous backup: the newest snapshot is not of etcd's current history (a restore started a new one); a new chain starts"
@@ -219,29 +326,56 @@ async fn start_revision(job: &DeltaJob, fresh: bool, cancel: &CancellationToken)
             None => {}
         }
     }
-    full_snapshot(job, cancel).await.map(|r| (r, history))
+    let base = full_snapshot(job, cancel).await?;
+    job.metrics.chain_from(&base, 0);
+    prune_local_chains(job).await;
+    Ok((base.revision, history, base))
 }
 
-/// The revision etcd had when the newest local snapshot was taken, and its history (etcd's
-/// cluster ID, from its metadata): the revision read from the file, as a restore will read it,
-/// or for a zipped or encrypted one (which is not opened again) from its metadata, as the
-/// restore's chain does; none when the revision is not known.
-async fn newest_snapshot_revision(local: &LocalStore) -> Option<(i64, Option<u64>)> {
+/// Local chain retention, leaving alone what waits in the upload queue.
+async fn prune_local_chains(job: &DeltaJob) {
+    let keep = job.queue.as_ref().map(|q| q.waiting_files()).unwrap_or_default();
+    match delta::prune_chains(&job.local, job.chain_retention, &keep).await {
+        Ok(p) if !p.is_empty() => {
+            if let Some(q) = &job.queue {
+                q.forget_vanished();
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "local retention of delta chains failed"),
+    }
+}
+
+/// Whether the chain from `base`, now reaching `reached`, is past a bound: more than
+/// `max_revisions` revisions, or a change and a base at least `max_age` old.
+fn past_bound(base: ChainBase, reached: i64, now: i64, max_revisions: u64, max_age: Option<Duration>) -> bool {
+    let revisions = reached.saturating_sub(base.revision).max(0) as u64;
+    let too_long = max_revisions > 0 && revisions > max_revisions;
+    let too_old = max_age.is_some_and(|a| revisions > 0 && now.saturating_sub(base.taken) >= a.as_secs() as i64);
+    too_long || too_old
+}
+
+/// The revision etcd had when the newest local snapshot was taken, its history (etcd's
+/// cluster ID, from its metadata) and the unix seconds of its name: the revision read from the
+/// file, as a restore will read it, or for a zipped or encrypted one (which is not opened again)
+/// from its metadata, as the restore's chain does; none when the revision is not known.
+async fn newest_snapshot_revision(local: &LocalStore) -> Option<(i64, Option<u64>, i64)> {
     let entries = list_snapshots(local, true).await.ok()?;
     let newest = entries.last()?;
+    let taken = newest.created.timestamp();
     let md = newest.metadata.as_ref().and_then(|d| d.ours());
     let history = md.and_then(|m| m.cluster_id.as_deref()).and_then(|h| u64::from_str_radix(h, 16).ok());
     if newest.name.ends_with(".zip") || newest.name.ends_with(".age") {
         // An empty keyspace is recorded as revision 0; etcd starts at 1.
-        return md?.etcd_revision.map(|r| (r.max(1), history));
+        return md?.etcd_revision.map(|r| (r.max(1), history, taken));
     }
     let path = local.dir().join(&newest.name);
     let rev =
         tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::snapshot_revision(&path)).await.ok()?.ok()?;
-    Some((rev, history))
+    Some((rev, history, taken))
 }
 
-async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64, Stop> {
+async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<ChainBase, Stop> {
     let _held = job.lock.clone().lock_owned().await;
     let mut conn = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?;
     // With S3 the upload queue takes the snapshot over: the chain starts at local speed.
@@ -265,11 +399,14 @@ async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<i64
             .map_err(|e| Stop::Failed(format!("reading the revision of {}: {e}", saved.metadata.name)))?
     };
     tracing::info!(snapshot = %saved.metadata.name, revision = rev, "continuous backup: a new chain starts after this full snapshot");
-    Ok(rev)
+    let taken = k3s_snapshot_core::name::parse(&saved.metadata.name)
+        .map_or_else(|| chrono::Utc::now().timestamp(), |p| p.timestamp);
+    Ok(ChainBase { revision: rev, taken })
 }
 
-/// Follows the watch from `after + 1`, closing a segment every interval.
-async fn follow(job: &DeltaJob, after: i64, history: u64, cancel: &CancellationToken) -> Stop {
+/// Follows the watch from `after + 1`, closing a segment every interval; starts a new chain
+/// (a full snapshot, taken while the watch goes on) when the one from `base` is past a bound.
+async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, cancel: &CancellationToken) -> Stop {
     let m = &job.metrics;
     m.shipped_revision.fetch_max(after, Ordering::Relaxed);
     let conn = match job.etcd.connect().await {
@@ -298,9 +435,43 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, cancel: &CancellationT
     // open segment is not closed (a revision never spans two segments).
     let mut mid_revision = false;
     let mut close_due = false;
+    // The new chain's full snapshot while it is taken, and when a failed one may be tried again.
+    type Rotation<'a> = Pin<Box<dyn Future<Output = Result<ChainBase, Stop>> + Send + 'a>>;
+    let mut rotation: Option<Rotation<'_>> = None;
+    let mut rotation_retry = tokio::time::Instant::now();
     loop {
         let stop = tokio::select! {
             _ = cancel.cancelled() => Some(Stop::Cancelled),
+            r = async {
+                match rotation.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                rotation = None;
+                match r {
+                    Ok(b) => {
+                        tracing::info!(
+                            previous_base_revision = base.revision,
+                            reached = last_rev,
+                            "continuous backup: the chain reached its bound; the next segments count from the new full snapshot"
+                        );
+                        base = b;
+                        m.chain_from(&base, 0);
+                        m.chain_rotations.fetch_add(1, Ordering::Relaxed);
+                        prune_local_chains(job).await;
+                        continue;
+                    }
+                    Err(Stop::Cancelled) => Some(Stop::Cancelled),
+                    // A full snapshot never reports a compaction.
+                    Err(Stop::Compacted(_)) => continue,
+                    Err(Stop::Failed(e)) => {
+                        tracing::warn!(error = %e, retry_in = ?ROTATION_RETRY, "continuous backup: the new chain's full snapshot failed; the current chain goes on");
+                        rotation_retry = tokio::time::Instant::now() + ROTATION_RETRY;
+                        continue;
+                    }
+                }
+            }
             _ = ticker.tick() => {
                 if mid_revision {
                     close_due = true;
@@ -390,6 +561,19 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, cancel: &CancellationT
                 Err(e) => return Stop::Failed(format!("closing a delta segment: {e}")),
             }
         }
+        if stop.is_none()
+            && rotation.is_none()
+            && tokio::time::Instant::now() >= rotation_retry
+            && past_bound(base, last_rev, chrono::Utc::now().timestamp(), job.max_revisions, job.max_age)
+        {
+            tracing::info!(
+                base_revision = base.revision,
+                reached = last_rev,
+                base_age_secs = chrono::Utc::now().timestamp() - base.taken,
+                "continuous backup: the chain is past --etcd-snapshot-delta-max-revisions or -max-age; taking a full snapshot to start a new one"
+            );
+            rotation = Some(Box::pin(full_snapshot(job, cancel)));
+        }
         if let Some(stop) = stop {
             return match stop {
                 // What was shipped reaches `last_rev`; the next chain starts after a snapshot.
@@ -406,11 +590,7 @@ fn ship(job: &DeltaJob, name: SegmentName, bytes: u64) {
     let since = m.pending_since_ms.load(Ordering::Relaxed);
     match &job.queue {
         Some(q) => q.push_segment(name, bytes, since),
-        None => {
-            m.segments.fetch_add(1, Ordering::Relaxed);
-            m.bytes.fetch_add(bytes, Ordering::Relaxed);
-            m.shipped_revision.fetch_max(name.to, Ordering::Relaxed);
-        }
+        None => m.segment_shipped(name.to, bytes),
     }
     // The queue holds its time now.
     m.pending_since_ms.store(0, Ordering::Relaxed);

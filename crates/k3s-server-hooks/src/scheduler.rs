@@ -33,6 +33,8 @@ pub struct SnapshotJob {
     pub save: SaveOptions,
     /// `--etcd-snapshot-retention`
     pub retention: i64,
+    /// `--etcd-snapshot-delta-retention` (`None`: chains kept whatever their age).
+    pub chain_retention: Option<Duration>,
     /// Upper bound of the random delay added to each fire.
     pub jitter: Duration,
     pub etcd: EtcdClientConfig,
@@ -132,8 +134,10 @@ pub async fn take(job: &SnapshotJob, cancel: &CancellationToken) {
     if let Err(e) = prune(&job.local, &policy).await {
         tracing::error!(error = %e, "local retention failed");
     }
-    if let Err(e) = k3s_snapshot_core::delta::prune_segments(&job.local).await {
-        tracing::warn!(error = %e, "local retention of delta segments failed");
+    // Chain retention, leaving alone what waits in the upload queue.
+    let keep = job.queue.as_ref().map(|q| q.waiting_files()).unwrap_or_default();
+    if let Err(e) = k3s_snapshot_core::delta::prune_chains(&job.local, job.chain_retention, &keep).await {
+        tracing::warn!(error = %e, "local retention of delta chains failed");
     }
     if let Some(q) = &job.queue {
         q.forget_vanished();

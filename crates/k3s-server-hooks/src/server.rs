@@ -221,7 +221,10 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let inner = cancel.child_token();
     let tracker = TaskTracker::new();
     let snapshot_lock = Arc::new(tokio::sync::Mutex::new(()));
-    let delta_metrics = cfg.snapshots.delta_interval.map(|i| Arc::new(DeltaMetrics::new(i)));
+    let delta_metrics = cfg
+        .snapshots
+        .delta_interval
+        .map(|i| Arc::new(DeltaMetrics::new(i, cfg.snapshots.delta_max_revisions, cfg.snapshots.delta_max_age)));
     // One upload queue for everything that goes to S3: scheduled, requested and chain-starting
     // snapshots, and delta segments. It first finds what a previous run left local only.
     let upload_queue = cfg.snapshots.remote.clone().map(|remote| {
@@ -232,6 +235,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             token_hash: Some(token.metadata_hash()),
             scheduled_prefix: cfg.snapshots.name.clone(),
             remote_retention: cfg.snapshots.remote_retention,
+            chain_retention: cfg.snapshots.delta_retention,
             metrics: metrics.clone(),
             deltas: delta_metrics.clone(),
         });
@@ -268,7 +272,8 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     let mut api_task =
         tokio::spawn(api::serve(api_listener.expect("bound for a normal start"), rustls, state, inner.clone()));
 
-    // Scheduled snapshots and the full snapshots that start delta chains are saved alike.
+    // Scheduled snapshots and the full snapshots that start delta chains are saved alike, under
+    // their own prefixes (so that neither retention selects the other's).
     let scheduled_save = SaveOptions {
         prefix: cfg.snapshots.name.clone(),
         node: cfg.node_name.clone(),
@@ -284,6 +289,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             queue: upload_queue.clone(),
             save: scheduled_save.clone(),
             retention: cfg.snapshots.retention,
+            chain_retention: cfg.snapshots.delta_retention,
             jitter: cfg.snapshots.jitter,
             etcd: client.clone(),
             metrics: metrics.clone(),
@@ -299,7 +305,10 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             interval,
             local: cfg.snapshot_store(),
             queue: upload_queue.clone(),
-            save: scheduled_save.clone(),
+            save: SaveOptions { prefix: k3s_snapshot_core::delta::BASE_PREFIX.into(), ..scheduled_save.clone() },
+            max_revisions: cfg.snapshots.delta_max_revisions,
+            max_age: cfg.snapshots.delta_max_age,
+            chain_retention: cfg.snapshots.delta_retention,
             etcd: client.clone(),
             metrics,
             lock: snapshot_lock.clone(),

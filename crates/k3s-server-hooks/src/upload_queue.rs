@@ -12,23 +12,22 @@
 //! queue compares the snapshot dir with S3 (names and sizes through the store's `list`) and takes
 //! every snapshot and delta segment that is kept locally and missing in S3, except those that S3
 //! retention would delete again at once (the scheduled prefix beyond `--etcd-s3-retention`, and
-//! segments closed before the oldest snapshot S3 keeps).
+//! chain bases and segments that chain retention, `--etcd-snapshot-delta-retention`, removes).
 //!
 //! Two lanes run side by side in the task, so that a segment never waits behind a multi-GiB
 //! snapshot:
 //! - Snapshots: oldest first. A failure backs the entry off (longer than the lane backs off),
 //!   so the next attempt goes to another waiting snapshot: one snapshot that keeps failing never
 //!   blocks the others. After a success every waiting entry is due again, oldest first. S3
-//!   retention (and S3 segment retention) runs after each upload of a scheduled snapshot.
+//!   retention runs after each upload of a scheduled snapshot, and S3 chain retention after it
+//!   and after each upload of a chain base.
 //! - Delta segments: strictly in revision order, and not before the comparison with S3 has run,
 //!   so the chain in S3 is always a prefix of the local chain and never skips a segment that
 //!   exists locally. A failing segment holds back the later ones (backing off) until it is
-//!   uploaded or local retention removes it. A segment removed locally before it could be
-//!   uploaded is dropped (logged, counted): the chain in S3 then has a visible gap there. Local
-//!   retention only removes segments closed before the oldest local snapshot, whose revision is
-//!   past them, and that snapshot waits in the snapshot lane: the follower's chain goes on, and
-//!   a restore's chain (`delta::chain_after`) from that snapshot needs nothing from the gap; from
-//!   an older S3 snapshot it replays up to the gap and stops, as for any gap.
+//!   uploaded or removed locally. Local chain retention never removes what waits here
+//!   ([`UploadQueue::waiting_files`]); a segment removed locally all the same (by hand) before it
+//!   could be uploaded is dropped (logged, counted): the chain in S3 then has a visible gap
+//!   there, where a restore's chain (`delta::chain_after`) stops, as at any gap.
 //!
 //! A snapshot or segment removed locally before its turn (retention) is dropped from the queue.
 
@@ -72,6 +71,10 @@ pub struct QueueSettings {
     pub scheduled_prefix: String,
     /// `--etcd-s3-retention`.
     pub remote_retention: i64,
+    /// `--etcd-snapshot-delta-retention` (`None`: chain bases are kept whatever their age): S3
+    /// chain retention ([`k3s_snapshot_core::delta::chain_expired`]) runs after each upload of a
+    /// scheduled snapshot or a chain base.
+    pub chain_retention: Option<Duration>,
     pub metrics: Arc<SnapshotMetrics>,
     /// With `--etcd-snapshot-delta-interval`: segments shipped, bytes, failures, lag.
     pub deltas: Option<Arc<DeltaMetrics>>,
@@ -238,6 +241,13 @@ impl UploadQueue {
     pub fn forget_vanished(&self) {
         let mut st = self.state();
         self.drop_vanished(&mut st);
+    }
+
+    /// The files (snapshots and segments) waiting for their upload: local retention of chains
+    /// leaves them alone, so that S3 gets them.
+    pub fn waiting_files(&self) -> std::collections::HashSet<String> {
+        let st = self.state();
+        st.snapshots.keys().map(|(_, f)| f.clone()).chain(st.segments.keys().map(|(_, _, f)| f.clone())).collect()
     }
 
     /// A closed delta segment, `since_ms` the arrival of its first event.
@@ -410,7 +420,9 @@ impl UploadQueue {
                         drop(st);
                         self.s.metrics.success(REMOTE, started.elapsed().as_secs_f64(), n);
                         tracing::info!(snapshot = %file, bytes = n, store = %self.s.remote.describe(), "snapshot uploaded");
-                        name::matches_prefix(&file, &self.s.scheduled_prefix).is_some()
+                        let scheduled = name::matches_prefix(&file, &self.s.scheduled_prefix).is_some();
+                        let base = name::matches_prefix(&file, k3s_snapshot_core::delta::BASE_PREFIX).is_some();
+                        (scheduled || base).then_some(scheduled)
                     }
                     Err(e) if vanished(&e) => {
                         // Unless `forget_vanished` already did.
@@ -418,7 +430,7 @@ impl UploadQueue {
                             st.dropped_snapshots += 1;
                             tracing::warn!(snapshot = %file, "snapshot removed locally (retention) before it could be uploaded; dropped from the upload queue");
                         }
-                        false
+                        None
                     }
                     Err(e) => {
                         failures += 1;
@@ -443,12 +455,12 @@ impl UploadQueue {
                         self.s.metrics.failure(REMOTE, msg.clone());
                         tracing::warn!(snapshot = %file, error = %msg, store = %self.s.remote.describe(), waiting,
                         "{}; the local snapshot is kept and queued, retried from {delay:?} on", self.failed_what(&file));
-                        false
+                        None
                     }
                 }
             };
-            if retention {
-                self.remote_retention().await;
+            if let Some(scheduled) = retention {
+                self.remote_retention(scheduled).await;
             }
         }
     }
@@ -537,15 +549,21 @@ impl UploadQueue {
         (PutOptions { content_type: content_type.into(), user_metadata, size_hint: None, ranges: None }, doc)
     }
 
-    /// S3 retention of the scheduled prefix, then of delta segments (after an upload, so that an
-    /// outage never prunes S3 down to snapshots that are not there yet).
-    async fn remote_retention(&self) {
+    /// S3 retention of the scheduled prefix (after an upload of one of its snapshots), then
+    /// chain retention (after an upload, so that an outage never prunes S3 down to snapshots that
+    /// are not there yet).
+    async fn remote_retention(&self, scheduled: bool) {
         let remote = self.s.remote.as_ref();
-        let policy = RetentionPolicy { prefix: &self.s.scheduled_prefix, keep: self.s.remote_retention };
-        if let Err(e) = prune(remote, &policy).await {
-            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention failed; the next upload tries again");
-        } else if let Err(e) = k3s_snapshot_core::delta::prune_segments(remote).await {
-            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention of delta segments failed");
+        if scheduled {
+            let policy = RetentionPolicy { prefix: &self.s.scheduled_prefix, keep: self.s.remote_retention };
+            if let Err(e) = prune(remote, &policy).await {
+                tracing::warn!(error = %e, store = %remote.describe(), "s3 retention failed; the next upload tries again");
+                return;
+            }
+        }
+        let keep = std::collections::HashSet::new();
+        if let Err(e) = k3s_snapshot_core::delta::prune_chains(remote, self.s.chain_retention, &keep).await {
+            tracing::warn!(error = %e, store = %remote.describe(), "s3 retention of delta chains failed; the next upload tries again");
         }
     }
 
@@ -601,9 +619,7 @@ impl UploadQueue {
                     self.publish_segment_lag(&st);
                     drop(st);
                     if let Some(m) = &self.s.deltas {
-                        m.segments.fetch_add(1, Ordering::Relaxed);
-                        m.bytes.fetch_add(n, Ordering::Relaxed);
-                        m.shipped_revision.fetch_max(to, Ordering::Relaxed);
+                        m.segment_shipped(to, n);
                     }
                     tracing::debug!(segment = %file, bytes = n, "delta segment uploaded");
                 }
@@ -639,7 +655,15 @@ impl UploadQueue {
         let remote = list_all(self.s.remote.as_ref())
             .await
             .map_err(|e| format!("listing {} to find what to upload: {e}", self.s.remote.describe()))?;
-        let plan = plan_uploads(&local, &remote, &self.s.scheduled_prefix, self.s.remote_retention);
+        let chain_retention = self.s.chain_retention.map(|r| r.as_secs().min(i64::MAX as u64) as i64);
+        let plan = plan_uploads(
+            &local,
+            &remote,
+            &self.s.scheduled_prefix,
+            self.s.remote_retention,
+            chain_retention,
+            chrono::Utc::now().timestamp(),
+        );
         let (mut snaps, mut segs) = (0, 0);
         {
             let mut st = self.state();
@@ -748,9 +772,16 @@ struct Plan {
 
 /// Local objects missing in S3 (or there with another size), less what S3 retention would
 /// delete right after: snapshots of `prefix` beyond the `keep` newest of S3's and the planned
-/// ones together, and segments closed before the oldest snapshot S3 then holds (see
-/// `delta::prune_segments`).
-fn plan_uploads(local: &[(String, u64)], remote: &[(String, u64)], prefix: &str, keep: i64) -> Plan {
+/// ones together, and the chain bases and segments that chain retention (`chain_retention`
+/// seconds at `now`, see `delta::chain_expired`) removes from what S3 then holds.
+fn plan_uploads(
+    local: &[(String, u64)],
+    remote: &[(String, u64)],
+    prefix: &str,
+    keep: i64,
+    chain_retention: Option<i64>,
+    now: i64,
+) -> Plan {
     let in_remote: std::collections::HashMap<&str, u64> = remote.iter().map(|(k, s)| (k.as_str(), *s)).collect();
     let missing = |k: &str, size: u64| in_remote.get(k) != Some(&size);
     let mut snapshots: Vec<(String, i64, u64)> = local
@@ -768,18 +799,34 @@ fn plan_uploads(local: &[(String, u64)], remote: &[(String, u64)], prefix: &str,
     let doomed: std::collections::HashSet<String> = expired(candidates, keep).into_iter().collect();
     snapshots.retain(|(k, _, _)| !doomed.contains(k));
     snapshots.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
-    let oldest = remote
-        .iter()
-        .filter(|(k, _)| !doomed.contains(k))
-        .filter_map(|(k, _)| name::parse(k).map(|p| p.timestamp))
-        .chain(snapshots.iter().map(|(_, ts, _)| *ts))
-        .min();
     let mut segments: Vec<(SegmentName, u64)> = local
         .iter()
         .filter(|(k, s)| missing(k, *s))
         .filter_map(|(k, s)| SegmentName::parse(k).map(|n| (n, *s)))
-        .filter(|(n, _)| oldest.is_none_or(|o| n.closed >= o))
         .collect();
+    // Chain retention over what S3 then holds: its snapshots and segments and the planned ones.
+    let mut held: Vec<(String, i64)> = remote
+        .iter()
+        .filter(|(k, _)| !doomed.contains(k) && name::validate_file_name(k).is_ok())
+        .filter_map(|(k, _)| name::parse(k).map(|p| (k.clone(), p.timestamp)))
+        .chain(snapshots.iter().map(|(k, ts, _)| (k.clone(), *ts)))
+        .collect();
+    held.sort();
+    held.dedup();
+    let held_segments: Vec<SegmentName> = remote
+        .iter()
+        .filter_map(|(k, _)| SegmentName::parse(k))
+        .chain(segments.iter().map(|(n, _)| n.clone()))
+        .collect();
+    let pruned = k3s_snapshot_core::delta::chain_expired(
+        &held,
+        &held_segments,
+        now,
+        chain_retention,
+        &std::collections::HashSet::new(),
+    );
+    snapshots.retain(|(k, _, _)| !pruned.bases.contains(k));
+    segments.retain(|(n, _)| !pruned.segments.contains(&n.file));
     segments.sort_by(|a, b| (a.0.from, a.0.to, &a.0.file).cmp(&(b.0.from, b.0.to, &b.0.file)));
     Plan { snapshots, segments }
 }
@@ -811,7 +858,7 @@ mod tests {
             ("etcd-snapshot-n2-190".to_string(), 10),
             (seg(10, 12, 310), 7),
         ];
-        let plan = plan_uploads(&local, &remote, "etcd-snapshot", 3);
+        let plan = plan_uploads(&local, &remote, "etcd-snapshot", 3, None, 1000);
         let names: Vec<&str> = plan.snapshots.iter().map(|(k, _, _)| k.as_str()).collect();
         // Keep 3 of {300, 200, 190 (n2), 100, 50}: 300, 200, 190; 100 and 50 would be pruned.
         assert_eq!(names, ["on-demand-n1-150", "etcd-snapshot-n1-200"]);
@@ -828,12 +875,35 @@ mod tests {
             (seg(1, 2, 50), 3),
         ];
         let remote = vec![("etcd-snapshot-n1-200".to_string(), 4)];
-        let plan = plan_uploads(&local, &remote, "etcd-snapshot", 0);
+        let plan = plan_uploads(&local, &remote, "etcd-snapshot", 0, None, 1000);
         let names: Vec<&str> = plan.snapshots.iter().map(|(k, _, _)| k.as_str()).collect();
         assert_eq!(names, ["etcd-snapshot-n1-100", "etcd-snapshot-n1-200"]);
         assert!(plan.segments.is_empty(), "closed before the oldest snapshot S3 will hold");
-        let plan = plan_uploads(&[(seg(1, 2, 50), 3)], &[], "etcd-snapshot", 0);
+        let plan = plan_uploads(&[(seg(1, 2, 50), 3)], &[], "etcd-snapshot", 0, None, 1000);
         assert_eq!(plan.segments.len(), 1, "no snapshot anywhere: S3 prunes no segment");
+    }
+
+    #[test]
+    fn chain_bases_left_local_are_planned_unless_chain_retention_removes_them() {
+        let local = vec![
+            ("chain-base-n1-100".to_string(), 10),
+            ("chain-base-n1-200".to_string(), 10),
+            ("chain-base-n1-300".to_string(), 10),
+            (seg(1, 5, 150), 7),
+            (seg(6, 9, 250), 7),
+            (seg(10, 12, 310), 7),
+        ];
+        // Keep 1 of the scheduled prefix: chain bases are not of it.
+        let plan = plan_uploads(&local, &[], "etcd-snapshot", 1, None, 1000);
+        assert_eq!(plan.snapshots.len(), 3);
+        assert_eq!(plan.segments.len(), 3);
+        // Chain retention of 50 s at 301: base 200 is taken before 251, base 100 and the segment
+        // closed before 200 would go at once.
+        let plan = plan_uploads(&local, &[], "etcd-snapshot", 1, Some(50), 301);
+        let names: Vec<&str> = plan.snapshots.iter().map(|(k, _, _)| k.as_str()).collect();
+        assert_eq!(names, ["chain-base-n1-200", "chain-base-n1-300"]);
+        let segs: Vec<(i64, i64)> = plan.segments.iter().map(|(s, _)| (s.from, s.to)).collect();
+        assert_eq!(segs, [(6, 9), (10, 12)]);
     }
 
     #[test]

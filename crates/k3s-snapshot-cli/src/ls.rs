@@ -58,8 +58,9 @@ pub fn print_yaml(out: &mut impl Write, list: &SnapshotFileList) -> anyhow::Resu
 }
 
 /// Prints `list` in `format`: the table with the delta chains (continuous backup) after it, one
-/// line each with the revision range and the segment count; `-o json|yaml` without them, in
-/// k3s's shape.
+/// line each with the revision range, how many revisions a restore from its base replays (what
+/// bounds the restore's time), the base, the segment count and size; `-o json|yaml` without them,
+/// in k3s's shape.
 pub fn print(
     out: &mut impl Write,
     mut list: SnapshotFileList,
@@ -80,11 +81,15 @@ pub fn print(
 
 fn print_chains(out: &mut impl Write, chains: &[k3s_snapshot_core::delta::Chain]) -> std::io::Result<()> {
     for c in chains {
-        write!(
-            out,
-            "Delta chain in {}: revisions {}-{}, {} segments",
-            c.location, c.from_revision, c.to_revision, c.segments
-        )?;
+        write!(out, "Delta chain in {}: revisions {}-{}, ", c.location, c.from_revision, c.to_revision)?;
+        match &c.base {
+            Some(base) => write!(out, "{} revisions to replay after {base}", c.revision_count())?,
+            None => write!(out, "{} revisions, after no kept snapshot", c.revision_count())?,
+        }
+        write!(out, ", {} segments", c.segments)?;
+        if c.bytes > 0 {
+            write!(out, " ({} bytes)", c.bytes)?;
+        }
         match c.encrypted {
             0 => writeln!(out)?,
             n if n == c.segments => writeln!(out, ", encrypted")?,

@@ -122,6 +122,20 @@ pub struct ServerArgs {
     /// full snapshots, to the snapshot dir and S3 [default: off]
     #[arg(long, value_parser = config::parse_duration)]
     pub etcd_snapshot_delta_interval: Option<Duration>,
+    /// Continuous backup: take a new full snapshot and start a new delta chain once the current
+    /// one holds more than this many revisions since its base, which bounds what a restore
+    /// replays (0: no limit)
+    #[arg(long, default_value = "1000000", value_name = "REVISIONS", value_parser = parse_max_revisions)]
+    pub etcd_snapshot_delta_max_revisions: u64,
+    /// Continuous backup: take a new full snapshot and start a new delta chain once the current
+    /// one's base is this old and it holds a change (0: no limit)
+    #[arg(long, default_value = "1h", value_parser = config::parse_duration)]
+    pub etcd_snapshot_delta_max_age: Duration,
+    /// Continuous backup: keep delta chains and their base snapshots (locally and in S3) so that a
+    /// restore to any time this far back finds a base taken before it and the whole chain after
+    /// it (0: keep every chain); --etcd-snapshot-retention does not count chain bases
+    #[arg(long, default_value = "24h", value_parser = config::parse_duration)]
+    pub etcd_snapshot_delta_retention: Duration,
     /// Encrypt scheduled snapshots (age) to the public keys in FILE, one per line, as `age -R` reads them
     #[arg(long, env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_RECIPIENTS_FILE", value_name = "FILE")]
     pub etcd_snapshot_encryption_recipients_file: Option<PathBuf>,
@@ -241,6 +255,9 @@ impl ServerArgs {
                 remote_fetch,
                 jitter: self.etcd_snapshot_jitter,
                 delta_interval: self.etcd_snapshot_delta_interval.filter(|d| !d.is_zero()),
+                delta_max_revisions: self.etcd_snapshot_delta_max_revisions,
+                delta_max_age: Some(self.etcd_snapshot_delta_max_age).filter(|d| !d.is_zero()),
+                delta_retention: Some(self.etcd_snapshot_delta_retention).filter(|d| !d.is_zero()),
                 encryption,
             },
             identities,
@@ -276,6 +293,21 @@ async fn check_s3(store: s3_backend::S3Store) {
             "s3 is not usable now; snapshots are kept locally and queued, and the upload queue sends them once s3 answers"
         ),
     }
+}
+
+/// Largest `--etcd-snapshot-delta-max-revisions`: a chain that long is no bound at all.
+const MAX_CHAIN_REVISIONS: u64 = 1_000_000_000_000;
+
+/// `--etcd-snapshot-delta-max-revisions`: a whole number of revisions, 0 for no limit.
+fn parse_max_revisions(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of revisions; give a whole number like 1000000 (0: no limit)"))?;
+    if n > MAX_CHAIN_REVISIONS {
+        return Err(format!("{n} revisions is no bound: at most {MAX_CHAIN_REVISIONS} (0: no limit)"));
+    }
+    Ok(n)
 }
 
 /// An RFC 3339 time as unix seconds.
@@ -337,6 +369,44 @@ mod tests {
         assert_eq!(d.snapshots.delta_interval, None);
         let e = parse(&["--etcd-snapshot-delta-interval=10s"]).to_config(None).unwrap();
         assert_eq!(e.snapshots.delta_interval, Some(Duration::from_secs(10)));
+        // Bounded chains: defaults, small test values, 0 off, absurd values refused.
+        assert_eq!(e.snapshots.delta_max_revisions, 1_000_000);
+        assert_eq!(e.snapshots.delta_max_age, Some(Duration::from_secs(3600)));
+        assert_eq!(e.snapshots.delta_retention, Some(Duration::from_secs(86400)));
+        let small = parse(&[
+            "--etcd-snapshot-delta-max-revisions=200",
+            "--etcd-snapshot-delta-max-age=3s",
+            "--etcd-snapshot-delta-retention=5s",
+        ])
+        .to_config(None)
+        .unwrap();
+        assert_eq!(small.snapshots.delta_max_revisions, 200);
+        assert_eq!(small.snapshots.delta_max_age, Some(Duration::from_secs(3)));
+        assert_eq!(small.snapshots.delta_retention, Some(Duration::from_secs(5)));
+        let off = parse(&[
+            "--etcd-snapshot-delta-max-revisions=0",
+            "--etcd-snapshot-delta-max-age=0",
+            "--etcd-snapshot-delta-retention=0s",
+        ])
+        .to_config(None)
+        .unwrap();
+        assert_eq!(off.snapshots.delta_max_revisions, 0);
+        assert_eq!((off.snapshots.delta_max_age, off.snapshots.delta_retention), (None, None));
+        for bad in [
+            "--etcd-snapshot-delta-max-revisions=-5",
+            "--etcd-snapshot-delta-max-revisions=1e6",
+            "--etcd-snapshot-delta-max-revisions=99999999999999999999",
+            "--etcd-snapshot-delta-max-revisions=2000000000000",
+            "--etcd-snapshot-delta-max-age=100000h",
+            "--etcd-snapshot-delta-max-age=soon",
+            "--etcd-snapshot-delta-retention=-1h",
+        ] {
+            let e = Cli::try_parse_from(["server", bad]).err().unwrap_or_else(|| panic!("{bad} accepted")).to_string();
+            let first = e.lines().next().unwrap_or_default();
+            assert!(first.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+        }
+        let clash = parse(&["--etcd-snapshot-name=chain"]).to_config(None).unwrap();
+        assert!(clash.validate().unwrap_err().to_string().contains("chain bases"));
         let orphan = parse(&["--cluster-reset-restore-deltas"]).to_config(None).unwrap();
         assert!(orphan.validate().unwrap_err().to_string().contains("restore-path=latest"));
         let both = parse(&[

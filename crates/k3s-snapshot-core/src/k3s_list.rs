@@ -266,6 +266,8 @@ mod tests {
                 crate::delta::SegmentName::new(5, 9, "n1", 1, true),
                 crate::delta::SegmentName::new(10, 12, "n1", 2, false),
             ],
+            &[],
+            &Default::default(),
         );
         let text = serde_json::to_string(&list).unwrap();
         let back: SnapshotFileList = serde_json::from_str(&text).unwrap();
@@ -273,7 +275,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(
             v["deltaChains"],
-            serde_json::json!([{"location": "s3://b/f", "fromRevision": 5, "toRevision": 12, "segments": 2, "encrypted": 1}])
+            serde_json::json!([{"location": "s3://b/f", "fromRevision": 5, "toRevision": 12, "segments": 2, "encrypted": 1, "revisions": 8, "bytes": 0}])
         );
         // A k3s server's answer (no such field) reads back with no chains.
         let k3s: SnapshotFileList = serde_json::from_value(plain).unwrap();
