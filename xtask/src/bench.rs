@@ -29,6 +29,7 @@
 mod chart;
 mod delta;
 mod measure;
+mod replay;
 pub(crate) mod servers;
 
 use std::path::{Path, PathBuf};
@@ -44,13 +45,15 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead] [--chart] [--keep]\n       cargo xtask bench --redraw target/bench/results.json";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead,replay] [--replay-revisions N[,N…]] [--chart] [--keep]\n       cargo xtask bench --redraw target/bench/results.json";
 
 #[derive(Debug)]
 struct Args {
     sizes_mib: Vec<usize>,
     runs: usize,
     only: Vec<Scenario>,
+    /// Chain lengths of the `replay` scenario.
+    replay_revisions: Vec<i64>,
     chart: bool,
     keep: bool,
 }
@@ -67,10 +70,12 @@ enum Scenario {
     RestoreS3,
     /// Not per size: the continuous-backup follower's cost to writers ([`delta`]).
     DeltaOverhead,
+    /// Not per size: a restore replaying delta chains of growing length ([`replay`]).
+    Replay,
 }
 
 impl Scenario {
-    const ALL: [Scenario; 9] = [
+    const ALL: [Scenario; 10] = [
         Scenario::Save,
         Scenario::SaveS3,
         Scenario::Restore,
@@ -80,6 +85,7 @@ impl Scenario {
         Scenario::StatusFast,
         Scenario::SaveS3Age,
         Scenario::DeltaOverhead,
+        Scenario::Replay,
     ];
 
     fn key(self) -> &'static str {
@@ -93,6 +99,7 @@ impl Scenario {
             Scenario::SaveS3Age => "save+s3+age",
             Scenario::RestoreS3 => "restore-s3",
             Scenario::DeltaOverhead => "delta-overhead",
+            Scenario::Replay => "replay",
         }
     }
 
@@ -105,6 +112,7 @@ impl Scenario {
             Scenario::SaveS3Age => "our save --s3, unencrypted",
             Scenario::RestoreS3 => "curl GET + etcdutl snapshot restore + etcd start + stop",
             Scenario::DeltaOverhead => "the same server without the follower",
+            Scenario::Replay => "the same restore replaying on a private etcd",
         }
     }
 
@@ -119,6 +127,7 @@ impl Scenario {
             "s3-age" | "save+s3+age" => Scenario::SaveS3Age,
             "restore-s3" => Scenario::RestoreS3,
             "delta-overhead" => Scenario::DeltaOverhead,
+            "replay" => Scenario::Replay,
             _ => bail!(
                 "unknown scenario {s:?}; the scenarios are save, s3, restore, restore-nobump, restore-s3, status, status-fast, s3-age, delta-overhead"
             ),
@@ -126,18 +135,29 @@ impl Scenario {
     }
 }
 
+/// A flag's comma-separated list of numbers.
+fn numbers<T: std::str::FromStr>(flag: &str, v: &str) -> Result<Vec<T>>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    v.split(',').map(|s| s.trim().parse::<T>().with_context(|| format!("{flag} {v:?}"))).collect()
+}
+
 fn parse_args(args: &[String]) -> Result<Args> {
-    let mut a = Args { sizes_mib: vec![1024], runs: 3, only: Scenario::ALL.to_vec(), chart: false, keep: false };
+    let mut a = Args {
+        sizes_mib: vec![1024],
+        runs: 3,
+        only: Scenario::ALL.to_vec(),
+        replay_revisions: replay::LENGTHS.to_vec(),
+        chart: false,
+        keep: false,
+    };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value\n{USAGE}"));
         match flag.as_str() {
             "--size-mib" => {
-                let v = value()?;
-                a.sizes_mib = v
-                    .split(',')
-                    .map(|s| s.trim().parse::<usize>().with_context(|| format!("--size-mib {v:?}")))
-                    .collect::<Result<_>>()?;
+                a.sizes_mib = numbers(flag, value()?)?;
                 a.sizes_mib.sort_unstable();
                 a.sizes_mib.dedup();
                 if a.sizes_mib.first() == Some(&0) {
@@ -151,6 +171,18 @@ fn parse_args(args: &[String]) -> Result<Args> {
                 }
             }
             "--only" => a.only = value()?.split(',').map(Scenario::parse).collect::<Result<_>>()?,
+            "--replay-revisions" => {
+                a.replay_revisions = numbers(flag, value()?)?;
+                if a.replay_revisions
+                    .iter()
+                    .any(|&n| n < replay::SEGMENT_REVISIONS || n % replay::SEGMENT_REVISIONS != 0)
+                {
+                    bail!(
+                        "--replay-revisions takes multiples of {} (the bench's segment length)",
+                        replay::SEGMENT_REVISIONS
+                    );
+                }
+            }
             "--chart" => a.chart = true,
             "--keep" => a.keep = true,
             "-h" | "--help" => {
@@ -276,7 +308,8 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
     let spec = EtcdSpec::new("bench", work.join("etcd"))?;
     let etcd = servers::start_etcd(&tools.etcd35, &spec, &[&quota], &logs.join("etcd.log"))?;
     let s3 = servers::start_s3(&tools.s3s_fs, &work.join("s3"), &logs.join("s3s-fs.log"))?;
-    let per_size: Vec<Scenario> = args.only.iter().copied().filter(|s| *s != Scenario::DeltaOverhead).collect();
+    let per_size: Vec<Scenario> =
+        args.only.iter().copied().filter(|s| !matches!(s, Scenario::DeltaOverhead | Scenario::Replay)).collect();
     let delta_overhead = if args.only.contains(&Scenario::DeltaOverhead) {
         let loadgen = bin.with_file_name("loadgen");
         let d = delta::DeltaBench {
@@ -289,6 +322,22 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
             runs: args.runs,
         };
         Some(delta::run(&d)?)
+    } else {
+        None
+    };
+    let replay = if args.only.contains(&Scenario::Replay) {
+        let loadgen = bin.with_file_name("loadgen");
+        let r = replay::ReplayBench {
+            bin,
+            loadgen: &loadgen,
+            etcd35: &tools.etcd35,
+            etcd34: &tools.etcd34,
+            work,
+            logs: &logs,
+            runs: args.runs,
+            lengths: args.replay_revisions.clone(),
+        };
+        Some(replay::run(&r)?)
     } else {
         None
     };
@@ -326,7 +375,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
                 Scenario::StatusFast => bench_status(&b, &snap, Scenario::StatusFast)?,
                 Scenario::SaveS3Age => bench_save_s3_age(&b)?,
                 Scenario::RestoreS3 => bench_restore_s3(&b, &snap)?,
-                Scenario::DeltaOverhead => unreachable!("not a per-size scenario"),
+                Scenario::DeltaOverhead | Scenario::Replay => unreachable!("not a per-size scenario"),
             };
             rows.push(row);
         }
@@ -338,6 +387,9 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
     let mut results = results_json(&machine, args.runs, &sizes);
     if let Some(d) = delta_overhead {
         results["delta_overhead"] = d;
+    }
+    if let Some(r) = replay {
+        results["replay"] = r;
     }
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
@@ -404,7 +456,12 @@ fn etcdctl(b: &Bench) -> Command {
 
 /// Our binary with a clean environment for the variables it reads.
 fn ours(b: &Bench) -> Command {
-    let mut c = Command::new(&b.bin);
+    ours_at(&b.bin)
+}
+
+/// Our binary with none of our environment variables set.
+fn ours_at(bin: &Path) -> Command {
+    let mut c = Command::new(bin);
     for v in crate::OUR_ENV {
         c.env_remove(v);
     }
@@ -584,12 +641,18 @@ fn reference_restore(b: &Bench, snap: &Path, dir: &Path, log: &Path) -> Result<(
 
 /// `server --cluster-reset --cluster-reset-restore-path PATH` on the data dir `dir`, on free ports.
 fn our_restore(b: &Bench, dir: &Path, path: &str) -> Result<Command> {
-    let mut c = ours(b);
+    our_restore_with(&b.bin, &b.etcd_dir, dir, path)
+}
+
+/// `server --cluster-reset` of `path` into the data dir `dir`, with etcd from `etcd_dir`, on
+/// free loopback ports.
+fn our_restore_with(bin: &Path, etcd_dir: &Path, dir: &Path, path: &str) -> Result<Command> {
+    let mut c = ours_at(bin);
     c.args(["server", "--cluster-reset", "--cluster-reset-restore-path", path])
         .arg("--data-dir")
         .arg(dir)
         .arg("--etcd-bin-dir")
-        .arg(&b.etcd_dir)
+        .arg(etcd_dir)
         .args(["--node-name", "bench", "--token", "bench-token", "--bind-address", "127.0.0.1"])
         .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
         .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
@@ -744,7 +807,7 @@ fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Row]) {
             Scenario::RestoreS3 => {
                 format!("restore from S3: {:.2}x curl GET + etcdutl snapshot restore + etcd start", r.ratio())
             }
-            Scenario::DeltaOverhead => continue,
+            Scenario::DeltaOverhead | Scenario::Replay => continue,
         };
         println!("{line}");
     }

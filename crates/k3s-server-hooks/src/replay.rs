@@ -270,6 +270,7 @@ async fn replay_on_etcd(
         segments = plan.segments.len(),
         "replaying delta segments on a private etcd"
     );
+    let started = std::time::Instant::now();
     let mut etcd = EtcdProcess::start(bins, &private).await?;
     let result = async {
         let conn = etcd.wait_ready(&client, cfg.etcd_ready_timeout, cancel).await?;
@@ -279,7 +280,14 @@ async fn replay_on_etcd(
     let stopped = etcd.stop(cfg.etcd_stop_grace).await;
     let replayed = result?;
     stopped?;
-    tracing::info!(revision = plan.reached, transactions = replayed, "replayed the delta segments");
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        revision = plan.reached,
+        transactions = replayed,
+        seconds = format!("{secs:.2}"),
+        revisions_per_second = ((plan.reached - plan.base) as f64 / secs.max(1e-6)) as u64,
+        "replayed the delta segments on a private etcd"
+    );
     Ok(())
 }
 

@@ -7,6 +7,8 @@
 //!
 //! Run by `cargo xtask e2e --only rpo` and `cargo xtask bench --only delta-overhead`.
 
+mod chain;
+
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -85,9 +87,10 @@ fn main() {
     let result = rt.map_err(anyhow::Error::from).and_then(|rt| {
         rt.block_on(async {
             match args.first().map(String::as_str) {
+                Some("chain") => chain::run(&args[1..]),
                 Some("put") => put(parse(&args[1..])?).await,
                 Some("check") => check_restored(parse(&args[1..])?).await,
-                _ => bail!("{USAGE}"),
+                _ => bail!("{USAGE}\n{}", chain::USAGE),
             }
         })
     });

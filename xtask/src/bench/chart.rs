@@ -45,7 +45,7 @@ fn colour(s: Scenario) -> RGBColor {
         Scenario::StatusFast => RGBColor(255, 127, 14),
         Scenario::SaveS3Age => RGBColor(140, 86, 75),
         Scenario::RestoreS3 => RGBColor(23, 190, 207),
-        Scenario::DeltaOverhead => RGBColor(127, 127, 127), // never charted: not per size
+        Scenario::DeltaOverhead | Scenario::Replay => RGBColor(127, 127, 127), // never charted: not per size
     }
 }
 
