@@ -2,7 +2,7 @@
 //! ([`layout::DataDir`]), the cluster token and certificates ([`token`], [`tls`]), one server per
 //! data dir ([`lock`]), supervision of a real `etcd` process ([`etcd_proc`]), scheduled snapshots
 //! ([`schedule`], [`scheduler`], [`metrics`]) and the S3 upload queue ([`upload_queue`]), the supervisor HTTPS API ([`api`]),
-//! `--cluster-reset` ([`reset`]), joining a cluster with `--server` ([`join`], [`wal`]) and the
+//! `--cluster-reset` ([`reset`]), restore drills ([`verify`]), joining a cluster with `--server` ([`join`], [`wal`]) and the
 //! service manager's readiness protocol ([`notify`]).
 //! [`server::run`] ties them together.
 //!
@@ -32,6 +32,7 @@ pub mod snapshot_api;
 pub mod tls;
 pub mod token;
 pub mod upload_queue;
+pub mod verify;
 pub mod wal;
 
 pub use error::{Error, Result};

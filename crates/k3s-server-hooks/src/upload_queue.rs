@@ -609,6 +609,11 @@ impl UploadQueue {
                 r = upload_file(remote, &file, &path, opts, &NoProgress) => r,
                 _ = cancel.cancelled() => return,
             };
+            // The segment's metadata document (the live hash at its end), when it has one.
+            let result = match result {
+                Ok(n) => upload_segment_document(&self.s.local, remote, &file).await.map(|()| n),
+                e => e,
+            };
             let key = (from, to, file.clone());
             match result {
                 Ok(n) => {
@@ -913,4 +918,17 @@ mod tests {
         assert_eq!(lane_backoff(40), LANE_BACKOFF_MAX);
         assert!(entry_backoff(2) > lane_backoff(2));
     }
+}
+
+/// Uploads `.metadata/<segment>` after its segment, when the follower wrote one.
+async fn upload_segment_document(
+    local: &LocalStore,
+    remote: &dyn SnapshotStore,
+    file: &str,
+) -> k3s_snapshot_core::Result<()> {
+    let doc = local.metadata_dir().join(file);
+    if !doc.is_file() {
+        return Ok(());
+    }
+    upload_file(remote, &SnapshotMetadata::key_for(file), &doc, PutOptions::default(), &NoProgress).await.map(drop)
 }

@@ -179,32 +179,7 @@ impl ServerArgs {
         } else {
             self.bind_address
         });
-        let remote_fetch: Option<RemoteFetch> = remote.clone().map(|store| {
-            let f: RemoteFetch = Arc::new(move |file: String, into: PathBuf| {
-                let store = store.clone();
-                Box::pin(async move {
-                    // A bar on a terminal (an operator running the reset by hand), nothing in a log.
-                    let progress = crate::snapshot::bar();
-                    let doc = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
-                    let expected = doc.as_ref().and_then(|d| d.ours());
-                    if expected.is_none() {
-                        let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
-                        tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
-                    }
-                    let scratch =
-                        s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref()).await?;
-                    // Beside the snapshot, as k3s does on a download, so the reset reads it
-                    // (the token check) as it would a local snapshot's.
-                    if let Some(doc) = doc {
-                        let local = LocalStore::new(&into);
-                        create_private_dir(local.metadata_dir())?;
-                        write_file_atomic(&local.metadata_dir().join(&file), &doc.to_json())?;
-                    }
-                    Ok(scratch)
-                })
-            });
-            f
-        });
+        let remote_fetch: Option<RemoteFetch> = remote.clone().map(remote_fetch);
         let encryption = self
             .etcd_snapshot_encryption_recipients_file
             .as_deref()
@@ -263,6 +238,7 @@ impl ServerArgs {
             identities,
             etcd_ready_timeout: Duration::from_secs(120),
             etcd_stop_grace: Duration::from_secs(10),
+            drill_scratch: None,
         })
     }
 }
@@ -281,6 +257,35 @@ pub async fn run(args: ServerArgs, cancel: CancellationToken) -> anyhow::Result<
     let cfg = args.to_config(remote)?;
     k3s_server_hooks::server::run(cfg, cancel).await?;
     Ok(())
+}
+
+/// How a restore (a reset, or a drill) downloads a snapshot by name from S3: into a scratch file
+/// in the directory it is given, checked against the object's metadata, which is kept beside it
+/// as k3s does.
+pub(crate) fn remote_fetch(store: Arc<dyn SnapshotStore>) -> RemoteFetch {
+    Arc::new(move |file: String, into: PathBuf| {
+        let store = store.clone();
+        Box::pin(async move {
+            // A bar on a terminal (an operator running the reset by hand), nothing in a log.
+            let progress = crate::snapshot::bar();
+            let doc = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
+            let expected = doc.as_ref().and_then(|d| d.ours());
+            if expected.is_none() {
+                let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
+                tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
+            }
+            let scratch =
+                s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref()).await?;
+            // Beside the snapshot, as k3s does on a download, so the reset reads it
+            // (the token check) as it would a local snapshot's.
+            if let Some(doc) = doc {
+                let local = LocalStore::new(&into);
+                create_private_dir(local.metadata_dir())?;
+                write_file_atomic(&local.metadata_dir().join(&file), &doc.to_json())?;
+            }
+            Ok(scratch)
+        })
+    })
 }
 
 /// Tells at start-up whether S3 is usable, without holding the server up.
@@ -310,8 +315,8 @@ fn parse_max_revisions(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
-/// An RFC 3339 time as unix seconds.
-fn parse_rfc3339(s: &str) -> Result<i64, String> {
+/// An RFC 3339 time as unix seconds (also `etcd-snapshot verify --to-time`).
+pub(crate) fn parse_rfc3339(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp())
         .map_err(|e| format!("{e}; give a time like 2026-12-01T18:00:00Z"))
