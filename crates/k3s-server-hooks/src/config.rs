@@ -60,6 +60,8 @@ pub struct SnapshotSettings {
     pub delta_retention: Option<Duration>,
     /// `--etcd-snapshot-encryption-recipients-file`: scheduled snapshots are encrypted to these.
     pub encryption: Option<Arc<Recipients>>,
+    /// `--etcd-snapshot-verify-schedule`: restore drills ([`crate::drills`]); `None`: off.
+    pub verify_schedule: Option<Schedule>,
 }
 
 /// `--cluster-reset-restore-deltas`, `--cluster-reset-restore-to-revision`,

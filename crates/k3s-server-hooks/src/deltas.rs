@@ -376,6 +376,7 @@ async fn newest_snapshot_revision(local: &LocalStore) -> Option<(i64, Option<u64
 }
 
 async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<ChainBase, Stop> {
+    crate::drills::preempt();
     let _held = job.lock.clone().lock_owned().await;
     let mut conn = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?;
     // With S3 the upload queue takes the snapshot over: the chain starts at local speed.

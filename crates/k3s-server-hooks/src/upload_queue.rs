@@ -836,6 +836,19 @@ fn plan_uploads(
     Plan { snapshots, segments }
 }
 
+/// Uploads `.metadata/<segment>` after its segment, when the follower wrote one.
+async fn upload_segment_document(
+    local: &LocalStore,
+    remote: &dyn SnapshotStore,
+    file: &str,
+) -> k3s_snapshot_core::Result<()> {
+    let doc = local.metadata_dir().join(file);
+    if !doc.is_file() {
+        return Ok(());
+    }
+    upload_file(remote, &SnapshotMetadata::key_for(file), &doc, PutOptions::default(), &NoProgress).await.map(drop)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -918,17 +931,4 @@ mod tests {
         assert_eq!(lane_backoff(40), LANE_BACKOFF_MAX);
         assert!(entry_backoff(2) > lane_backoff(2));
     }
-}
-
-/// Uploads `.metadata/<segment>` after its segment, when the follower wrote one.
-async fn upload_segment_document(
-    local: &LocalStore,
-    remote: &dyn SnapshotStore,
-    file: &str,
-) -> k3s_snapshot_core::Result<()> {
-    let doc = local.metadata_dir().join(file);
-    if !doc.is_file() {
-        return Ok(());
-    }
-    upload_file(remote, &SnapshotMetadata::key_for(file), &doc, PutOptions::default(), &NoProgress).await.map(drop)
 }

@@ -223,7 +223,9 @@ async fn stored_size(cfg: &ServerConfig, target: &str, remote: bool) -> crate::R
     match std::fs::metadata(target) {
         Ok(m) if m.is_file() => Ok(m.len()),
         Ok(_) => Err(Error::Config(format!("{target} is not a file; give a snapshot file or name"))),
-        Err(e) => Err(Error::Config(format!("cannot read snapshot {target}: {e}; `etcd-snapshot ls` lists the snapshots"))),
+        Err(e) => {
+            Err(Error::Config(format!("cannot read snapshot {target}: {e}; `etcd-snapshot ls` lists the snapshots")))
+        }
     }
 }
 
@@ -232,11 +234,7 @@ async fn stored_size(cfg: &ServerConfig, target: &str, remote: bool) -> crate::R
 pub async fn drill(base: &ServerConfig, req: &DrillRequest, cancel: &CancellationToken) -> DrillReport {
     let mut report = DrillReport {
         snapshot: None,
-        store: base
-            .snapshots
-            .remote
-            .as_ref()
-            .map_or_else(|| base.snapshot_store().describe(), |r| r.describe()),
+        store: base.snapshots.remote.as_ref().map_or_else(|| base.snapshot_store().describe(), |r| r.describe()),
         checks: Vec::new(),
         revision: None,
         hash_kv: None,
@@ -263,7 +261,13 @@ pub async fn drill(base: &ServerConfig, req: &DrillRequest, cancel: &Cancellatio
     report
 }
 
-async fn run(base: &ServerConfig, req: &DrillRequest, scratch: &Path, report: &mut DrillReport, cancel: &CancellationToken) {
+async fn run(
+    base: &ServerConfig,
+    req: &DrillRequest,
+    scratch: &Path,
+    report: &mut DrillReport,
+    cancel: &CancellationToken,
+) {
     let started = Instant::now();
     let (target, remote) = match resolve(base, &req.target).await {
         Ok(t) => t,
@@ -285,7 +289,11 @@ async fn run(base: &ServerConfig, req: &DrillRequest, scratch: &Path, report: &m
     // A zip or an age file can hold more than its size: twice the stored size is the rule (the
     // extraction itself refuses an entry that would not fit).
     match ensure_free_space(scratch, size.saturating_mul(2), &format!("twice the snapshot {file}")) {
-        Ok(()) => report.push("scratch", Outcome::Ok, format!("{} has room for twice the snapshot's {}", scratch.display(), bytes(size))),
+        Ok(()) => report.push(
+            "scratch",
+            Outcome::Ok,
+            format!("{} has room for twice the snapshot's {}", scratch.display(), bytes(size)),
+        ),
         Err(e) => {
             report.fail("scratch", format!("{e}; free space there or give --data-dir on a larger filesystem"));
             return;
@@ -324,7 +332,10 @@ async fn run(base: &ServerConfig, req: &DrillRequest, scratch: &Path, report: &m
     report.push(
         "restore",
         Outcome::Ok,
-        format!("{file} fetched, checked and restored at revision {base_revision} in {:.1}s", restored_at.as_secs_f64()),
+        format!(
+            "{file} fetched, checked and restored at revision {base_revision} in {:.1}s",
+            restored_at.as_secs_f64()
+        ),
     );
     let tls_files = match tls::ensure(&DataDir::new(scratch.join("pki")), &cfg.node_name, &[cfg.advertise_address]) {
         Ok(t) => t,
@@ -337,11 +348,8 @@ async fn run(base: &ServerConfig, req: &DrillRequest, scratch: &Path, report: &m
     launch.data_dir = cfg.restore_tmp();
     let mut target_revision = base_revision;
     if let Some(d) = plan.deltas() {
-        let history = plan
-            .metadata
-            .as_ref()
-            .and_then(|m| m.cluster_id.as_deref())
-            .and_then(|h| u64::from_str_radix(h, 16).ok());
+        let history =
+            plan.metadata.as_ref().and_then(|m| m.cluster_id.as_deref()).and_then(|h| u64::from_str_radix(h, 16).ok());
         if let Err(why) = chain_complete(&cfg, d, history).await {
             report.fail("chain", why);
             return;
@@ -383,14 +391,24 @@ async fn run(base: &ServerConfig, req: &DrillRequest, scratch: &Path, report: &m
                 }
                 Ok(got) => {
                     report.revision = Some(got);
-                    if let Some(why) = revision_mismatch(got, target_revision, recorded, encrypted, plan.deltas().is_some()) {
+                    if let Some(why) =
+                        revision_mismatch(got, target_revision, recorded, encrypted, plan.deltas().is_some())
+                    {
                         report.fail("etcd", why);
                     } else {
                         let rto = started.elapsed();
                         report.rto_seconds = Some(rto.as_secs_f64());
-                        report.push("etcd", Outcome::Ok, format!("opened the restored data and answered at revision {got}"));
+                        report.push(
+                            "etcd",
+                            Outcome::Ok,
+                            format!("opened the restored data and answered at revision {got}"),
+                        );
                         compare_content(&cfg, &plan, &mut conn, report).await;
-                        report.push("rto", Outcome::Ok, format!("{:.1}s from the start until the restored etcd answered", rto.as_secs_f64()));
+                        report.push(
+                            "rto",
+                            Outcome::Ok,
+                            format!("{:.1}s from the start until the restored etcd answered", rto.as_secs_f64()),
+                        );
                     }
                 }
             }
@@ -402,7 +420,13 @@ async fn run(base: &ServerConfig, req: &DrillRequest, scratch: &Path, report: &m
     if let Err(e) = checked {
         match e {
             Error::Cancelled => report.fail("cancelled", "the drill was interrupted"),
-            e => report.fail("etcd", format!("etcd does not open the restored snapshot: {e}; the snapshot may need a newer etcd than {}", bins.etcd.display())),
+            e => report.fail(
+                "etcd",
+                format!(
+                    "etcd does not open the restored snapshot: {e}; the snapshot may need a newer etcd than {}",
+                    bins.etcd.display()
+                ),
+            ),
         };
     }
 }
@@ -432,7 +456,8 @@ fn revision_mismatch(got: i64, want: i64, recorded: Option<i64>, encrypted: bool
             if replayed { "replayed to" } else { "holds" }
         ));
     }
-    match recorded {
+    // etcd counts an empty key space as revision 1; its snapshot reads as revision 0.
+    match recorded.map(|r| r.max(1)) {
         // An encrypted save records the revision etcd reported before the stream; its content
         // may be a little newer.
         Some(r) if encrypted && !replayed && got < r => Some(format!(
@@ -492,7 +517,10 @@ async fn compare_content(
     .await;
     match got {
         Err(e) => {
-            report.fail("content", format!("cannot compute hashkv at revision {} on the restored etcd: {e}", want.revision));
+            report.fail(
+                "content",
+                format!("cannot compute hashkv at revision {} on the restored etcd: {e}", want.revision),
+            );
         }
         Ok(h) if h == want.hash => {
             report.hash_kv = Some(h);
@@ -606,7 +634,10 @@ pub async fn record(base: &ServerConfig, report: &DrillReport) -> crate::Result<
         }
     };
     let Some(mut doc): Option<MetadataDoc> = k3s_snapshot_core::transfer::fetch_metadata(store, file).await? else {
-        tracing::info!(snapshot = file, "the snapshot has no metadata document; the drill's result is not recorded with it");
+        tracing::info!(
+            snapshot = file,
+            "the snapshot has no metadata document; the drill's result is not recorded with it"
+        );
         return Ok(false);
     };
     doc.set_verified(Verified {

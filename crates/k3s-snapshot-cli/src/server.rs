@@ -143,6 +143,12 @@ pub struct ServerArgs {
     /// --cluster-reset-restore-path
     #[arg(long, env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_IDENTITY_FILE", value_name = "FILE")]
     pub etcd_snapshot_encryption_identity_file: Option<PathBuf>,
+    /// Restore drills: on this schedule (5-field cron, @daily, @every <duration>; e.g. `0 3 * * *`),
+    /// restore the latest snapshot (and its delta chain, with --etcd-snapshot-delta-interval) from
+    /// S3 when configured, else the snapshot dir, into a scratch dir, check it and record its RTO;
+    /// one server of the cluster per tick, at low priority, never during a snapshot [default: off]
+    #[arg(long, value_name = "CRON")]
+    pub etcd_snapshot_verify_schedule: Option<String>,
     /// Upper bound of the random delay added to each scheduled snapshot (tests set 0s)
     #[arg(long, hide = true, env = "K3S_SNAPSHOT_JITTER", default_value = "5s", value_parser = config::parse_duration)]
     pub etcd_snapshot_jitter: Duration,
@@ -180,6 +186,15 @@ impl ServerArgs {
             self.bind_address
         });
         let remote_fetch: Option<RemoteFetch> = remote.clone().map(remote_fetch);
+        let verify_schedule = match self.etcd_snapshot_verify_schedule.as_deref().filter(|s| !s.trim().is_empty()) {
+            Some(expr) if !self.cluster_reset => Some(Schedule::parse(expr).map_err(|e| match e {
+                k3s_server_hooks::Error::Cron { expr, reason } => {
+                    anyhow::anyhow!("invalid --etcd-snapshot-verify-schedule {expr:?}: {reason}")
+                }
+                e => e.into(),
+            })?),
+            _ => None,
+        };
         let encryption = self
             .etcd_snapshot_encryption_recipients_file
             .as_deref()
@@ -234,6 +249,7 @@ impl ServerArgs {
                 delta_max_age: Some(self.etcd_snapshot_delta_max_age).filter(|d| !d.is_zero()),
                 delta_retention: Some(self.etcd_snapshot_delta_retention).filter(|d| !d.is_zero()),
                 encryption,
+                verify_schedule,
             },
             identities,
             etcd_ready_timeout: Duration::from_secs(120),

@@ -315,12 +315,12 @@ async fn save(common: &CommonArgs, cancel: &CancellationToken) -> anyhow::Result
 }
 
 async fn ls(common: &CommonArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let with_metadata = output != OutputFormat::Table;
     let store = common.local_store();
-    let local = list_snapshots(&store, with_metadata).await?;
+    // The table too reads each snapshot's metadata: it shows which ones restore drills proved.
+    let local = list_snapshots(&store, true).await?;
     let remote_store = common.s3.open().await?;
     let (remote, origin) = match &remote_store {
-        Some(r) => (list_snapshots(r.as_ref(), with_metadata).await?, Some(common.s3.origin())),
+        Some(r) => (list_snapshots(r.as_ref(), true).await?, Some(common.s3.origin())),
         None => (Vec::new(), None),
     };
     let rows = k3s_list::rows(local, remote, origin.as_ref());

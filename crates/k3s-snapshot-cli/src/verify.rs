@@ -52,6 +52,7 @@ async fn base_config(common: &CommonArgs, etcd_bin_dir: Option<PathBuf>) -> anyh
             delta_max_age: None,
             delta_retention: None,
             encryption: None,
+            verify_schedule: None,
         },
         identities: common.identities()?.map(Arc::new),
         etcd_ready_timeout: Duration::from_secs(120),

@@ -641,6 +641,8 @@ async fn record_live_hash(
     revision: i64,
     snapshot: &str,
 ) -> Option<crate::metadata::LiveHash> {
+    // An empty key space is at revision 1 for etcd (0 would ask for the current revision).
+    let revision = revision.max(1);
     match tokio::time::timeout(LIVE_HASH_TIMEOUT, conn.live_hash(revision)).await {
         Ok(Ok(h)) => {
             tracing::debug!(snapshot, revision, hash = h.hash, "recorded the live hashkv");
@@ -651,7 +653,12 @@ async fn record_live_hash(
             None
         }
         Err(_) => {
-            tracing::warn!(snapshot, revision, "etcd's hashkv took longer than {}s; restore drills will not compare the snapshot's content", LIVE_HASH_TIMEOUT.as_secs());
+            tracing::warn!(
+                snapshot,
+                revision,
+                "etcd's hashkv took longer than {}s; restore drills will not compare the snapshot's content",
+                LIVE_HASH_TIMEOUT.as_secs()
+            );
             None
         }
     }
