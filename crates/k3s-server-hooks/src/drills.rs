@@ -125,7 +125,8 @@ async fn run(job: DrillJob, cancel: CancellationToken) {
             _ = cancel.cancelled() => return,
         }
         last = next;
-        match elect(&job, next.timestamp(), gap).await {
+        let ttl = gap.as_secs().clamp(60, 7 * 86400) as i64;
+        match claim_tick(&job.etcd, &job.cfg.node_name, next.timestamp(), ttl).await {
             Ok(None) => {}
             Ok(Some(winner)) => {
                 tracing::info!(tick = next.timestamp(), server = %winner, "restore drill of this tick runs on another server");
@@ -180,16 +181,16 @@ async fn run(job: DrillJob, cancel: CancellationToken) {
     }
 }
 
-/// Claims `tick` for this server; `Ok(None)` when it won, `Ok(Some(node))` when `node` had it.
-async fn elect(job: &DrillJob, tick: i64, gap: Duration) -> Result<Option<String>, String> {
-    let mut conn = job.etcd.connect().await.map_err(|e| e.to_string())?;
+/// Claims `tick` for `node` in the cluster's etcd, the key leased for `ttl` seconds; `Ok(None)`
+/// when it won, `Ok(Some(winner))` when another server had it.
+pub async fn claim_tick(etcd: &EtcdClientConfig, node: &str, tick: i64, ttl: i64) -> Result<Option<String>, String> {
+    let mut conn = etcd.connect().await.map_err(|e| e.to_string())?;
     let key = format!("{ELECTION_PREFIX}{tick}");
-    let ttl = gap.as_secs().clamp(60, 7 * 86400) as i64;
     let c = &mut conn.client;
     let lease = c.lease_grant(ttl, None).await.map_err(|e| e.to_string())?.id();
     let txn = Txn::new()
         .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(key.as_str(), job.cfg.node_name.as_str(), Some(PutOptions::new().with_lease(lease)))])
+        .and_then([TxnOp::put(key.as_str(), node, Some(PutOptions::new().with_lease(lease)))])
         .or_else([TxnOp::get(key.as_str(), None)]);
     let r = c.txn(txn).await.map_err(|e| e.to_string())?;
     if r.succeeded() {

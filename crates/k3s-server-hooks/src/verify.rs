@@ -34,6 +34,9 @@ use crate::etcd_proc::{EtcdBinaries, EtcdProcess};
 use crate::layout::DataDir;
 use crate::{reset, tls, Error};
 
+/// For tests: `etcd-ready` holds a drill once its etcd answered, until it is interrupted.
+const PAUSE_ENV: &str = "K3S_SNAPSHOT_TEST_VERIFY_PAUSE";
+
 /// What to verify.
 #[derive(Debug, Clone, Default)]
 pub struct DrillRequest {
@@ -403,6 +406,7 @@ async fn run(
                             Outcome::Ok,
                             format!("opened the restored data and answered at revision {got}"),
                         );
+                        crate::crash::pause_point(PAUSE_ENV, "etcd-ready", cancel).await;
                         compare_content(&cfg, &plan, &mut conn, report).await;
                         report.push(
                             "rto",
