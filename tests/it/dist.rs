@@ -511,7 +511,12 @@ fn dashboard_and_alert_metrics_all_exist_in_a_live_metrics() {
 
     let dd = DataDir::new(EtcdVersion::V3_5);
     // The k3s_snapshot_delta_* series exist only on a server that ships delta segments.
-    let s = dd.start(&["--etcd-snapshot-schedule-cron=@every 1s", "--etcd-snapshot-delta-interval=1s"]);
+    // The k3s_snapshot_verify_* series exist only with a drill schedule.
+    let s = dd.start(&[
+        "--etcd-snapshot-schedule-cron=@every 1s",
+        "--etcd-snapshot-delta-interval=1s",
+        "--etcd-snapshot-verify-schedule=@every 1h",
+    ]);
     let taken = "k3s_snapshot_scheduled_taken_total{store=\"local\"} ";
     let read =
         || block_on(async { s.http().get(format!("{}/metrics", s.api())).send().await.unwrap().text().await.unwrap() });
@@ -526,5 +531,8 @@ fn dashboard_and_alert_metrics_all_exist_in_a_live_metrics() {
     // So does the delta lag rule's "three intervals".
     assert!(read().lines().any(|l| l == "k3s_snapshot_delta_interval_seconds 1"), "{}", read());
     assert!(used.iter().any(|n| n.starts_with("k3s_snapshot_delta_")), "no delta metric is used: {used:?}");
+    // The drill rules' "twice the drill schedule" and the RTO panel.
+    assert!(read().lines().any(|l| l == "k3s_snapshot_verify_schedule_interval_seconds 3600"), "{}", read());
+    assert!(used.contains("k3s_snapshot_verify_last_rto_seconds"), "no RTO panel or rule: {used:?}");
     s.stop();
 }

@@ -9,9 +9,11 @@
 //! - `imds`: an instance metadata service that hangs or answers garbage
 //! - `encrypted`: encrypted restores without the right key, with a damaged file, or with an
 //!   identity file others can read
+//! - `verify`: restore drills of backups that would not restore, or not as the cluster was
 
 mod api;
 mod encrypted;
 mod files;
 mod imds;
 mod s3;
+mod verify;

@@ -15,3 +15,4 @@ mod server;
 mod snapshot;
 mod snapshot_s3;
 mod upload_queue;
+mod verify;

@@ -617,6 +617,9 @@ async fn s3_download_snapshot_checks_size_and_sha256_before_renaming() {
         encrypted: false,
         recipients: Vec::new(),
         cluster_id: None,
+        live_hash: None,
+        verified: None,
+        extra: Default::default(),
     };
     store.put(&SnapshotMetadata::key_for(file), chunked(Bytes::from(meta.to_json()), 64), opts()).await.unwrap();
     let fetched = fetch_metadata(&store, file).await.unwrap().expect("metadata was stored");

@@ -68,6 +68,8 @@ pub struct ApiState {
     pub snapshots: Arc<crate::snapshot_api::SnapshotService>,
     /// Continuous backup's counters, when it runs.
     pub deltas: Option<Arc<crate::deltas::DeltaMetrics>>,
+    /// With `--etcd-snapshot-verify-schedule`: restore drills.
+    pub drills: Option<Arc<crate::metrics::DrillMetrics>>,
 }
 
 /// Failed token checks per source address, in fixed windows.
@@ -294,6 +296,9 @@ async fn cacerts(State(s): State<Arc<ApiState>>) -> Response {
 async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
     let mut text = s.metrics.render();
     if let Some(d) = &s.deltas {
+        text.push_str(&d.render());
+    }
+    if let Some(d) = &s.drills {
         text.push_str(&d.render());
     }
     text.push_str(&crate::upload_queue::UploadQueue::render(s.snapshots.queue.as_deref()));

@@ -85,12 +85,13 @@ fn spawner() -> &'static mpsc::Sender<Job> {
 
 /// Makes the child started by `cmd` get SIGKILL when the thread that forks it exits (see the
 /// module docs: only [`spawn`]'s thread forks), and exit at once if this process is already gone.
-fn die_with_us(cmd: &mut tokio::process::Command) {
+/// A `nice` above 0 (the asking thread's, see [`spawn`]) is given to the child before it runs.
+fn die_with_us(cmd: &mut tokio::process::Command, nice: i32) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It makes two system calls (prctl(PR_SET_PDEATHSIG), getppid) through
-    // nix's thin wrappers and builds an io::Error from an errno, none of which allocates, locks
-    // or touches state shared with the parent's other threads.
+    // calls are allowed. It makes system calls (prctl(PR_SET_PDEATHSIG), getppid, setpriority)
+    // through nix's and rustix's thin wrappers and builds an io::Error from an errno, none of
+    // which allocates, locks or touches state shared with the parent's other threads.
     #[allow(unsafe_code)]
     unsafe {
         cmd.pre_exec(move || {
@@ -100,6 +101,9 @@ fn die_with_us(cmd: &mut tokio::process::Command) {
             if nix::unistd::getppid() != parent {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
             }
+            if nice > 0 {
+                rustix::process::setpriority_process(None, nice).map_err(std::io::Error::from)?;
+            }
             Ok(())
         });
     }
@@ -107,9 +111,13 @@ fn die_with_us(cmd: &mut tokio::process::Command) {
 
 /// Starts `cmd` as a child that cannot outlive this process (see the module docs), forked by the
 /// `k3s-children` thread; the child is watched by the current tokio runtime as any
-/// `tokio::process::Child`.
+/// `tokio::process::Child`. It gets the niceness of the thread that asks for it, as if that thread
+/// had forked it: a restore drill's thread runs at the lowest priority, and so do its etcd and
+/// etcdutl (an I/O priority that was never set follows the niceness: best effort, level 7 at
+/// nice 19).
 pub async fn spawn(mut cmd: tokio::process::Command) -> std::io::Result<tokio::process::Child> {
-    die_with_us(&mut cmd);
+    let nice = rustix::process::getpriority_process(None).unwrap_or(0);
+    die_with_us(&mut cmd, nice);
     let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     spawner()

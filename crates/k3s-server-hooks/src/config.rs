@@ -60,6 +60,8 @@ pub struct SnapshotSettings {
     pub delta_retention: Option<Duration>,
     /// `--etcd-snapshot-encryption-recipients-file`: scheduled snapshots are encrypted to these.
     pub encryption: Option<Arc<Recipients>>,
+    /// `--etcd-snapshot-verify-schedule`: restore drills ([`crate::drills`]); `None`: off.
+    pub verify_schedule: Option<Schedule>,
 }
 
 /// `--cluster-reset-restore-deltas`, `--cluster-reset-restore-to-revision`,
@@ -121,6 +123,11 @@ pub struct ServerConfig {
     pub etcd_ready_timeout: Duration,
     /// How long etcd may take to stop after SIGTERM before it is killed.
     pub etcd_stop_grace: Duration,
+    /// A restore drill's private scratch dir ([`crate::verify`]): the restore goes to
+    /// `<scratch>/etcd` instead of `db/etcd-restore.tmp`, downloads, decryptions and extractions
+    /// to `<scratch>/files` instead of the snapshot dir, and nothing takes a name in the
+    /// snapshot dir. `None` for a real reset.
+    pub drill_scratch: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -182,6 +189,24 @@ impl ServerConfig {
             )));
         }
         Ok(())
+    }
+
+    /// Where a restore is made before it is swapped in: `db/etcd-restore.tmp`, or a drill's
+    /// `<scratch>/etcd`.
+    pub fn restore_tmp(&self) -> PathBuf {
+        match &self.drill_scratch {
+            Some(s) => s.join("etcd"),
+            None => self.data_dir.etcd_restore_tmp(),
+        }
+    }
+
+    /// Where a restore downloads, decrypts and extracts the snapshot: the snapshot dir, or a
+    /// drill's `<scratch>/files`.
+    pub fn restore_work_dir(&self) -> PathBuf {
+        match &self.drill_scratch {
+            Some(s) => s.join("files"),
+            None => self.snapshot_store().dir().to_path_buf(),
+        }
     }
 
     pub fn snapshot_store(&self) -> LocalStore {

@@ -10,6 +10,15 @@ pub(crate) fn panic_point(var: &str, step: &str) {
     }
 }
 
+/// Waits until `cancel` when the environment variable `var` equals `step`: a test holds the
+/// process there (saying so on stderr) to interrupt it at a known moment.
+pub(crate) async fn pause_point(var: &str, step: &str, cancel: &tokio_util::sync::CancellationToken) {
+    if std::env::var(var).is_ok_and(|v| v == step) {
+        eprintln!("{var}={step}: paused here until interrupted");
+        cancel.cancelled().await;
+    }
+}
+
 /// Aborts the process when the environment variable `var` equals `step`.
 pub(crate) fn point(var: &str, step: &str) {
     if std::env::var(var).is_ok_and(|v| v == step) {

@@ -376,6 +376,7 @@ async fn newest_snapshot_revision(local: &LocalStore) -> Option<(i64, Option<u64
 }
 
 async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<ChainBase, Stop> {
+    crate::drills::preempt();
     let _held = job.lock.clone().lock_owned().await;
     let mut conn = job.etcd.connect().await.map_err(|e| Stop::Failed(e.to_string()))?;
     // With S3 the upload queue takes the snapshot over: the chain starts at local speed.
@@ -409,7 +410,7 @@ async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<Cha
 async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, cancel: &CancellationToken) -> Stop {
     let m = &job.metrics;
     m.shipped_revision.fetch_max(after, Ordering::Relaxed);
-    let conn = match job.etcd.connect().await {
+    let mut conn = match job.etcd.connect().await {
         Ok(c) => c,
         Err(e) => return Stop::Failed(e.to_string()),
     };
@@ -556,6 +557,7 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, c
             match w.finish(&job.save.node, chrono::Utc::now().timestamp(), Some(history)) {
                 Ok((name, _path, bytes)) => {
                     tracing::debug!(segment = %name.file, bytes, "delta segment closed");
+                    record_segment_hash(job, &mut conn, &name).await;
                     ship(job, name, bytes);
                 }
                 Err(e) => return Stop::Failed(format!("closing a delta segment: {e}")),
@@ -581,6 +583,31 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, c
                 s => s,
             };
         }
+    }
+}
+
+/// How long the live hash at a segment's end may take before the segment ships without it.
+const SEGMENT_HASH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// etcd's `HashKV` at the closed segment's last revision, written as the segment's metadata
+/// document (`.metadata/<segment>`, uploaded after it): what a restore drill that replays the
+/// chain to there compares the restored content with. It reads the whole key space, so it is
+/// bounded; without it a drill checks everything else and says the content was not compared.
+async fn record_segment_hash(job: &DeltaJob, conn: &mut k3s_snapshot_core::etcd::EtcdConnection, name: &SegmentName) {
+    let hash = match tokio::time::timeout(SEGMENT_HASH_TIMEOUT, conn.live_hash(name.to)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            tracing::warn!(segment = %name.file, error = %e, "cannot record etcd's hashkv at the segment's end; restore drills to it will not compare content");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(segment = %name.file, "etcd's hashkv at the segment's end took longer than {}s; restore drills to it will not compare content", SEGMENT_HASH_TIMEOUT.as_secs());
+            return;
+        }
+    };
+    let doc = job.local.metadata_dir().join(&name.file);
+    if let Err(e) = k3s_snapshot_core::store::write_file_atomic(&doc, &hash.segment_document()) {
+        tracing::warn!(segment = %name.file, error = %e, "cannot write the segment's metadata; restore drills to it will not compare content");
     }
 }
 

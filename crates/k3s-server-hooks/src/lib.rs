@@ -2,7 +2,7 @@
 //! ([`layout::DataDir`]), the cluster token and certificates ([`token`], [`tls`]), one server per
 //! data dir ([`lock`]), supervision of a real `etcd` process ([`etcd_proc`]), scheduled snapshots
 //! ([`schedule`], [`scheduler`], [`metrics`]) and the S3 upload queue ([`upload_queue`]), the supervisor HTTPS API ([`api`]),
-//! `--cluster-reset` ([`reset`]), joining a cluster with `--server` ([`join`], [`wal`]) and the
+//! `--cluster-reset` ([`reset`]), restore drills ([`verify`], scheduled by [`drills`]), joining a cluster with `--server` ([`join`], [`wal`]) and the
 //! service manager's readiness protocol ([`notify`]).
 //! [`server::run`] ties them together.
 //!
@@ -15,6 +15,7 @@ pub mod children;
 pub mod config;
 mod crash;
 pub mod deltas;
+pub mod drills;
 pub mod error;
 pub mod etcd_proc;
 mod https_client;
@@ -32,6 +33,7 @@ pub mod snapshot_api;
 pub mod tls;
 pub mod token;
 pub mod upload_queue;
+pub mod verify;
 pub mod wal;
 
 pub use error::{Error, Result};

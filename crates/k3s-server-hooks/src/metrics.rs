@@ -116,9 +116,142 @@ impl SnapshotMetrics {
     }
 }
 
+/// Restore drills of `--etcd-snapshot-verify-schedule` on this server (absent without it). In
+/// an HA cluster one server drills per tick, so alerts take the newest success over the servers.
+#[derive(Debug)]
+pub struct DrillMetrics {
+    stats: Mutex<DrillStats>,
+    /// The longest gap between two drills of the schedule.
+    schedule_gap_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct DrillStats {
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Ticks another server drilled (the election's losers count them).
+    pub elsewhere: u64,
+    pub last_success: Option<i64>,
+    pub last_rto_secs: Option<f64>,
+    pub last_content_compared: bool,
+    /// One line: why the last drill failed (cleared by a success).
+    pub last_error: Option<String>,
+}
+
+impl DrillMetrics {
+    pub fn new(schedule_gap: Option<std::time::Duration>) -> DrillMetrics {
+        DrillMetrics {
+            stats: Mutex::new(DrillStats::default()),
+            schedule_gap_secs: schedule_gap.map(|d| d.as_secs_f64()),
+        }
+    }
+
+    pub fn success(&self, rto_secs: f64, content_compared: bool) {
+        let mut s = self.stats.lock().expect("metrics lock");
+        s.succeeded += 1;
+        s.last_success = Some(chrono::Utc::now().timestamp());
+        s.last_rto_secs = Some(rto_secs);
+        s.last_content_compared = content_compared;
+        s.last_error = None;
+    }
+
+    pub fn failure(&self, error: String) {
+        let mut s = self.stats.lock().expect("metrics lock");
+        s.failed += 1;
+        s.last_error = Some(error);
+    }
+
+    pub fn elsewhere(&self) {
+        self.stats.lock().expect("metrics lock").elsewhere += 1;
+    }
+
+    pub fn get(&self) -> DrillStats {
+        self.stats.lock().expect("metrics lock").clone()
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let s = self.get();
+        let mut out = String::new();
+        let mut one = |name: &str, kind: &str, help: &str, value: Option<String>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            if let Some(v) = value {
+                let _ = writeln!(out, "{name} {v}");
+            }
+        };
+        one(
+            "k3s_snapshot_verify_succeeded_total",
+            "counter",
+            "Restore drills that proved a snapshot.",
+            Some(s.succeeded.to_string()),
+        );
+        one("k3s_snapshot_verify_failed_total", "counter", "Restore drills that failed.", Some(s.failed.to_string()));
+        one(
+            "k3s_snapshot_verify_elsewhere_total",
+            "counter",
+            "Drill schedule ticks another server of the cluster took.",
+            Some(s.elsewhere.to_string()),
+        );
+        one(
+            "k3s_snapshot_verify_last_success_timestamp_seconds",
+            "gauge",
+            "Unix time of this server's last successful restore drill.",
+            s.last_success.map(|v| v.to_string()),
+        );
+        one(
+            "k3s_snapshot_verify_last_rto_seconds",
+            "gauge",
+            "Recovery time measured by the last successful restore drill, end to end.",
+            s.last_rto_secs.map(|v| format!("{v:.3}")),
+        );
+        one(
+            "k3s_snapshot_verify_last_content_compared",
+            "gauge",
+            "1 when the last successful drill compared the restored content with the cluster's hashkv.",
+            s.last_success.map(|_| if s.last_content_compared { "1" } else { "0" }.to_string()),
+        );
+        one(
+            "k3s_snapshot_verify_last_failed",
+            "gauge",
+            "1 when this server's last restore drill failed.",
+            Some(if s.last_error.is_some() { "1" } else { "0" }.to_string()),
+        );
+        one(
+            "k3s_snapshot_verify_schedule_interval_seconds",
+            "gauge",
+            "Longest gap between two restore drills in the drill schedule's next fires.",
+            self.schedule_gap_secs.map(|v| format!("{v:.0}")),
+        );
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drills_export_successes_failures_and_the_last_rto() {
+        let m = DrillMetrics::new(Some(std::time::Duration::from_secs(86400)));
+        let text = m.render();
+        assert!(text.contains("\nk3s_snapshot_verify_succeeded_total 0\n"), "{text}");
+        assert!(!text.contains("\nk3s_snapshot_verify_last_rto_seconds "), "no drill yet: {text}");
+        assert!(text.contains("\nk3s_snapshot_verify_schedule_interval_seconds 86400\n"), "{text}");
+        m.failure("content differs".into());
+        assert!(m.render().contains("\nk3s_snapshot_verify_last_failed 1\n"));
+        m.success(12.5, true);
+        let text = m.render();
+        for line in [
+            "k3s_snapshot_verify_succeeded_total 1",
+            "k3s_snapshot_verify_failed_total 1",
+            "k3s_snapshot_verify_last_rto_seconds 12.500",
+            "k3s_snapshot_verify_last_content_compared 1",
+            "k3s_snapshot_verify_last_failed 0",
+        ] {
+            assert!(text.contains(&format!("\n{line}\n")), "{line}: {text}");
+        }
+    }
 
     #[test]
     fn renders_per_store_labels() {

@@ -151,6 +151,15 @@ pub struct ResetPlan {
     restored: Option<ScratchDir>,
     /// Delta segments to replay after the snapshot (continuous backup), verified.
     deltas: Option<crate::replay::DeltaPlan>,
+    /// The snapshot's metadata document, when it is ours.
+    pub metadata: Option<SnapshotMetadata>,
+}
+
+impl ResetPlan {
+    /// The delta chain the restore replays after the snapshot, when it replays one.
+    pub fn deltas(&self) -> Option<&crate::replay::DeltaPlan> {
+        self.deltas.as_ref()
+    }
 }
 
 /// A directory removed when dropped, unless kept.
@@ -182,7 +191,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
                 dd.etcd().display()
             )));
         }
-        return Ok(ResetPlan { snapshot: None, restored: None, deltas: None });
+        return Ok(ResetPlan { snapshot: None, restored: None, deltas: None, metadata: None });
     };
     let latest;
     let given = if given == "latest" {
@@ -207,7 +216,6 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
             detail: format!("neither is beside {}; install the etcd tools of the same version", bins.etcd.display()),
         });
     }
-    let store = cfg.snapshot_store();
     let path = PathBuf::from(given);
     let local = match std::fs::metadata(&path) {
         Ok(m) if m.is_file() => Some(path.clone()),
@@ -229,10 +237,10 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
                 if encryption::has_age_suffix(Path::new(given)) && cfg.identities.is_none() {
                     return Err(k3s_snapshot_core::Error::NeedIdentity { name: given.to_string() }.into());
                 }
-                store.ensure_dirs()?;
+                let work = work_dir(cfg)?;
                 tracing::info!(snapshot = %given, "downloading the snapshot to restore");
                 notify::status(&format!("restore: downloading {given}"));
-                let scratch = fetch(given.to_string(), store.dir().to_path_buf()).await?;
+                let scratch = fetch(given.to_string(), work).await?;
                 let md = local_metadata(scratch.target());
                 (scratch.path().to_path_buf(), md, Some(scratch))
             }
@@ -249,10 +257,10 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     // restore is done, so only the encrypted file stays.
     let encrypted = encryption::has_age_suffix(named) || encryption::is_encrypted(&file)?;
     let decrypted = if encrypted {
-        store.ensure_dirs()?;
+        let dir = work_dir(cfg)?;
         let shown_name = named.display().to_string();
         let out = tokio::task::spawn_blocking({
-            let (file, dir, ids) = (file.clone(), store.dir().to_path_buf(), cfg.identities.clone());
+            let (file, ids) = (file.clone(), cfg.identities.clone());
             move || encryption::decrypt_to_scratch(&file, &dir, ids.as_deref(), &shown_name)
         })
         .await
@@ -265,9 +273,9 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     let plain_named = decrypted.as_ref().map_or(named, |d| d.target());
     let plain_file = decrypted.as_ref().map_or(file.as_path(), |d| d.path()).to_path_buf();
     let extracted = if plain_named.extension().is_some_and(|e| e == "zip") {
-        store.ensure_dirs()?;
+        let dir = work_dir(cfg)?;
         let out = tokio::task::spawn_blocking({
-            let (file, dir) = (plain_file.clone(), store.dir().to_path_buf());
+            let file = plain_file.clone();
             move || compress::extract_to_scratch(&file, &dir)
         })
         .await
@@ -294,9 +302,9 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     notify::status(&format!(
         "restore: checking {} and restoring it into {}",
         shown.display(),
-        cfg.data_dir.etcd_restore_tmp().display()
+        cfg.restore_tmp().display()
     ));
-    let scratch = ScratchDir(Some(cfg.data_dir.etcd_restore_tmp()));
+    let scratch = ScratchDir(Some(cfg.restore_tmp()));
     let check = async {
         let file = raw.clone();
         tokio::task::spawn_blocking(move || k3s_snapshot_core::status::check(&file))
@@ -310,7 +318,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     checked?;
     restored?;
     let deltas = if crate::replay::wanted(cfg) {
-        let tmp = cfg.data_dir.etcd_restore_tmp();
+        let tmp = cfg.restore_tmp();
         let db = tmp.join("member/snap/db");
         let base = tokio::task::spawn_blocking(move || {
             k3s_snapshot_core::bbolt::Db::open(&db)
@@ -329,8 +337,10 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     // (never over) what is there. A file kept under its scratch name is removed at the end.
     let mut kept = Vec::new();
     let mut snapshot = if downloaded.is_none() { Some(file.clone()) } else { None };
-    // Plaintext of an encrypted snapshot is dropped (removed) here, never placed.
+    // Plaintext of an encrypted snapshot is dropped (removed) here, never placed; a drill
+    // places nothing (its scratch dir goes with everything in it).
     let extracted = if encrypted { None } else { extracted };
+    let (downloaded, extracted) = if cfg.drill_scratch.is_some() { (None, None) } else { (downloaded, extracted) };
     drop(decrypted);
     for (what, f) in [("downloaded", downloaded), ("extracted", extracted)] {
         let Some(f) = f else { continue };
@@ -351,17 +361,33 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         }
     }
     drop(kept);
-    if let Some(md) = metadata {
-        token_check(cfg, &md);
+    if let (Some(md), None) = (&metadata, &cfg.drill_scratch) {
+        token_check(cfg, md);
     }
-    Ok(ResetPlan { snapshot, restored: Some(scratch), deltas })
+    Ok(ResetPlan { snapshot, restored: Some(scratch), deltas, metadata })
+}
+
+/// Where downloads, decryptions and extractions go (created 0700, checked as the snapshot dir is).
+fn work_dir(cfg: &ServerConfig) -> Result<PathBuf> {
+    match &cfg.drill_scratch {
+        Some(_) => {
+            let dir = cfg.restore_work_dir();
+            create_private_dir(&dir)?;
+            Ok(dir)
+        }
+        None => {
+            let store = cfg.snapshot_store();
+            store.ensure_dirs()?;
+            Ok(store.dir().to_path_buf())
+        }
+    }
 }
 
 /// `--cluster-reset-restore-path latest`: the newest full snapshot, in S3 with `--etcd-s3` (a
 /// fresh node with only S3 settings can recover the cluster) or else in the snapshot dir; with
 /// `--cluster-reset-restore-to-revision N`, the newest whose recorded revision is at most N; with
 /// `--cluster-reset-restore-to-time T`, the newest taken before T (names keep whole seconds).
-async fn latest_snapshot(cfg: &ServerConfig) -> Result<String> {
+pub(crate) async fn latest_snapshot(cfg: &ServerConfig) -> Result<String> {
     let local = cfg.snapshot_store();
     let (store, remote): (&dyn k3s_snapshot_core::store::SnapshotStore, bool) = match &cfg.snapshots.remote {
         Some(r) => (r.as_ref(), true),
@@ -406,7 +432,7 @@ async fn bump(cfg: &ServerConfig) -> Result<()> {
         tracing::info!("--cluster-reset-restore-bump-revision is 0: the restored revision is the snapshot's");
         return Ok(());
     }
-    let db = cfg.data_dir.etcd_restore_tmp().join("member/snap/db");
+    let db = cfg.restore_tmp().join("member/snap/db");
     let shown = db.clone();
     let bumped = tokio::task::spawn_blocking(move || k3s_snapshot_core::revision::bump_revision(&db, amount))
         .await
@@ -503,7 +529,7 @@ fn move_old_aside(dd: &DataDir) -> Result<()> {
 /// peer URL (what [`ServerConfig::etcd_launch`] will start etcd with): natively for the db when it
 /// can ([`restore_native`]), else with etcd's tool on the whole snapshot.
 async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> Result<()> {
-    let tmp = cfg.data_dir.etcd_restore_tmp();
+    let tmp = cfg.restore_tmp();
     remove_dir_if_exists(&tmp)?;
     match restore_native(cfg, bins, snapshot).await {
         Ok(()) => return Ok(()),
@@ -579,7 +605,7 @@ impl From<k3s_snapshot_core::Error> for Native {
 /// copy is read back and must hash to the same trailer before anything is committed into it.
 async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> std::result::Result<(), Native> {
     use k3s_snapshot_core::restore_db;
-    let tmp = cfg.data_dir.etcd_restore_tmp();
+    let tmp = cfg.restore_tmp();
     let work = tmp.join(".probe");
     create_private_dir(&tmp)?;
     create_private_dir(&work)?;
@@ -652,21 +678,34 @@ fn set_private(dir: &Path) -> Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(Error::io("chmod", dir))
 }
 
+/// Replays the plan's delta chain (if any) into the restored scratch dir, then drops the
+/// segments' scratch copies: the same step for a reset and a drill.
+pub(crate) async fn replay_into_scratch(
+    cfg: &ServerConfig,
+    bins: &EtcdBinaries,
+    launch: &EtcdLaunch,
+    plan: &ResetPlan,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    if let Some(d) = &plan.deltas {
+        crate::replay::replay(cfg, bins, launch, &cfg.restore_tmp(), d, cancel).await?;
+        let _ = std::fs::remove_dir_all(cfg.restore_tmp().join(".deltas"));
+    }
+    Ok(())
+}
+
 /// Performs the reset planned by [`prepare`]; logs [`RESET_DONE`] and returns `Ok` when done.
 pub async fn execute(
     cfg: &ServerConfig,
     bins: &EtcdBinaries,
     mut launch: EtcdLaunch,
-    plan: ResetPlan,
+    mut plan: ResetPlan,
     cancel: &CancellationToken,
 ) -> Result<()> {
     let dd = &cfg.data_dir;
-    match plan.restored {
+    match plan.restored.take() {
         Some(scratch) => {
-            if let Some(d) = &plan.deltas {
-                crate::replay::replay(cfg, bins, &launch, &dd.etcd_restore_tmp(), d, cancel).await?;
-                let _ = std::fs::remove_dir_all(dd.etcd_restore_tmp().join(".deltas"));
-            }
+            replay_into_scratch(cfg, bins, &launch, &plan, cancel).await?;
             bump(cfg).await?;
             notify::status(&format!("restore: moving the restored data into {}", dd.etcd().display()));
             finish_restore(dd, scratch)?;

@@ -65,9 +65,22 @@ pub async fn run(job: Arc<SnapshotJob>, tracker: TaskTracker, cancel: Cancellati
         }
         last = next.max(Utc::now() - chrono::Duration::from_std(jitter).unwrap_or_default());
         crate::crash::panic_point("K3S_SNAPSHOT_TEST_SCHEDULER_PANIC", "fire");
-        let Ok(guard) = job.lock.clone().try_lock_owned() else {
-            tracing::warn!("skipping a scheduled snapshot: the previous one (or a requested one) is still running");
-            continue;
+        let guard = match job.lock.clone().try_lock_owned() {
+            Ok(g) => g,
+            // A restore drill holds the lock: it gives way (a backup never waits for a drill).
+            Err(_) if crate::drills::preempt() => {
+                match tokio::time::timeout(Duration::from_secs(30), job.lock.clone().lock_owned()).await {
+                    Ok(g) => g,
+                    Err(_) => {
+                        tracing::warn!("skipping a scheduled snapshot: the restore drill did not stop within 30s");
+                        continue;
+                    }
+                }
+            }
+            Err(_) => {
+                tracing::warn!("skipping a scheduled snapshot: the previous one (or a requested one) is still running");
+                continue;
+            }
         };
         let (job, cancel) = (job.clone(), cancel.clone());
         tracker.spawn(async move {

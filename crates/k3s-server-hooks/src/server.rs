@@ -12,11 +12,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServerConfig;
 use crate::deltas::{self, DeltaJob, DeltaMetrics};
+use crate::drills::{self, DrillJob};
 use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdProcess};
 use crate::join::{self, JoinPlan};
 use crate::layout::DataDir;
 use crate::lock::DataDirLock;
-use crate::metrics::SnapshotMetrics;
+use crate::metrics::{DrillMetrics, SnapshotMetrics};
 use crate::scheduler::SnapshotJob;
 use crate::snapshot_api::SnapshotService;
 use crate::token::Token;
@@ -242,6 +243,11 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         tracker.spawn(q.clone().run(inner.clone()));
         q
     });
+    let drill_metrics = cfg
+        .snapshots
+        .verify_schedule
+        .as_ref()
+        .map(|s| Arc::new(DrillMetrics::new(s.longest_gap(chrono::Utc::now(), 64))));
     let snapshots = Arc::new(SnapshotService {
         local: cfg.snapshot_store(),
         remote: cfg.snapshots.remote.clone(),
@@ -267,6 +273,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         auth_failures: Default::default(),
         snapshots,
         deltas: delta_metrics.clone(),
+        drills: drill_metrics.clone(),
     });
     let rustls = api::rustls_config(&tls_files)?;
     let mut api_task =
@@ -315,6 +322,23 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         });
         tracker.spawn(deltas::run(job, inner.clone()));
     }
+    // Restore drills on their own low-priority thread; awaited at shutdown.
+    let mut drills_done = None;
+    if let (Some(schedule), Some(metrics)) = (cfg.snapshots.verify_schedule.clone(), drill_metrics) {
+        let job = DrillJob {
+            schedule,
+            cfg: cfg.clone(),
+            deltas: cfg.snapshots.delta_interval.is_some(),
+            etcd: client.clone(),
+            metrics,
+            lock: snapshot_lock.clone(),
+        };
+        drills_done = Some(
+            drills::spawn(job, inner.clone())
+                .map_err(|e| Error::Config(format!("cannot start the restore drills' thread: {e}")))?,
+        );
+        tracing::info!("scheduled restore drills enabled");
+    }
     tracing::info!(node = %cfg.node_name, etcd = %client.endpoints_display(), "server is running");
     // etcd answered its health check above and the API's socket listens (bound before etcd
     // started, served from now on): the service manager may start what depends on us.
@@ -356,6 +380,12 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.is_err() {
         tracing::warn!("a snapshot in progress did not stop within 30s; stopping etcd anyway");
+    }
+    if let Some(done) = drills_done {
+        // A drill stops its etcd (SIGTERM, then SIGKILL after 10 s) and removes its scratch dir.
+        if tokio::time::timeout(Duration::from_secs(20), done).await.is_err() {
+            tracing::warn!("a restore drill did not stop within 20s; stopping etcd anyway");
+        }
     }
     if !api_done {
         let _ = tokio::time::timeout(Duration::from_secs(10), &mut api_task).await;

@@ -292,7 +292,10 @@ impl SnapshotService {
             token_hash: Some(self.token_hash.clone()),
             encryption: self.encryption.clone(),
         };
-        let held = self.lock.clone().lock_owned().await;
+        let held = {
+            crate::drills::preempt();
+            self.lock.clone().lock_owned().await
+        };
         let unavailable = |e: &dyn std::fmt::Display| Failure(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
         let mut conn = self.etcd.connect().await.map_err(|e| unavailable(&e))?;
         let saved = match &self.queue {
@@ -411,7 +414,10 @@ impl SnapshotService {
         let prefix = req.name.first().map(String::as_str).unwrap_or(DEFAULT_PREFIX);
         let failed = |e: k3s_snapshot_core::Error| Failure(StatusCode::BAD_GATEWAY, format!("prune failed: {e}"));
         let mut result = SnapshotResult::default();
-        let _held = self.lock.clone().lock_owned().await;
+        let _held = {
+            crate::drills::preempt();
+            self.lock.clone().lock_owned().await
+        };
         let keep = req.retention.unwrap_or(self.retention);
         let mut stores: Vec<(&dyn SnapshotStore, i64)> = vec![(&self.local, keep)];
         stores.extend(self.remote_ref().map(|r| (r, self.remote_retention)));

@@ -609,6 +609,11 @@ impl UploadQueue {
                 r = upload_file(remote, &file, &path, opts, &NoProgress) => r,
                 _ = cancel.cancelled() => return,
             };
+            // The segment's metadata document (the live hash at its end), when it has one.
+            let result = match result {
+                Ok(n) => upload_segment_document(&self.s.local, remote, &file).await.map(|()| n),
+                e => e,
+            };
             let key = (from, to, file.clone());
             match result {
                 Ok(n) => {
@@ -829,6 +834,19 @@ fn plan_uploads(
     segments.retain(|(n, _)| !pruned.segments.contains(&n.file));
     segments.sort_by(|a, b| (a.0.from, a.0.to, &a.0.file).cmp(&(b.0.from, b.0.to, &b.0.file)));
     Plan { snapshots, segments }
+}
+
+/// Uploads `.metadata/<segment>` after its segment, when the follower wrote one.
+async fn upload_segment_document(
+    local: &LocalStore,
+    remote: &dyn SnapshotStore,
+    file: &str,
+) -> k3s_snapshot_core::Result<()> {
+    let doc = local.metadata_dir().join(file);
+    if !doc.is_file() {
+        return Ok(());
+    }
+    upload_file(remote, &SnapshotMetadata::key_for(file), &doc, PutOptions::default(), &NoProgress).await.map(drop)
 }
 
 #[cfg(test)]

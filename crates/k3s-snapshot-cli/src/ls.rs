@@ -14,29 +14,59 @@ use k3s_snapshot_core::k3s_list::SnapshotFileList;
 use serde::Serialize;
 
 /// The table, aligned as Go's tabwriter aligns k3s's (one space of padding, last column ragged).
+/// When a listed snapshot was proven by a restore drill (`verifiedAt` in its metadata), a fifth
+/// column `Verified` says when, the measured RTO and whether content was compared (`-` for the
+/// others); without any, the table is exactly k3s's.
 pub fn print_table(out: &mut impl Write, list: &SnapshotFileList) -> std::io::Result<()> {
-    let cells: Vec<[String; 4]> = list
-        .items
-        .iter()
-        .map(|i| {
-            let created = i
-                .created()
-                .map(|c| c.with_timezone(&chrono::Local).to_rfc3339_opts(SecondsFormat::Secs, true))
-                .unwrap_or_else(|| i.status.creation_time.clone());
-            let size = i.size_bytes().map(|n| n.to_string()).unwrap_or_else(|| i.status.size.clone());
-            [i.spec.snapshot_name.clone(), i.spec.location.clone(), size, created]
-        })
-        .collect();
-    let header = ["Name", "Location", "Size", "Created"].map(String::from);
-    let mut widths = [0usize; 3];
-    for r in std::iter::once(&header).chain(&cells) {
+    let verified: Vec<Option<String>> = list.items.iter().map(|i| verified_cell(&i.spec.metadata)).collect();
+    if verified.iter().any(Option::is_some) {
+        let cells: Vec<Vec<String>> = list
+            .items
+            .iter()
+            .zip(verified)
+            .map(|(i, v)| {
+                let [a, b, c, d] = row(i);
+                vec![a, b, c, d, v.unwrap_or_else(|| "-".into())]
+            })
+            .collect();
+        return aligned(out, &["Name", "Location", "Size", "Created", "Verified"], &cells);
+    }
+    let cells: Vec<Vec<String>> = list.items.iter().map(|i| row(i).to_vec()).collect();
+    aligned(out, &["Name", "Location", "Size", "Created"], &cells)
+}
+
+/// `2024-01-02T04:04:05+01:00 rto=12.3s hashkv=1234` from a snapshot's `verified*` metadata
+/// (`hashkv=not-compared` when the drill had no live hash to compare with).
+fn verified_cell(md: &std::collections::BTreeMap<String, String>) -> Option<String> {
+    let v = k3s_snapshot_core::metadata::Verified::from_map(md)?;
+    let at = v.at.with_timezone(&chrono::Local).to_rfc3339_opts(SecondsFormat::Secs, true);
+    let hash = v.hash_kv.map_or("not-compared".to_string(), |h| h.to_string());
+    Some(format!("{at} rto={:.1}s hashkv={hash}", v.rto_ms as f64 / 1000.0))
+}
+
+fn row(i: &k3s_snapshot_core::k3s_list::Item) -> [String; 4] {
+    let created = i
+        .created()
+        .map(|c| c.with_timezone(&chrono::Local).to_rfc3339_opts(SecondsFormat::Secs, true))
+        .unwrap_or_else(|| i.status.creation_time.clone());
+    let size = i.size_bytes().map(|n| n.to_string()).unwrap_or_else(|| i.status.size.clone());
+    [i.spec.snapshot_name.clone(), i.spec.location.clone(), size, created]
+}
+
+/// Columns padded to their widest cell plus one space, the last one ragged.
+fn aligned(out: &mut impl Write, header: &[&str], cells: &[Vec<String>]) -> std::io::Result<()> {
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut widths = vec![0usize; header.len() - 1];
+    for r in std::iter::once(&header).chain(cells) {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len() + 1);
         }
     }
-    for r in std::iter::once(&header).chain(&cells) {
-        let [w0, w1, w2] = widths;
-        writeln!(out, "{:<w0$}{:<w1$}{:<w2$}{}", r[0], r[1], r[2], r[3])?;
+    for r in std::iter::once(&header).chain(cells) {
+        for (w, c) in widths.iter().zip(r) {
+            write!(out, "{c:<w$}")?;
+        }
+        writeln!(out, "{}", r[r.len() - 1])?;
     }
     Ok(())
 }

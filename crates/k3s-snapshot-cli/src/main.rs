@@ -10,6 +10,7 @@ mod s3args;
 mod secret;
 mod server;
 mod snapshot;
+mod verify;
 
 use std::process::ExitCode;
 

@@ -143,6 +143,12 @@ pub struct ServerArgs {
     /// --cluster-reset-restore-path
     #[arg(long, env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_IDENTITY_FILE", value_name = "FILE")]
     pub etcd_snapshot_encryption_identity_file: Option<PathBuf>,
+    /// Restore drills: on this schedule (5-field cron, @daily, @every <duration>; e.g. `0 3 * * *`),
+    /// restore the latest snapshot (and its delta chain, with --etcd-snapshot-delta-interval) from
+    /// S3 when configured, else the snapshot dir, into a scratch dir, check it and record its RTO;
+    /// one server of the cluster per tick, at low priority, never during a snapshot [default: off]
+    #[arg(long, value_name = "CRON")]
+    pub etcd_snapshot_verify_schedule: Option<String>,
     /// Upper bound of the random delay added to each scheduled snapshot (tests set 0s)
     #[arg(long, hide = true, env = "K3S_SNAPSHOT_JITTER", default_value = "5s", value_parser = config::parse_duration)]
     pub etcd_snapshot_jitter: Duration,
@@ -179,32 +185,16 @@ impl ServerArgs {
         } else {
             self.bind_address
         });
-        let remote_fetch: Option<RemoteFetch> = remote.clone().map(|store| {
-            let f: RemoteFetch = Arc::new(move |file: String, into: PathBuf| {
-                let store = store.clone();
-                Box::pin(async move {
-                    // A bar on a terminal (an operator running the reset by hand), nothing in a log.
-                    let progress = crate::snapshot::bar();
-                    let doc = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
-                    let expected = doc.as_ref().and_then(|d| d.ours());
-                    if expected.is_none() {
-                        let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
-                        tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
-                    }
-                    let scratch =
-                        s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref()).await?;
-                    // Beside the snapshot, as k3s does on a download, so the reset reads it
-                    // (the token check) as it would a local snapshot's.
-                    if let Some(doc) = doc {
-                        let local = LocalStore::new(&into);
-                        create_private_dir(local.metadata_dir())?;
-                        write_file_atomic(&local.metadata_dir().join(&file), &doc.to_json())?;
-                    }
-                    Ok(scratch)
-                })
-            });
-            f
-        });
+        let remote_fetch: Option<RemoteFetch> = remote.clone().map(remote_fetch);
+        let verify_schedule = match self.etcd_snapshot_verify_schedule.as_deref().filter(|s| !s.trim().is_empty()) {
+            Some(expr) if !self.cluster_reset => Some(Schedule::parse(expr).map_err(|e| match e {
+                k3s_server_hooks::Error::Cron { expr, reason } => {
+                    anyhow::anyhow!("invalid --etcd-snapshot-verify-schedule {expr:?}: {reason}")
+                }
+                e => e.into(),
+            })?),
+            _ => None,
+        };
         let encryption = self
             .etcd_snapshot_encryption_recipients_file
             .as_deref()
@@ -259,10 +249,12 @@ impl ServerArgs {
                 delta_max_age: Some(self.etcd_snapshot_delta_max_age).filter(|d| !d.is_zero()),
                 delta_retention: Some(self.etcd_snapshot_delta_retention).filter(|d| !d.is_zero()),
                 encryption,
+                verify_schedule,
             },
             identities,
             etcd_ready_timeout: Duration::from_secs(120),
             etcd_stop_grace: Duration::from_secs(10),
+            drill_scratch: None,
         })
     }
 }
@@ -281,6 +273,35 @@ pub async fn run(args: ServerArgs, cancel: CancellationToken) -> anyhow::Result<
     let cfg = args.to_config(remote)?;
     k3s_server_hooks::server::run(cfg, cancel).await?;
     Ok(())
+}
+
+/// How a restore (a reset, or a drill) downloads a snapshot by name from S3: into a scratch file
+/// in the directory it is given, checked against the object's metadata, which is kept beside it
+/// as k3s does.
+pub(crate) fn remote_fetch(store: Arc<dyn SnapshotStore>) -> RemoteFetch {
+    Arc::new(move |file: String, into: PathBuf| {
+        let store = store.clone();
+        Box::pin(async move {
+            // A bar on a terminal (an operator running the reset by hand), nothing in a log.
+            let progress = crate::snapshot::bar();
+            let doc = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
+            let expected = doc.as_ref().and_then(|d| d.ours());
+            if expected.is_none() {
+                let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
+                tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
+            }
+            let scratch =
+                s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref()).await?;
+            // Beside the snapshot, as k3s does on a download, so the reset reads it
+            // (the token check) as it would a local snapshot's.
+            if let Some(doc) = doc {
+                let local = LocalStore::new(&into);
+                create_private_dir(local.metadata_dir())?;
+                write_file_atomic(&local.metadata_dir().join(&file), &doc.to_json())?;
+            }
+            Ok(scratch)
+        })
+    })
 }
 
 /// Tells at start-up whether S3 is usable, without holding the server up.
@@ -310,8 +331,8 @@ fn parse_max_revisions(s: &str) -> Result<u64, String> {
     Ok(n)
 }
 
-/// An RFC 3339 time as unix seconds.
-fn parse_rfc3339(s: &str) -> Result<i64, String> {
+/// An RFC 3339 time as unix seconds (also `etcd-snapshot verify --to-time`).
+pub(crate) fn parse_rfc3339(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp())
         .map_err(|e| format!("{e}; give a time like 2026-12-01T18:00:00Z"))

@@ -460,8 +460,11 @@ pub async fn prune_chains(
             chunk.iter().flat_map(|f| [f.clone(), crate::metadata::SnapshotMetadata::key_for(f)]).collect();
         store.delete(&keys).await?;
     }
-    for chunk in doomed.segments.chunks(1000) {
-        store.delete(chunk).await?;
+    for chunk in doomed.segments.chunks(500) {
+        // A segment's metadata document (the live hash at its end) goes with it.
+        let keys: Vec<String> =
+            chunk.iter().flat_map(|f| [f.clone(), crate::metadata::SnapshotMetadata::key_for(f)]).collect();
+        store.delete(&keys).await?;
     }
     if !doomed.is_empty() {
         tracing::info!(

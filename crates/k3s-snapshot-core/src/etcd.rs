@@ -198,6 +198,18 @@ impl EtcdConnection {
         };
         Err(Error::NoQuorum { endpoints: self.endpoints.clone(), detail })
     }
+
+    /// etcd's `HashKV` at `revision`: the hash of the MVCC history the member keeps up to it,
+    /// with the compaction it was taken under. It reads the whole key space (about as long as a
+    /// snapshot's read of the db), so callers bound it.
+    pub async fn live_hash(&mut self, revision: i64) -> Result<crate::metadata::LiveHash> {
+        let r = self
+            .client
+            .hash_kv(revision)
+            .await
+            .map_err(|cause| Error::Etcd { endpoints: self.endpoints.clone(), cause })?;
+        Ok(crate::metadata::LiveHash { revision, hash: r.hash(), compact_revision: r.compact_version() })
+    }
 }
 
 /// A connected client and what etcd said about itself when we connected.

@@ -9,6 +9,12 @@
 //! - k3s's own: the data of its `k3s-etcd-snapshot-extra-metadata` ConfigMap, any flat string map.
 //!   It says nothing about the file, so no size or SHA-256 is known: the snapshot's own SHA-256
 //!   trailer is then what vouches for it.
+//!
+//! Restore drills (`etcd-snapshot verify`) add two groups of optional keys, read from either kind
+//! of document: [`LiveHash`] (etcd's `HashKV` of the live cluster at the snapshot's revision, taken
+//! right after the save; a delta segment's own document holds the one at its last revision) and
+//! [`Verified`] (the last successful drill). Keys this version does not know are kept as they
+//! were when a document is rewritten.
 
 use std::collections::BTreeMap;
 
@@ -52,6 +58,90 @@ pub struct SnapshotMetadata {
     /// may follow it. Absent in k3s's documents and ours from before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// The live cluster's `HashKV` at the snapshot's revision, when it was recorded.
+    #[serde(skip)]
+    pub live_hash: Option<LiveHash>,
+    /// The last restore drill that proved this snapshot.
+    #[serde(skip)]
+    pub verified: Option<Verified>,
+    /// Keys of the flat document this version does not know, written back as they were.
+    #[serde(skip)]
+    pub extra: BTreeMap<String, String>,
+}
+
+/// etcd's `HashKV` of a keyspace at a revision: the hash of every key revision kept between the
+/// compaction and `revision` (so it covers the history, not only the latest values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveHash {
+    pub revision: i64,
+    pub hash: u32,
+    /// The compaction the hash was taken under (etcd's `compact_revision` in the answer): an
+    /// etcd holding the same history hashes the same at `revision` once compacted to it.
+    pub compact_revision: i64,
+}
+
+impl LiveHash {
+    /// Reads the `hashKV*` keys of a flat document; `None` when absent or not numbers.
+    pub fn from_map(m: &BTreeMap<String, String>) -> Option<LiveHash> {
+        Some(LiveHash {
+            hash: m.get(key::HASH_KV)?.parse().ok()?,
+            revision: m.get(key::HASH_KV_REVISION)?.parse().ok()?,
+            compact_revision: m.get(key::HASH_KV_COMPACT_REVISION).and_then(|v| v.parse().ok()).unwrap_or(0),
+        })
+    }
+
+    /// Writes the `hashKV*` keys into a flat document.
+    pub fn put_into(&self, m: &mut BTreeMap<String, String>) {
+        m.insert(key::HASH_KV.into(), self.hash.to_string());
+        m.insert(key::HASH_KV_REVISION.into(), self.revision.to_string());
+        m.insert(key::HASH_KV_COMPACT_REVISION.into(), self.compact_revision.to_string());
+    }
+
+    /// The document of a delta segment (`.metadata/<segment file>`): the live hash at its last
+    /// revision, a flat string map as every metadata document.
+    pub fn segment_document(&self) -> Vec<u8> {
+        let mut m = BTreeMap::new();
+        self.put_into(&mut m);
+        serde_json::to_vec_pretty(&m).expect("a string map always serializes")
+    }
+}
+
+/// What a successful restore drill recorded about a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub at: DateTime<Utc>,
+    /// The measured recovery time, end to end, in milliseconds.
+    pub rto_ms: u64,
+    /// The revision the drill restored to (the snapshot's, or the end of its replayed chain).
+    pub revision: i64,
+    /// The `HashKV` that matched the live cluster's; `None` when no live hash was recorded, so
+    /// content was not compared.
+    pub hash_kv: Option<u32>,
+}
+
+impl Verified {
+    pub fn from_map(m: &BTreeMap<String, String>) -> Option<Verified> {
+        let at = DateTime::parse_from_rfc3339(m.get(key::VERIFIED_AT)?).ok()?.with_timezone(&Utc);
+        Some(Verified {
+            at,
+            rto_ms: m
+                .get(key::VERIFIED_RTO)
+                .and_then(|v| v.trim_end_matches('s').parse::<f64>().ok())
+                .map_or(0, |s| (s * 1000.0).round() as u64),
+            revision: m.get(key::VERIFIED_REVISION).and_then(|v| v.parse().ok()).unwrap_or(0),
+            hash_kv: m.get(key::VERIFIED_HASH_KV).and_then(|v| v.parse().ok()),
+        })
+    }
+
+    pub fn put_into(&self, m: &mut BTreeMap<String, String>) {
+        m.insert(key::VERIFIED_AT.into(), self.at.to_rfc3339_opts(SecondsFormat::Secs, true));
+        m.insert(key::VERIFIED_RTO.into(), format!("{}.{:03}s", self.rto_ms / 1000, self.rto_ms % 1000));
+        m.insert(key::VERIFIED_REVISION.into(), self.revision.to_string());
+        match self.hash_kv {
+            Some(h) => m.insert(key::VERIFIED_HASH_KV.into(), h.to_string()),
+            None => m.remove(key::VERIFIED_HASH_KV),
+        };
+    }
 }
 
 /// Keys of the flat document. Those in [`REQUIRED`] are always written; a string map that holds
@@ -70,6 +160,35 @@ mod key {
     pub const ENCRYPTED: &str = "encrypted";
     pub const RECIPIENTS: &str = "encryptionRecipients";
     pub const CLUSTER_ID: &str = "etcdClusterId";
+    pub const HASH_KV: &str = "hashKV";
+    pub const HASH_KV_REVISION: &str = "hashKVRevision";
+    pub const HASH_KV_COMPACT_REVISION: &str = "hashKVCompactRevision";
+    pub const VERIFIED_AT: &str = "verifiedAt";
+    pub const VERIFIED_RTO: &str = "verifiedRTO";
+    pub const VERIFIED_REVISION: &str = "verifiedRevision";
+    pub const VERIFIED_HASH_KV: &str = "verifiedHashKV";
+    pub const KNOWN: [&str; 20] = [
+        NAME,
+        NODE_NAME,
+        SIZE,
+        CREATED_AT,
+        COMPRESSED,
+        SHA256,
+        ETCD_REVISION,
+        ETCD_VERSION,
+        TOTAL_KEY,
+        TOKEN_HASH,
+        ENCRYPTED,
+        RECIPIENTS,
+        CLUSTER_ID,
+        HASH_KV,
+        HASH_KV_REVISION,
+        HASH_KV_COMPACT_REVISION,
+        VERIFIED_AT,
+        VERIFIED_RTO,
+        VERIFIED_REVISION,
+        VERIFIED_HASH_KV,
+    ];
     pub const REQUIRED: [&str; 6] = [NAME, NODE_NAME, SIZE, CREATED_AT, COMPRESSED, SHA256];
 }
 
@@ -81,7 +200,7 @@ impl SnapshotMetadata {
 
     /// The document as the string map k3s sees (and `ls -o json` shows as `spec.metadata`).
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        let mut m = BTreeMap::new();
+        let mut m = self.extra.clone();
         let mut put = |k: &str, v: String| {
             m.insert(k.to_string(), v);
         };
@@ -110,6 +229,12 @@ impl SnapshotMetadata {
         if self.encrypted {
             put(key::ENCRYPTED, "true".into());
             put(key::RECIPIENTS, self.recipients.join(","));
+        }
+        if let Some(h) = &self.live_hash {
+            h.put_into(&mut m);
+        }
+        if let Some(v) = &self.verified {
+            v.put_into(&mut m);
         }
         m
     }
@@ -152,6 +277,13 @@ impl SnapshotMetadata {
                 .map(|r| r.split(',').map(str::trim).filter(|r| !r.is_empty()).map(str::to_string).collect())
                 .unwrap_or_default(),
             cluster_id: m.get(key::CLUSTER_ID).cloned(),
+            live_hash: LiveHash::from_map(m),
+            verified: Verified::from_map(m),
+            extra: m
+                .iter()
+                .filter(|(k, _)| !key::KNOWN.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         }))
     }
 
@@ -163,6 +295,9 @@ impl SnapshotMetadata {
 
 /// A `.metadata/<file>` document as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
+// A handful of documents are alive at a time (one per listed snapshot): boxing the larger
+// variant would buy nothing measurable and cost every match on it.
+#[allow(clippy::large_enum_variant)]
 pub enum MetadataDoc {
     /// Ours: written by this tool, flat or in the earlier typed form.
     Ours(SnapshotMetadata),
@@ -215,6 +350,31 @@ impl MetadataDoc {
             MetadataDoc::K3s(m) => m.clone(),
         }
     }
+
+    /// The live hash recorded at save time, in either kind of document.
+    pub fn live_hash(&self) -> Option<LiveHash> {
+        match self {
+            MetadataDoc::Ours(m) => m.live_hash,
+            MetadataDoc::K3s(m) => LiveHash::from_map(m),
+        }
+    }
+
+    /// The last successful restore drill, in either kind of document.
+    pub fn verified(&self) -> Option<Verified> {
+        match self {
+            MetadataDoc::Ours(m) => m.verified.clone(),
+            MetadataDoc::K3s(m) => Verified::from_map(m),
+        }
+    }
+
+    /// Records a successful drill: ours gets the fields, k3s's string map the same keys (it stays
+    /// a string map k3s reads).
+    pub fn set_verified(&mut self, v: Verified) {
+        match self {
+            MetadataDoc::Ours(m) => m.verified = Some(v),
+            MetadataDoc::K3s(m) => v.put_into(m),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +396,9 @@ mod tests {
             encrypted: false,
             recipients: Vec::new(),
             cluster_id: None,
+            live_hash: None,
+            verified: None,
+            extra: BTreeMap::new(),
         }
     }
 
@@ -267,6 +430,33 @@ mod tests {
         assert_eq!(doc["encrypted"], "true");
         assert_eq!(doc["encryptionRecipients"], "age1aaa,age1bbb");
         assert_eq!(MetadataDoc::parse(&m.to_json()).unwrap(), MetadataDoc::Ours(m));
+    }
+
+    #[test]
+    fn live_hash_verification_and_unknown_keys_survive_a_rewrite() {
+        let mut m = sample();
+        m.live_hash = Some(LiveHash { revision: 42, hash: 4_000_000_001, compact_revision: 7 });
+        let mut doc: BTreeMap<String, String> = serde_json::from_slice(&m.to_json()).unwrap();
+        assert_eq!(doc["hashKV"], "4000000001");
+        assert_eq!(doc["hashKVCompactRevision"], "7");
+        doc.insert("writtenByANewerVersion".into(), "kept".into());
+        let mut read = MetadataDoc::parse(&serde_json::to_vec(&doc).unwrap()).unwrap();
+        assert_eq!(read.live_hash(), m.live_hash);
+        let at = DateTime::parse_from_rfc3339("2024-01-02T03:04:05Z").unwrap().with_timezone(&Utc);
+        read.set_verified(Verified { at, rto_ms: 12_346, revision: 42, hash_kv: Some(4_000_000_001) });
+        let again: BTreeMap<String, String> = serde_json::from_slice(&read.to_json()).unwrap();
+        assert_eq!(again["writtenByANewerVersion"], "kept");
+        assert_eq!(again["verifiedAt"], "2024-01-02T03:04:05Z");
+        assert_eq!(again["verifiedRTO"], "12.346s");
+        assert_eq!(again["verifiedHashKV"], "4000000001");
+        let v = MetadataDoc::parse(&read.to_json()).unwrap().verified().unwrap();
+        assert_eq!((v.revision, v.hash_kv, v.rto_ms), (42, Some(4_000_000_001), 12_346));
+        // k3s's string map takes the same keys and stays a string map.
+        let mut k3s = MetadataDoc::parse(br#"{"foo":"bar"}"#).unwrap();
+        k3s.set_verified(Verified { at, rto_ms: 1_000, revision: 9, hash_kv: None });
+        let k: BTreeMap<String, String> = serde_json::from_slice(&k3s.to_json()).unwrap();
+        assert_eq!((k["foo"].as_str(), k["verifiedRevision"].as_str()), ("bar", "9"));
+        assert!(!k.contains_key("verifiedHashKV"), "content not compared: no hash recorded");
     }
 
     #[test]

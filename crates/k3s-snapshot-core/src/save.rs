@@ -560,6 +560,9 @@ async fn save_inner(
             encrypted: true,
             recipients: opts.encryption.as_ref().map(|r| r.public_keys()).unwrap_or_default(),
             cluster_id: Some(format!("{:016x}", conn.cluster_id)),
+            live_hash: record_live_hash(conn, conn.revision, &stored_file).await,
+            verified: None,
+            extra: Default::default(),
         };
         return finish_save(store, path, metadata, raw_size, started);
     }
@@ -604,6 +607,8 @@ async fn save_inner(
         (path, raw_size, hex::encode(raw_sha256))
     };
     let stored_name = stored.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+    let revision = content.map_or(conn.revision, |(rev, _)| rev);
+    let live_hash = record_live_hash(conn, revision, &stored_name).await;
     let metadata = SnapshotMetadata {
         name: stored_name.clone(),
         node_name: opts.node.clone(),
@@ -611,15 +616,52 @@ async fn save_inner(
         created_at: Utc::now(),
         compressed: opts.compress,
         sha256,
-        etcd_revision: Some(content.map_or(conn.revision, |(rev, _)| rev)),
+        etcd_revision: Some(revision),
         etcd_version: Some(conn.version.clone()),
         total_key: content.map(|(_, keys)| keys),
         token_hash: opts.token_hash.clone(),
         encrypted: false,
         recipients: Vec::new(),
         cluster_id: Some(format!("{:016x}", conn.cluster_id)),
+        live_hash,
+        verified: None,
+        extra: Default::default(),
     };
     finish_save(store, stored, metadata, raw_size, started)
+}
+
+/// How long the live hash after a save may take before the snapshot is kept without it.
+const LIVE_HASH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// etcd's `HashKV` at the snapshot's revision, right after the save, for restore drills to
+/// compare the restored content with (`etcd-snapshot verify`). A failure (a compaction past the
+/// revision in between, a slow member) costs only the comparison: the snapshot is kept without it.
+async fn record_live_hash(
+    conn: &mut EtcdConnection,
+    revision: i64,
+    snapshot: &str,
+) -> Option<crate::metadata::LiveHash> {
+    // An empty key space is at revision 1 for etcd (0 would ask for the current revision).
+    let revision = revision.max(1);
+    match tokio::time::timeout(LIVE_HASH_TIMEOUT, conn.live_hash(revision)).await {
+        Ok(Ok(h)) => {
+            tracing::debug!(snapshot, revision, hash = h.hash, "recorded the live hashkv");
+            Some(h)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(snapshot, revision, error = %e, "cannot record etcd's hashkv for the snapshot; restore drills will not compare its content");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(
+                snapshot,
+                revision,
+                "etcd's hashkv took longer than {}s; restore drills will not compare the snapshot's content",
+                LIVE_HASH_TIMEOUT.as_secs()
+            );
+            None
+        }
+    }
 }
 
 /// Writes the metadata document of a saved snapshot and logs it.
@@ -853,16 +895,24 @@ fn user_metadata(node: &str, token_hash: Option<&str>) -> Vec<(String, String)> 
 }
 
 async fn put_metadata(remote: &dyn crate::store::SnapshotStore, saved: &SavedSnapshot) -> Result<()> {
-    let doc = Bytes::from(saved.metadata.to_json());
+    put_metadata_doc(remote, &saved.metadata.name, &crate::metadata::MetadataDoc::Ours(saved.metadata.clone())).await
+}
+
+/// Writes a snapshot's metadata document into a store (S3 object or local file), with the user
+/// metadata k3s puts on it when the document is ours.
+pub async fn put_metadata_doc(
+    store: &dyn crate::store::SnapshotStore,
+    file: &str,
+    doc: &crate::metadata::MetadataDoc,
+) -> Result<()> {
+    let body = Bytes::from(doc.to_json());
     let opts = PutOptions {
         content_type: "application/json".into(),
-        user_metadata: user_metadata(&saved.metadata.node_name, saved.metadata.token_hash.as_deref()),
-        size_hint: Some(doc.len() as u64),
+        user_metadata: doc.ours().map(|m| user_metadata(&m.node_name, m.token_hash.as_deref())).unwrap_or_default(),
+        size_hint: Some(body.len() as u64),
         ranges: None,
     };
-    remote
-        .put(&SnapshotMetadata::key_for(&saved.metadata.name), futures::stream::once(async { Ok(doc) }).boxed(), opts)
-        .await?;
+    store.put(&SnapshotMetadata::key_for(file), futures::stream::once(async { Ok(body) }).boxed(), opts).await?;
     Ok(())
 }
 

@@ -265,6 +265,9 @@ mod tests {
             encrypted: false,
             recipients: Vec::new(),
             cluster_id: None,
+            live_hash: None,
+            verified: None,
+            extra: Default::default(),
         }
     }
 
