@@ -55,6 +55,9 @@ pub struct SnapshotSettings {
     /// `--etcd-snapshot-delta-max-age`: a new chain starts once its base is this old (`None`: no
     /// limit).
     pub delta_max_age: Option<Duration>,
+    /// `--etcd-snapshot-delta-hash-interval`: the live hash a restore drill compares with is
+    /// recorded at a segment's end at most this often (zero: at every segment's end).
+    pub delta_hash_interval: Duration,
     /// `--etcd-snapshot-delta-retention`: chains and their bases are kept for restores to any
     /// time this far back (`None`: kept whatever their age).
     pub delta_retention: Option<Duration>,

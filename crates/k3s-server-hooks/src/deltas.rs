@@ -58,6 +58,8 @@ pub struct DeltaJob {
     pub max_revisions: u64,
     /// `--etcd-snapshot-delta-max-age`: `None` is no limit.
     pub max_age: Option<Duration>,
+    /// `--etcd-snapshot-delta-hash-interval`: the least time between two segments' live hashes.
+    pub hash_interval: Duration,
     /// `--etcd-snapshot-delta-retention`: `None` keeps every chain.
     pub chain_retention: Option<Duration>,
     pub etcd: EtcdClientConfig,
@@ -435,6 +437,8 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, c
     // Inside a fragmented response: the revision's remaining events are still to come, so the
     // open segment is not closed (a revision never spans two segments).
     let mut mid_revision = false;
+    // When the last segment's live hash was recorded (the first segment of a follow always gets one).
+    let mut last_hash: Option<tokio::time::Instant> = None;
     let mut close_due = false;
     // The new chain's full snapshot while it is taken, and when a failed one may be tried again.
     type Rotation<'a> = Pin<Box<dyn Future<Output = Result<ChainBase, Stop>> + Send + 'a>>;
@@ -557,7 +561,10 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, c
             match w.finish(&job.save.node, chrono::Utc::now().timestamp(), Some(history)) {
                 Ok((name, _path, bytes)) => {
                     tracing::debug!(segment = %name.file, bytes, "delta segment closed");
-                    record_segment_hash(job, &mut conn, &name).await;
+                    if last_hash.is_none_or(|t: tokio::time::Instant| t.elapsed() >= job.hash_interval) {
+                        record_segment_hash(job, &mut conn, &name).await;
+                        last_hash = Some(tokio::time::Instant::now());
+                    }
                     ship(job, name, bytes);
                 }
                 Err(e) => return Stop::Failed(format!("closing a delta segment: {e}")),
@@ -589,7 +596,8 @@ async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, c
 /// How long the live hash at a segment's end may take before the segment ships without it.
 const SEGMENT_HASH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// etcd's `HashKV` at the closed segment's last revision, written as the segment's metadata
+/// etcd's `HashKV` at the closed segment's last revision (at most once per
+/// `--etcd-snapshot-delta-hash-interval`), written as the segment's metadata
 /// document (`.metadata/<segment>`, uploaded after it): what a restore drill that replays the
 /// chain to there compares the restored content with. It reads the whole key space, so it is
 /// bounded; without it a drill checks everything else and says the content was not compared.

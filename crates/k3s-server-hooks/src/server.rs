@@ -315,6 +315,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
             save: SaveOptions { prefix: k3s_snapshot_core::delta::BASE_PREFIX.into(), ..scheduled_save.clone() },
             max_revisions: cfg.snapshots.delta_max_revisions,
             max_age: cfg.snapshots.delta_max_age,
+            hash_interval: cfg.snapshots.delta_hash_interval,
             chain_retention: cfg.snapshots.delta_retention,
             etcd: client.clone(),
             metrics,

@@ -131,6 +131,11 @@ pub struct ServerArgs {
     /// one's base is this old and it holds a change (0: no limit)
     #[arg(long, default_value = "1h", value_parser = config::parse_duration)]
     pub etcd_snapshot_delta_max_age: Duration,
+    /// Continuous backup: record etcd's hashkv at a closed segment's end (what a restore drill
+    /// compares the replayed content with) at most this often; hashkv reads the whole key space,
+    /// so every segment would cost etcd a full read per interval (0: every segment)
+    #[arg(long, default_value = "1m", value_parser = config::parse_duration)]
+    pub etcd_snapshot_delta_hash_interval: Duration,
     /// Continuous backup: keep delta chains and their base snapshots (locally and in S3) so that a
     /// restore to any time this far back finds a base taken before it and the whole chain after
     /// it (0: keep every chain); --etcd-snapshot-retention does not count chain bases
@@ -247,6 +252,7 @@ impl ServerArgs {
                 delta_interval: self.etcd_snapshot_delta_interval.filter(|d| !d.is_zero()),
                 delta_max_revisions: self.etcd_snapshot_delta_max_revisions,
                 delta_max_age: Some(self.etcd_snapshot_delta_max_age).filter(|d| !d.is_zero()),
+                delta_hash_interval: self.etcd_snapshot_delta_hash_interval,
                 delta_retention: Some(self.etcd_snapshot_delta_retention).filter(|d| !d.is_zero()),
                 encryption,
                 verify_schedule,

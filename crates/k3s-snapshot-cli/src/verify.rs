@@ -50,6 +50,7 @@ async fn base_config(common: &CommonArgs, etcd_bin_dir: Option<PathBuf>) -> anyh
             delta_interval: None,
             delta_max_revisions: 0,
             delta_max_age: None,
+            delta_hash_interval: Duration::ZERO,
             delta_retention: None,
             encryption: None,
             verify_schedule: None,
