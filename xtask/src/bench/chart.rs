@@ -182,3 +182,62 @@ fn panel(
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
+
+/// `replay`: the whole reset's median time against the chain's length, both on log scales, one
+/// series per replay path and etcd version (`rows`: the `replay` scenario's `rows` in
+/// `results.json`).
+pub fn draw_replay(png: &Path, rows: &[serde_json::Value]) -> Result<()> {
+    register_font()?;
+    let point = |r: &serde_json::Value| Some((r["revisions"].as_f64()?, r["median_s"].as_f64()?));
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for r in rows {
+        let name = format!("{} replay, etcd {}", r["path"].as_str().unwrap_or("?"), r["etcd"].as_str().unwrap_or("?"));
+        let Some(p) = point(r) else { continue };
+        match series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, ps)) => ps.push(p),
+            None => series.push((name, vec![p])),
+        }
+    }
+    let (xs, ys): (Vec<f64>, Vec<f64>) = series.iter().flat_map(|(_, ps)| ps.iter().copied()).unzip();
+    let x = (xs.iter().copied().fold(f64::MAX, f64::min) * 0.7, xs.iter().copied().fold(1.0, f64::max) * 1.4);
+    let y = (ys.iter().copied().fold(f64::MAX, f64::min) * 0.7, ys.iter().copied().fold(1.0, f64::max) * 1.4);
+    let root = BitMapBackend::new(png, (1000, 650)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("restore of latest + its delta chain: median seconds by chain length", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x.0..x.1).log_scale(), (y.0..y.1).log_scale())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc("revisions in the chain")
+        .y_desc("seconds, whole reset")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let colours = [RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(31, 119, 180), RGBColor(255, 127, 14)];
+    for (i, (name, mut ps)) in series.into_iter().enumerate() {
+        ps.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let c = colours[i % colours.len()];
+        chart
+            .draw_series(LineSeries::new(ps.clone(), c.stroke_width(3)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart.draw_series(ps.iter().map(|p| Circle::new(*p, 5, c.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("write {}: {e}", png.display()))?;
+    Ok(())
+}
