@@ -118,22 +118,12 @@ fn now() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
-/// The object `file` as s3s-fs keeps it on disk.
-fn object_path(root: &Path, file: &str) -> PathBuf {
-    fn walk(dir: &Path, file: &str) -> Option<PathBuf> {
-        for e in std::fs::read_dir(dir).ok()?.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                if let Some(found) = walk(&p, file) {
-                    return Some(found);
-                }
-            } else if p.file_name().is_some_and(|n| n == file) {
-                return Some(p);
-            }
-        }
-        None
-    }
-    walk(root, file).unwrap_or_else(|| panic!("{file} is not in the bucket"))
+/// The object `file` of bucket `bucket` as s3s-fs keeps it on disk (not the `.metadata/` document
+/// of the same name beside it).
+fn object_path(root: &Path, bucket: &str, file: &str) -> PathBuf {
+    let p = root.join(bucket).join(file);
+    assert!(p.is_file(), "{file} is not in the bucket");
+    p
 }
 
 /// A fresh node restores from S3 with `extra` and bump 0, starts, and must hold exactly `want`.
@@ -190,7 +180,7 @@ fn a_target_revision_inside_a_long_segment_restores_exactly_that_revision(v: Etc
     restore_fresh(v, &s3, &token, &[format!("--cluster-reset-restore-to-time={}", rfc3339(t))], at_end, end);
 
     // An altered byte after the target revision is still damage: refused, nothing changed.
-    let obj = object_path(&s3.root, &long_file);
+    let obj = object_path(&s3.root, "snaps", &long_file);
     let mut bytes = std::fs::read(&obj).unwrap();
     let at = bytes.len() * 9 / 10;
     bytes[at] ^= 0x55;
