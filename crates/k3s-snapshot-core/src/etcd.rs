@@ -192,7 +192,13 @@ impl EtcdConnection {
     pub async fn confirm_quorum(&mut self) -> Result<()> {
         let read = self.client.get("health", Some(etcd_client::GetOptions::new().with_count_only()));
         let detail = match tokio::time::timeout(QUORUM_TIMEOUT, read).await {
-            Ok(Ok(_)) => return Ok(()),
+            Ok(Ok(r)) => {
+                // The newest revision, as of this linearizable read (a save starts right after).
+                if let Some(h) = r.header() {
+                    self.revision = h.revision();
+                }
+                return Ok(());
+            }
             Ok(Err(cause)) => crate::error::one_line(&cause),
             Err(_) => format!("no answer to a linearizable read within {}s", QUORUM_TIMEOUT.as_secs()),
         };

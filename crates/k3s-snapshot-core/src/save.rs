@@ -486,6 +486,10 @@ async fn save_inner(
         r = conn.client.snapshot() => r.map_err(|cause| Error::EtcdStream { endpoints: endpoints.clone(), received: 0, cause })?,
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     };
+    // etcd's HashKV at the revision seen before the stream began (at or below the snapshot's),
+    // computed by etcd while it streams the snapshot rather than after it: it reads the whole key
+    // space, about 0.1 s per GiB, which a save would otherwise wait for.
+    let live_hash = LiveHashTask::start(conn, conn.revision);
     // A plain save zips (when asked) after the file is whole; an encrypted one on the way.
     let entry = (opts.compress && sealed_save).then(|| file.clone());
     let mut sealer = Sealer::start(part_file, &part, opts.encryption.as_deref(), entry)?;
@@ -560,7 +564,7 @@ async fn save_inner(
             encrypted: true,
             recipients: opts.encryption.as_ref().map(|r| r.public_keys()).unwrap_or_default(),
             cluster_id: Some(format!("{:016x}", conn.cluster_id)),
-            live_hash: record_live_hash(conn, conn.revision, &stored_file).await,
+            live_hash: live_hash.finish(&stored_file).await,
             verified: None,
             extra: Default::default(),
         };
@@ -608,7 +612,7 @@ async fn save_inner(
     };
     let stored_name = stored.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
     let revision = content.map_or(conn.revision, |(rev, _)| rev);
-    let live_hash = record_live_hash(conn, revision, &stored_name).await;
+    let live_hash = live_hash.finish(&stored_name).await;
     let metadata = SnapshotMetadata {
         name: stored_name.clone(),
         node_name: opts.node.clone(),
@@ -633,34 +637,64 @@ async fn save_inner(
 /// How long the live hash after a save may take before the snapshot is kept without it.
 const LIVE_HASH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// etcd's `HashKV` at the snapshot's revision, right after the save, for restore drills to
-/// compare the restored content with (`etcd-snapshot verify`). A failure (a compaction past the
-/// revision in between, a slow member) costs only the comparison: the snapshot is kept without it.
-async fn record_live_hash(
-    conn: &mut EtcdConnection,
+/// etcd's `HashKV` at the revision of the linearizable read that opens a save (at or below the
+/// snapshot's own), computed while the snapshot streams, for restore drills to compare the
+/// restored content with (`etcd-snapshot verify` hashes the restored etcd at the same revision).
+/// A failure (a compaction past the revision in between, a slow member) costs only the
+/// comparison: the snapshot is kept without it.
+struct LiveHashTask {
+    task: tokio::task::JoinHandle<Result<crate::metadata::LiveHash>>,
     revision: i64,
-    snapshot: &str,
-) -> Option<crate::metadata::LiveHash> {
-    // An empty key space is at revision 1 for etcd (0 would ask for the current revision).
-    let revision = revision.max(1);
-    match tokio::time::timeout(LIVE_HASH_TIMEOUT, conn.live_hash(revision)).await {
-        Ok(Ok(h)) => {
-            tracing::debug!(snapshot, revision, hash = h.hash, "recorded the live hashkv");
-            Some(h)
+}
+
+impl LiveHashTask {
+    fn start(conn: &EtcdConnection, revision: i64) -> LiveHashTask {
+        // An empty key space is at revision 1 for etcd (0 would ask for the current revision).
+        let revision = revision.max(1);
+        let mut c = EtcdConnection {
+            client: conn.client.clone(),
+            endpoints: conn.endpoints.clone(),
+            version: String::new(),
+            revision,
+            db_size: 0,
+            cluster_id: conn.cluster_id,
+        };
+        LiveHashTask { task: tokio::spawn(async move { c.live_hash(revision).await }), revision }
+    }
+
+    /// The hash, or none (with a warning) when etcd could not give it within the bound.
+    async fn finish(mut self, snapshot: &str) -> Option<crate::metadata::LiveHash> {
+        let revision = self.revision;
+        match tokio::time::timeout(LIVE_HASH_TIMEOUT, &mut self.task).await {
+            Ok(Ok(Ok(h))) => {
+                tracing::debug!(snapshot, revision, hash = h.hash, "recorded the live hashkv");
+                Some(h)
+            }
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(snapshot, revision, error = %e, "cannot record etcd's hashkv for the snapshot; restore drills will not compare its content");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(snapshot, revision, error = %e, "the hashkv task failed; restore drills will not compare the snapshot's content");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(
+                    snapshot,
+                    revision,
+                    "etcd's hashkv took longer than {}s; restore drills will not compare the snapshot's content",
+                    LIVE_HASH_TIMEOUT.as_secs()
+                );
+                None
+            }
         }
-        Ok(Err(e)) => {
-            tracing::warn!(snapshot, revision, error = %e, "cannot record etcd's hashkv for the snapshot; restore drills will not compare its content");
-            None
-        }
-        Err(_) => {
-            tracing::warn!(
-                snapshot,
-                revision,
-                "etcd's hashkv took longer than {}s; restore drills will not compare the snapshot's content",
-                LIVE_HASH_TIMEOUT.as_secs()
-            );
-            None
-        }
+    }
+}
+
+impl Drop for LiveHashTask {
+    fn drop(&mut self) {
+        // A save that failed or finished without it does not leave etcd hashing for nobody.
+        self.task.abort();
     }
 }
 
