@@ -88,17 +88,18 @@ pub async fn open(base: &ServerConfig, req: &InspectRequest) -> Result<Opened> {
         (PathBuf::from(&target), PathBuf::from(&target))
     };
     let metadata = crate::reset::local_metadata(&named);
-    let mut shown = named.clone();
+    let named_file = named.file_name().map_or(String::new(), |f| f.to_string_lossy().into_owned());
+    let mut plain_name = named_file.clone();
     if encryption::has_age_suffix(&named) || encryption::is_encrypted(&path)? {
+        plain_name = encryption::decrypted_name(&named_file).to_string();
         let (src, dir, ids, s) = (path.clone(), work.clone(), cfg.identities.clone(), named.display().to_string());
         let f = tokio::task::spawn_blocking(move || encryption::decrypt_to_scratch(&src, &dir, ids.as_deref(), &s))
             .await
             .map_err(|e| err(format!("decryption task failed: {e}")))??;
         path = f.path().to_path_buf();
-        shown = f.target().to_path_buf();
         files.push(f);
     }
-    if shown.extension().is_some_and(|e| e == "zip") {
+    if plain_name.ends_with(".zip") {
         let (src, dir) = (path.clone(), work.clone());
         let f = tokio::task::spawn_blocking(move || compress::extract_to_scratch(&src, &dir))
             .await
@@ -119,7 +120,7 @@ pub async fn open(base: &ServerConfig, req: &InspectRequest) -> Result<Opened> {
         .await
         .map_err(|e| err(format!("revision task failed: {e}")))??
     };
-    let wants_chain = crate::replay::wanted(&cfg) && !req.to_revision.is_some_and(|n| n <= own);
+    let wants_chain = crate::replay::wanted(&cfg) && req.to_revision.is_none_or(|n| n > own);
     let mut opened = Opened {
         db: path.clone(),
         image_len,

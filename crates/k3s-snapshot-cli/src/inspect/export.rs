@@ -49,8 +49,12 @@ pub fn run(src: &Source, sel: &Selection, output: ObjectFormat, ring: Option<&Ke
                 }
                 continue;
             }
-            Ok(Decoded::Encrypted { provider, key_name, why }) => {
-                failures.report(key, &format!("encrypted at rest ({provider}, key {key_name:?}): {why}"));
+            Ok(d @ Decoded::Encrypted { .. }) => {
+                if let (true, Decoded::Encrypted { provider, key_name, why }) =
+                    (sel.kind.as_deref().is_none_or(|k| k8s::kind_matches(k, &r, &d)), &d)
+                {
+                    failures.report(key, &format!("encrypted at rest ({provider}, key {key_name:?}): {why}"));
+                }
                 continue;
             }
             Ok(Decoded::Text(_) | Decoded::Binary(_)) => continue,

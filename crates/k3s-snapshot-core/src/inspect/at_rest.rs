@@ -148,7 +148,7 @@ impl KeyRing {
 
 fn aescbc(key: &[u8], data: &[u8]) -> std::result::Result<Vec<u8>, String> {
     use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, KeyIvInit};
-    if data.len() < 32 || data.len() % 16 != 0 {
+    if data.len() < 32 || !data.len().is_multiple_of(16) {
         return Err(format!("aescbc data of {} bytes is not an IV and whole blocks", data.len()));
     }
     let (iv, ct) = data.split_at(16);

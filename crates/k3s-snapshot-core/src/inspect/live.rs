@@ -34,7 +34,8 @@ pub async fn fingerprints(
 ) -> Result<(i64, BTreeMap<Vec<u8>, [u8; 32]>)> {
     let end = prefix_end(prefix);
     let mut out = BTreeMap::new();
-    let mut from = prefix.to_vec();
+    // etcd refuses an empty key: every key starts at `\0`.
+    let mut from = if prefix.is_empty() { vec![0] } else { prefix.to_vec() };
     let mut revision = 0;
     loop {
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
