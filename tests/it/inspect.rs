@@ -19,11 +19,15 @@ use tests::support::age;
 use tests::support::bin::{self, Run};
 use tests::support::etcd::{Etcd, EtcdVersion};
 use tests::support::s3::S3Server;
+use tests::support::server::{block_on, connect, DataDir};
+
+use crate::deltas::{identity_flag, recipients_flag, revision, shipping_flags, strs, wait_following, wait_shipped};
 
 tests::on_both_versions!(
     objects_read_back_as_kubectl_shows_them_and_export_for_apply,
     diff_after_delete_update_and_recreate_against_a_snapshot_and_the_live_cluster,
     zipped_encrypted_and_s3_snapshots_inspect_like_plain_ones,
+    a_secret_at_a_revision_inside_an_encrypted_s3_chain,
 );
 
 /// The aescbc and secretbox keys of the tests' EncryptionConfiguration.
@@ -352,4 +356,68 @@ fn zipped_encrypted_and_s3_snapshots_inspect_like_plain_ones(v: EtcdVersion) {
     let no_id = inspect(&dir, &["get", &name, want]);
     no_id.assert_fails_with("encryption-identity-file");
     assert!(std::fs::read_dir(dir.join("dd/server/inspect")).unwrap().next().is_none(), "scratch files are removed");
+}
+
+/// The walk-through of the README: a Secret as it was at a revision (and at a time) inside a
+/// delta chain kept only in S3, encrypted with age, read on a node that has nothing but the S3
+/// settings and the identity, then exported for `kubectl apply`.
+fn a_secret_at_a_revision_inside_an_encrypted_s3_chain(v: EtcdVersion) {
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let dd = DataDir::new(v);
+    let key = age::keygen(dd.tmp.path(), "chain");
+    let mut flags = shipping_flags(&s3);
+    flags.push(recipients_flag(&key));
+    let s = dd.start(&strs(&flags));
+    wait_following(&s);
+    let put = |k: &str, val: Vec<u8>| {
+        block_on(async { connect(&dd).await.client.put(k, val, None).await.unwrap() });
+    };
+    put("/registry/secrets/prod/db", secret("db", "hunter2"));
+    let first = revision(&dd);
+    let between = chrono::Utc::now() + chrono::Duration::seconds(3);
+    while chrono::Utc::now() < between + chrono::Duration::seconds(2) {
+        put("/registry/configmaps/prod/tick", b"{}".to_vec());
+        // Pacing, not waiting for anything: the target time needs whole seconds of history
+        // around it, written at a modest rate.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    put("/registry/secrets/prod/db", secret("db", "changed"));
+    let last = revision(&dd);
+    wait_shipped(&s, last);
+    s.stop();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let s3_flags = s3.server_flags("snaps");
+    let id = identity_flag(&key);
+    let get = |extra: &[&str]| {
+        let mut args = vec!["get", "latest", "/registry/secrets/prod/db", "-o", "json", &id];
+        args.extend(strs(&s3_flags));
+        args.extend(extra);
+        inspect(tmp.path(), &args)
+    };
+    let password = |r: &Run| {
+        r.assert_ok();
+        let o: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        let b = o["data"]["password"].as_str().unwrap().to_string();
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap()).unwrap()
+    };
+    let at_first = get(&["--to-revision", &first.to_string()]);
+    assert_eq!(password(&at_first), "hunter2");
+    assert!(at_first.stderr.contains("delta segments to revision"), "{}", at_first.stderr);
+    assert_eq!(password(&get(&["--deltas"])), "changed");
+    let t = between.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    assert_eq!(password(&get(&["--to-time", &t])), "hunter2");
+    // Beyond the chain's end: refused in one line.
+    get(&["--to-revision", &(last + 1000).to_string()]).assert_fails_with("reach only revision");
+
+    let mut args = vec!["export", "latest", "--prefix", "/registry/secrets/prod/", "--to-revision"];
+    let first_s = first.to_string();
+    args.push(&first_s);
+    args.push(&id);
+    args.extend(strs(&s3_flags));
+    let ex = inspect(tmp.path(), &args);
+    ex.assert_ok();
+    assert!(ex.stdout.contains(&format!("at revision {first}: /registry/secrets/prod/db")), "{}", ex.stdout);
+    assert!(ex.stdout.contains(&base64::engine::general_purpose::STANDARD.encode("hunter2")), "{}", ex.stdout);
 }
