@@ -233,11 +233,6 @@ fn go_duration(nanos: i64) -> String {
     }
 }
 
-/// The kinds the descriptors decode, as `apiVersion/kind` (for documentation and tests).
-pub fn decoded_kinds_count() -> usize {
-    types().by_kind.len()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
