@@ -15,5 +15,6 @@ mod api;
 mod encrypted;
 mod files;
 mod imds;
+mod inspect;
 mod s3;
 mod verify;

@@ -4,6 +4,7 @@ mod dist;
 mod encryption;
 mod ha;
 mod hostile;
+mod inspect;
 mod k3s_node;
 mod native_replay;
 mod pitr;

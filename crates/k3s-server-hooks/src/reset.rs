@@ -454,7 +454,7 @@ async fn bump(cfg: &ServerConfig) -> Result<()> {
 
 /// `<dir>/../.metadata/<file>` of a local snapshot, when there and ours (k3s's own document, its
 /// extra metadata, carries nothing the reset checks).
-fn local_metadata(p: &Path) -> Option<SnapshotMetadata> {
+pub(crate) fn local_metadata(p: &Path) -> Option<SnapshotMetadata> {
     let file = p.file_name()?.to_str()?;
     let md = p.parent()?.parent()?.join(k3s_snapshot_core::metadata::METADATA_DIR).join(file);
     match MetadataDoc::parse(&std::fs::read(&md).ok()?) {

@@ -116,8 +116,8 @@ impl DrillReport {
     }
 }
 
-/// A drill's scratch dir, removed (with everything in it) when dropped.
-struct Scratch(PathBuf);
+/// A drill's (or an inspection's) scratch dir, removed (with everything in it) when dropped.
+pub(crate) struct Scratch(pub(crate) PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
@@ -147,10 +147,10 @@ fn remove_stale(parent: &Path) {
     }
 }
 
-fn make_scratch(dd: &DataDir) -> crate::Result<Scratch> {
-    let parent = scratch_parent(dd);
-    create_private_dir(&parent)?;
-    remove_stale(&parent);
+/// A new private dir `<pid>-<random>` in `parent`, after removing those of processes gone.
+pub(crate) fn make_scratch(parent: &Path) -> crate::Result<Scratch> {
+    create_private_dir(parent)?;
+    remove_stale(parent);
     let dir = parent.join(format!("{}-{:016x}", std::process::id(), rand::random::<u64>()));
     std::fs::create_dir(&dir).map_err(Error::io("create", &dir))?;
     {
@@ -196,7 +196,7 @@ fn drill_config(base: &ServerConfig, scratch: &Path, target: &str, req: &DrillRe
 
 /// The snapshot a drill of `req.target` restores: `latest` resolved as a reset resolves it, a
 /// bare name in S3 (with S3) or the snapshot dir, a path as given.
-async fn resolve(cfg: &ServerConfig, target: &str) -> crate::Result<(String, bool)> {
+pub(crate) async fn resolve(cfg: &ServerConfig, target: &str) -> crate::Result<(String, bool)> {
     let remote = cfg.snapshots.remote.is_some();
     if target == "latest" {
         return Ok((reset::latest_snapshot(cfg).await?, remote));
@@ -246,7 +246,7 @@ pub async fn drill(base: &ServerConfig, req: &DrillRequest, cancel: &Cancellatio
         ok: false,
         from_remote: false,
     };
-    let scratch = match make_scratch(&base.data_dir) {
+    let scratch = match make_scratch(&scratch_parent(&base.data_dir)) {
         Ok(s) => s,
         Err(e) => {
             report.fail("scratch", format!("{e}; check --data-dir"));

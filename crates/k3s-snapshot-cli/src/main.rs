@@ -4,6 +4,7 @@
 
 mod config;
 mod generate;
+mod inspect;
 mod ls;
 mod remote;
 mod s3args;

@@ -58,6 +58,9 @@ pub async fn run(common: &CommonArgs, server: &str, command: SnapshotCommand) ->
         SnapshotCommand::Status { .. } => bail!(
             "status reads a snapshot file and does not use --etcd-server: run it where the file is (or with --etcd-s3)"
         ),
+        SnapshotCommand::Inspect(_) => bail!(
+            "inspect reads snapshots here and does not use --etcd-server: run it where the snapshot is (or with --etcd-s3)"
+        ),
         SnapshotCommand::Verify { .. } => bail!(
             "verify restores a snapshot into a scratch dir here and does not use --etcd-server: run it where the snapshot is (or with --etcd-s3), or give the server --etcd-snapshot-verify-schedule"
         ),

@@ -88,6 +88,10 @@ pub enum SnapshotCommand {
         #[arg(long, env = "K3S_ETCD_BIN_DIR")]
         etcd_bin_dir: Option<PathBuf>,
     },
+    /// Read-only surgical recovery: browse, get, diff and export single objects of any snapshot
+    /// (local, S3, zip, age, a delta chain at a revision or time) without a restore; Kubernetes
+    /// values decoded. Never writes into etcd: re-apply what `export` prints with kubectl
+    Inspect(crate::inspect::InspectArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -210,7 +214,7 @@ impl CommonArgs {
         (!token.is_empty()).then(|| k3s_server_hooks::token::metadata_token_hash(&token))
     }
 
-    fn etcd_config(&self) -> anyhow::Result<EtcdClientConfig> {
+    pub(crate) fn etcd_config(&self) -> anyhow::Result<EtcdClientConfig> {
         if !self.etcd_endpoints.is_empty() {
             return Ok(EtcdClientConfig {
                 endpoints: self.etcd_endpoints.clone(),
@@ -262,6 +266,7 @@ pub async fn run(args: SnapshotArgs, cancel: CancellationToken) -> anyhow::Resul
             };
             crate::verify::run(common, req, etcd_bin_dir, output == StatusFormat::Json, &cancel).await
         }
+        SnapshotCommand::Inspect(args) => crate::inspect::run(common, args).await,
     }
 }
 

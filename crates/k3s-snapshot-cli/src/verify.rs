@@ -16,7 +16,7 @@ use crate::snapshot::CommonArgs;
 
 /// The reset's configuration for a drill of `common`'s snapshot dir or S3 bucket; the drill
 /// replaces what concerns the restore itself.
-async fn base_config(common: &CommonArgs, etcd_bin_dir: Option<PathBuf>) -> anyhow::Result<ServerConfig> {
+pub(crate) async fn base_config(common: &CommonArgs, etcd_bin_dir: Option<PathBuf>) -> anyhow::Result<ServerConfig> {
     let remote = common.s3.open().await?;
     let lo = std::net::IpAddr::from([127, 0, 0, 1]);
     Ok(ServerConfig {

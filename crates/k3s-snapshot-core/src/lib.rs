@@ -11,6 +11,7 @@ pub mod delta;
 pub mod delta_replay;
 pub mod encryption;
 pub mod error;
+pub mod inspect;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod etcd_config;
