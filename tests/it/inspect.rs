@@ -113,6 +113,26 @@ fn deployment(image: &str, replicas: i32) -> Vec<u8> {
     k8s_value("apps/v1", "Deployment", &d)
 }
 
+/// A value as Kubernetes' aescbc provider stores it (`k8s:enc:aescbc:v1:key1:`, the IV, then
+/// AES-256-CBC with PKCS#7 padding), the ciphertext made by the stock `openssl enc`, so the
+/// decryption is checked against a writer that is not ours.
+fn aescbc_by_openssl(key: &[u8; 32], iv: &[u8; 16], plain: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["enc", "-aes-256-cbc", "-K", &hex::encode(key), "-iv", &hex::encode(iv)])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("openssl cannot run ({e}): run `cargo xtask provision` (it installs Debian openssl)"));
+    child.stdin.take().unwrap().write_all(plain).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "openssl enc failed");
+    let mut v = b"k8s:enc:aescbc:v1:key1:".to_vec();
+    v.extend_from_slice(iv);
+    v.extend_from_slice(&out.stdout);
+    v
+}
+
 /// The objects of the tests' `prod` namespace: key → value.
 pub(crate) fn prod_objects() -> Vec<(String, Vec<u8>)> {
     let ns = core::Namespace { metadata: Some(stored_meta("prod", "", &[])), ..Default::default() };
@@ -128,7 +148,7 @@ pub(crate) fn prod_objects() -> Vec<(String, Vec<u8>)> {
         ("/registry/namespaces/prod".into(), k8s_value("v1", "Namespace", &ns)),
         ("/registry/configmaps/prod/app-config".into(), k8s_value("v1", "ConfigMap", &cm)),
         ("/registry/secrets/prod/db".into(), secret("db", "hunter2")),
-        ("/registry/secrets/prod/cbc".into(), enc("aescbc", &AESCBC_KEY, &[3; 16], "cbc")),
+        ("/registry/secrets/prod/cbc".into(), aescbc_by_openssl(&AESCBC_KEY, &[3; 16], &secret("cbc", "s3cr3t"))),
         ("/registry/secrets/prod/box".into(), enc("secretbox", &SECRETBOX_KEY, &[4; 24], "box")),
         ("/registry/deployments/prod/web".into(), deployment("nginx:1.25", 3)),
         (

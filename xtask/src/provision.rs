@@ -195,6 +195,7 @@ pub fn check_all() -> Vec<Check> {
     checks.push(Check { name: "systemd-analyze", result: check_systemd_analyze() });
     checks.push(Check { name: "man", result: check_man() });
     checks.push(Check { name: "binutils", result: check_binutils() });
+    checks.push(Check { name: "openssl", result: check_openssl() });
     checks
 }
 
@@ -467,6 +468,16 @@ fn check_binutils() -> std::result::Result<String, String> {
     Ok(found)
 }
 
+/// The OpenSSL CLI: the inspect tests encrypt a value at rest with `openssl enc -aes-256-cbc`,
+/// laid out as Kubernetes' aescbc provider writes it, so the decryption is checked against a
+/// writer that is not ours.
+fn check_openssl() -> std::result::Result<String, String> {
+    let remedy = "install Debian openssl (`apt-get install openssl`, or run `cargo xtask provision` as root)";
+    let bin = which("openssl").ok_or_else(|| format!("openssl is not installed: {remedy}"))?;
+    let v = output_of(&bin, &["version"]).map_err(|e| format!("{e}: {remedy}"))?;
+    Ok(first_line(&v).to_string())
+}
+
 fn tempfile_dir(what: &str) -> std::io::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("k3s-snapshot-xtask-{what}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -522,6 +533,9 @@ pub fn ensure_all() -> Result<Tools> {
     }
     if failing("binutils") {
         apt.push("binutils");
+    }
+    if failing("openssl") {
+        apt.push("openssl");
     }
     if failing("etcd 3.5.1")
         && !Command::new("python3").args(["-m", "pip", "--version"]).output().is_ok_and(|o| o.status.success())
