@@ -27,13 +27,15 @@
 //!
 //! The parts: [`layout`] (the page format both sides share), [`reader`] ([`Db`], [`Bucket`]),
 //! [`checker`] (the whole-image structure check), [`writer`] (a bulk rewrite of an image with
-//! edits, e.g. the revision bump of a restore), [`append`] (keys streamed onto a bucket's right
+//! edits), `commit` ([`writer::append_commit`]: a few keys committed as bbolt commits a
+//! transaction, e.g. the revision bump of a restore), [`append`] (keys streamed onto a bucket's right
 //! edge in one commit: the native replay of delta segments).
 
 use std::path::PathBuf;
 
 pub mod append;
 pub mod checker;
+mod commit;
 pub mod layout;
 pub mod reader;
 #[cfg(test)]
