@@ -35,7 +35,6 @@ use axum::response::{IntoResponse, Response};
 use k3s_snapshot_core::etcd::EtcdClientConfig;
 use k3s_snapshot_core::k3s_list::{self, S3Origin, SnapshotFileList};
 use k3s_snapshot_core::list::list_snapshots;
-use k3s_snapshot_core::metadata::SnapshotMetadata;
 use k3s_snapshot_core::name;
 use k3s_snapshot_core::progress::NoProgress;
 use k3s_snapshot_core::retention::{prune, RetentionPolicy};
@@ -387,14 +386,20 @@ impl SnapshotService {
             let mut found = false;
             for store in &stores {
                 if store.head(n).await.map_err(failed)?.is_some() {
-                    store.delete(&[n.clone(), SnapshotMetadata::key_for(n)]).await.map_err(failed)?;
+                    found = true;
+                    let held = k3s_snapshot_core::retention::delete_unless_held(*store, n).await.map_err(failed)?;
+                    if let Some(hold) = held {
+                        let w = format!("{} is under {hold}; not deleted", store.location(n));
+                        tracing::warn!(snapshot = %n, "{w}");
+                        warnings.push(w);
+                        continue;
+                    }
                     tracing::info!(snapshot = %n, location = %store.location(n), "deleted snapshot on request");
                     result.locations.push(Located {
                         name: n.clone(),
                         location: store.location(n),
                         action: "deleted".into(),
                     });
-                    found = true;
                 }
             }
             if found {

@@ -371,6 +371,45 @@ mod tests {
     }
 
     #[test]
+    fn object_lock_and_customer_key_flags_parse_in_both_spellings() {
+        for prefix in ["--s3-", "--etcd-s3-"] {
+            let f = |name: &str| format!("{prefix}{name}");
+            let args = [
+                "etcd-snapshot".to_string(),
+                "--s3".into(),
+                f("bucket"),
+                "b".into(),
+                f("object-lock-mode"),
+                "COMPLIANCE".into(),
+                f("object-lock-days"),
+                "30".into(),
+                f("sse-customer-key-file"),
+                "/etc/k3s/sse-c.key".into(),
+            ];
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let cfg = snapshot_args(&args).common.s3.to_config().unwrap().unwrap();
+            assert_eq!(
+                cfg.object_lock,
+                Some(s3_backend::ObjectLock { mode: s3_backend::LockMode::Compliance, days: 30 })
+            );
+            assert_eq!(cfg.sse_customer_key_file.as_deref(), Some(std::path::Path::new("/etc/k3s/sse-c.key")));
+        }
+        assert!(parse(&["etcd-snapshot", "--s3-object-lock-mode", "WORM"]).is_err());
+        assert!(parse(&["etcd-snapshot", "--s3-object-lock-days", "-1"]).is_err());
+        let a = snapshot_args(&["etcd-snapshot", "--s3", "--s3-bucket", "b", "--s3-object-lock-days", "3"]);
+        let e = a.common.s3.to_config().unwrap_err().to_string();
+        assert!(e.contains("--etcd-s3-object-lock-mode"), "{e}");
+        let s = match parse(&["server", "--etcd-s3-object-lock-mode", "GOVERNANCE", "--etcd-s3-object-lock-days", "7"])
+            .unwrap()
+            .command
+        {
+            Command::Server(s) => s,
+            other => panic!("not server: {other:?}"),
+        };
+        assert_eq!((s.s3.object_lock_mode.as_deref(), s.s3.object_lock_days), (Some("GOVERNANCE"), Some(7)));
+    }
+
+    #[test]
     fn completion_takes_bash_zsh_or_fish() {
         for shell in ["bash", "zsh", "fish"] {
             assert!(matches!(parse(&["completion", shell]).unwrap().command, Command::Completion { .. }), "{shell}");

@@ -137,6 +137,31 @@ pub struct S3Args {
         global = true
     )]
     pub sse_kms_key_id: Option<String>,
+    /// SSE-C: encrypt every object with the 256-bit key in this file (32 raw bytes, or base64 or hex; mode 0600); needs https
+    #[arg(
+        id = "etcd-s3-sse-customer-key-file",
+        long = "etcd-s3-sse-customer-key-file",
+        visible_alias = "s3-sse-customer-key-file",
+        global = true
+    )]
+    pub sse_customer_key_file: Option<PathBuf>,
+    /// Object Lock retention on every object written: GOVERNANCE or COMPLIANCE (with --etcd-s3-object-lock-days) [default: the bucket's default retention]
+    #[arg(
+        id = "etcd-s3-object-lock-mode",
+        long = "etcd-s3-object-lock-mode",
+        visible_alias = "s3-object-lock-mode",
+        global = true,
+        value_parser = ["GOVERNANCE", "COMPLIANCE"]
+    )]
+    pub object_lock_mode: Option<String>,
+    /// Days each object written stays under --etcd-s3-object-lock-mode
+    #[arg(
+        id = "etcd-s3-object-lock-days",
+        long = "etcd-s3-object-lock-days",
+        visible_alias = "s3-object-lock-days",
+        global = true
+    )]
+    pub object_lock_days: Option<u32>,
 }
 
 impl std::fmt::Debug for S3Args {
@@ -151,6 +176,9 @@ impl std::fmt::Debug for S3Args {
             .field("secret_key", &self.secret_key.as_ref().map(|_| "<redacted>"))
             .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
             .field("sse", &self.sse)
+            .field("sse_customer_key_file", &self.sse_customer_key_file)
+            .field("object_lock_mode", &self.object_lock_mode)
+            .field("object_lock_days", &self.object_lock_days)
             .finish_non_exhaustive()
     }
 }
@@ -186,6 +214,9 @@ impl S3Args {
             credential_chain: s3_backend::CredentialChain::from_env(),
             sse: s3_backend::ServerSideEncryption::from_flags(self.sse.as_deref(), self.sse_kms_key_id.as_deref())
                 .map_err(anyhow::Error::msg)?,
+            object_lock: s3_backend::ObjectLock::from_flags(self.object_lock_mode.as_deref(), self.object_lock_days)
+                .map_err(anyhow::Error::msg)?,
+            sse_customer_key_file: self.sse_customer_key_file.clone(),
             stream_limits: None,
         }))
     }

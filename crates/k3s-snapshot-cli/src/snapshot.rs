@@ -9,7 +9,6 @@ use k3s_snapshot_core::encryption::{self, Identities, Recipients};
 use k3s_snapshot_core::etcd::{self, EtcdClientConfig};
 use k3s_snapshot_core::k3s_list::{self, SnapshotFileList};
 use k3s_snapshot_core::list::list_snapshots;
-use k3s_snapshot_core::metadata::SnapshotMetadata;
 use k3s_snapshot_core::name;
 use k3s_snapshot_core::progress::{NoProgress, Progress};
 use k3s_snapshot_core::retention::{prune, RetentionPolicy};
@@ -354,10 +353,14 @@ async fn delete(common: &CommonArgs, names: &[String]) -> anyhow::Result<()> {
         let mut found = false;
         for store in &stores {
             if store.head(n).await?.is_some() {
-                store.delete(&[n.clone(), SnapshotMetadata::key_for(n)]).await?;
+                found = true;
+                if let Some(hold) = k3s_snapshot_core::retention::delete_unless_held(*store, n).await? {
+                    // As retention does: a hold is the bucket doing its job, not a failure.
+                    tracing::warn!(snapshot = %n, "{} is under {hold}; not deleted", store.location(n));
+                    continue;
+                }
                 tracing::info!(snapshot = %n, location = %store.location(n), "deleted snapshot");
                 println!("Deleted {}", store.location(n));
-                found = true;
             }
         }
         if !found {

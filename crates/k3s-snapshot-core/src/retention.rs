@@ -57,6 +57,8 @@ pub async fn prune(store: &dyn SnapshotStore, policy: &RetentionPolicy<'_>) -> R
             "retention leaves alone objects under the prefix whose names this tool would not have written");
     }
     let doomed = expired(candidates, policy.keep);
+    // Oldest first, as the holds end.
+    let doomed = without_held(store, doomed.into_iter().rev().collect(), "snapshots past retention").await?;
     for chunk in doomed.chunks(500) {
         let mut keys = Vec::with_capacity(chunk.len() * 2);
         for f in chunk {
@@ -69,6 +71,51 @@ pub async fn prune(store: &dyn SnapshotStore, policy: &RetentionPolicy<'_>) -> R
         }
     }
     Ok(doomed)
+}
+
+/// Deletes a snapshot and its metadata on request (`etcd-snapshot delete`, the API), unless the
+/// store holds it: then nothing is deleted and the hold is returned, for the caller to say so.
+pub async fn delete_unless_held(store: &dyn SnapshotStore, file: &str) -> Result<Option<crate::store::Hold>> {
+    if let Some(h) = store.hold(file).await? {
+        return Ok(Some(h));
+    }
+    store.delete(&[file.to_string(), SnapshotMetadata::key_for(file)]).await?;
+    Ok(None)
+}
+
+/// The files of `oldest_first` that the store lets us delete now (see [`SnapshotStore::hold`]),
+/// in the same order. Held ones are left for a later run with one line that says until when;
+/// never an error. A retention period runs from when an object was written, so once an object is
+/// found under a dated hold, every newer one is taken to be held too and not asked about: a run
+/// costs one request per object it deletes, plus one, whatever number waits under a lock. A legal
+/// hold (no date) is one object's and does not stop the scan.
+pub async fn without_held(
+    store: &dyn SnapshotStore,
+    oldest_first: Vec<String>,
+    what: &str,
+) -> Result<Vec<String>> {
+    let mut free = Vec::with_capacity(oldest_first.len());
+    let (mut held, mut first): (usize, Option<(String, crate::store::Hold)>) = (0, None);
+    let mut files = oldest_first.into_iter();
+    for f in files.by_ref() {
+        match store.hold(&f).await? {
+            None => free.push(f),
+            Some(h) => {
+                held += 1;
+                let dated = h.until.is_some();
+                first.get_or_insert((f, h));
+                if dated {
+                    break;
+                }
+            }
+        }
+    }
+    held += files.count();
+    if let Some((file, hold)) = first {
+        tracing::info!(store = %store.describe(), held, first = %file,
+            "kept {held} {what}: {file} is under {hold}; they are deleted once their hold has passed");
+    }
+    Ok(free)
 }
 
 #[cfg(test)]

@@ -29,6 +29,25 @@ pub struct ObjectInfo {
     pub modified: Option<DateTime<Utc>>,
 }
 
+/// Why a store will not delete an object yet: a write-once hold (S3 Object Lock) that the
+/// store's own credentials cannot lift. See [`SnapshotStore::hold`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// What holds it, for messages: `object lock (COMPLIANCE)`, `legal hold`.
+    pub what: String,
+    /// Until when; `None`: until someone lifts it (a legal hold).
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Display for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.until {
+            Some(t) => write!(f, "{} until {}", self.what, t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            None => write!(f, "{} until it is lifted", self.what),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PutOptions {
     pub content_type: String,
@@ -77,6 +96,14 @@ pub trait SnapshotStore: Send + Sync {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxStream<'a, Result<ObjectInfo>>;
     /// Deletes objects; missing ones are ignored.
     async fn delete(&self, keys: &[String]) -> Result<()>;
+    /// Whether the object is under a hold that forbids deleting it now (S3 Object Lock: a
+    /// retention date still ahead, or a legal hold); `None` where the store has none (local
+    /// files), the hold has passed, or the object is not there. Retention asks before deleting,
+    /// and leaves held objects for a later run.
+    async fn hold(&self, key: &str) -> Result<Option<Hold>> {
+        let _ = key;
+        Ok(None)
+    }
     /// The user metadata stored with an object (S3 `x-amz-meta-*`, without the prefix), empty
     /// where the store keeps none (local files) or the object is not there.
     async fn user_metadata(&self, key: &str) -> Result<Vec<(String, String)>> {

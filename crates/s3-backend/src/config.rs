@@ -7,6 +7,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use crate::creds::CredentialChain;
+use crate::object_lock::ObjectLock;
 
 /// Default `--etcd-s3-endpoint`.
 pub const DEFAULT_ENDPOINT: &str = "s3.amazonaws.com";
@@ -131,6 +132,12 @@ pub struct S3Config {
     pub credential_chain: CredentialChain,
     /// `--etcd-s3-sse` (with `--etcd-s3-sse-kms-key-id`): server-side encryption of what is written.
     pub sse: Option<ServerSideEncryption>,
+    /// `--etcd-s3-object-lock-mode` with `--etcd-s3-object-lock-days`: a retention on every
+    /// object written. `None`: the bucket's default retention, if any.
+    pub object_lock: Option<ObjectLock>,
+    /// `--etcd-s3-sse-customer-key-file`: SSE-C with the 256-bit key in this file (read when the
+    /// store is built). Needs https and excludes `sse`.
+    pub sse_customer_key_file: Option<PathBuf>,
     /// Streamed uploads' limits, bytes: `(largest single PUT, part size)` of a known-length body.
     /// `None`: S3's 5 GiB and 64 MiB parts (or `K3S_SNAPSHOT_TEST_S3_STREAM_LIMITS`). For tests,
     /// which cannot move 5 GiB; no flag sets it.
@@ -155,6 +162,8 @@ impl Default for S3Config {
             proxy: None,
             credential_chain: CredentialChain::default(),
             sse: None,
+            object_lock: None,
+            sse_customer_key_file: None,
             stream_limits: None,
         }
     }
@@ -186,6 +195,8 @@ impl fmt::Debug for S3Config {
             .field("proxy", &self.proxy.as_deref().map(redact_url_password))
             .field("credential_chain", &self.credential_chain)
             .field("sse", &self.sse)
+            .field("object_lock", &self.object_lock)
+            .field("sse_customer_key_file", &self.sse_customer_key_file)
             .finish()
     }
 }
@@ -262,7 +273,19 @@ impl S3Config {
         if self.folder_trimmed().split('/').any(|seg| seg == ".." || seg == ".") {
             return Err(format!("folder {:?} contains '.' or '..'; fix --etcd-s3-folder", self.folder));
         }
-        self.endpoint()
+        let endpoint = self.endpoint()?;
+        if self.sse_customer_key_file.is_some() {
+            if self.sse.is_some() {
+                return Err("--etcd-s3-sse and --etcd-s3-sse-customer-key-file both ask for server-side encryption; give one of them".into());
+            }
+            if !endpoint.https {
+                return Err(format!(
+                    "--etcd-s3-sse-customer-key-file needs https, and {} is plain http: S3 refuses customer keys sent in the clear; drop --etcd-s3-insecure",
+                    endpoint.url()
+                ));
+            }
+        }
+        Ok(endpoint)
     }
 }
 
@@ -331,6 +354,17 @@ mod tests {
         assert!(cfg.validate().unwrap_err().contains("--etcd-s3-secret-key"));
         let cfg = S3Config { bucket: "b".into(), folder: "a/../b".into(), ..S3Config::default() };
         assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn a_customer_key_needs_https_and_no_other_encryption() {
+        let key = Some(PathBuf::from("/k"));
+        let cfg = S3Config { bucket: "b".into(), sse_customer_key_file: key.clone(), ..S3Config::default() };
+        assert!(cfg.validate().is_ok());
+        let http = S3Config { insecure: true, endpoint: "127.0.0.1:9".into(), ..cfg.clone() };
+        assert!(http.validate().unwrap_err().contains("needs https"));
+        let both = S3Config { sse: Some(ServerSideEncryption::Aes256), ..cfg };
+        assert!(both.validate().unwrap_err().contains("give one of them"));
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub enum S3Error {
     #[error("the data to upload failed: {0}; nothing was stored")]
     Source(String),
 
+    /// The object is encrypted with a customer key (SSE-C) that was not given, or not this one.
+    #[error("{0}")]
+    CustomerKey(String),
+
     #[error("{0}")]
     Invalid(String),
 }
@@ -86,6 +90,7 @@ impl S3Error {
             | S3Error::UploadDeadline { .. }
             | S3Error::Certificate { .. }
             | S3Error::Tls { .. }
+            | S3Error::CustomerKey(_)
             | S3Error::Invalid(_) => false,
         }
     }

@@ -12,9 +12,12 @@
 //! [`download_snapshot`] and [`upload_file`] move whole snapshot files between a local directory
 //! and any store, verifying size and SHA-256 before anything is renamed into place.
 
+mod checksum;
 mod config;
 mod creds;
 mod error;
+mod object_lock;
+mod sse;
 mod store;
 mod stream_put;
 
@@ -23,6 +26,8 @@ pub use config::{
 };
 pub use creds::{CredentialChain, DEFAULT_IMDS_ENDPOINT, IMDS_TIMEOUT};
 pub use error::S3Error;
+pub use object_lock::{LockMode, ObjectLock, MAX_LOCK_DAYS};
+pub use sse::CustomerKey;
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.
 pub use k3s_snapshot_core::transfer::{
     download_snapshot, download_snapshot_with_progress, download_to_scratch, download_with_metadata, fetch_metadata,

@@ -38,12 +38,15 @@ use tokio::time::Instant;
 
 use k3s_snapshot_core::metadata::METADATA_DIR;
 use k3s_snapshot_core::name;
-use k3s_snapshot_core::store::{ByteStream, ObjectInfo, PutOptions, SnapshotStore};
+use k3s_snapshot_core::store::{ByteStream, Hold, ObjectInfo, PutOptions, SnapshotStore};
 use k3s_snapshot_core::{Error, Result};
 
+use crate::checksum;
 use crate::config::{redact_url_password, BucketLookup, S3Config};
 use crate::creds::{Found, Key, Keyring};
 use crate::error::{innermost_detail, is_no_such_upload, Classifier, S3Error};
+use crate::object_lock::{hold_of, ObjectLock};
+use crate::sse::{self, CustomerKey, KEY_MD5_META};
 use crate::stream_put::{PutRequest, StreamPut, MAX_SINGLE_PUT};
 
 /// Smallest part the S3 API accepts (except the last one).
@@ -92,6 +95,10 @@ struct Inner {
     classifier: Classifier,
     /// `x-amz-server-side-encryption*` headers of every PUT and multipart initiation.
     sse_headers: Vec<(&'static str, String)>,
+    /// `--etcd-s3-object-lock-*`: the retention of every object written.
+    object_lock: Option<ObjectLock>,
+    /// `--etcd-s3-sse-customer-key-file`: sent with every request on an object's bytes.
+    customer_key: Option<CustomerKey>,
     stream_limits: StreamLimits,
 }
 
@@ -117,6 +124,9 @@ pub struct ObjectDetails {
     pub sse: Option<String>,
     /// `x-amz-server-side-encryption-aws-kms-key-id`, for SSE-KMS.
     pub sse_kms_key_id: Option<String>,
+    /// An Object Lock retention date still ahead, or a legal hold (as far as the credentials may
+    /// see them).
+    pub hold: Option<Hold>,
 }
 
 impl S3Store {
@@ -155,6 +165,8 @@ impl S3Store {
         BucketName::new(bucket.as_str())
             .map_err(|e| Error::Invalid(format!("invalid --etcd-s3-bucket {bucket:?}: {e}")))?;
         let keyring = Keyring::new(cfg).map_err(Error::Invalid)?;
+        let customer_key =
+            cfg.sse_customer_key_file.as_deref().map(CustomerKey::from_file).transpose().map_err(Error::Invalid)?;
         let streamer = StreamPut {
             base: base.clone(),
             http: stream_put_client(cfg, ca_pem.as_deref()).map_err(|e| {
@@ -181,6 +193,8 @@ impl S3Store {
                 describe,
                 timeout: cfg.timeout,
                 sse_headers: cfg.sse.as_ref().map(|s| s.headers()).unwrap_or_default(),
+                object_lock: cfg.object_lock,
+                customer_key,
                 stream_limits: StreamLimits::of(cfg.stream_limits),
             }),
         };
@@ -226,12 +240,14 @@ impl S3Store {
         let inner = &self.inner;
         let object = inner.object_name(key)?;
         let object = object.as_str();
+        let key_headers = multimap(&inner.key_headers());
         let res = inner
-            .call("stat", key, || async move {
+            .call("stat", key, || async {
                 inner
                     .client()
                     .stat_object(inner.bucket.as_str(), object)
                     .map_err(|e| inner.classifier.classify(e.into()))?
+                    .extra_headers(key_headers.clone())
                     .build()
                     .send()
                     .await
@@ -241,7 +257,7 @@ impl S3Store {
         let resp = match res {
             Ok(r) => r,
             Err(S3Error::NoSuchKey { .. }) => return Ok(None),
-            Err(e) => return Err(inner.storage_error("stat", key, e)),
+            Err(e) => return Err(inner.storage_error("stat", key, inner.explain_read_refusal(e))),
         };
         let headers = resp.headers();
         let size = resp.size().map_err(|e| inner.storage_error("stat", key, S3Error::Invalid(e.to_string())))?;
@@ -255,6 +271,7 @@ impl S3Store {
             user_metadata,
             sse: header("x-amz-server-side-encryption"),
             sse_kms_key_id: header("x-amz-server-side-encryption-aws-kms-key-id"),
+            hold: hold_of(headers, Utc::now()),
         }))
     }
 }
@@ -500,16 +517,39 @@ impl Inner {
         Some(m)
     }
 
-    /// The server-side encryption headers, for minio's requests.
-    fn sse_headers(&self) -> Option<Multimap> {
-        if self.sse_headers.is_empty() {
-            return None;
+    /// The headers of a request that creates an object (a PUT, a multipart initiation):
+    /// server-side encryption or the customer key (with its MD5 as user metadata), and the
+    /// object lock's retention, counted from now.
+    fn object_headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = self.sse_headers.clone();
+        if let Some(k) = &self.customer_key {
+            h.extend(k.headers());
+            h.push((meta_header(), k.md5().to_string()));
         }
-        let mut m = Multimap::new();
-        for (k, v) in &self.sse_headers {
-            m.add(*k, v.clone());
+        if let Some(lock) = &self.object_lock {
+            h.extend(lock.headers(Utc::now()));
         }
-        Some(m)
+        h
+    }
+
+    /// The headers of every other request on an object's bytes (a part, the completion, GET,
+    /// HEAD): the customer key, when there is one.
+    fn key_headers(&self) -> Vec<(&'static str, String)> {
+        self.customer_key.iter().flat_map(|k| k.headers()).collect()
+    }
+
+    /// A read that S3 refused as it refuses one of an SSE-C object without its key (400 with no
+    /// error document on a HEAD, `InvalidRequest` on a GET), said as such when no key was given.
+    fn explain_read_refusal(&self, e: S3Error) -> S3Error {
+        let ssec_refusal = match &e {
+            S3Error::Status { status: 400, .. } => true,
+            S3Error::Server { code, .. } => code.eq_ignore_ascii_case("invalidrequest"),
+            _ => false,
+        };
+        match (ssec_refusal, &self.customer_key) {
+            (true, None) => S3Error::CustomerKey(format!("{e}, as s3 answers reading an object encrypted with a customer key (SSE-C) without it; pass --etcd-s3-sse-customer-key-file with the key it was written with")),
+            _ => e,
+        }
     }
 
     fn content_type(opts: &PutOptions) -> String {
@@ -527,10 +567,12 @@ impl Inner {
         data: SegmentedBytes,
         opts: &PutOptions,
     ) -> Result<(), S3Error> {
+        let mut headers = self.object_headers();
+        headers.extend(checksum::headers(&checksum::of_segments(&data)));
         let data = Arc::new(data);
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
-        let sse = self.sse_headers();
+        let sse = multimap(&headers);
         self.call("upload", key, || {
             let (data, meta, ctype, sse) = (data.clone(), meta.clone(), ctype.clone(), sse.clone());
             async move {
@@ -553,8 +595,9 @@ impl Inner {
     async fn start_multipart(&self, key: &str, object: &str, opts: &PutOptions) -> Result<String, S3Error> {
         let meta = Self::user_metadata(opts);
         let ctype = Self::content_type(opts);
-        // The encryption is asked for once, at the initiation (S3 refuses it on UploadPart).
-        let sse = self.sse_headers();
+        // The encryption and the lock are asked for once, at the initiation (S3 refuses SSE-S3
+        // and SSE-KMS headers on UploadPart); every part then carries a CRC32C.
+        let sse = multimap(&self.object_headers());
         self.call("start the multipart upload of", key, || {
             let (meta, ctype, sse) = (meta.clone(), ctype.clone(), sse.clone());
             async move {
@@ -565,6 +608,7 @@ impl Inner {
                     .content_type(Some(ctype))
                     .user_metadata(meta)
                     .extra_headers(sse)
+                    .checksum_algorithm(Some(checksum::ALGORITHM))
                     .build()
                     .send()
                     .await
@@ -585,8 +629,12 @@ impl Inner {
         data: Arc<SegmentedBytes>,
     ) -> Result<PartInfo, S3Error> {
         let size = data.len() as u64;
+        let crc = checksum::of_segments(&data);
+        let mut headers = self.key_headers();
+        headers.extend(checksum::headers(&crc));
+        let headers = multimap(&headers);
         self.call("upload a part of", key, || {
-            let data = data.clone();
+            let (data, headers, crc) = (data.clone(), headers.clone(), crc.clone());
             async move {
                 let part = UploadPart::builder()
                     .client(self.client())
@@ -595,10 +643,11 @@ impl Inner {
                     .upload_id(Some(upload_id.to_string()))
                     .part_number(Some(number))
                     .data(data)
+                    .extra_headers(headers)
                     .build();
                 let resp = part.send().await.map_err(|e| self.classifier.classify(e))?;
                 let etag = resp.etag().map_err(|e| self.classifier.classify(e.into()))?;
-                Ok(PartInfo::new(number, etag, size, None))
+                Ok(PartInfo::new(number, etag, size, Some((checksum::ALGORITHM, crc))))
             }
         })
         .await
@@ -623,23 +672,26 @@ impl Inner {
         }
         let body = body.boxed();
         let query = [("partNumber", number.to_string()), ("uploadId", upload_id.to_string())];
+        // SSE-S3/KMS and the lock are asked for at the initiation (S3 refuses the first on a
+        // part); a customer key goes with every part.
+        let key_headers = self.key_headers();
         let req = PutRequest {
             bucket: &self.bucket,
             object,
             len: size,
             content_type: "application/octet-stream",
             user_metadata: &[],
-            // Encryption is asked for at the initiation; S3 refuses its headers on a part.
-            extra_headers: &[],
+            extra_headers: &key_headers,
             query: &query,
             stall_timeout: self.timeout,
         };
         let creds = self.signer.refresh().await?;
-        let etag = self.streamer.put(&self.classifier, creds.as_ref().map(|f| &f.key), req, body).await?;
-        let etag = etag
+        let answer = self.streamer.put(&self.classifier, creds.as_ref().map(|f| &f.key), req, body).await?;
+        let etag = answer
+            .etag
             .and_then(|e| minio::s3::types::ETag::new(e).ok())
             .ok_or_else(|| S3Error::Invalid(format!("the server answered part {number} of {key} without an ETag")))?;
-        Ok(PartInfo::new(number, etag, size, None))
+        Ok(PartInfo::new(number, etag, size, Some((checksum::ALGORITHM, answer.checksum))))
     }
 
     async fn complete_multipart(
@@ -651,15 +703,17 @@ impl Inner {
         total: u64,
     ) -> Result<(), S3Error> {
         let mut tries = 0u32;
+        let key_headers = multimap(&self.key_headers());
         let res = self
             .call("complete the multipart upload of", key, || {
                 tries += 1;
-                let (parts, first_try) = (parts.clone(), tries == 1);
+                let (parts, first_try, key_headers) = (parts.clone(), tries == 1, key_headers.clone());
                 async move {
                     let res = self
                         .client()
                         .complete_multipart_upload(self.bucket.as_str(), object, upload_id, parts)
                         .map_err(|e| self.classifier.classify(e.into()))?
+                        .extra_headers(key_headers)
                         .build()
                         .send()
                         .await;
@@ -692,11 +746,13 @@ impl Inner {
     }
 
     async fn stat_size(&self, key: &str, object: &str) -> Result<Option<u64>, S3Error> {
+        let key_headers = multimap(&self.key_headers());
         let res = self
-            .call("stat", key, || async move {
+            .call("stat", key, || async {
                 self.client()
                     .stat_object(self.bucket.as_str(), object)
                     .map_err(|e| self.classifier.classify(e.into()))?
+                    .extra_headers(key_headers.clone())
                     .build()
                     .send()
                     .await
@@ -745,20 +801,27 @@ impl Inner {
         offset: u64,
         etag: Option<&str>,
     ) -> Result<(ObjectInfo, Option<String>, BoxStream<'static, std::io::Result<Bytes>>), S3Error> {
+        let key_headers = multimap(&self.key_headers());
         let resp = self
-            .call("download", key, || async move {
+            .call("download", key, || async {
                 self.client()
                     .get_object(self.bucket.as_str(), object)
                     .map_err(|e| self.classifier.classify(e.into()))?
                     .offset((offset > 0).then_some(offset))
                     .match_etag(etag.map(str::to_string))
+                    .extra_headers(key_headers.clone())
                     .build()
                     .send()
                     .await
                     .map_err(|e| self.classifier.classify(e))
             })
-            .await?;
+            .await
+            .map_err(|e| self.explain_read_refusal(e))?;
         let headers = resp.headers();
+        // A server that does not enforce SSE-C would hand out the bytes anyway: the key's MD5
+        // the object was written with says whether this read can be right.
+        let written_with = headers.get(meta_header()).and_then(|v| v.to_str().ok());
+        sse::check_key(written_with, self.customer_key.as_ref()).map_err(S3Error::CustomerKey)?;
         let modified = last_modified(headers);
         let etag = headers.get("etag").and_then(|v| v.to_str().ok()).map(str::to_string);
         let (body, len) = resp.into_boxed_stream().map_err(|e| self.classifier.classify(e))?;
@@ -901,13 +964,14 @@ impl S3Store {
             return Ok(len);
         }
         if let Some(len) = opts.size_hint.filter(|n| (DEFAULT_PART_SIZE..=limits.single_put).contains(n)) {
+            let object_headers = inner.object_headers();
             let req = PutRequest {
                 bucket: &inner.bucket,
                 object: &object,
                 len,
                 content_type: &Inner::content_type(&opts),
                 user_metadata: &opts.user_metadata,
-                extra_headers: &inner.sse_headers,
+                extra_headers: &object_headers,
                 query: &[],
                 stall_timeout: inner.timeout,
             };
@@ -1407,6 +1471,29 @@ impl SnapshotStore for S3Store {
     async fn user_metadata(&self, key: &str) -> Result<Vec<(String, String)>> {
         Ok(self.head_details(key).await?.map(|d| d.user_metadata).unwrap_or_default())
     }
+
+    async fn hold(&self, key: &str) -> Result<Option<Hold>> {
+        Ok(self.head_details(key).await?.and_then(|d| d.hold))
+    }
+}
+
+/// Headers as minio takes them; `None` for none.
+fn multimap(headers: &[(&'static str, String)]) -> Option<Multimap> {
+    if headers.is_empty() {
+        return None;
+    }
+    let mut m = Multimap::new();
+    for (k, v) in headers {
+        m.add(*k, v.clone());
+    }
+    Some(m)
+}
+
+/// The header of [`KEY_MD5_META`].
+fn meta_header() -> &'static str {
+    const H: &str = "x-amz-meta-k3s-sse-customer-key-md5";
+    debug_assert_eq!(H.strip_prefix("x-amz-meta-"), Some(KEY_MD5_META));
+    H
 }
 
 fn xml_escape(s: &str) -> String {

@@ -3,9 +3,10 @@
 //!
 //! minio 0.4 holds every request body in memory and hashes it before signing, so this request is
 //! built from minio's public pieces (URL builder, header canonicalisation, dates, credentials)
-//! and signed here with SigV4 over `UNSIGNED-PAYLOAD`: the headers are signed, the body is not
-//! hashed up front. It goes out through its own `reqwest` client set up like minio's (same CA
-//! file, same skip-verify choice, environment proxies).
+//! and signed here with SigV4 over `STREAMING-UNSIGNED-PAYLOAD-TRAILER`: the headers are signed,
+//! the body is not hashed up front; it goes out `aws-chunked` with a CRC32C trailer that S3
+//! checks against what it received ([`crate::checksum`]). It goes out through its own `reqwest`
+//! client set up like minio's (same CA file, same skip-verify choice, environment proxies).
 //!
 //! Why one request instead of a multipart upload: nothing is buffered but the chunks in flight,
 //! and the server stores the object once. A multipart upload makes S3 servers that assemble
@@ -25,7 +26,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -42,6 +43,7 @@ use tokio::time::Instant;
 
 use k3s_snapshot_core::store::ByteStream;
 
+use crate::checksum::{self, AwsChunked};
 use crate::creds::Key;
 use crate::error::{innermost_detail, Classifier, S3Error};
 
@@ -61,7 +63,7 @@ pub(crate) struct PutRequest<'a> {
     pub len: u64,
     pub content_type: &'a str,
     pub user_metadata: &'a [(String, String)],
-    /// More headers, signed with the rest (the server-side encryption ones).
+    /// More headers, signed with the rest (server-side encryption, customer key, object lock).
     pub extra_headers: &'a [(&'static str, String)],
     /// Query parameters, signed (`partNumber` and `uploadId` for a part of a multipart upload).
     pub query: &'a [(&'static str, String)],
@@ -76,14 +78,24 @@ fn hmac_sha256(key: &[u8], data: &[u8]) -> Vec<u8> {
     m.finalize().into_bytes().to_vec()
 }
 
-/// The headers of a streamed PUT, every one of which is signed: the body's length and type, the
-/// user metadata, the server-side encryption asked for.
+/// What a streamed PUT answered: the ETag and the checksum S3 checked the body against.
+#[derive(Debug)]
+pub(crate) struct PutAnswer {
+    pub etag: Option<String>,
+    /// The CRC32C sent as the trailer (base64).
+    pub checksum: String,
+}
+
+/// The headers of a streamed PUT, every one of which is signed: the body's length (encoded and
+/// decoded) and type, the trailing checksum announced, the user metadata, the extra headers.
 fn request_headers(req: &PutRequest<'_>, host: String, date: chrono::DateTime<chrono::Utc>) -> Multimap {
     let mut headers = Multimap::new();
     headers.add("host", host);
     headers.add("content-type", req.content_type);
-    headers.add("content-length", req.len.to_string());
-    headers.add("x-amz-content-sha256", "UNSIGNED-PAYLOAD");
+    for (k, v) in checksum::streaming_headers(req.len) {
+        headers.add(k, v);
+    }
+    headers.add("x-amz-content-sha256", checksum::STREAMING_TRAILER);
     headers.add("x-amz-date", to_amz_date(date));
     for (k, v) in req.user_metadata {
         headers.add(format!("x-amz-meta-{}", k.to_ascii_lowercase()), v.clone());
@@ -97,14 +109,14 @@ fn request_headers(req: &PutRequest<'_>, host: String, date: chrono::DateTime<ch
 impl StreamPut {
     /// Sends `body` (exactly `req.len` bytes) to `bucket/object` as one request, signed with
     /// `creds` (their session token, if any, goes in `x-amz-security-token`), or anonymous.
-    /// Returns the ETag the server answered with, if any.
+    /// Returns the ETag the server answered with, if any, and the checksum it checked.
     pub async fn put(
         &self,
         classifier: &Classifier,
         creds: Option<&Key>,
         req: PutRequest<'_>,
         body: ByteStream,
-    ) -> Result<Option<String>, S3Error> {
+    ) -> Result<PutAnswer, S3Error> {
         let bucket = BucketName::new(req.bucket).map_err(|e| classifier.classify(e.into()))?;
         let object = ObjectKey::new(req.object).map_err(|e| classifier.classify(e.into()))?;
         let mut query = Multimap::new();
@@ -126,9 +138,10 @@ impl StreamPut {
             }
             let (signed, canonical) = headers.get_canonical_headers();
             let canonical_request = format!(
-                "PUT\n{}\n{}\n{canonical}\n\n{signed}\nUNSIGNED-PAYLOAD",
+                "PUT\n{}\n{}\n{canonical}\n\n{signed}\n{}",
                 url.path,
-                query.get_canonical_query_string()
+                query.get_canonical_query_string(),
+                checksum::STREAMING_TRAILER
             );
             let day = to_signer_date(date);
             let scope = format!("{day}/{}/s3/aws4_request", region.as_str());
@@ -151,7 +164,12 @@ impl StreamPut {
         let progress = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let source = Source(Arc::new(Mutex::new(Some(body))));
-        let body = ExactBody::new(source.0.clone(), req.len, progress.clone(), started);
+        let sent = Arc::new(OnceLock::new());
+        let body = AwsChunked::new(
+            ExactBody::new(source.0.clone(), req.len, progress.clone(), started),
+            req.len,
+            sent.clone(),
+        );
         let mut request = self.http.put(url.to_string());
         if let Some(a) = authorization {
             request = request.header("authorization", a);
@@ -184,7 +202,11 @@ impl StreamPut {
         if status.is_success() {
             let etag =
                 resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(|v| v.trim_matches('"').to_string());
-            return Ok(etag);
+            // The trailer went out before the server could answer.
+            let checksum = sent.get().cloned().ok_or_else(|| {
+                S3Error::Invalid("the server answered before the upload's checksum was sent".into())
+            })?;
+            return Ok(PutAnswer { etag, checksum });
         }
         let headers = resp.headers().clone();
         let text = resp.bytes().await.unwrap_or_default();
