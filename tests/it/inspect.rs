@@ -123,7 +123,9 @@ fn aescbc_by_openssl(key: &[u8; 32], iv: &[u8; 16], plain: &[u8]) -> Vec<u8> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("openssl cannot run ({e}): run `cargo xtask provision` (it installs Debian openssl)"));
+        .unwrap_or_else(|e| {
+            panic!("openssl cannot run ({e}): run `cargo xtask provision` (it installs Debian openssl)")
+        });
     child.stdin.take().unwrap().write_all(plain).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "openssl enc failed");
@@ -260,10 +262,17 @@ fn objects_read_back_as_kubectl_shows_them_and_export_for_apply(v: EtcdVersion) 
     let cfg_s = cfg.display().to_string();
     let ex = inspect(&dir, &["export", &snap_s, "--namespace", "prod", "--encryption-config", &cfg_s]);
     ex.assert_ok();
-    assert!(ex.stdout.starts_with(&format!("# from snapshot {} at revision ", snap.file_name().unwrap().to_string_lossy())), "{}", ex.stdout);
+    assert!(
+        ex.stdout.starts_with(&format!("# from snapshot {} at revision ", snap.file_name().unwrap().to_string_lossy())),
+        "{}",
+        ex.stdout
+    );
     let all = docs(&ex.stdout);
     let by_name = |kind: &str, name: &str| {
-        all.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).unwrap_or_else(|| panic!("{kind} {name} in:\n{}", ex.stdout)).clone()
+        all.iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} in:\n{}", ex.stdout))
+            .clone()
     };
     for d in &all {
         for f in ["uid", "resourceVersion", "creationTimestamp", "managedFields", "selfLink"] {
@@ -286,7 +295,10 @@ fn objects_read_back_as_kubectl_shows_them_and_export_for_apply(v: EtcdVersion) 
     }
     assert_eq!(by_name("ConfigMap", "app-config")["data"], serde_json::json!({"LOG_LEVEL": "debug"}));
     assert_eq!(by_name("Namespace", "prod")["metadata"], serde_json::json!({"name": "prod"}));
-    assert_eq!(by_name("Widget", "w1"), serde_json::json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w1", "namespace": "prod"}, "spec": {"size": 3}}));
+    assert_eq!(
+        by_name("Widget", "w1"),
+        serde_json::json!({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w1", "namespace": "prod"}, "spec": {"size": 3}})
+    );
     assert!(!ex.stdout.contains("just text"));
 
     // --kind narrows to one kind.
@@ -321,7 +333,12 @@ fn diff_after_delete_update_and_recreate_against_a_snapshot_and_the_live_cluster
         assert!(d.stdout.lines().any(|l| l == line), "{line} in:\n{}", d.stdout);
     }
     assert!(!d.stdout.contains("/registry/secrets/prod/cbc"), "unchanged keys are not listed:\n{}", d.stdout);
-    let summary = |res: &str| d.stdout.lines().find(|l| l.starts_with(res) && l.contains(" prod ")).map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>());
+    let summary = |res: &str| {
+        d.stdout
+            .lines()
+            .find(|l| l.starts_with(res) && l.contains(" prod "))
+            .map(|l| l.split_whitespace().skip(2).collect::<Vec<_>>())
+    };
     assert_eq!(summary("configmaps"), Some(vec!["1", "1", "0"]), "{}", d.stdout);
     assert_eq!(summary("deployments"), Some(vec!["0", "0", "1"]), "{}", d.stdout);
 
@@ -331,7 +348,10 @@ fn diff_after_delete_update_and_recreate_against_a_snapshot_and_the_live_cluster
     h.assert_ok();
     assert_eq!(h.stdout.matches("# revision ").count(), 2, "{}", h.stdout);
     let hunter = base64::engine::general_purpose::STANDARD.encode("hunter2");
-    assert!(h.stdout.find(&hunter).unwrap() < h.stdout.find(&base64::engine::general_purpose::STANDARD.encode("changed")).unwrap());
+    assert!(
+        h.stdout.find(&hunter).unwrap()
+            < h.stdout.find(&base64::engine::general_purpose::STANDARD.encode("changed")).unwrap()
+    );
     let at = format!("{b_s}@{at_a}");
     let same = inspect(&dir, &["diff", &a_s, &at]);
     same.assert_ok();
@@ -357,7 +377,8 @@ fn zipped_encrypted_and_s3_snapshots_inspect_like_plain_ones(v: EtcdVersion) {
     put_bytes(&etcd, &prod_objects());
     let key = age::keygen(tmp.path(), "inspect");
     let (rcpt, id) = (key.recipients.display().to_string(), key.identity.display().to_string());
-    let s3_flags: Vec<String> = s3.server_flags("snaps").into_iter().map(|f| f.replacen("--etcd-s3", "--s3", 1)).collect();
+    let s3_flags: Vec<String> =
+        s3.server_flags("snaps").into_iter().map(|f| f.replacen("--etcd-s3", "--s3", 1)).collect();
     let s3_args: Vec<&str> = s3_flags.iter().map(String::as_str).collect();
     let mut save_args = vec!["--snapshot-compress", "--snapshot-encryption-recipients-file", &rcpt];
     save_args.extend(&s3_args);

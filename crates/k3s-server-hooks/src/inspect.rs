@@ -83,7 +83,9 @@ pub async fn open(base: &ServerConfig, req: &InspectRequest) -> Result<Opened> {
         match std::fs::metadata(&target) {
             Ok(m) if m.is_file() => {}
             Ok(_) => return Err(err(format!("{target} is not a file; give a snapshot file or name"))),
-            Err(e) => return Err(err(format!("cannot read snapshot {target}: {e}; `etcd-snapshot ls` lists the snapshots"))),
+            Err(e) => {
+                return Err(err(format!("cannot read snapshot {target}: {e}; `etcd-snapshot ls` lists the snapshots")))
+            }
         }
         (PathBuf::from(&target), PathBuf::from(&target))
     };

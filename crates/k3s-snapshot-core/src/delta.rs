@@ -458,9 +458,15 @@ pub async fn prune_chains(
     // Objects under an S3 Object Lock stay until their lock has passed (oldest first: bases by
     // the time in their name, segments by revision).
     doomed.bases.sort_by_key(|b| crate::name::parse(b).map(|p| p.timestamp));
-    doomed.bases = crate::retention::without_held(store, std::mem::take(&mut doomed.bases), "chain bases past chain retention").await?;
-    doomed.segments =
-        crate::retention::without_held(store, std::mem::take(&mut doomed.segments), "delta segments past chain retention").await?;
+    doomed.bases =
+        crate::retention::without_held(store, std::mem::take(&mut doomed.bases), "chain bases past chain retention")
+            .await?;
+    doomed.segments = crate::retention::without_held(
+        store,
+        std::mem::take(&mut doomed.segments),
+        "delta segments past chain retention",
+    )
+    .await?;
     for chunk in doomed.bases.chunks(500) {
         let keys: Vec<String> =
             chunk.iter().flat_map(|f| [f.clone(), crate::metadata::SnapshotMetadata::key_for(f)]).collect();

@@ -11,10 +11,10 @@ pub mod delta;
 pub mod delta_replay;
 pub mod encryption;
 pub mod error;
-pub mod inspect;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod etcd_config;
+pub mod inspect;
 pub mod integrity;
 pub mod k3s_list;
 pub mod list;

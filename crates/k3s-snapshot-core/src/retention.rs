@@ -89,11 +89,7 @@ pub async fn delete_unless_held(store: &dyn SnapshotStore, file: &str) -> Result
 /// found under a dated hold, every newer one is taken to be held too and not asked about: a run
 /// costs one request per object it deletes, plus one, whatever number waits under a lock. A legal
 /// hold (no date) is one object's and does not stop the scan.
-pub async fn without_held(
-    store: &dyn SnapshotStore,
-    oldest_first: Vec<String>,
-    what: &str,
-) -> Result<Vec<String>> {
+pub async fn without_held(store: &dyn SnapshotStore, oldest_first: Vec<String>, what: &str) -> Result<Vec<String>> {
     let mut free = Vec::with_capacity(oldest_first.len());
     let (mut held, mut first): (usize, Option<(String, crate::store::Hold)>) = (0, None);
     let mut files = oldest_first.into_iter();

@@ -26,13 +26,13 @@ pub use config::{
 };
 pub use creds::{CredentialChain, DEFAULT_IMDS_ENDPOINT, IMDS_TIMEOUT};
 pub use error::S3Error;
-pub use object_lock::{LockMode, ObjectLock, MAX_LOCK_DAYS};
-pub use sse::CustomerKey;
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.
 pub use k3s_snapshot_core::transfer::{
     download_snapshot, download_snapshot_with_progress, download_to_scratch, download_with_metadata, fetch_metadata,
     upload_file,
 };
+pub use object_lock::{LockMode, ObjectLock, MAX_LOCK_DAYS};
+pub use sse::CustomerKey;
 pub use store::{ObjectDetails, S3Store, DEFAULT_PART_SIZE, DELETE_BATCH, MAX_PARTS, MIN_PART_SIZE};
 pub use stream_put::MAX_SINGLE_PUT;
 

@@ -66,10 +66,7 @@ impl ObjectLock {
         let until = now + chrono::Duration::days(i64::from(self.days));
         [
             ("x-amz-object-lock-mode", self.mode.to_string()),
-            (
-                "x-amz-object-lock-retain-until-date",
-                until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            ),
+            ("x-amz-object-lock-retain-until-date", until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         ]
     }
 }

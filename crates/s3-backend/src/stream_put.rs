@@ -203,9 +203,10 @@ impl StreamPut {
             let etag =
                 resp.headers().get("etag").and_then(|v| v.to_str().ok()).map(|v| v.trim_matches('"').to_string());
             // The trailer went out before the server could answer.
-            let checksum = sent.get().cloned().ok_or_else(|| {
-                S3Error::Invalid("the server answered before the upload's checksum was sent".into())
-            })?;
+            let checksum = sent
+                .get()
+                .cloned()
+                .ok_or_else(|| S3Error::Invalid("the server answered before the upload's checksum was sent".into()))?;
             return Ok(PutAnswer { etag, checksum });
         }
         let headers = resp.headers().clone();

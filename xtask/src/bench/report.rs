@@ -188,4 +188,3 @@ pub(super) fn results_json(m: &Machine, runs: usize, sizes: &[(usize, u64, Vec<R
         })).collect::<Vec<_>>(),
     })
 }
-

@@ -45,7 +45,10 @@ pub fn run(src: &Source, sel: &Selection, output: ObjectFormat, ring: Option<&Ke
             Ok(Decoded::Object { json, .. }) => json,
             Ok(d @ Decoded::Undecoded { .. }) => {
                 if sel.kind.as_deref().is_none_or(|k| k8s::kind_matches(k, &r, &d)) {
-                    failures.report(key, &format!("a {} stored as protobuf, which this build does not decode", d.kind().unwrap_or("?")));
+                    failures.report(
+                        key,
+                        &format!("a {} stored as protobuf, which this build does not decode", d.kind().unwrap_or("?")),
+                    );
                 }
                 continue;
             }
@@ -65,11 +68,18 @@ pub fn run(src: &Source, sel: &Selection, output: ObjectFormat, ring: Option<&Ke
         };
         let kind_ok = match &sel.kind {
             Some(k) => {
-                let probe = Decoded::Object { json: serde_json::json!({"kind": obj.get("kind")}), stored_as: "", decrypted: None };
+                let probe = Decoded::Object {
+                    json: serde_json::json!({"kind": obj.get("kind")}),
+                    stored_as: "",
+                    decrypted: None,
+                };
                 k8s::kind_matches(k, &r, &probe)
             }
             None => {
-                if sel.namespace.is_some() && (matches!(r.resource.as_str(), "events" | "endpoints" | "events.events.k8s.io") || controlled(&obj)) {
+                if sel.namespace.is_some()
+                    && (matches!(r.resource.as_str(), "events" | "endpoints" | "events.events.k8s.io")
+                        || controlled(&obj))
+                {
                     skipped += 1;
                     false
                 } else {

@@ -226,7 +226,15 @@ fn keys(src: &Source, prefix: &str, limit: Option<usize>, output: ListFormat) ->
         ListFormat::Table => {
             writeln!(out, "{:<12} {:>8} {:>18} {:>10}  KEY", "MODREV", "VERSION", "LEASE", "SIZE")?;
             for (k, e) in rows {
-                writeln!(out, "{:<12} {:>8} {:>18} {:>10}  {}", e.revision, e.version, lease(e), e.value_len, show_key(k))?;
+                writeln!(
+                    out,
+                    "{:<12} {:>8} {:>18} {:>10}  {}",
+                    e.revision,
+                    e.version,
+                    lease(e),
+                    e.value_len,
+                    show_key(k)
+                )?;
             }
         }
         ListFormat::Json => {
@@ -310,7 +318,9 @@ fn print_value(
         Ok(Decoded::Object { json, .. }) => write_object(out, &json, output)?,
         Ok(Decoded::Undecoded { api_version, kind, raw_len }) => failures.report(
             key,
-            &format!("a {kind} ({api_version}) stored as protobuf, a type this build does not decode ({raw_len} bytes)"),
+            &format!(
+                "a {kind} ({api_version}) stored as protobuf, a type this build does not decode ({raw_len} bytes)"
+            ),
         ),
         Ok(Decoded::Encrypted { provider, key_name, why }) => {
             failures.report(key, &format!("encrypted at rest ({provider}, key {key_name:?}): {why}"))

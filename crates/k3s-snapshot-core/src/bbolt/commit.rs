@@ -237,4 +237,3 @@ pub(super) fn encode_freelist(id: u64, ids: &[u64], ps: usize) -> Vec<u8> {
     }
     body
 }
-

@@ -25,11 +25,11 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
+pub use super::commit::append_commit;
+pub(super) use super::commit::{encode_freelist, merge_freelist};
 use super::layout::*;
 use super::reader::{Bucket, Db, Value};
 use super::BoltError;
-pub use super::commit::append_commit;
-pub(super) use super::commit::{encode_freelist, merge_freelist};
 
 /// bbolt's largest key and value (`MaxKeySize`, `MaxValueSize`).
 pub const MAX_KEY_SIZE: usize = 32768;

@@ -94,7 +94,8 @@ impl KeyRing {
             ))
         };
         let text = std::fs::read_to_string(path).map_err(Error::io("read", path))?;
-        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| bad(format!("not an EncryptionConfiguration ({e})")))?;
+        let cfg: Config =
+            serde_yaml::from_str(&text).map_err(|e| bad(format!("not an EncryptionConfiguration ({e})")))?;
         let mut keys = HashMap::new();
         for r in cfg.resources {
             for p in r.providers {
@@ -134,9 +135,14 @@ impl KeyRing {
     /// provider that cannot be decrypted here, a wrong key or damaged data).
     pub fn decrypt(&self, env: &Envelope<'_>) -> std::result::Result<Vec<u8>, String> {
         let key = match env.provider.as_str() {
-            "aescbc" | "secretbox" => self.keys.get(&(env.provider.clone(), env.key_name.clone())).ok_or_else(|| {
-                format!("encrypted with {} key {:?}, which {} does not hold", env.provider, env.key_name, self.source)
-            })?,
+            "aescbc" | "secretbox" => {
+                self.keys.get(&(env.provider.clone(), env.key_name.clone())).ok_or_else(|| {
+                    format!(
+                        "encrypted with {} key {:?}, which {} does not hold",
+                        env.provider, env.key_name, self.source
+                    )
+                })?
+            }
             p => return Err(format!("encrypted by the {p} provider, which is not decrypted offline")),
         };
         match env.provider.as_str() {

@@ -46,11 +46,23 @@ pub fn object_ref(key: &[u8]) -> Option<ObjectRef> {
 pub enum Decoded {
     /// A Kubernetes object as kubectl shows it (`protobuf` or `json` as stored); `decrypted`
     /// names the provider and key when it was encrypted at rest.
-    Object { json: Json, stored_as: &'static str, decrypted: Option<String> },
+    Object {
+        json: Json,
+        stored_as: &'static str,
+        decrypted: Option<String>,
+    },
     /// A protobuf object of a kind the compiled descriptors do not have.
-    Undecoded { api_version: String, kind: String, raw_len: usize },
+    Undecoded {
+        api_version: String,
+        kind: String,
+        raw_len: usize,
+    },
     /// Encrypted at rest, and not decrypted (no `--encryption-config`, or why not).
-    Encrypted { provider: String, key_name: String, why: String },
+    Encrypted {
+        provider: String,
+        key_name: String,
+        why: String,
+    },
     Text(String),
     Binary(Vec<u8>),
 }
@@ -157,10 +169,19 @@ mod tests {
 
     #[test]
     fn registry_keys_name_their_objects() {
-        assert_eq!(object_ref(b"/registry/secrets/kube-system/k3s-serving"), r("secrets", Some("kube-system"), "k3s-serving"));
+        assert_eq!(
+            object_ref(b"/registry/secrets/kube-system/k3s-serving"),
+            r("secrets", Some("kube-system"), "k3s-serving")
+        );
         assert_eq!(object_ref(b"/registry/namespaces/prod"), r("namespaces", None, "prod"));
-        assert_eq!(object_ref(b"/registry/services/specs/default/kubernetes"), r("services", Some("default"), "kubernetes"));
-        assert_eq!(object_ref(b"/registry/services/endpoints/default/kubernetes"), r("endpoints", Some("default"), "kubernetes"));
+        assert_eq!(
+            object_ref(b"/registry/services/specs/default/kubernetes"),
+            r("services", Some("default"), "kubernetes")
+        );
+        assert_eq!(
+            object_ref(b"/registry/services/endpoints/default/kubernetes"),
+            r("endpoints", Some("default"), "kubernetes")
+        );
         assert_eq!(object_ref(b"/registry/example.com/widgets/ns1/w"), r("widgets.example.com", Some("ns1"), "w"));
         assert_eq!(object_ref(b"/registry/ranges/serviceips"), r("ranges", None, "serviceips"));
         assert_eq!(object_ref(b"/registry/a/b/c/d"), None);
@@ -184,6 +205,9 @@ mod tests {
     #[test]
     fn apply_form_drops_server_fields_and_status() {
         let o = serde_json::json!({"kind":"ConfigMap","metadata":{"name":"a","uid":"u","resourceVersion":"5","creationTimestamp":"t","managedFields":[],"labels":{"x":"y"}},"status":{},"data":{"k":"v"}});
-        assert_eq!(for_apply(o), serde_json::json!({"kind":"ConfigMap","metadata":{"name":"a","labels":{"x":"y"}},"data":{"k":"v"}}));
+        assert_eq!(
+            for_apply(o),
+            serde_json::json!({"kind":"ConfigMap","metadata":{"name":"a","labels":{"x":"y"}},"data":{"k":"v"}})
+        );
     }
 }

@@ -177,7 +177,8 @@ fn walk(db: &Db, at: Option<i64>, mut f: impl FnMut(i64, i64, bool, KvRef<'_>)) 
         if at.is_some_and(|at| main > at) {
             return Err(Walk::Stop);
         }
-        let kv = parse_kv(v).map_err(|e| Walk::Bad(format!("revision {main}.{sub}: the KeyValue does not decode: {e}")))?;
+        let kv =
+            parse_kv(v).map_err(|e| Walk::Bad(format!("revision {main}.{sub}: the KeyValue does not decode: {e}")))?;
         f(main, sub, tomb, kv);
         Ok(())
     });
@@ -228,7 +229,9 @@ pub fn value_at<'a>(db: &'a Db, entry: &Entry) -> Result<&'a [u8]> {
     let bucket = key_bucket(db)?;
     let rk = crate::revision::rev_bytes(entry.revision, entry.sub);
     match bucket.get(&rk).map_err(|e| invalid(db, e))? {
-        Some(Value::Data(v)) => Ok(parse_kv(v).map_err(|e| invalid(db, format!("revision {}: {e}", entry.revision)))?.value),
+        Some(Value::Data(v)) => {
+            Ok(parse_kv(v).map_err(|e| invalid(db, format!("revision {}: {e}", entry.revision)))?.value)
+        }
         _ => Err(invalid(db, format!("revision {}.{} is not in the `key` bucket", entry.revision, entry.sub))),
     }
 }
@@ -320,7 +323,10 @@ mod tests {
         };
         let bytes = kv.encode_to_vec();
         let r = parse_kv(&bytes).unwrap();
-        assert_eq!((r.key, r.create_revision, r.mod_revision, r.version, r.value, r.lease), (&kv.key[..], 3, 9, 4, &kv.value[..], 11));
+        assert_eq!(
+            (r.key, r.create_revision, r.mod_revision, r.version, r.value, r.lease),
+            (&kv.key[..], 3, 9, 4, &kv.value[..], 11)
+        );
         assert!(parse_kv(&bytes[..bytes.len() - 1]).is_err());
     }
 
@@ -329,10 +335,15 @@ mod tests {
         let a: BTreeMap<Vec<u8>, u8> = [(b"a".to_vec(), 1), (b"b".to_vec(), 1), (b"c".to_vec(), 1)].into();
         let b: BTreeMap<Vec<u8>, u8> = [(b"b".to_vec(), 2), (b"c".to_vec(), 1), (b"d".to_vec(), 1)].into();
         let mut got = Vec::new();
-        diff_sorted(&a, &b, |_, x, y| Ok(x == y), |k, c| {
-            got.push((k.to_vec(), c));
-            Ok(())
-        })
+        diff_sorted(
+            &a,
+            &b,
+            |_, x, y| Ok(x == y),
+            |k, c| {
+                got.push((k.to_vec(), c));
+                Ok(())
+            },
+        )
         .unwrap();
         assert_eq!(
             got,

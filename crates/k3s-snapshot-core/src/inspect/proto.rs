@@ -74,8 +74,11 @@ pub struct Unknown {
 pub fn unknown(body: &[u8]) -> Result<Unknown, String> {
     let t = types();
     let desc = t.pool.get_message_by_name("apimachinery.pkg.runtime.Unknown").expect("runtime.Unknown is compiled in");
-    let m = DynamicMessage::decode(desc, body).map_err(|e| format!("the runtime.Unknown envelope does not decode: {e}"))?;
-    let s = |m: &DynamicMessage, f: &str| m.get_field_by_name(f).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+    let m =
+        DynamicMessage::decode(desc, body).map_err(|e| format!("the runtime.Unknown envelope does not decode: {e}"))?;
+    let s = |m: &DynamicMessage, f: &str| {
+        m.get_field_by_name(f).and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    };
     let tm = m.get_field_by_name("typeMeta").and_then(|v| v.as_message().cloned());
     Ok(Unknown {
         api_version: tm.as_ref().map(|t| s(t, "apiVersion")).unwrap_or_default(),
@@ -184,7 +187,9 @@ fn special(name: &str, m: &DynamicMessage) -> Option<Json> {
             Json::String(s)
         }
         "Duration" if meta => Json::String(go_duration(int(m, "duration"))),
-        "Quantity" if meta => Json::String(field(m, "string").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()),
+        "Quantity" if meta => {
+            Json::String(field(m, "string").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
+        }
         "IntOrString" if meta => {
             if int(m, "type") == 1 {
                 Json::String(field(m, "strVal").and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default())
@@ -221,11 +226,7 @@ fn go_duration(nanos: i64) -> String {
     }
     let (secs, frac) = (n / 1_000_000_000, n % 1_000_000_000);
     let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
-    let s = if frac == 0 {
-        s.to_string()
-    } else {
-        format!("{s}.{}", format!("{frac:09}").trim_end_matches('0'))
-    };
+    let s = if frac == 0 { s.to_string() } else { format!("{s}.{}", format!("{frac:09}").trim_end_matches('0')) };
     match (h, m) {
         (0, 0) => format!("{neg}{s}s"),
         (0, m) => format!("{neg}{m}m{s}s"),
