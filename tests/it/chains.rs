@@ -241,13 +241,15 @@ fn delta_retention_prunes_old_chains_but_keeps_the_window_restorable(v: EtcdVers
         put(&dd, &[(&key, "v")]);
         acked.push((key, std::time::SystemTime::now()));
         let bases = bases_in(&dd.snapshots());
-        if first_segments.is_empty() && bases.len() >= 2 && bases[0] == first[0] {
-            // The first chain's segments, once its successor exists.
+        if bases.len() >= 2 && bases[0] == first[0] {
+            // The first chain's segments, once its successor exists, on every poll until the first
+            // base goes: its last segment closes only after the successor is listed.
             let cut = taken(&bases[1]);
-            first_segments = files(&dd.snapshots())
-                .into_iter()
-                .filter(|f| SegmentName::parse(f).is_some_and(|x| x.closed < cut))
-                .collect();
+            for f in files(&dd.snapshots()) {
+                if SegmentName::parse(&f).is_some_and(|x| x.closed < cut) && !first_segments.contains(&f) {
+                    first_segments.push(f);
+                }
+            }
         }
         !files(&dd.snapshots()).contains(&first[0]) && !files(&bucket).contains(&first[0])
     });

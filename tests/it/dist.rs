@@ -85,6 +85,26 @@ fn tarball_holds_the_usr_tree_and_its_checksum_matches() {
         let meta = std::fs::metadata(r.join(f)).unwrap_or_else(|e| panic!("{f}: {e}\n{listing}"));
         assert_eq!(meta.permissions().mode() & 0o777, 0o644, "{f}");
     }
+    // The installed README's relative links (to ARCHITECTURE, BENCHMARKS and docs/) resolve in
+    // the installed copy, as do those of the documents it links to.
+    let mut pages = vec![r.join(DOC).join("README.md")];
+    let mut seen = std::collections::BTreeSet::new();
+    while let Some(page) = pages.pop() {
+        if !seen.insert(page.clone()) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&page).unwrap();
+        for target in text.split("](").skip(1).filter_map(|t| t.split(')').next()) {
+            let path = target.split('#').next().unwrap();
+            if path.is_empty() || path.contains("://") || !path.ends_with(".md") {
+                continue;
+            }
+            let linked = page.parent().unwrap().join(path);
+            assert!(linked.is_file(), "{} links to {target}, which the tarball lacks\n{listing}", page.display());
+            pages.push(linked.canonicalize().unwrap());
+        }
+    }
+    assert!(seen.len() > 10, "the README's links were followed: {seen:?}");
     let license = std::fs::read_to_string(r.join(DOC).join("LICENSE")).unwrap();
     assert!(license.contains("Apache License") && license.contains("Version 2.0, January 2004"));
     // What the binary prints is what was packed (generated from the same clap definitions).

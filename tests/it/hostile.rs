@@ -5,13 +5,16 @@
 //!   server a joiner talks to
 //! - `files`: zip bombs, restores beside a different snapshot of the same name, planted symlinks,
 //!   directories others own or can write, foreign `.part` files, loose modes
-//! - `s3`: an S3 endpoint that answers at a trickle
+//! - `s3`: an S3 endpoint that answers at a trickle, a link that flips a bit of an upload
 //! - `imds`: an instance metadata service that hangs or answers garbage
+//! - `credentials`: a container credentials endpoint that hangs or answers garbage, an STS that
+//!   answers garbage
 //! - `encrypted`: encrypted restores without the right key, with a damaged file, or with an
 //!   identity file others can read
 //! - `verify`: restore drills of backups that would not restore, or not as the cluster was
 
 mod api;
+mod credentials;
 mod encrypted;
 mod files;
 mod imds;

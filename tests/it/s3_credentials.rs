@@ -5,6 +5,8 @@
 //! (`AWS_EC2_METADATA_SERVICE_ENDPOINT`), against s3s-fs, which checks every SigV4 signature.
 //! The credentials files are written as the AWS CLI writes them (`aws configure`): INI sections
 //! named after the profile, `aws_access_key_id`/`aws_secret_access_key`/`aws_session_token`.
+//! Beyond k3s (issue 29): web identity (moto's STS; a loopback STS for a refresh within
+//! seconds), container credentials (a loopback agent), `credential_process`.
 
 use std::path::Path;
 use std::process::Command;
@@ -14,10 +16,12 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use k3s_snapshot_core::store::{PutOptions, SnapshotStore};
-use s3_backend::{CredentialChain, S3Config, S3Store};
+use s3_backend::{CredentialChain, S3Config, S3Store, WebIdentityConfig};
 use tests::support::bin::{self, run, Run};
+use tests::support::cred_agent::{Answer as CredAnswer, CredAgent};
 use tests::support::etcd::{Etcd, EtcdVersion};
 use tests::support::imds::{Answer, ImdsResponder};
+use tests::support::moto::MotoServer;
 use tests::support::s3::{S3Server, TlsProxy, ACCESS_KEY, SECRET_KEY};
 
 /// A secret the S3 server does not accept.
@@ -215,6 +219,7 @@ async fn instance_role_credentials_sign_every_request_with_their_token_and_are_r
             shared_file: None,
             profile: String::new(),
             imds_endpoint: Some(imds.url.clone()),
+            ..CredentialChain::default()
         },
         ..tls.config("snaps")
     };
@@ -250,4 +255,144 @@ async fn instance_role_credentials_sign_every_request_with_their_token_and_are_r
     assert!(!after.is_empty() && after.iter().all(|l| l.ends_with("token=token-two")), "{after:#?}");
     assert_eq!(imds.refused(), 0);
     assert!(format!("{store:?}").len() < 400 && !format!("{store:?}").contains(SECRET_KEY));
+}
+
+/// A web identity token exchanged with moto's STS (`AssumeRoleWithWebIdentity` at
+/// `AWS_ENDPOINT_URL_STS`): every request to the bucket is signed with the assumed role's key and
+/// carries its session token, as nginx in front of moto records (moto checks no signature, so
+/// the record is the proof), and moto's STS shows the role and session name asked for.
+#[test]
+fn web_identity_from_moto_sts_signs_every_request_with_the_assumed_role() {
+    let moto = MotoServer::start();
+    moto.create_bucket("snaps");
+    let recorder = TlsProxy::in_front_of(moto.port(), false);
+    let etcd = Etcd::start(EtcdVersion::V3_5);
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "eyJhbGciOiJSUzI1NiJ9.eks-service-account.token\n").unwrap();
+    let role = "arn:aws:iam::123456789012:role/k3s-backup";
+    let dir = tmp.path().join("snapshots");
+    for args in [&["save"][..], &["ls"]] {
+        let mut c = bin::cmd();
+        c.arg("etcd-snapshot")
+            .args(args)
+            .args(["--etcd-endpoints", &etcd.endpoint, "--node-name", "n1", "--dir"])
+            .arg(&dir)
+            .args(["--s3", "--s3-insecure", "--s3-endpoint", &recorder.endpoint, "--s3-bucket", "snaps"])
+            .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token)
+            .env("AWS_ROLE_ARN", role)
+            .env("AWS_ROLE_SESSION_NAME", "k3s-node-1")
+            .env("AWS_ENDPOINT_URL_STS", format!("http://{}", moto.endpoint));
+        let r = run(&mut c);
+        r.assert_ok();
+        assert!(!r.stderr.contains("eks-service-account"), "the token was shown:\n{}", r.stderr);
+    }
+    let sessions = moto.assumed_roles();
+    assert!(!sessions.is_empty() && sessions.iter().all(|s| s.0 == role && s.1 == "k3s-node-1"), "{sessions:?}");
+    let requests = recorder.requests();
+    assert!(requests.iter().any(|l| l.starts_with("PUT /snaps/on-demand-n1-")), "{requests:#?}");
+    for l in &requests {
+        let signed_by_a_session = sessions
+            .iter()
+            .any(|s| l.contains(&format!("Credential={}/", s.2)) && l.ends_with(&format!("token={}", s.3)));
+        assert!(signed_by_a_session, "not signed with an assumed role's credentials: {l}");
+    }
+}
+
+/// The token file is read again at each refresh: with credentials that live 4 s, the next
+/// exchange sends the token the platform rotated into the file. The loopback STS hands out the
+/// key s3s-fs accepts, and s3s-fs checks every signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_identity_reads_its_token_file_again_at_each_refresh() {
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let sts = CredAgent::start(CredAnswer::Sts {
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        token: SESSION_TOKEN.into(),
+        lifetime: Duration::from_secs(4),
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "token-one").unwrap();
+    let cfg = S3Config {
+        access_key: String::new(),
+        secret_key: String::new(),
+        credential_chain: CredentialChain {
+            web_identity: Some(WebIdentityConfig {
+                token_file: token.clone(),
+                role_arn: "arn:aws:iam::123456789012:role/k3s-backup".into(),
+                session_name: None,
+                sts_endpoint: Some(sts.url.clone()),
+            }),
+            ..CredentialChain::default()
+        },
+        ..s3.config("snaps")
+    };
+    let store = S3Store::new(&cfg).unwrap();
+    assert!(sts.seen().is_empty(), "building the store must not ask STS");
+    store.check().await.unwrap();
+    let first = sts.seen();
+    assert_eq!(first.len(), 1);
+    assert!(
+        first[0].body.contains("Action=AssumeRoleWithWebIdentity")
+            && first[0].body.contains("WebIdentityToken=token-one"),
+        "{:?}",
+        first[0].body
+    );
+    std::fs::write(&token, "token-two").unwrap();
+    eventually("a refresh", Duration::from_secs(20), async || {
+        store.check().await.unwrap();
+        sts.seen().len() >= 2
+    })
+    .await;
+    assert!(sts.seen()[1].body.contains("WebIdentityToken=token-two"), "{:?}", sts.seen()[1].body);
+}
+
+/// EKS Pod Identity / ECS: the container credentials endpoint, asked with the token in
+/// `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`, hands out the key s3s-fs checks.
+#[test]
+fn container_credentials_with_the_authorization_token_file_stand_in_for_the_key_flags() {
+    let (etcd, s3, tmp) = setup();
+    let agent = CredAgent::start(CredAnswer::Container {
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        token: SESSION_TOKEN.into(),
+        lifetime: Duration::from_secs(3600),
+        auth: Some("pod-identity-token".into()),
+    });
+    let token_file = tmp.path().join("eks-pod-identity-token");
+    std::fs::write(&token_file, "pod-identity-token\n").unwrap();
+    let url = format!("{}/v1/credentials", agent.url);
+    save_and_list(&etcd, &s3, |c| {
+        c.env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url).env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token_file)
+    });
+    let seen = agent.seen();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|s| s.header("authorization") == Some("pod-identity-token")),
+        "{seen:?}"
+    );
+    // Without the token the agent refuses, and the refusal names the source.
+    let r = run(snap(&etcd, &tmp.path().join("d"), &s3, &["ls"]).env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &url));
+    r.assert_fails_with(&format!("container credentials at {url}: the credentials request was answered with http 401"));
+    assert_no_secrets(&r);
+}
+
+/// `credential_process` in a profile of the config file: its JSON document holds the key s3s-fs
+/// checks.
+#[test]
+fn credential_process_in_the_profile_stands_in_for_the_key_flags() {
+    let (etcd, s3, tmp) = setup();
+    let doc = serde_json::json!({
+        "Version": 1,
+        "AccessKeyId": ACCESS_KEY,
+        "SecretAccessKey": SECRET_KEY,
+        "SessionToken": SESSION_TOKEN,
+        "Expiration": (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339(),
+    });
+    let helper = tmp.path().join("creds.json");
+    std::fs::write(&helper, doc.to_string()).unwrap();
+    let config = tmp.path().join("config");
+    std::fs::write(&config, format!("[profile backup]\ncredential_process = cat {}\n", helper.display())).unwrap();
+    save_and_list(&etcd, &s3, |c| c.env("AWS_CONFIG_FILE", &config).env("AWS_PROFILE", "backup"));
 }

@@ -603,24 +603,7 @@ async fn s3_download_snapshot_checks_size_and_sha256_before_renaming() {
     std::fs::write(&src, &data).unwrap();
     let n = upload_file(&store, file, &src, opts(), &NoProgress).await.unwrap();
     assert_eq!(n, data.len() as u64);
-    let meta = SnapshotMetadata {
-        name: file.into(),
-        node_name: "n1".into(),
-        size: data.len() as u64,
-        created_at: chrono_now(),
-        compressed: false,
-        sha256: hex::encode(Sha256::digest(&data)),
-        etcd_revision: Some(42),
-        etcd_version: Some("3.5.1".into()),
-        total_key: None,
-        token_hash: None,
-        encrypted: false,
-        recipients: Vec::new(),
-        cluster_id: None,
-        live_hash: None,
-        verified: None,
-        extra: Default::default(),
-    };
+    let meta = metadata_of(file, &data);
     store.put(&SnapshotMetadata::key_for(file), chunked(Bytes::from(meta.to_json()), 64), opts()).await.unwrap();
     let fetched = fetch_metadata(&store, file).await.unwrap().expect("metadata was stored");
     let fetched = fetched.ours().expect("our own document").clone();
@@ -674,4 +657,115 @@ async fn s3_download_resumes_where_it_broke_when_the_server_restarts() {
     }
     assert_eq!(got.len(), data.len());
     assert!(got == data, "the resumed download differs");
+}
+
+/// Snapshot metadata of ours for `data`, as a save writes it.
+fn metadata_of(file: &str, data: &[u8]) -> SnapshotMetadata {
+    SnapshotMetadata {
+        name: file.into(),
+        node_name: "n1".into(),
+        size: data.len() as u64,
+        created_at: chrono_now(),
+        compressed: false,
+        sha256: hex::encode(Sha256::digest(data)),
+        etcd_revision: Some(42),
+        etcd_version: Some("3.5.1".into()),
+        total_key: None,
+        token_hash: None,
+        encrypted: false,
+        recipients: Vec::new(),
+        cluster_id: None,
+        live_hash: None,
+        verified: None,
+        extra: Default::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_download_of_a_large_snapshot_fetches_parts_at_once_and_checks_the_sha256() {
+    let server = S3Server::start();
+    server.create_bucket("snaps");
+    let store = S3Store::connect(&server.config("snaps")).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let file = "on-demand-n1-1700000001";
+    // Above the ranged download's threshold and not a whole number of its ranges.
+    let len = k3s_snapshot_core::transfer::PARALLEL_MIN as usize + 37 * MIB + 4321;
+    let data = pattern(len, 21);
+    store.put(file, chunked(data.clone(), MIB), sized(len)).await.unwrap();
+    let meta = metadata_of(file, &data);
+
+    // The store hands out consecutive parts of the version it saw, each exactly its bytes (the
+    // first one cut from the whole object's GET).
+    let (info, parts) = store.get_parts(file, 3, MIB as u64, 0).await.unwrap().expect("S3 serves parts");
+    assert_eq!(info.size, len as u64);
+    assert_eq!(parts.len(), 3);
+    let mut at = 0u64;
+    for p in parts {
+        assert_eq!(p.offset, at, "parts are consecutive");
+        let got = read_all(p.body).await;
+        assert_eq!(got.len() as u64, p.len);
+        assert!(got == data[p.offset as usize..(p.offset + p.len) as usize], "part at {} differs", p.offset);
+        at += p.len;
+    }
+    assert_eq!(at, len as u64, "the parts cover the object");
+    // Under the size that is worth parts: one part, the whole object.
+    let (_, one) = store.get_parts(file, 3, MIB as u64, len as u64 + 1).await.unwrap().unwrap();
+    assert_eq!(one.len(), 1);
+    assert!(read_all(one.into_iter().next().unwrap().body).await == data);
+
+    let dest = tmp.path().join("restore");
+    let path = download_snapshot(&store, file, &dest, Some(&meta)).await.unwrap();
+    assert!(std::fs::read(&path).unwrap() == data, "the ranged download differs from the object");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+
+    // A digest that does not match is refused, and nothing is left behind.
+    let other = tmp.path().join("other");
+    let bad = SnapshotMetadata { sha256: "00".repeat(32), ..meta.clone() };
+    let err = download_snapshot(&store, file, &other, Some(&bad)).await.unwrap_err();
+    assert!(matches!(err, Error::Checksum { .. }), "{err}");
+    assert_eq!(dir_len(&other), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_download_part_resumes_where_it_broke_when_the_server_restarts() {
+    let mut server = S3Server::start();
+    server.create_bucket("snaps");
+    let store = S3Store::connect(&server.config("snaps")).await.unwrap();
+    let data = pattern(80 * MIB, 22);
+    store.put("s-n1-2", chunked(data.clone(), MIB), opts()).await.unwrap();
+    let (_, parts) = store.get_parts("s-n1-2", 2, MIB as u64, 0).await.unwrap().unwrap();
+    let part = parts.into_iter().nth(1).unwrap();
+    let (off, n) = (part.offset as usize, part.len as usize);
+    let mut body = part.body;
+    let mut got = Vec::with_capacity(n);
+    got.extend_from_slice(&body.next().await.unwrap().unwrap());
+    server.restart();
+    while let Some(c) = body.next().await {
+        got.extend_from_slice(&c.unwrap_or_else(|e| panic!("the part did not resume: {e}\n{}", server.log())));
+    }
+    assert_eq!(got.len(), n);
+    assert!(got == data[off..off + n], "the resumed part differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_download_parts_of_a_replaced_object_fail_rather_than_mix_versions() {
+    let server = S3Server::start();
+    server.create_bucket("snaps");
+    let store = S3Store::connect(&server.config("snaps")).await.unwrap();
+    store.put("s-n1-3", chunked(pattern(2 * MIB, 23), MIB), opts()).await.unwrap();
+    let (_, parts) = store.get_parts("s-n1-3", 2, MIB as u64, 0).await.unwrap().unwrap();
+    // Another writer replaces the object after the first part's response, before the second's.
+    store.put("s-n1-3", chunked(pattern(2 * MIB, 24), MIB), opts()).await.unwrap();
+    let mut body = parts.into_iter().nth(1).unwrap().body;
+    let mut failed = None;
+    while let Some(c) = body.next().await {
+        if let Err(e) = c {
+            failed = Some(e.to_string());
+            break;
+        }
+    }
+    let msg = failed.expect("a part of the replaced object was served");
+    assert!(msg.contains("s-n1-3"), "{msg}");
+    assert_no_secret(&msg);
 }

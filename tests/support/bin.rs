@@ -42,11 +42,25 @@ const OUR_ENV: &[&str] = &[
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_EC2_METADATA_SERVICE_ENDPOINT",
     "AWS_EC2_METADATA_DISABLED",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
     "NOTIFY_SOCKET",
 ];
 
 /// A shared credentials file that never exists (`/nonexistent` is, by convention, never made).
 pub const NO_CREDENTIALS_FILE: &str = "/nonexistent/k3s-snapshot-tests/aws-credentials";
+/// Likewise for the config file (`credential_process`).
+pub const NO_CONFIG_FILE: &str = "/nonexistent/k3s-snapshot-tests/aws-config";
 
 /// A `k3s-snapshot` command with a clean environment for the variables it reads. The S3
 /// credential chain reaches neither the developer's `~/.aws/credentials` nor a real instance
@@ -58,6 +72,7 @@ pub fn cmd() -> Command {
         c.env_remove(v);
     }
     c.env("AWS_SHARED_CREDENTIALS_FILE", NO_CREDENTIALS_FILE);
+    c.env("AWS_CONFIG_FILE", NO_CONFIG_FILE);
     c.env("AWS_EC2_METADATA_DISABLED", "true");
     c
 }

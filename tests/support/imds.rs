@@ -100,13 +100,13 @@ impl Drop for ImdsResponder {
 }
 
 /// A request head: method, path, headers (names lowercased).
-struct Head {
-    method: String,
-    path: String,
-    headers: Vec<(String, String)>,
+pub(super) struct Head {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
 }
 
-fn read_head(conn: &mut TcpStream) -> Option<Head> {
+pub(super) fn read_head(conn: &mut TcpStream) -> Option<Head> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") {
@@ -126,7 +126,7 @@ fn read_head(conn: &mut TcpStream) -> Option<Head> {
     Some(Head { method, path, headers })
 }
 
-fn respond(conn: &mut TcpStream, status: &str, body: &[u8]) {
+pub(super) fn respond(conn: &mut TcpStream, status: &str, body: &[u8]) {
     let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
     let _ = conn.write_all(head.as_bytes());
     let _ = conn.write_all(body);

@@ -1,7 +1,10 @@
 //! moto's S3 server (`moto_server`, PyPI `moto[server]`, installed by `cargo xtask provision` into
 //! `target/tools/moto`) on a free loopback port: unlike s3s-fs, it keeps the server-side
 //! encryption a PUT or a multipart initiation asked for and returns it on a (signed) HEAD, as S3
-//! does. It does not check signatures; s3s-fs, which does, serves the other tests.
+//! does, and implements Object Lock (refusing a PUT without a checksum into a locked bucket),
+//! versioning and STS. It does not check signatures or checksums, and drops a multipart upload's
+//! lock at completion; s3s-fs, which checks signatures and trailing checksums, serves the other
+//! tests.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -69,6 +72,96 @@ impl MotoServer {
             reqwest::Client::new().put(format!("http://{}/{name}", self.endpoint)).send().await.unwrap().status()
         });
         assert!(status.is_success(), "create bucket {name}: {status}");
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.endpoint.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// A request to `path` that moto takes as an authenticated one (it checks no signature, but
+    /// answers anonymous requests for private objects with 403).
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        reqwest::Client::new().request(method, format!("http://{}/{path}", self.endpoint)).header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=moto/20250101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=00",
+        )
+    }
+
+    fn send(&self, what: &str, req: reqwest::RequestBuilder) -> (reqwest::header::HeaderMap, String) {
+        block_on(async {
+            let resp = req.send().await.unwrap();
+            let (status, headers) = (resp.status(), resp.headers().clone());
+            let body = resp.text().await.unwrap();
+            assert!(status.is_success(), "{what}: {status} {body}");
+            (headers, body)
+        })
+    }
+
+    /// Creates a bucket with Object Lock (and so versioning) on, and the default retention
+    /// `(mode, days)` if given.
+    pub fn create_lock_bucket(&self, name: &str, default: Option<(&str, u32)>) {
+        self.send(
+            "create a bucket with object lock",
+            self.request(reqwest::Method::PUT, name).header("x-amz-bucket-object-lock-enabled", "true"),
+        );
+        if let Some((mode, days)) = default {
+            let doc = format!(
+                "<ObjectLockConfiguration><ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention><Mode>{mode}</Mode><Days>{days}</Days></DefaultRetention></Rule></ObjectLockConfiguration>"
+            );
+            self.send(
+                "set the default retention",
+                self.request(reqwest::Method::PUT, &format!("{name}?object-lock")).body(doc),
+            );
+        }
+    }
+
+    /// The headers of a HEAD of `bucket/key` (its lock: `x-amz-object-lock-*`).
+    pub fn head(&self, bucket: &str, key: &str) -> reqwest::header::HeaderMap {
+        self.send("head", self.request(reqwest::Method::HEAD, &format!("{bucket}/{key}"))).0
+    }
+
+    /// Sets the retention of `bucket/key` (moto lets a test shorten it, S3 would not in COMPLIANCE).
+    pub fn set_retention(&self, bucket: &str, key: &str, mode: &str, until: chrono::DateTime<chrono::Utc>) {
+        let until = until.format("%Y-%m-%dT%H:%M:%SZ");
+        let doc = format!("<Retention><Mode>{mode}</Mode><RetainUntilDate>{until}</RetainUntilDate></Retention>");
+        self.send(
+            "set the retention",
+            self.request(reqwest::Method::PUT, &format!("{bucket}/{key}?retention"))
+                .header("x-amz-bypass-governance-retention", "true")
+                .body(doc),
+        );
+    }
+
+    /// What `ListObjectVersions` says under `prefix`: `(versions, delete markers)`.
+    pub fn versions(&self, bucket: &str, prefix: &str) -> (usize, usize) {
+        let (_, body) = self
+            .send("list versions", self.request(reqwest::Method::GET, &format!("{bucket}?versions&prefix={prefix}")));
+        (body.matches("<Version>").count(), body.matches("<DeleteMarker>").count())
+    }
+
+    /// The web identity role sessions moto's STS handed out: `(role ARN, session name, access key,
+    /// session token)`, from moto's state dump.
+    pub fn assumed_roles(&self) -> Vec<(String, String, String, String)> {
+        let (_, body) = self.send("moto's state", self.request(reqwest::Method::GET, "moto-api/data.json"));
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let field = |r: &serde_json::Value, k: &str| r[k].as_str().unwrap_or_default().to_string();
+        doc["sts"]["AssumedRole"]
+            .as_array()
+            .map(|roles| {
+                roles
+                    .iter()
+                    .map(|r| {
+                        (
+                            field(r, "role_arn"),
+                            field(r, "session_name"),
+                            field(r, "access_key_id"),
+                            field(r, "session_token"),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// `server`/`etcd-snapshot` flags for `bucket` on this server (plain http, any credentials).

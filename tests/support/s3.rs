@@ -186,6 +186,12 @@ pub struct TlsProxy {
 
 impl TlsProxy {
     pub fn start(upstream: &S3Server) -> TlsProxy {
+        TlsProxy::in_front_of(upstream.port, true)
+    }
+
+    /// nginx in front of any S3 server on loopback `port` (moto too), over TLS or, with `tls`
+    /// false, plain http (then only a recorder of the requests).
+    pub fn in_front_of(upstream_port: u16, tls: bool) -> TlsProxy {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let (ca_pem, cert_pem, key_pem) = make_certs();
@@ -206,7 +212,7 @@ pid {d}/nginx.pid;
 error_log {d}/error.log info;
 events {{ worker_connections 256; }}
 http {{
-    log_format requests '$request_method $uri token=$http_x_amz_security_token';
+    log_format requests '$request_method $request_uri ssec=$http_x_amz_server_side_encryption_customer_algorithm ssec_md5=$http_x_amz_server_side_encryption_customer_key_md5 sdk_checksum=$http_x_amz_sdk_checksum_algorithm lock=$http_x_amz_object_lock_mode auth=[$http_authorization] token=$http_x_amz_security_token';
     access_log {d}/access.log requests;
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
@@ -214,9 +220,8 @@ http {{
     uwsgi_temp_path {d}/uwsgi;
     scgi_temp_path {d}/scgi;
     server {{
-        listen 127.0.0.1:{port} ssl;
-        ssl_certificate {d}/server.pem;
-        ssl_certificate_key {d}/server.key;
+        listen 127.0.0.1:{port}{ssl};
+        {certs}
         client_max_body_size 0;
         proxy_request_buffering off;
         proxy_buffering off;
@@ -231,7 +236,13 @@ http {{
     }}
 }}
 "#,
-            up = upstream.port
+            up = upstream_port,
+            ssl = if tls { " ssl" } else { "" },
+            certs = if tls {
+                format!("ssl_certificate {d}/server.pem;\n        ssl_certificate_key {d}/server.key;")
+            } else {
+                String::new()
+            },
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let log_path = dir.join("nginx.out");
@@ -256,7 +267,9 @@ http {{
         std::fs::read_to_string(self.tmp.path().join("error.log")).unwrap_or_default()
     }
 
-    /// One line per request passed on: `METHOD /path token=<x-amz-security-token or ->`.
+    /// One line per request passed on: `METHOD /path?query ssec=<customer key algorithm>
+    /// ssec_md5=<its key MD5> sdk_checksum=<x-amz-sdk-checksum-algorithm> lock=<object lock mode>
+    /// auth=[<authorization>] token=<x-amz-security-token>`, `-` for a header not sent.
     pub fn requests(&self) -> Vec<String> {
         std::fs::read_to_string(self.tmp.path().join("access.log"))
             .unwrap_or_default()

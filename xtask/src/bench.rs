@@ -3,6 +3,10 @@
 //! so that noise from other work on the machine falls on both, and reported as medians.
 //!
 //! Scenarios, for each db size:
+//! - `limit`: the physical limit of a save on this machine: `loadgen snapshot` reading etcd's
+//!   Snapshot stream with the same client library and discarding it (the reference column) vs
+//!   writing it to a file with the save's write-back policy and one fsync (the ours column). The
+//!   save rows are also reported against the file-writing limit.
 //! - `save`: `etcdctl snapshot save` vs `etcd-snapshot save --etcd-endpoints … --dir …`
 //! - `save+s3`: `etcdctl snapshot save` then `curl` PUT of the file (what k3s does: save, then
 //!   upload; above S3's 5 GiB single-PUT limit, which curl cannot pass, etcdctl's save alone) vs
@@ -46,7 +50,7 @@ use measure::{Measure, Measured};
 use servers::{EtcdSpec, S3};
 
 const USAGE: &str =
-    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead,replay] [--replay-revisions N[,N…]] [--chart] [--keep]\n       cargo xtask bench --redraw target/bench/results.json";
+    "usage: cargo xtask bench [--size-mib N[,N…]] [--runs N] [--only limit,save,s3,restore,restore-nobump,restore-s3,status,status-fast,s3-age,delta-overhead,replay] [--replay-revisions N[,N…]] [--chart] [--keep]\n       cargo xtask bench --redraw target/bench/results.json";
 
 #[derive(Debug)]
 struct Args {
@@ -61,6 +65,7 @@ struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Scenario {
+    Limit,
     Save,
     SaveS3,
     Restore,
@@ -76,7 +81,8 @@ enum Scenario {
 }
 
 impl Scenario {
-    const ALL: [Scenario; 10] = [
+    const ALL: [Scenario; 11] = [
+        Scenario::Limit,
         Scenario::Save,
         Scenario::SaveS3,
         Scenario::Restore,
@@ -91,6 +97,7 @@ impl Scenario {
 
     fn key(self) -> &'static str {
         match self {
+            Scenario::Limit => "limit",
             Scenario::Save => "save",
             Scenario::SaveS3 => "save+s3",
             Scenario::Restore => "restore",
@@ -106,6 +113,7 @@ impl Scenario {
 
     fn reference(self) -> &'static str {
         match self {
+            Scenario::Limit => "the snapshot stream read and discarded (ours: written to a file, fsynced)",
             Scenario::Save => "etcdctl snapshot save",
             Scenario::SaveS3 => "etcdctl snapshot save + curl PUT",
             Scenario::Restore | Scenario::RestoreNoBump => "etcdutl snapshot restore + etcd start + stop",
@@ -119,6 +127,7 @@ impl Scenario {
 
     fn parse(s: &str) -> Result<Self> {
         Ok(match s {
+            "limit" => Scenario::Limit,
             "save" => Scenario::Save,
             "s3" | "save+s3" => Scenario::SaveS3,
             "restore" => Scenario::Restore,
@@ -271,6 +280,7 @@ struct Bench {
     logs: PathBuf,
     runs: usize,
     age_keygen: PathBuf,
+    loadgen: PathBuf,
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -351,6 +361,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
         logs,
         runs: args.runs,
         age_keygen: tools.age.with_file_name("age-keygen"),
+        loadgen: bin.with_file_name("loadgen"),
     };
     let machine = machine();
     let mut sizes = Vec::new();
@@ -368,6 +379,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
         for &sc in &per_size {
             eprintln!("xtask bench: {size} MiB: {} ({} runs each, interleaved)", sc.key(), b.runs);
             let row = match sc {
+                Scenario::Limit => bench_limit(&b)?,
                 Scenario::Save => bench_save(&b)?,
                 Scenario::SaveS3 => bench_save_s3(&b)?,
                 Scenario::Restore => bench_restore(&b, &snap, Scenario::Restore)?,
@@ -476,6 +488,32 @@ fn interleaved(
         }
     }
     Ok(row)
+}
+
+/// The limit: `loadgen snapshot` discarding the stream (reference) and writing it to a file with
+/// one fsync (ours), interleaved the same way as every scenario.
+fn bench_limit(b: &Bench) -> Result<Row> {
+    let dir = b.work.join("limit");
+    let log = b.logs.join("limit.log");
+    let limit = |out: Option<&Path>| -> Result<Measured> {
+        reset_dir(&dir)?;
+        measure::sync();
+        let mut c = Command::new(&b.loadgen);
+        c.args(["snapshot", "--endpoints", &b.endpoint]);
+        if let Some(f) = out {
+            c.arg("--out").arg(f);
+        }
+        let m = Measure::default().run(&mut c, &log)?;
+        if let Some(f) = out {
+            if std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) == 0 {
+                bail!("loadgen snapshot --out wrote nothing; see {}", log.display());
+            }
+        }
+        reset_dir(&dir)?;
+        Ok(m)
+    };
+    let file = dir.join("limit.db");
+    interleaved(b, Scenario::Limit, || limit(None).map(|m| (m.wall, m.maxrss_kib)), || limit(Some(&file)))
 }
 
 fn bench_save(b: &Bench) -> Result<Row> {
@@ -616,9 +654,9 @@ fn our_restore_with(bin: &Path, etcd_dir: &Path, dir: &Path, path: &str) -> Resu
         .arg("--etcd-bin-dir")
         .arg(etcd_dir)
         .args(["--node-name", "bench", "--token", "bench-token", "--bind-address", "127.0.0.1"])
-        .args(["--etcd-client-port", &crate::demo::free_port()?.to_string()])
-        .args(["--etcd-peer-port", &crate::demo::free_port()?.to_string()])
-        .args(["--https-listen-port", &crate::demo::free_port()?.to_string()]);
+        .args(["--etcd-client-port", &crate::child::free_port()?.to_string()])
+        .args(["--etcd-peer-port", &crate::child::free_port()?.to_string()])
+        .args(["--https-listen-port", &crate::child::free_port()?.to_string()]);
     Ok(c)
 }
 

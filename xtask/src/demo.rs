@@ -1,28 +1,14 @@
 //! `cargo xtask demo`: what this project does, in one minute, against a real etcd.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::child::{free_port, KillOnDrop};
 use crate::provision::{self, workspace_root};
 use crate::run_checked;
-
-/// Kills and reaps a child process when dropped.
-pub struct KillOnDrop(pub Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
 
 /// Starts a throwaway plain-http etcd on loopback and waits until it answers.
 pub fn start_etcd(bin_dir: &Path, data: &Path) -> Result<(KillOnDrop, String)> {

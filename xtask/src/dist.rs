@@ -185,6 +185,14 @@ fn entries(root: &Path, bin: &Path, generated: &Path) -> Result<Vec<Entry>> {
     out.push(file(&format!("{doc}/grafana/k3s-snapshot.json"), root.join("deploy/grafana/k3s-snapshot.json")));
     out.push(file(&format!("{doc}/prometheus/alerts.yaml"), root.join("deploy/prometheus/alerts.yaml")));
     out.push(file(&format!("{doc}/README.md"), root.join("README.md")));
+    // What the README links to, so its links work in the installed copy too.
+    for f in ["ARCHITECTURE.md", "BENCHMARKS.md"] {
+        out.push(file(&format!("{doc}/{f}"), root.join(f)));
+    }
+    for p in markdown_under(&root.join("docs"))? {
+        let rel = p.strip_prefix(root).context("a doc outside the workspace")?.to_string_lossy().into_owned();
+        out.push(file(&format!("{doc}/{rel}"), p));
+    }
     out.push(file(&format!("{doc}/LICENSE"), root.join("LICENSE")));
     out.sort_by(|a, b| a.archive.cmp(&b.archive));
     Ok(out)
@@ -224,4 +232,22 @@ fn write_archive(root: &Path, bin: &Path, generated: &Path, out_dir: &Path, name
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every `.md` file under `dir`, sorted.
+fn markdown_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).with_context(|| format!("cannot read {}", d.display()))? {
+            let p = e?.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "md") {
+                found.push(p);
+            }
+        }
+    }
+    found.sort();
+    Ok(found)
 }

@@ -4,6 +4,7 @@
 //! C library), because it is what installs everything else.
 
 mod bench;
+mod child;
 mod demo;
 mod dist;
 mod e2e;

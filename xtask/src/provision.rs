@@ -276,8 +276,8 @@ fn check_s3s_fs(bin: &Path) -> std::result::Result<String, String> {
     }
     let dir = tempfile_dir("s3s-check").map_err(|e| e.to_string())?;
     let result = (|| {
-        let port = crate::demo::free_port().map_err(|e| e.to_string())?;
-        let mut child = crate::demo::KillOnDrop(
+        let port = crate::child::free_port().map_err(|e| e.to_string())?;
+        let mut child = crate::child::KillOnDrop(
             Command::new(bin)
                 .args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--access-key", "check", "--secret-key", "check-secret"])
@@ -360,8 +360,8 @@ fn check_moto(bin: &Path) -> std::result::Result<String, String> {
     if !bin.is_file() {
         return Err(format!("moto's server is not installed ({} missing): {remedy}", bin.display()));
     }
-    let port = crate::demo::free_port().map_err(|e| e.to_string())?;
-    let mut child = crate::demo::KillOnDrop(
+    let port = crate::child::free_port().map_err(|e| e.to_string())?;
+    let mut child = crate::child::KillOnDrop(
         Command::new(bin)
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdin(Stdio::null())
@@ -377,7 +377,7 @@ fn check_moto(bin: &Path) -> std::result::Result<String, String> {
 /// Waits until `child` (the program `bin`) listens on 127.0.0.1:`port`, sends it `GET /` and
 /// returns the start of its status line (`HTTP/1.1 403`); any HTTP answer will do.
 fn first_http_answer(
-    child: &mut crate::demo::KillOnDrop,
+    child: &mut crate::child::KillOnDrop,
     bin: &Path,
     port: u16,
     within: Duration,

@@ -4,7 +4,7 @@
 //! | --- | --- | --- |
 //! | `GET /ping` | none | `pong` |
 //! | `GET /cacerts` | none | the cluster CA PEM (its SHA-256 is the hash in the token) |
-//! | `GET /metrics` | none | Prometheus text: scheduled snapshots per store, the upload queue |
+//! | `GET /metrics` | none | Prometheus text: scheduled snapshots per store, the upload queue, etcd's health |
 //! | `GET /db/info` | token | etcd members and leader as JSON ([`DbInfo`]) |
 //! | `GET /db/ca-material` | token | the CAs with their keys, for a joining server ([`CaMaterial`]) |
 //! | `POST /db/snapshot` | token | `etcd-snapshot save/ls/delete/prune` done here ([`snapshot_api`]) |
@@ -70,6 +70,8 @@ pub struct ApiState {
     pub deltas: Option<Arc<crate::deltas::DeltaMetrics>>,
     /// With `--etcd-snapshot-verify-schedule`: restore drills.
     pub drills: Option<Arc<crate::metrics::DrillMetrics>>,
+    /// etcd's db size, quota, alarms, and our compactions and defragmentations.
+    pub health: Arc<crate::health::HealthMetrics>,
 }
 
 /// Failed token checks per source address, in fixed windows.
@@ -111,10 +113,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/db/info", get(db_info))
         .route("/db/ca-material", get(ca_material))
-        .route(
-            snapshot_api::PATH,
-            post(snapshot_api::handle).layer(DefaultBodyLimit::max(snapshot_api::MAX_REQUEST_BYTES)),
-        )
+        .route(snapshot_api::PATH, post(snapshot_request).layer(DefaultBodyLimit::max(snapshot_api::MAX_REQUEST_BYTES)))
         .with_state(state)
 }
 
@@ -241,7 +240,7 @@ impl tokio::io::AsyncWrite for Permitted {
 
 /// Checks the token; a failure is logged with the source and counted, and a source over its
 /// allowance gets 429 without its credential being looked at.
-pub(crate) fn check_auth(state: &ApiState, peer: SocketAddr, path: &str, headers: &HeaderMap) -> Option<Response> {
+fn check_auth(state: &ApiState, peer: SocketAddr, path: &str, headers: &HeaderMap) -> Option<Response> {
     let ip = peer.ip();
     if state.auth_failures.blocked(ip) {
         return Some(
@@ -260,6 +259,19 @@ pub(crate) fn check_auth(state: &ApiState, peer: SocketAddr, path: &str, headers
     let presented = if headers.contains_key(header::AUTHORIZATION) { "a wrong token" } else { "no token" };
     tracing::warn!(source = %ip, path, failures_in_window = failures, "supervisor api: refused a request with {presented}");
     Some(unauthorized())
+}
+
+/// `POST /db/snapshot`: the token checked here, the request done by [`snapshot_api::handle`].
+async fn snapshot_request(
+    State(s): State<Arc<ApiState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(refused) = check_auth(&s, peer, snapshot_api::PATH, &headers) {
+        return refused;
+    }
+    snapshot_api::handle(s.snapshots.clone(), peer, body).await
 }
 
 fn authorized(state: &ApiState, headers: &HeaderMap) -> bool {
@@ -302,6 +314,7 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Response {
         text.push_str(&d.render());
     }
     text.push_str(&crate::upload_queue::UploadQueue::render(s.snapshots.queue.as_deref()));
+    text.push_str(&s.health.render());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -94,6 +94,36 @@ pub enum ReplayWith {
     Etcd,
 }
 
+/// `--etcd-compaction-interval`, `--etcd-defrag-*`.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    /// `None`: no compaction (an embedder whose apiserver compacts).
+    pub compaction_interval: Option<Duration>,
+    pub defrag_schedule: Option<Schedule>,
+    pub defrag_threshold_percent: u8,
+    pub defrag_min_free_bytes: u64,
+}
+
+impl Default for HealthSettings {
+    fn default() -> Self {
+        HealthSettings {
+            compaction_interval: Some(Duration::from_secs(300)),
+            defrag_schedule: None,
+            defrag_threshold_percent: 50,
+            defrag_min_free_bytes: 100 << 20,
+        }
+    }
+}
+
+impl HealthSettings {
+    /// Whether a scheduled defragmentation of this member is worth it.
+    pub fn worth_it(&self, m: &k3s_snapshot_core::maintenance::MemberStatus) -> bool {
+        m.healthy()
+            && m.free_percent >= f64::from(self.defrag_threshold_percent)
+            && m.free_bytes() as u64 >= self.defrag_min_free_bytes
+    }
+}
+
 /// A validated server configuration (the binary's flags, after parsing).
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -119,6 +149,8 @@ pub struct ServerConfig {
     pub etcd_args: Vec<String>,
     pub etcd_expose_metrics: bool,
     pub snapshots: SnapshotSettings,
+    /// Compaction, defragmentation and NOSPACE handling (issue 30).
+    pub health: HealthSettings,
     /// `--etcd-snapshot-encryption-identity-file`: decrypts an encrypted
     /// `--cluster-reset-restore-path`.
     pub identities: Option<Arc<Identities>>,
@@ -172,6 +204,12 @@ impl ServerConfig {
                 "--cluster-reset cannot be used with --server: reset the server that holds the data, then rejoin the others".into(),
             ));
         }
+        if self.health.defrag_threshold_percent > 100 {
+            return Err(Error::Config(format!(
+                "--etcd-defrag-threshold-percent {} is not a percentage; give 0 to 100",
+                self.health.defrag_threshold_percent
+            )));
+        }
         if let Some(url) = &self.server_url {
             validate_server_url(url)?;
         }
@@ -210,6 +248,12 @@ impl ServerConfig {
             Some(s) => s.join("files"),
             None => self.snapshot_store().dir().to_path_buf(),
         }
+    }
+
+    /// etcd's quota as it applies it: `quota-backend-bytes` from `--etcd-arg`, else etcd's
+    /// default; `None` when a negative value turns it off.
+    pub fn etcd_quota(&self) -> Option<i64> {
+        k3s_snapshot_core::maintenance::effective_quota(k3s_snapshot_core::etcd_config::quota_in_args(&self.etcd_args))
     }
 
     pub fn snapshot_store(&self) -> LocalStore {

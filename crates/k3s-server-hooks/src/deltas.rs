@@ -24,7 +24,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,7 @@ use k3s_snapshot_core::save::{save, SaveOptions};
 use k3s_snapshot_core::store::LocalStore;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::metrics::DeltaMetrics;
 use crate::upload_queue::UploadQueue;
 
 /// A segment is closed early once it holds this much, whatever the interval.
@@ -68,161 +69,12 @@ pub struct DeltaJob {
     pub lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// What `/metrics` shows of the shipping.
-#[derive(Debug, Default)]
-pub struct DeltaMetrics {
-    /// `--etcd-snapshot-delta-interval`, so that an alert can scale its lag threshold.
-    pub interval: Duration,
-    pub shipped_revision: AtomicI64,
-    pub etcd_revision: AtomicI64,
-    /// Unix milliseconds at which the first event of the open segment arrived; 0 when none is open.
-    pub pending_since_ms: AtomicI64,
-    /// The same for the oldest closed segment waiting in the upload queue; 0 when none waits.
-    pub queued_since_ms: AtomicI64,
-    pub segments: AtomicU64,
-    pub bytes: AtomicU64,
-    pub chain_breaks: AtomicU64,
-    pub upload_failures: AtomicU64,
-    /// The revision of the current chain's base (0 until a chain starts).
-    pub chain_base_revision: AtomicI64,
-    /// Unix seconds of the current chain's base (from its name).
-    pub chain_base_time: AtomicI64,
-    /// Bytes of the current chain's shipped segments.
-    pub chain_bytes: AtomicU64,
-    /// New chains started because the current one reached a bound.
-    pub chain_rotations: AtomicU64,
-    /// `--etcd-snapshot-delta-max-revisions` (0: none).
-    pub max_revisions: u64,
-    /// `--etcd-snapshot-delta-max-age` (`None`: none).
-    pub max_age: Option<Duration>,
-}
-
 impl DeltaMetrics {
-    pub fn new(interval: Duration, max_revisions: u64, max_age: Option<Duration>) -> DeltaMetrics {
-        DeltaMetrics { interval, max_revisions, max_age, ..DeltaMetrics::default() }
-    }
-
-    /// A segment reached its destination (S3 with `--etcd-s3`, else the snapshot dir).
-    pub fn segment_shipped(&self, to: i64, bytes: u64) {
-        self.segments.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.shipped_revision.fetch_max(to, Ordering::Relaxed);
-        // A segment that reaches past the base belongs to its chain (one still shipping from
-        // the previous chain ends at or before it).
-        if to > self.chain_base_revision.load(Ordering::Relaxed) {
-            self.chain_bytes.fetch_add(bytes, Ordering::Relaxed);
-        }
-    }
-
     /// A chain (new or continued) starts from `base`; `bytes` of its segments are shipped.
     fn chain_from(&self, base: &ChainBase, bytes: u64) {
         self.chain_base_revision.store(base.revision, Ordering::Relaxed);
         self.chain_base_time.store(base.taken, Ordering::Relaxed);
         self.chain_bytes.store(bytes, Ordering::Relaxed);
-    }
-
-    /// Prometheus text of the shipping.
-    pub fn render(&self) -> String {
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        let (open, queued) =
-            (self.pending_since_ms.load(Ordering::Relaxed), self.queued_since_ms.load(Ordering::Relaxed));
-        let pending = [open, queued].into_iter().filter(|v| *v > 0).min().unwrap_or(0);
-        let lag_secs = if pending == 0 { 0.0 } else { (now_ms - pending).max(0) as f64 / 1000.0 };
-        let shipped = self.shipped_revision.load(Ordering::Relaxed);
-        let etcd = self.etcd_revision.load(Ordering::Relaxed);
-        let base = self.chain_base_revision.load(Ordering::Relaxed);
-        let chain_revisions = if base > 0 { (shipped - base).max(0) } else { 0 };
-        let rows: [(&str, &str, &str, String); 14] = [
-            (
-                "k3s_snapshot_delta_interval_seconds",
-                "gauge",
-                "The interval at which delta segments are closed and shipped (--etcd-snapshot-delta-interval).",
-                self.interval.as_secs_f64().to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_shipped_revision",
-                "gauge",
-                "Last etcd revision shipped in a delta segment.",
-                shipped.to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_lag_revisions",
-                "gauge",
-                "Revisions etcd is ahead of the last shipped one.",
-                (etcd - shipped).max(0).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_lag_seconds",
-                "gauge",
-                "Age of the oldest change not shipped yet.",
-                format!("{lag_secs:.3}"),
-            ),
-            (
-                "k3s_snapshot_delta_segments_total",
-                "counter",
-                "Delta segments shipped.",
-                self.segments.load(Ordering::Relaxed).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_bytes_total",
-                "counter",
-                "Bytes of delta segments shipped.",
-                self.bytes.load(Ordering::Relaxed).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_breaks_total",
-                "counter",
-                "Chains broken by a compaction or downtime (a full snapshot started a new one).",
-                self.chain_breaks.load(Ordering::Relaxed).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_upload_failures_total",
-                "counter",
-                "Delta segment upload attempts that failed (each retried before any later segment).",
-                self.upload_failures.load(Ordering::Relaxed).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_revisions",
-                "gauge",
-                "Revisions a restore from the newest chain's base replays to reach the last shipped one (shipped revision minus the base's).",
-                chain_revisions.to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_bytes",
-                "gauge",
-                "Bytes of the newest chain's shipped delta segments (what a restore from its base downloads and replays).",
-                self.chain_bytes.load(Ordering::Relaxed).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_base_timestamp_seconds",
-                "gauge",
-                "Unix time of the newest chain's base snapshot (0 before the first chain).",
-                self.chain_base_time.load(Ordering::Relaxed).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_max_revisions",
-                "gauge",
-                "Revisions after which a new chain starts (--etcd-snapshot-delta-max-revisions; 0: no limit).",
-                self.max_revisions.to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_max_age_seconds",
-                "gauge",
-                "Age of a chain's base after which a new chain starts (--etcd-snapshot-delta-max-age; 0: no limit).",
-                self.max_age.map_or(0.0, |d| d.as_secs_f64()).to_string(),
-            ),
-            (
-                "k3s_snapshot_delta_chain_rotations_total",
-                "counter",
-                "New chains started because the current one reached --etcd-snapshot-delta-max-revisions or -max-age.",
-                self.chain_rotations.load(Ordering::Relaxed).to_string(),
-            ),
-        ];
-        let mut out = String::new();
-        for (name, kind, help, v) in rows {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
-        }
-        out
     }
 }
 
@@ -412,6 +264,7 @@ async fn full_snapshot(job: &DeltaJob, cancel: &CancellationToken) -> Result<Cha
 async fn follow(job: &DeltaJob, after: i64, history: u64, mut base: ChainBase, cancel: &CancellationToken) -> Stop {
     let m = &job.metrics;
     m.shipped_revision.fetch_max(after, Ordering::Relaxed);
+    m.closed_revision.store(after, Ordering::Relaxed);
     let mut conn = match job.etcd.connect().await {
         Ok(c) => c,
         Err(e) => return Stop::Failed(e.to_string()),
@@ -622,6 +475,7 @@ async fn record_segment_hash(job: &DeltaJob, conn: &mut k3s_snapshot_core::etcd:
 /// Hands a closed segment to the upload queue; without S3 it is shipped once it is on disk.
 fn ship(job: &DeltaJob, name: SegmentName, bytes: u64) {
     let m = &job.metrics;
+    m.closed_revision.fetch_max(name.to, Ordering::Relaxed);
     let since = m.pending_since_ms.load(Ordering::Relaxed);
     match &job.queue {
         Some(q) => q.push_segment(name, bytes, since),

@@ -60,7 +60,7 @@ static RUNNING: Mutex<Option<CancellationToken>> = Mutex::new(None);
 pub fn preempt() -> bool {
     match RUNNING.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
         Some(t) => {
-            tracing::info!("a snapshot needs the snapshot lock: stopping the restore drill that holds it");
+            tracing::info!("the snapshot lock is needed (a snapshot, or a defragmentation for NOSPACE): stopping the restore drill that holds it");
             t.cancel();
             true
         }

@@ -18,6 +18,7 @@ pub mod deltas;
 pub mod drills;
 pub mod error;
 pub mod etcd_proc;
+pub mod health;
 mod https_client;
 pub mod inspect;
 pub mod join;

@@ -21,8 +21,7 @@ use crate::metrics::SnapshotMetrics;
 use crate::schedule::Schedule;
 use crate::upload_queue::UploadQueue;
 
-pub const LOCAL: &str = "local";
-pub const REMOTE: &str = "s3";
+pub use crate::metrics::{LOCAL, REMOTE};
 
 /// Everything a scheduled snapshot needs.
 pub struct SnapshotJob {

@@ -14,6 +14,7 @@ use crate::config::ServerConfig;
 use crate::deltas::{self, DeltaJob, DeltaMetrics};
 use crate::drills::{self, DrillJob};
 use crate::etcd_proc::{check_port_free, EtcdBinaries, EtcdProcess};
+use crate::health::{self, HealthJob, HealthMetrics};
 use crate::join::{self, JoinPlan};
 use crate::layout::DataDir;
 use crate::lock::DataDirLock;
@@ -264,6 +265,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         tracker: tracker.clone(),
         cancel: inner.clone(),
     });
+    let health_metrics = Arc::new(HealthMetrics::new(cfg.etcd_quota(), cfg.health.defrag_threshold_percent));
     let state = Arc::new(api::ApiState {
         data_dir: dd.clone(),
         token: token.clone(),
@@ -274,6 +276,7 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
         snapshots,
         deltas: delta_metrics.clone(),
         drills: drill_metrics.clone(),
+        health: health_metrics.clone(),
     });
     let rustls = api::rustls_config(&tls_files)?;
     let mut api_task =
@@ -307,6 +310,18 @@ pub async fn run(cfg: ServerConfig, cancel: CancellationToken) -> Result<()> {
     } else {
         tracing::info!("scheduled snapshots disabled");
     }
+    tracker.spawn(health::run(
+        Arc::new(HealthJob {
+            node: cfg.node_name.clone(),
+            etcd: client.clone(),
+            settings: cfg.health.clone(),
+            quota: cfg.etcd_quota(),
+            snapshot_lock: snapshot_lock.clone(),
+            deltas: delta_metrics.clone(),
+            metrics: health_metrics,
+        }),
+        inner.clone(),
+    ));
     if let (Some(interval), Some(metrics)) = (cfg.snapshots.delta_interval, delta_metrics) {
         let job = Arc::new(DeltaJob {
             interval,

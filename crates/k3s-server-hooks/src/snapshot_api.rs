@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use k3s_snapshot_core::etcd::EtcdClientConfig;
@@ -45,7 +44,6 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::ApiState;
 use crate::https_client::{self, read_capped, Capped};
 use crate::token::{ca_hash, Token};
 use crate::upload_queue::UploadQueue;
@@ -142,21 +140,12 @@ impl Failure {
     }
 }
 
-/// `POST /db/snapshot`.
-pub async fn handle(
-    State(s): State<Arc<ApiState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(refused) = crate::api::check_auth(&s, peer, PATH, &headers) {
-        return refused;
-    }
+/// `POST /db/snapshot` from `peer`, whose token the API checked.
+pub async fn handle(service: Arc<SnapshotService>, peer: SocketAddr, body: Bytes) -> Response {
     let req: SnapshotRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return text(StatusCode::BAD_REQUEST, &format!("not a snapshot request: {e}"), &[]),
     };
-    let service = s.snapshots.clone();
     let mut warnings = Vec::new();
     if let Err(Failure(status, msg)) = service.check(&req, &mut warnings) {
         return text(status, &msg, &warnings);

@@ -29,10 +29,10 @@ pub fn print_table(out: &mut impl Write, list: &SnapshotFileList) -> std::io::Re
                 vec![a, b, c, d, v.unwrap_or_else(|| "-".into())]
             })
             .collect();
-        return aligned(out, &["Name", "Location", "Size", "Created", "Verified"], &cells);
+        return print_aligned(out, &["Name", "Location", "Size", "Created", "Verified"], &cells);
     }
     let cells: Vec<Vec<String>> = list.items.iter().map(|i| row(i).to_vec()).collect();
-    aligned(out, &["Name", "Location", "Size", "Created"], &cells)
+    print_aligned(out, &["Name", "Location", "Size", "Created"], &cells)
 }
 
 /// `2024-01-02T04:04:05+01:00 rto=12.3s hashkv=1234` from a snapshot's `verified*` metadata
@@ -53,20 +53,26 @@ fn row(i: &k3s_snapshot_core::k3s_list::Item) -> [String; 4] {
     [i.spec.snapshot_name.clone(), i.spec.location.clone(), size, created]
 }
 
-/// Columns padded to their widest cell plus one space, the last one ragged.
-fn aligned(out: &mut impl Write, header: &[&str], cells: &[Vec<String>]) -> std::io::Result<()> {
+/// A table aligned as Go's tabwriter aligns k3s's: each column but the last as wide as its
+/// widest cell plus one space, the last ragged.
+pub fn print_aligned(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
     let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
-    let mut widths = vec![0usize; header.len() - 1];
-    for r in std::iter::once(&header).chain(cells) {
+    let mut widths = vec![0usize; header.len()];
+    for r in std::iter::once(&header).chain(rows) {
         for (w, c) in widths.iter_mut().zip(r) {
             *w = (*w).max(c.len() + 1);
         }
     }
-    for r in std::iter::once(&header).chain(cells) {
-        for (w, c) in widths.iter().zip(r) {
-            write!(out, "{c:<w$}")?;
+    for r in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}", w = widths[i]));
+            }
         }
-        writeln!(out, "{}", r[r.len() - 1])?;
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }
@@ -94,9 +100,9 @@ pub fn print_yaml(out: &mut impl Write, list: &SnapshotFileList) -> anyhow::Resu
 pub fn print(
     out: &mut impl Write,
     mut list: SnapshotFileList,
-    format: crate::snapshot::OutputFormat,
+    format: crate::args::OutputFormat,
 ) -> anyhow::Result<()> {
-    use crate::snapshot::OutputFormat;
+    use crate::args::OutputFormat;
     let chains = std::mem::take(&mut list.delta_chains);
     match format {
         OutputFormat::Table => {

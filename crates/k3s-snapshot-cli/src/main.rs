@@ -2,15 +2,21 @@
 //! `etcd-snapshot` takes, lists, deletes and prunes snapshots on demand. This is the only crate
 //! that parses flags, prints, installs the log subscriber and handles signals.
 
+mod args;
+mod bar;
 mod config;
+mod etcd;
 mod generate;
 mod inspect;
 mod ls;
+#[cfg(test)]
+mod readme_commands;
 mod remote;
 mod s3args;
 mod secret;
 mod server;
 mod snapshot;
+mod snapshot_args;
 mod verify;
 
 use std::process::ExitCode;
@@ -42,7 +48,9 @@ enum Command {
     /// Run etcd with scheduled snapshots, or reset the cluster from a snapshot
     Server(server::ServerArgs),
     /// Save, list, delete and prune etcd snapshots
-    EtcdSnapshot(snapshot::SnapshotArgs),
+    EtcdSnapshot(snapshot_args::SnapshotArgs),
+    /// etcd's health: status per member, defragmentation, alarms
+    Etcd(etcd::EtcdArgs),
     /// Print the shell completion script: `source <(k3s-snapshot completion bash)`
     Completion {
         /// Shell to complete for
@@ -108,7 +116,7 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().write_all(&generate::completion(Cli::command(), *shell));
             return ExitCode::SUCCESS;
         }
-        Command::Server(_) | Command::EtcdSnapshot(_) => {}
+        Command::Server(_) | Command::EtcdSnapshot(_) | Command::Etcd(_) => {}
     }
     init_logging(cli.log_format, cli.debug);
     let cli_json = cli.log_format == LogFormat::Json;
@@ -117,7 +125,7 @@ fn main() -> ExitCode {
     let proxy = match &cli.command {
         Command::Server(a) => a.s3.proxy.clone(),
         Command::EtcdSnapshot(a) => a.common.s3.proxy.clone(),
-        Command::Completion { .. } => None,
+        Command::Etcd(_) | Command::Completion { .. } => None,
     };
     if let Some(proxy) = proxy.filter(|p| !p.is_empty()) {
         for (k, v) in s3_backend::proxy_env(&proxy) {
@@ -140,6 +148,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Server(args) => server::run(args, cancel).await,
             Command::EtcdSnapshot(args) => snapshot::run(args, cancel).await,
+            Command::Etcd(args) => etcd::run(args).await,
             Command::Completion { .. } => Ok(()),
         }
     });
@@ -193,7 +202,7 @@ mod tests {
         Cli::try_parse_from(std::iter::once("k3s-snapshot").chain(args.iter().copied()))
     }
 
-    fn snapshot_args(args: &[&str]) -> snapshot::SnapshotArgs {
+    fn snapshot_args(args: &[&str]) -> snapshot_args::SnapshotArgs {
         match parse(args).unwrap().command {
             Command::EtcdSnapshot(a) => a,
             other => panic!("not etcd-snapshot: {other:?}"),
@@ -260,7 +269,7 @@ mod tests {
         ] {
             let a =
                 snapshot_args(&["etcd-snapshot", "prune", dir, "/x", ret, "3", compress, s3, bucket, "b", folder, "f"]);
-            assert!(matches!(a.command, Some(snapshot::SnapshotCommand::Prune)));
+            assert!(matches!(a.command, Some(snapshot_args::SnapshotCommand::Prune)));
             assert_eq!(a.common.dir.as_deref(), Some(std::path::Path::new("/x")));
             assert_eq!(a.common.retention, 3);
             assert!(a.common.compress && a.common.s3.enabled);
@@ -280,7 +289,7 @@ mod tests {
     fn ls_aliases_and_output_formats() {
         for alias in ["ls", "list", "l"] {
             let a = snapshot_args(&["etcd-snapshot", alias, "-o", "yaml"]);
-            assert!(matches!(a.command, Some(snapshot::SnapshotCommand::Ls { output: snapshot::OutputFormat::Yaml })));
+            assert!(matches!(a.command, Some(snapshot_args::SnapshotCommand::Ls { output: args::OutputFormat::Yaml })));
         }
         assert!(parse(&["etcd-snapshot", "ls", "-o", "xml"]).is_err());
     }
@@ -418,6 +427,35 @@ mod tests {
         assert!(parse(&["completion"]).is_err());
         // Not a clap subcommand: handled before parsing, so help and completions never show it.
         assert!(parse(&[GENERATE_DIST_FILES, "/tmp/x"]).is_err());
+    }
+
+    #[test]
+    fn etcd_subcommands_parse() {
+        for args in [
+            &["etcd", "status", "-o", "json"][..],
+            &["etcd", "defrag"],
+            &["etcd", "alarm", "list"],
+            &["etcd", "alarm", "disarm", "--data-dir", "/d"],
+        ] {
+            assert!(matches!(parse(args).unwrap().command, Command::Etcd(_)), "{args:?}");
+        }
+        let Command::Etcd(a) = parse(&[
+            "etcd",
+            "status",
+            "--etcd-endpoints",
+            "https://a:2379,https://b:2379",
+            "--quota-backend-bytes",
+            "8Gi",
+        ])
+        .unwrap()
+        .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(a.etcd.etcd_endpoints.len(), 2);
+        assert_eq!(a.quota_backend_bytes, Some(8 << 30));
+        assert!(parse(&["etcd", "alarm"]).is_err());
+        assert!(parse(&["etcd", "status", "--quota-backend-bytes", "big"]).is_err());
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::io::Write;
 use anyhow::{bail, Context};
 use k3s_server_hooks::snapshot_api::{Client, SnapshotRequest, SnapshotResult};
 
-use crate::snapshot::{CommonArgs, SnapshotCommand};
+use crate::args::CommonArgs;
+use crate::snapshot_args::SnapshotCommand;
 
 pub async fn run(common: &CommonArgs, server: &str, command: SnapshotCommand) -> anyhow::Result<()> {
     let token = common

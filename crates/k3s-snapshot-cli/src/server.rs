@@ -154,6 +154,21 @@ pub struct ServerArgs {
     /// one server of the cluster per tick, at low priority, never during a snapshot [default: off]
     #[arg(long, value_name = "CRON")]
     pub etcd_snapshot_verify_schedule: Option<String>,
+    /// Compact etcd's history every interval to the revision seen one interval earlier, as
+    /// kube-apiserver does (one server of the cluster at a time; held back for continuous
+    /// backup's followers); 0 turns it off, for an embedder whose apiserver compacts
+    #[arg(long, default_value = "5m", value_parser = config::parse_duration)]
+    pub etcd_compaction_interval: Duration,
+    /// Defragment this server's etcd member on this schedule (cron, @every <duration>) when it is
+    /// worth it; members go one at a time, the leader last [default: off]
+    #[arg(long, value_name = "CRON")]
+    pub etcd_defrag_schedule: Option<String>,
+    /// Scheduled defragmentation runs only when at least this share of the db file is free
+    #[arg(long, default_value_t = 50, value_name = "PERCENT", value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub etcd_defrag_threshold_percent: u8,
+    /// ... and at least this much would be freed (bytes, or with Ki, Mi, Gi)
+    #[arg(long, default_value = "100Mi", value_name = "BYTES", value_parser = parse_bytes)]
+    pub etcd_defrag_min_free_bytes: u64,
     /// Upper bound of the random delay added to each scheduled snapshot (tests set 0s)
     #[arg(long, hide = true, env = "K3S_SNAPSHOT_JITTER", default_value = "5s", value_parser = config::parse_duration)]
     pub etcd_snapshot_jitter: Duration,
@@ -257,6 +272,20 @@ impl ServerArgs {
                 encryption,
                 verify_schedule,
             },
+            health: k3s_server_hooks::config::HealthSettings {
+                compaction_interval: Some(self.etcd_compaction_interval).filter(|d| !d.is_zero()),
+                defrag_schedule: match self.etcd_defrag_schedule.as_deref().map(str::trim).filter(|s| !s.is_empty()) {
+                    Some(expr) if !self.cluster_reset => Some(Schedule::parse(expr).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{}",
+                            e.to_string().replace("--etcd-snapshot-schedule-cron", "--etcd-defrag-schedule")
+                        )
+                    })?),
+                    _ => None,
+                },
+                defrag_threshold_percent: self.etcd_defrag_threshold_percent,
+                defrag_min_free_bytes: self.etcd_defrag_min_free_bytes,
+            },
             identities,
             etcd_ready_timeout: Duration::from_secs(120),
             etcd_stop_grace: Duration::from_secs(10),
@@ -289,7 +318,7 @@ pub(crate) fn remote_fetch(store: Arc<dyn SnapshotStore>) -> RemoteFetch {
         let store = store.clone();
         Box::pin(async move {
             // A bar on a terminal (an operator running the reset by hand), nothing in a log.
-            let progress = crate::snapshot::bar();
+            let progress = crate::bar::bar();
             let doc = s3_backend::fetch_metadata(store.as_ref(), &file).await?;
             let expected = doc.as_ref().and_then(|d| d.ours());
             if expected.is_none() {
@@ -335,6 +364,25 @@ fn parse_max_revisions(s: &str) -> Result<u64, String> {
         return Err(format!("{n} revisions is no bound: at most {MAX_CHAIN_REVISIONS} (0: no limit)"));
     }
     Ok(n)
+}
+
+/// A byte count: a whole number, optionally with `Ki`, `Mi`, `Gi`, `Ti` (powers of 1024; `KiB`
+/// and `K`, `M`, `G`, `T` read the same way).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("{s:?} is not a size; give bytes like 104857600 or 100Mi");
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim().trim_end_matches('B').trim_end_matches('i') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 /// An RFC 3339 time as unix seconds (also `etcd-snapshot verify --to-time`).
@@ -447,6 +495,37 @@ mod tests {
         assert!(both.validate().unwrap_err().to_string().contains("not both"));
         let server = ["server", "--cluster-reset-restore-to-time=yesterday"];
         assert!(Cli::try_parse_from(server).is_err());
+    }
+
+    #[test]
+    fn health_flags_parse_with_their_defaults() {
+        let d = parse(&[]).to_config(None).unwrap();
+        assert_eq!(d.health.compaction_interval, Some(Duration::from_secs(300)));
+        assert!(d.health.defrag_schedule.is_none());
+        assert_eq!((d.health.defrag_threshold_percent, d.health.defrag_min_free_bytes), (50, 100 << 20));
+        let c = parse(&[
+            "--etcd-compaction-interval=0",
+            "--etcd-defrag-schedule=@every 3s",
+            "--etcd-defrag-threshold-percent=20",
+            "--etcd-defrag-min-free-bytes=8Mi",
+        ])
+        .to_config(None)
+        .unwrap();
+        assert_eq!(c.health.compaction_interval, None);
+        assert!(c.health.defrag_schedule.is_some());
+        assert_eq!((c.health.defrag_threshold_percent, c.health.defrag_min_free_bytes), (20, 8 << 20));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("2GiB"), Ok(2 << 30));
+        for bad in [
+            "--etcd-defrag-threshold-percent=101",
+            "--etcd-defrag-min-free-bytes=lots",
+            "--etcd-compaction-interval=often",
+        ] {
+            let e = Cli::try_parse_from(["server", bad]).err().unwrap_or_else(|| panic!("{bad} accepted")).to_string();
+            assert!(e.contains(bad.split('=').next().unwrap()), "{bad}: {e}");
+        }
+        let e = parse(&["--etcd-defrag-schedule=sometimes"]).to_config(None).unwrap_err();
+        assert!(format!("{e:#}").contains("--etcd-defrag-schedule \"sometimes\""), "{e:#}");
     }
 
     #[test]

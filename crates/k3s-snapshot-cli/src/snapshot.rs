@@ -1,246 +1,23 @@
 //! `k3s-snapshot etcd-snapshot [save | ls | delete | prune | status]`.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use k3s_snapshot_core::encryption::{self, Identities, Recipients};
-use k3s_snapshot_core::etcd::{self, EtcdClientConfig};
+use k3s_snapshot_core::encryption::{self};
 use k3s_snapshot_core::k3s_list::{self, SnapshotFileList};
 use k3s_snapshot_core::list::list_snapshots;
 use k3s_snapshot_core::name;
-use k3s_snapshot_core::progress::{NoProgress, Progress};
 use k3s_snapshot_core::retention::{prune, RetentionPolicy};
 use k3s_snapshot_core::save::{save_and_upload, SaveOptions};
 use k3s_snapshot_core::status::TrailerStatus;
-use k3s_snapshot_core::store::{LocalStore, SnapshotStore};
+use k3s_snapshot_core::store::SnapshotStore;
 use tokio_util::sync::CancellationToken;
 
-use crate::config;
+use crate::args::{CommonArgs, OutputFormat, StatusFormat};
+use crate::bar::bar;
 use crate::ls;
-use crate::s3args::S3Args;
-
-#[derive(clap::Args, Debug)]
-#[command(args_conflicts_with_subcommands = false, subcommand_negates_reqs = true)]
-pub struct SnapshotArgs {
-    #[command(subcommand)]
-    pub command: Option<SnapshotCommand>,
-    #[command(flatten)]
-    pub common: CommonArgs,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum SnapshotCommand {
-    /// Take a snapshot now (the default)
-    Save,
-    /// List snapshots
-    #[command(visible_aliases = ["list", "l"])]
-    Ls {
-        /// Output format
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: OutputFormat,
-    },
-    /// Delete snapshots by name
-    Delete {
-        /// Snapshot file names, as `ls` shows them
-        #[arg(required = true)]
-        names: Vec<String>,
-    },
-    /// Delete the oldest snapshots of --name beyond --snapshot-retention
-    Prune,
-    /// Read a snapshot natively: hash, revision, keys and size as `etcdutl snapshot status`
-    /// computes them, after checking its sha256 trailer and bbolt structure
-    Status {
-        /// A snapshot name in the snapshot dir (or in S3 with --s3), or a path
-        target: String,
-        /// Output format
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: StatusFormat,
-        /// Do not hash the file against its sha256 trailer (the bbolt structure is still checked)
-        #[arg(long)]
-        skip_hash_check: bool,
-    },
-    /// Prove a snapshot by restoring it: fetched, decrypted, unzipped, restored (and its delta
-    /// chain replayed) as --cluster-reset would, into a scratch dir under
-    /// ${data-dir}/server/verify, then opened by a private etcd on loopback, its revision and
-    /// hashkv compared with what the cluster recorded, and the time it took (RTO) measured
-    Verify {
-        /// `latest`, a snapshot name (in S3 with --s3, else in the snapshot dir), or a path
-        #[arg(default_value = "latest")]
-        target: String,
-        /// Replay the delta chain after the snapshot (continuous backup)
-        #[arg(long)]
-        deltas: bool,
-        /// Replay up to and including this revision (implies --deltas; with `latest`, the newest
-        /// snapshot at or below it)
-        #[arg(long, conflicts_with = "to_time")]
-        to_revision: Option<i64>,
-        /// Restore the state before this time, RFC 3339 (implies --deltas; with `latest`, the
-        /// newest snapshot taken before it)
-        #[arg(long, value_parser = crate::server::parse_rfc3339)]
-        to_time: Option<i64>,
-        /// Output format
-        #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
-        output: StatusFormat,
-        /// Directory holding etcd (and etcdutl or etcdctl) [default: where etcd is on PATH]
-        #[arg(long, env = "K3S_ETCD_BIN_DIR")]
-        etcd_bin_dir: Option<PathBuf>,
-    },
-    /// Read-only surgical recovery: browse, get, diff and export single objects of any snapshot
-    /// (local, S3, zip, age, a delta chain at a revision or time) without a restore; Kubernetes
-    /// values decoded. Never writes into etcd: re-apply what `export` prints with kubectl
-    Inspect(crate::inspect::InspectArgs),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum StatusFormat {
-    Table,
-    Json,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum OutputFormat {
-    Table,
-    Json,
-    Yaml,
-}
-
-#[derive(clap::Args, Debug)]
-pub struct CommonArgs {
-    /// k3s data directory [default: /var/lib/rancher/k3s, or ~/.rancher/k3s when not root]
-    #[arg(short = 'd', long, global = true, env = "K3S_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Node name used in snapshot names [default: the host name]
-    #[arg(long, global = true, env = "K3S_NODE_NAME")]
-    pub node_name: Option<String>,
-    /// Config file
-    #[arg(short = 'c', long, global = true, env = "K3S_CONFIG_FILE")]
-    pub config: Option<PathBuf>,
-    /// Snapshot directory [default: ${data-dir}/server/db/snapshots]
-    #[arg(long = "dir", visible_alias = "etcd-snapshot-dir", global = true)]
-    pub dir: Option<PathBuf>,
-    /// Name prefix of on-demand snapshots
-    #[arg(long, global = true, default_value = "on-demand")]
-    pub name: String,
-    /// Compress the snapshot into a zip
-    #[arg(long = "snapshot-compress", visible_alias = "etcd-snapshot-compress", global = true)]
-    pub compress: bool,
-    /// Number of snapshots of --name to keep when pruning (< 1 keeps all)
-    #[arg(
-        long = "snapshot-retention",
-        visible_alias = "etcd-snapshot-retention",
-        global = true,
-        default_value_t = 5,
-        allow_negative_numbers = true
-    )]
-    pub retention: i64,
-    /// Cluster token, for the token hash in snapshot metadata [default: ${data-dir}/server/token]
-    #[arg(short = 't', long, global = true, env = "K3S_TOKEN", hide_env_values = true)]
-    pub token: Option<crate::secret::Secret>,
-    /// etcd endpoints, comma separated [default: from ${data-dir}/server/db/etcd/config]
-    #[arg(long, global = true, value_delimiter = ',')]
-    pub etcd_endpoints: Vec<String>,
-    /// CA certificate of etcd's client URL [default: from ${data-dir}/server/db/etcd/config]
-    #[arg(long, global = true)]
-    pub etcd_cacert: Option<PathBuf>,
-    /// Client certificate for etcd [default: ${data-dir}/server/tls/etcd/client.crt]
-    #[arg(long, global = true)]
-    pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd [default: ${data-dir}/server/tls/etcd/client.key]
-    #[arg(long, global = true)]
-    pub etcd_key: Option<PathBuf>,
-    /// Have the server at this URL (its supervisor port, e.g. https://HOST:6443) do save, ls,
-    /// delete or prune with its own etcd, snapshot dir and S3 settings; no etcd certificates needed
-    #[arg(long, global = true, env = "K3S_ETCD_SERVER")]
-    pub etcd_server: Option<String>,
-    /// Token for --etcd-server; the full K10… form lets the server's CA be verified [default:
-    /// --token, then ${data-dir}/server/token]
-    #[arg(long, global = true, env = "K3S_ETCD_TOKEN", hide_env_values = true)]
-    pub etcd_token: Option<crate::secret::Secret>,
-    /// Encrypt snapshots (age) to the public keys in FILE, one per line, as `age -R` reads them
-    #[arg(
-        long = "snapshot-encryption-recipients-file",
-        visible_alias = "etcd-snapshot-encryption-recipients-file",
-        global = true,
-        env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_RECIPIENTS_FILE",
-        value_name = "FILE"
-    )]
-    pub encryption_recipients_file: Option<PathBuf>,
-    /// Private keys (age-keygen's file, as `age -i` reads it; mode 0600) that decrypt encrypted snapshots
-    #[arg(
-        long = "snapshot-encryption-identity-file",
-        visible_alias = "etcd-snapshot-encryption-identity-file",
-        global = true,
-        env = "K3S_ETCD_SNAPSHOT_ENCRYPTION_IDENTITY_FILE",
-        value_name = "FILE"
-    )]
-    pub encryption_identity_file: Option<PathBuf>,
-    #[command(flatten)]
-    pub s3: S3Args,
-}
-
-impl CommonArgs {
-    /// The recipients of `--snapshot-encryption-recipients-file`, when given.
-    fn recipients(&self) -> anyhow::Result<Option<Arc<Recipients>>> {
-        let Some(f) = &self.encryption_recipients_file else { return Ok(None) };
-        Ok(Some(Arc::new(Recipients::from_file(f)?)))
-    }
-
-    /// The identities of `--snapshot-encryption-identity-file`, when given.
-    pub(crate) fn identities(&self) -> anyhow::Result<Option<Identities>> {
-        self.encryption_identity_file.as_deref().map(Identities::from_file).transpose().map_err(Into::into)
-    }
-
-    pub(crate) fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(config::default_data_dir)
-    }
-
-    pub(crate) fn node(&self) -> String {
-        self.node_name.clone().unwrap_or_else(config::default_node_name)
-    }
-
-    pub(crate) fn local_store(&self) -> LocalStore {
-        let dir = self.dir.clone().unwrap_or_else(|| self.data_dir().join("server/db/snapshots"));
-        LocalStore::new(dir)
-    }
-
-    fn token_hash(&self) -> Option<String> {
-        let token = match &self.token {
-            Some(t) => t.expose().to_string(),
-            None => std::fs::read_to_string(self.data_dir().join("server/token")).ok()?.trim().to_string(),
-        };
-        (!token.is_empty()).then(|| k3s_server_hooks::token::metadata_token_hash(&token))
-    }
-
-    pub(crate) fn etcd_config(&self) -> anyhow::Result<EtcdClientConfig> {
-        if !self.etcd_endpoints.is_empty() {
-            return Ok(EtcdClientConfig {
-                endpoints: self.etcd_endpoints.clone(),
-                cacert: self.etcd_cacert.clone(),
-                cert: self.etcd_cert.clone(),
-                key: self.etcd_key.clone(),
-            });
-        }
-        let path = etcd::config_path(&self.data_dir());
-        if !path.exists() {
-            bail!(
-                "no etcd to snapshot: {} does not exist; start `k3s-snapshot server --data-dir {}` or pass --etcd-endpoints",
-                path.display(),
-                self.data_dir().display()
-            );
-        }
-        let mut cfg = EtcdClientConfig::for_data_dir(&self.data_dir())?;
-        // TLS files given on the command line win over those the config file implies.
-        if self.etcd_cacert.is_some() {
-            cfg.cacert = self.etcd_cacert.clone();
-        }
-        if self.etcd_cert.is_some() || self.etcd_key.is_some() {
-            (cfg.cert, cfg.key) = (self.etcd_cert.clone(), self.etcd_key.clone());
-        }
-        Ok(cfg)
-    }
-}
+use crate::snapshot_args::{SnapshotArgs, SnapshotCommand};
 
 pub async fn run(args: SnapshotArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let common = &args.common;
@@ -389,41 +166,6 @@ async fn prune_cmd(common: &CommonArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A progress bar on stderr when it is a terminal; nothing otherwise.
-pub(crate) fn bar() -> Arc<dyn Progress> {
-    if std::io::stderr().is_terminal() {
-        Arc::new(Bar(indicatif::ProgressBar::hidden()))
-    } else {
-        Arc::new(NoProgress)
-    }
-}
-
-struct Bar(indicatif::ProgressBar);
-
-impl Progress for Bar {
-    fn start(&self, what: &str, total: Option<u64>) {
-        let style = match total {
-            Some(t) => {
-                self.0.set_length(t);
-                indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-            }
-            None => indicatif::ProgressStyle::with_template("{msg} {spinner} {bytes} {bytes_per_sec}"),
-        };
-        if let Ok(s) = style {
-            self.0.set_style(s.progress_chars("=> "));
-        }
-        self.0.set_message(what.to_string());
-        self.0.set_position(0);
-        self.0.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-    }
-    fn advance(&self, bytes: u64) {
-        self.0.inc(bytes);
-    }
-    fn finish(&self) {
-        self.0.finish_and_clear();
-    }
 }
 
 async fn status_cmd(common: &CommonArgs, target: &str, output: StatusFormat, check_hash: bool) -> anyhow::Result<()> {

@@ -12,7 +12,7 @@ use k3s_server_hooks::layout::DataDir;
 use k3s_server_hooks::verify::{self, DrillReport, DrillRequest, Outcome};
 use tokio_util::sync::CancellationToken;
 
-use crate::snapshot::CommonArgs;
+use crate::args::CommonArgs;
 
 /// The reset's configuration for a drill of `common`'s snapshot dir or S3 bucket; the drill
 /// replaces what concerns the restore itself.
@@ -55,6 +55,8 @@ pub(crate) async fn base_config(common: &CommonArgs, etcd_bin_dir: Option<PathBu
             encryption: None,
             verify_schedule: None,
         },
+        // A drill's etcd is private and short-lived: nothing to compact or defragment.
+        health: k3s_server_hooks::config::HealthSettings { compaction_interval: None, ..Default::default() },
         identities: common.identities()?.map(Arc::new),
         etcd_ready_timeout: Duration::from_secs(120),
         etcd_stop_grace: Duration::from_secs(10),

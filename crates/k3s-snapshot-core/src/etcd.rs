@@ -110,6 +110,11 @@ impl EtcdClientConfig {
         crate::store::write_file_atomic(path, yaml.as_bytes())
     }
 
+    /// The same TLS files for other endpoints (another member's client URLs).
+    pub fn with_endpoints(&self, endpoints: Vec<String>) -> Self {
+        EtcdClientConfig { endpoints, ..self.clone() }
+    }
+
     pub fn endpoints_display(&self) -> String {
         self.endpoints.join(",")
     }

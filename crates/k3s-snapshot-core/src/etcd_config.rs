@@ -226,6 +226,32 @@ pub fn client_side(doc: &Mapping, path: &Path) -> Result<ClientSide> {
     Ok(ClientSide { endpoint, trusted_ca_file, client_cert_auth })
 }
 
+/// `quota-backend-bytes` of the etcd config file of a data dir (`server/db/etcd/config`), when
+/// the file sets it (etcd's default applies otherwise, see `maintenance::effective_quota`).
+pub fn quota_backend_bytes(data_dir: &Path) -> Option<i64> {
+    let text = std::fs::read(data_dir.join("server/db/etcd/config")).ok()?;
+    let doc: Mapping = serde_yaml::from_slice(&text).ok()?;
+    quota_in(&doc)
+}
+
+fn quota_in(doc: &Mapping) -> Option<i64> {
+    match doc.get("quota-backend-bytes")? {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// `quota-backend-bytes` among `--etcd-arg` values (the last one wins, as in the config file).
+pub fn quota_in_args(args: &[String]) -> Option<i64> {
+    let mut doc = Mapping::new();
+    for a in args {
+        let (k, v) = extra_arg_value(a);
+        doc.insert(Value::String(k), v);
+    }
+    quota_in(&doc)
+}
+
 /// The host of a URL, without brackets: `https://[::1]:2379` → `::1`.
 fn url_host(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;

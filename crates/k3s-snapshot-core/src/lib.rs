@@ -18,6 +18,8 @@ pub mod inspect;
 pub mod integrity;
 pub mod k3s_list;
 pub mod list;
+#[cfg(feature = "etcd")]
+pub mod maintenance;
 pub mod metadata;
 pub mod name;
 pub mod progress;

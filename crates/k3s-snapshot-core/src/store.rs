@@ -72,6 +72,20 @@ impl std::fmt::Debug for Ranges {
     }
 }
 
+/// Bytes `offset..offset + len` of an object, as [`SnapshotStore::get_parts`] hands them out.
+pub struct Part {
+    pub offset: u64,
+    pub len: u64,
+    pub body: ByteStream,
+}
+
+/// `size` bytes cut into at most `parts` consecutive parts of at least `min_part` bytes (one when
+/// `size` is smaller), as even as whole bytes allow.
+pub fn part_bounds(size: u64, parts: usize, min_part: u64) -> Vec<(u64, u64)> {
+    let n = (size / min_part.max(1)).clamp(1, parts.max(1) as u64);
+    (0..n).map(|i| (i * size / n, (i + 1) * size / n - i * size / n)).collect()
+}
+
 /// A place that holds snapshots and their metadata.
 ///
 /// Guarantees every implementation must keep (checked by the conformance suite in `tests`):
@@ -109,6 +123,24 @@ pub trait SnapshotStore: Send + Sync {
     async fn user_metadata(&self, key: &str) -> Result<Vec<(String, String)>> {
         let _ = key;
         Ok(Vec::new())
+    }
+    /// The object in consecutive parts, each its own stream, for a download that fetches them at
+    /// once: at most `parts`, none under `min_part` bytes, and one for an object under
+    /// `min_size` bytes. `None` where one stream is as fast (local files): the caller then uses
+    /// [`get`]. Every part reads the same version of the object (S3: the ETag of the
+    /// first response), so an object replaced meanwhile fails the download rather than mixing
+    /// two versions.
+    ///
+    /// [`get`]: SnapshotStore::get
+    async fn get_parts(
+        &self,
+        key: &str,
+        parts: usize,
+        min_part: u64,
+        min_size: u64,
+    ) -> Result<Option<(ObjectInfo, Vec<Part>)>> {
+        let _ = (key, parts, min_part, min_size);
+        Ok(None)
     }
 }
 

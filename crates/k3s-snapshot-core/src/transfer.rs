@@ -5,14 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::metadata::{MetadataDoc, SnapshotMetadata};
 use crate::name;
 use crate::progress::{NoProgress, Progress};
-use crate::store::{ensure_free_space, ensure_private_dir, Placed, PutOptions, ScratchFile, SnapshotStore};
+use crate::store::{self, ensure_free_space, ensure_private_dir, Placed, PutOptions, ScratchFile, SnapshotStore};
 use crate::{Error, Result};
 
 /// Downloads snapshot `file` from `store` into `into_dir/file` (mode 0600), through a scratch
@@ -65,15 +65,25 @@ pub async fn download_to_scratch(
     name::validate_file_name(file)?;
     ensure_private_dir(into_dir, "snapshot dir")?;
     let path = into_dir.join(file);
-    let (info, mut body) = store.get(file).await?;
-    if let Some(m) = expected {
-        if m.size != info.size {
-            return Err(Error::Truncated {
-                name: store.location(file),
-                detail: format!("the store holds {} bytes but its metadata says {}", info.size, m.size),
-            });
+    if let Some((info, parts)) = store.get_parts(file, PARTS, PART_MIN, PARALLEL_MIN).await? {
+        check_expected_size(store, file, expected, info.size)?;
+        ensure_free_space(into_dir, info.size, &store.location(file))?;
+        let scratch = ScratchFile::create(&path)?;
+        progress.start(file, Some(info.size));
+        let n = parts.len();
+        let sha = fetch_parts(&store.location(file), &scratch, info.size, parts, expected.is_some(), progress).await?;
+        progress.finish();
+        scratch.sync()?;
+        if let (Some(m), Some(actual)) = (expected, sha) {
+            if !actual.eq_ignore_ascii_case(&m.sha256) {
+                return Err(Error::Checksum { name: store.location(file), expected: m.sha256.clone(), actual });
+            }
         }
+        tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = info.size, parts = n, "downloaded snapshot");
+        return Ok(scratch);
     }
+    let (info, mut body) = store.get(file).await?;
+    check_expected_size(store, file, expected, info.size)?;
     ensure_free_space(into_dir, info.size, &store.location(file))?;
     let scratch = ScratchFile::create(&path)?;
     let mut w = tokio::io::BufWriter::with_capacity(1 << 20, scratch.tokio_file()?);
@@ -114,6 +124,158 @@ pub async fn download_to_scratch(
     }
     tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = n, "downloaded snapshot");
     Ok(scratch)
+}
+
+fn check_expected_size(
+    store: &dyn SnapshotStore,
+    file: &str,
+    expected: Option<&SnapshotMetadata>,
+    size: u64,
+) -> Result<()> {
+    match expected {
+        Some(m) if m.size != size => Err(Error::Truncated {
+            name: store.location(file),
+            detail: format!("the store holds {size} bytes but its metadata says {}", m.size),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Objects at least this big are fetched in parts at once, where the store can
+/// ([`SnapshotStore::get_parts`]): one GET stream is bound by what one connection (and one request
+/// handler of the server) carries; several fill the link and the server's cores.
+pub const PARALLEL_MIN: u64 = 64 << 20;
+/// No part is smaller: each is a request, and some servers pay a pass over the whole object per
+/// request (s3s-fs computes the object's MD5 for each GET), so parts are few and large.
+const PART_MIN: u64 = 32 << 20;
+/// Parts at once.
+pub const PARTS: usize = 4;
+/// Every this many bytes of a part, the kernel is asked to start writing them to disk.
+const WRITEBACK_STEP: u64 = 16 << 20;
+
+/// How far each part has landed in the file, for the hasher that follows them in order.
+struct Landed {
+    state: std::sync::Mutex<(Vec<u64>, bool)>,
+    cond: std::sync::Condvar,
+}
+
+impl Landed {
+    fn advance(&self, part: usize, upto: u64) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0[part] = upto;
+        self.cond.notify_all();
+    }
+    fn fail(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.cond.notify_all();
+    }
+    /// Waits until `part` has landed past `at`; returns how far, or `None` when the download
+    /// failed first.
+    fn wait_past(&self, part: usize, at: u64) -> Option<u64> {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if g.0[part] > at {
+                return Some(g.0[part]);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.cond.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Fetches the object's parts at once, each written at its offset in `scratch` as it arrives
+/// (memory stays a few network buffers). With `hash`, a thread reads the bytes back in order as
+/// they land (from the page cache) and returns the SHA-256 of the whole object. A part that
+/// fails, or sends more or fewer bytes than it covers, fails the download.
+async fn fetch_parts(
+    location: &str,
+    scratch: &ScratchFile,
+    size: u64,
+    parts: Vec<store::Part>,
+    hash: bool,
+    progress: &dyn Progress,
+) -> Result<Option<String>> {
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+    let covered: u64 = parts.iter().map(|p| p.len).sum();
+    if covered != size || parts.iter().zip(parts.iter().skip(1)).any(|(a, b)| a.offset + a.len != b.offset) {
+        return Err(Error::Invalid(format!("{location}: the store's parts do not cover the object; refusing them")));
+    }
+    let bounds: Vec<(u64, u64)> = parts.iter().map(|p| (p.offset, p.offset + p.len)).collect();
+    let path = scratch.path().to_path_buf();
+    let file = Arc::new(scratch.file().try_clone().map_err(Error::io("open", &path))?);
+    file.set_len(size).map_err(Error::io("write", &path))?;
+    let landed = Arc::new(Landed {
+        state: std::sync::Mutex::new((bounds.iter().map(|b| b.0).collect(), false)),
+        cond: Default::default(),
+    });
+    let hasher = hash.then(|| {
+        let (file, landed, path, bounds) = (file.clone(), landed.clone(), path.clone(), bounds.clone());
+        tokio::task::spawn_blocking(move || -> Result<Option<String>> {
+            let mut sha = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            for (i, &(start, end)) in bounds.iter().enumerate() {
+                let mut at = start;
+                while at < end {
+                    let Some(upto) = landed.wait_past(i, at) else { return Ok(None) };
+                    while at < upto {
+                        let n = ((upto - at) as usize).min(buf.len());
+                        file.read_exact_at(&mut buf[..n], at).map_err(Error::io("read", &path))?;
+                        sha.update(&buf[..n]);
+                        at += n as u64;
+                    }
+                }
+            }
+            Ok(Some(hex::encode(sha.finalize())))
+        })
+    });
+    let fetch_one = |(i, part): (usize, store::Part)| {
+        let (file, landed, path) = (file.clone(), landed.clone(), path.clone());
+        async move {
+            let (start, end) = (part.offset, part.offset + part.len);
+            let mut body = part.body;
+            let (mut at, mut kicked) = (start, start);
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| Error::Invalid(e.to_string()))?;
+                if at + chunk.len() as u64 > end {
+                    return Err(Error::Invalid(format!(
+                        "{location} sent more than the bytes {start}-{} asked for; refusing it, nothing was kept",
+                        end.saturating_sub(1)
+                    )));
+                }
+                file.write_all_at(&chunk, at).map_err(Error::io("write", &path))?;
+                at += chunk.len() as u64;
+                progress.advance(chunk.len() as u64);
+                landed.advance(i, at);
+                if at - kicked >= WRITEBACK_STEP {
+                    crate::save::start_writeback(&file, kicked, at - kicked);
+                    kicked = at;
+                }
+            }
+            if at != end {
+                return Err(Error::Truncated {
+                    name: location.to_string(),
+                    detail: format!("received {} of the bytes {start}-{}", at - start, end.saturating_sub(1)),
+                });
+            }
+            Ok::<(), Error>(())
+        }
+    };
+    // All parts at once; the first failure stops the rest.
+    let n = parts.len();
+    let fetched = futures::stream::iter(parts.into_iter().enumerate().map(Ok::<_, Error>))
+        .try_for_each_concurrent(n, fetch_one)
+        .await;
+    if fetched.is_err() {
+        landed.fail();
+    }
+    let sha = match hasher {
+        Some(h) => h.await.map_err(|e| Error::Invalid(format!("the download's hash task failed: {e}")))??,
+        None => None,
+    };
+    fetched?;
+    Ok(sha)
 }
 
 /// Downloads snapshot `file` with what its metadata document lets us check: the size and SHA-256

@@ -8,6 +8,7 @@
 //! Run by `cargo xtask e2e --only rpo` and `cargo xtask bench --only delta-overhead`.
 
 mod chain;
+mod limit;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -88,9 +89,10 @@ fn main() {
         rt.block_on(async {
             match args.first().map(String::as_str) {
                 Some("chain") => chain::run(&args[1..]),
+                Some("snapshot") => limit::run(&args[1..]).await,
                 Some("put") => put(parse(&args[1..])?).await,
                 Some("check") => check_restored(parse(&args[1..])?).await,
-                _ => bail!("{USAGE}\n{}", chain::USAGE),
+                _ => bail!("{USAGE}\n{}\n{}", chain::USAGE, limit::USAGE),
             }
         })
     });

@@ -11,7 +11,7 @@ use std::time::Duration;
 use minio::s3::error::{Error as MinioError, NetworkError, S3ServerError, ValidationErr};
 use minio::s3::minio_error_response::{MinioErrorCode, MinioErrorResponse};
 
-use crate::config::format_duration;
+use crate::duration::format_duration;
 
 /// One S3 failure, already reduced to what a user needs: the cause and what to do.
 /// Never carries credentials: nothing here is built from the request's headers.

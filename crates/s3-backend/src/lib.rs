@@ -15,16 +15,27 @@
 mod checksum;
 mod config;
 mod creds;
+mod creds_container;
+mod creds_file;
+mod creds_imds;
+mod creds_keyring;
+mod creds_process;
+mod creds_source;
+mod creds_web;
+mod duration;
 mod error;
 mod object_lock;
 mod sse;
 mod store;
 mod stream_put;
 
-pub use config::{
-    format_duration, BucketLookup, S3Config, ServerSideEncryption, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT,
-};
-pub use creds::{CredentialChain, DEFAULT_IMDS_ENDPOINT, IMDS_TIMEOUT};
+pub use config::{BucketLookup, S3Config, ServerSideEncryption, DEFAULT_ENDPOINT, DEFAULT_REGION, DEFAULT_TIMEOUT};
+pub use creds::{CredentialChain, DEFAULT_IMDS_ENDPOINT};
+pub use creds_container::{ContainerConfig, Redacted, CONTAINER_TIMEOUT};
+pub use creds_imds::IMDS_TIMEOUT;
+pub use creds_process::PROCESS_TIMEOUT;
+pub use creds_web::{WebIdentityConfig, STS_TIMEOUT};
+pub use duration::format_duration;
 pub use error::S3Error;
 /// The store-agnostic transfers live in the core; re-exported here, where S3 users look for them.
 pub use k3s_snapshot_core::transfer::{

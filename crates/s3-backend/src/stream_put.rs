@@ -44,7 +44,7 @@ use tokio::time::Instant;
 use k3s_snapshot_core::store::ByteStream;
 
 use crate::checksum::{self, AwsChunked};
-use crate::creds::Key;
+use crate::creds_source::Key;
 use crate::error::{innermost_detail, Classifier, S3Error};
 
 /// The largest object S3 accepts in one PUT.

@@ -1,11 +1,16 @@
-//! Hostile S3 neighbours: an endpoint that answers at a trickle.
+//! Hostile S3 neighbours: an endpoint that answers at a trickle, a link that damages an upload.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures::StreamExt;
+use k3s_snapshot_core::store::{PutOptions, SnapshotStore};
 use tests::support::bin::{self, Run};
 use tests::support::etcd::{Etcd, EtcdVersion};
+use tests::support::flip::FlipProxy;
 use tests::support::s3::{S3Server, TrickleProxy, ACCESS_KEY, SECRET_KEY};
+use tests::support::server::block_on;
 
 #[test]
 fn a_slow_s3_neither_slows_the_local_save_nor_holds_the_upload_past_its_deadline() {
@@ -84,4 +89,35 @@ fn an_odd_object_under_the_prefix_does_not_stop_s3_retention() {
     assert_eq!(left, ["etcd-snapshot-n2-300", "etcd-snapshot-x..y-1"]);
     // And the next run is as healthy.
     prune().assert_ok();
+}
+
+/// A link that flips one bit of a streamed upload: the upload carries its CRC32C as an
+/// `aws-chunked` trailer, and S3 (s3s-fs here, which checks trailers and SigV4; moto 5.1.22
+/// checks neither checksums nor signatures) refuses the body. The same upload through the same
+/// relay without the damage is taken, so it is the checksum that refused it. (s3s-fs moves the
+/// object into place before it compares the checksum, so it keeps the damaged object; S3 keeps
+/// nothing. What is checked here is the refusal.)
+#[test]
+fn a_streamed_upload_with_a_bit_flipped_in_transit_is_refused_by_its_checksum() {
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let body: Vec<u8> = (0..(9u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let put = |endpoint: &str, key: &str| {
+        let cfg = s3_backend::S3Config { endpoint: endpoint.to_string(), ..s3.config("snaps") };
+        let store = s3_backend::S3Store::new(&cfg).unwrap();
+        let chunks: Vec<std::io::Result<Bytes>> = body.chunks(1 << 20).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        let opts = PutOptions { size_hint: Some(body.len() as u64), ..PutOptions::default() };
+        block_on(store.put(key, futures::stream::iter(chunks).boxed(), opts))
+    };
+    // Byte 100,000 of the body: payload of the second 64 KiB chunk, past its size line.
+    let flip = FlipProxy::start(s3.port, "/snaps/damaged-n1-1", 100_000);
+    let e = put(&flip.endpoint, "damaged-n1-1").unwrap_err().to_string();
+    assert_eq!(flip.flipped(), 1, "the relay did not damage the upload");
+    assert!(e.contains("BadDigest") && e.contains("crc32c"), "{e}");
+    assert!(!e.contains(SECRET_KEY));
+
+    let clean = FlipProxy::start(s3.port, "/snaps/no-such-key", 100_000);
+    put(&clean.endpoint, "clean-n1-1").unwrap();
+    assert_eq!(clean.flipped(), 0);
+    assert_eq!(std::fs::read(s3.root.join("snaps/clean-n1-1")).unwrap(), body);
 }

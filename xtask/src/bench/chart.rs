@@ -37,6 +37,7 @@ fn register_font() -> Result<()> {
 
 fn colour(s: Scenario) -> RGBColor {
     match s {
+        Scenario::Limit => RGBColor(0, 0, 0),
         Scenario::Save => RGBColor(31, 119, 180),
         Scenario::SaveS3 => RGBColor(214, 39, 40),
         Scenario::Restore => RGBColor(44, 160, 44),

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::servers::{self, S3};
 use super::{median, reset_dir};
-use crate::demo::{free_port, KillOnDrop};
+use crate::child::{free_port, KillOnDrop};
 
 pub const RATES: [u32; 2] = [1000, 5000];
 const SECS: u32 = 10;

@@ -90,15 +90,48 @@ pub(super) fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Ro
         );
     }
     println!();
+    // Every run's time, in the order they ran (the two sides alternate: ABBA), and the spread.
+    for r in rows {
+        let runs = |v: Vec<f64>| v.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(" ");
+        let spread = |v: &[f64]| {
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(l, h), &t| (l.min(t), h.max(t)));
+            100.0 * (hi - lo) / super::median(v.to_vec())
+        };
+        let ours: Vec<f64> = r.ours.iter().map(|m| m.wall.as_secs_f64()).collect();
+        let reference: Vec<f64> = r.reference.iter().map(Duration::as_secs_f64).collect();
+        println!(
+            "{:<11} ours [{}] spread {:.0}%; ref [{}] spread {:.0}%",
+            r.scenario.key(),
+            runs(ours.clone()),
+            spread(&ours),
+            runs(reference.clone()),
+            spread(&reference)
+        );
+    }
+    println!();
+    let limit_file = rows.iter().find(|r| r.scenario == Scenario::Limit).map(Row::ours_median);
+    let against_limit = |r: &Row, target: f64| {
+        limit_file
+            .map(|l| format!("; {:.2}x the file-writing limit (target <= {target:.2}x)", r.ours_median() / l))
+            .unwrap_or_default()
+    };
     let save_alone = rows.iter().find(|r| r.scenario == Scenario::Save).map(Row::reference_median);
     for r in rows {
         let line = match r.scenario {
-            Scenario::Save => format!("save: {:.2}x etcdctl snapshot save (target <= 0.90x)", r.ratio()),
+            Scenario::Limit => format!(
+                "limit: writing the stream to a file {:.2} s, only reading it {:.2} s (the file costs {:.2}x)",
+                r.ours_median(),
+                r.reference_median(),
+                r.ratio()
+            ),
+            Scenario::Save => {
+                format!("save: {:.2}x etcdctl snapshot save (target <= 0.90x){}", r.ratio(), against_limit(r, 1.10))
+            }
             Scenario::SaveS3 => {
                 let alone = save_alone
                     .map(|s| format!("; {:.2}x etcdctl snapshot save alone (target <= 1.10x)", r.ours_median() / s))
                     .unwrap_or_default();
-                format!("save+s3: {:.2}x etcdctl snapshot save + curl PUT{alone}", r.ratio())
+                format!("save+s3: {:.2}x etcdctl snapshot save + curl PUT{alone}{}", r.ratio(), against_limit(r, 1.30))
             }
             Scenario::Restore => {
                 let plain = rows.iter().find(|x| x.scenario == Scenario::RestoreNoBump);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::demo::{free_port, KillOnDrop};
+use crate::child::{free_port, KillOnDrop};
 
 /// A running etcd, killed on drop.
 pub struct Etcd {

@@ -24,7 +24,7 @@ use super::net::tick;
 use super::node::{files, kill_and_wait, s3_flags, tail, wait_until, Node, Server, RESET_DONE, S3_SECRET_KEY};
 use super::scenarios::{join, strings};
 use super::{Ctx, Etcd, Rng};
-use crate::demo::KillOnDrop;
+use crate::child::KillOnDrop;
 
 const INTERVAL: Duration = Duration::from_secs(2);
 /// Writes run this long (plus up to one interval, from `--seed`) before the kill.

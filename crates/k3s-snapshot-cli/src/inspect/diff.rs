@@ -10,7 +10,7 @@ use k3s_snapshot_core::inspect::k8s::object_ref;
 use k3s_snapshot_core::inspect::{self as core, diff_sorted, fingerprint, Change};
 
 use super::{open, show_key, ListFormat, SourceArgs};
-use crate::snapshot::CommonArgs;
+use crate::args::CommonArgs;
 
 /// `NAME[@REVISION]`.
 fn split_target(t: &str) -> (&str, Option<i64>) {

@@ -23,7 +23,7 @@ use k3s_snapshot_core::inspect::at_rest::KeyRing;
 use k3s_snapshot_core::inspect::k8s::{self, Decoded};
 use k3s_snapshot_core::inspect::{self as core, Entry};
 
-use crate::snapshot::CommonArgs;
+use crate::args::CommonArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct InspectArgs {

@@ -15,6 +15,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use super::commit::write_meta;
 use super::layout::*;
 use super::reader::Db;
 use super::writer::{encode_freelist, merge_freelist, Edits, Out, Root, WriteError, Written};
@@ -326,13 +327,7 @@ impl Appender {
         self.out.w.flush().map_err(io("write"))?;
         let file: &File = self.out.w.get_ref();
         file.sync_all().map_err(io("fsync"))?;
-        let slot = new_meta.txid % 2;
-        let mut page = Vec::with_capacity(ps);
-        encode_page_header(&mut page, slot, FLAG_META, 0, 0);
-        page.extend_from_slice(&new_meta.encode());
-        page.resize(ps, 0);
-        std::os::unix::fs::FileExt::write_all_at(file, &page, slot * ps as u64).map_err(io("write"))?;
-        file.sync_all().map_err(io("fsync"))?;
+        write_meta(file, &path, &new_meta, ps)?;
         self.committed = true;
         Ok(Written { pages: new_meta.pgid, size: new_meta.pgid * ps as u64 })
     }

@@ -4,6 +4,30 @@ use super::layout::*;
 use super::reader::{flags_name, show_key, Bucket, Db, Loc, Page, Value};
 use super::BoltError;
 
+// The reader's whole-image check and key walk are the checker's walks.
+impl Db {
+    /// Structural check of the whole database (like bbolt's `tx.Check`):
+    /// returns the first problem found.
+    pub fn check(&self) -> Result<(), BoltError> {
+        let mut c = Checker::new(self)?;
+        c.check_bucket(&self.root())?;
+        c.finish()
+    }
+}
+
+impl<'a> Bucket<'a> {
+    /// Calls `f` for every key of this bucket in key order (nested buckets are
+    /// passed as [`Value::Bucket`] and not descended into). Pages are bounds-
+    /// and cycle-checked; key order is verified as in [`Db::check`].
+    pub fn for_each<E: From<BoltError>>(
+        &self,
+        mut f: impl FnMut(&'a [u8], Value<'a>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut c = Checker::bare(self.db);
+        c.walk_bucket(self, &mut |_, k, v| f(k, v))
+    }
+}
+
 /// Compact bitset over page ids; out-of-range ids read as unset and are never stored.
 pub(super) struct BitSet {
     pub(super) words: Vec<u64>,

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::edits::{Edits, WriteError, Written};
 use super::layout::*;
 use super::reader::Db;
-use super::writer::{Edits, WriteError, Written};
 
 /// Commits `edits` the way bbolt commits a transaction, for the shape a revision bump has:
 /// copies of the pages it touches are appended after the high-water mark, the pages they replace
@@ -181,14 +181,22 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
         file.write_all_at(&bytes, id * ps as u64).map_err(io("write"))?;
     }
     file.sync_all().map_err(io("fsync"))?;
-    let slot = new_meta.txid % 2;
+    write_meta(&file, path, &new_meta, ps)?;
+    Ok(Some(Written { pages: next, size: next * ps as u64 }))
+}
+
+/// Writes `meta` into its slot (txid % 2) of `file` and fsyncs it: the last step of a commit,
+/// once everything the meta points to is on disk.
+pub(super) fn write_meta(file: &std::fs::File, path: &Path, meta: &Meta, ps: usize) -> Result<(), WriteError> {
+    use std::os::unix::fs::FileExt;
+    let io = |action: &'static str| move |source| WriteError::Io { action, path: path.to_path_buf(), source };
+    let slot = meta.txid % 2;
     let mut page = Vec::with_capacity(ps);
     encode_page_header(&mut page, slot, FLAG_META, 0, 0);
-    page.extend_from_slice(&new_meta.encode());
+    page.extend_from_slice(&meta.encode());
     page.resize(ps, 0);
     file.write_all_at(&page, slot * ps as u64).map_err(io("write"))?;
-    file.sync_all().map_err(io("fsync"))?;
-    Ok(Some(Written { pages: next, size: next * ps as u64 }))
+    file.sync_all().map_err(io("fsync"))
 }
 
 /// The ids the freelist of a commit lists: what the old one listed, the pages the commit

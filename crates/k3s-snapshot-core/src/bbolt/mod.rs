@@ -26,8 +26,8 @@
 //!   is inline and its (leaf) page follows the header inside the value.
 //!
 //! The parts: [`layout`] (the page format both sides share), [`reader`] ([`Db`], [`Bucket`]),
-//! [`checker`] (the whole-image structure check), [`writer`] (a bulk rewrite of an image with
-//! edits), `commit` ([`writer::append_commit`]: a few keys committed as bbolt commits a
+//! [`checker`] (the whole-image structure check), `edits` (what the writers take and give),
+//! [`writer`] (a bulk rewrite of an image with edits), `commit` ([`writer::append_commit`]: a few keys committed as bbolt commits a
 //! transaction, e.g. the revision bump of a restore), [`append`] (keys streamed onto a bucket's right
 //! edge in one commit: the native replay of delta segments).
 
@@ -36,6 +36,7 @@ use std::path::PathBuf;
 pub mod append;
 pub mod checker;
 mod commit;
+mod edits;
 pub mod layout;
 pub mod reader;
 #[cfg(test)]

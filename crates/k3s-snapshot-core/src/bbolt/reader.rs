@@ -5,7 +5,6 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::checker::Checker;
 use super::layout::*;
 use super::BoltError;
 
@@ -362,14 +361,6 @@ impl Db {
         Bucket { db: self, header: self.meta.root, inline: None, loc: self.meta_loc() }
     }
 
-    /// Structural check of the whole database (like bbolt's `tx.Check`):
-    /// returns the first problem found.
-    pub fn check(&self) -> Result<(), BoltError> {
-        let mut c = Checker::new(self)?;
-        c.check_bucket(&self.root())?;
-        c.finish()
-    }
-
     pub(super) fn meta_loc(&self) -> Loc {
         Loc { page: self.meta_page, offset: self.meta_page * u64::from(self.page_size), inline: false }
     }
@@ -518,17 +509,6 @@ impl<'a> Bucket<'a> {
     /// Whether the bucket is stored inline in its parent's leaf.
     pub fn is_inline(&self) -> bool {
         self.inline.is_some()
-    }
-
-    /// Calls `f` for every key of this bucket in key order (nested buckets are
-    /// passed as [`Value::Bucket`] and not descended into). Pages are bounds-
-    /// and cycle-checked; key order is verified as in [`Db::check`].
-    pub fn for_each<E: From<BoltError>>(
-        &self,
-        mut f: impl FnMut(&'a [u8], Value<'a>) -> Result<(), E>,
-    ) -> Result<(), E> {
-        let mut c = Checker::bare(self.db);
-        c.walk_bucket(self, &mut |_, k, v| f(k, v))
     }
 
     /// The bucket's root page (its inline page, or the page its header names).
