@@ -727,6 +727,33 @@ async fn s3_download_of_a_large_snapshot_fetches_parts_at_once_and_checks_the_sh
     assert_eq!(dir_len(&other), 0);
 }
 
+/// The parts' bytes are hashed once, as they land: the download knows whether the file ends in
+/// the SHA-256 of what precedes it (an etcd snapshot's trailer), so that a restore checks the
+/// structure without hashing the file again; a file whose trailer does not match is not vouched
+/// for (the restore's own check then hashes it and refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_download_in_parts_checks_the_snapshot_trailer_as_the_bytes_land() {
+    let server = S3Server::start();
+    server.create_bucket("snaps");
+    let store = S3Store::connect(&server.config("snaps")).await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // An image of whole 512-byte pages, above the parts threshold, and its SHA-256 after it.
+    let image = pattern(k3s_snapshot_core::transfer::PARALLEL_MIN as usize + 3 * MIB + 512 * 7, 23);
+    let trailer: [u8; 32] = Sha256::digest(&image).into();
+    let mut good = image.to_vec();
+    good.extend_from_slice(&trailer);
+    let mut bad = good.clone();
+    bad[image.len() / 2 + 12_345] ^= 0x10;
+    for (file, data, want) in [("good-n1-1700000001", &good, Some(trailer)), ("bad-n1-1700000002", &bad, None)] {
+        store.put(file, chunked(Bytes::from(data.clone()), MIB), sized(data.len())).await.unwrap();
+        let scratch = s3_backend::download_to_scratch(&store, file, &tmp.path().join(file), None, &NoProgress)
+            .await
+            .unwrap();
+        assert!(std::fs::read(scratch.path()).unwrap() == *data, "{file}: the download differs from the object");
+        assert_eq!(scratch.verified_trailer(), want, "{file}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_download_part_resumes_where_it_broke_when_the_server_restarts() {
     let mut server = S3Server::start();

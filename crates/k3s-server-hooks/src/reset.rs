@@ -286,6 +286,12 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         None
     };
     let raw = extracted.as_ref().map_or(plain_file.clone(), |x| x.path().to_path_buf());
+    // A download hashed its bytes as they landed: when they are the file restored (not decrypted
+    // or extracted), its trailer is known to match and the check reads the structure alone.
+    let hashed = match (&downloaded, &decrypted, &extracted) {
+        (Some(d), None, None) => d.verified_trailer(),
+        _ => None,
+    };
     let shown = extracted.as_ref().map_or(plain_named.to_path_buf(), |x| x.target().to_path_buf());
     let len = std::fs::metadata(&raw).map_err(|e| Error::Reset(format!("cannot read {}: {e}", raw.display())))?.len();
     if len % 512 != integrity::TRAILER_LEN as u64 {
@@ -307,7 +313,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     let scratch = ScratchDir(Some(cfg.restore_tmp()));
     let check = async {
         let file = raw.clone();
-        tokio::task::spawn_blocking(move || k3s_snapshot_core::status::check(&file))
+        tokio::task::spawn_blocking(move || k3s_snapshot_core::status::check_hashed(&file, hashed))
             .await
             .map_err(|e| Error::Reset(format!("check task failed: {e}")))?
             .map_err(|e| Error::Reset(format!("{e}; refusing to restore it, nothing was changed")))?;

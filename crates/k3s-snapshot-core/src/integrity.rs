@@ -14,6 +14,15 @@ use crate::{Error, Result};
 
 pub const TRAILER_LEN: usize = 32;
 
+/// See [`TrailerCheck::digests`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digests {
+    /// SHA-256 of every byte.
+    pub stream: [u8; 32],
+    /// The last 32 bytes, when they are the SHA-256 of the bytes before them.
+    pub verified_trailer: Option<[u8; 32]>,
+}
+
 /// Streaming SHA-256 check with a 32-byte hold-back.
 pub struct TrailerCheck {
     image: Sha256,
@@ -63,6 +72,20 @@ impl TrailerCheck {
         stream.update(&self.held);
         self.finish(name)?;
         Ok(stream.finalize().into())
+    }
+
+    /// What one pass over a file gave, without judging it: the SHA-256 of every byte fed, and,
+    /// when the bytes fed end in their image's SHA-256 (an etcd snapshot with a good trailer), that
+    /// digest. A download computes both as the bytes land, so that neither the object's checksum
+    /// nor the snapshot's trailer needs a second pass over the file.
+    pub fn digests(self) -> Digests {
+        let mut stream = self.image.clone();
+        stream.update(&self.held);
+        let image: [u8; 32] = self.image.finalize().into();
+        let verified_trailer =
+            (self.held.len() == TRAILER_LEN && self.total >= 1024 && image.as_slice() == self.held.as_slice())
+                .then_some(image);
+        Digests { stream: stream.finalize().into(), verified_trailer }
     }
 
     /// Compares the held-back 32 bytes with the hash of everything before them.
@@ -140,6 +163,28 @@ mod tests {
         let mut c = TrailerCheck::new();
         c.update(&bad);
         assert!(matches!(c.finish_with_stream_sha256("t"), Err(Error::Checksum { .. })));
+    }
+
+    #[test]
+    fn digests_give_the_file_hash_and_a_trailer_only_when_it_matches() {
+        let image: Vec<u8> = (0..9000u32).map(|i| (i * 11) as u8).collect();
+        let s = stream(&image);
+        for chunk in [1, 31, 32, 33, 4096] {
+            let mut c = TrailerCheck::new();
+            for part in s.chunks(chunk) {
+                c.update(part);
+            }
+            let d = c.digests();
+            assert_eq!(d.stream.as_slice(), Sha256::digest(&s).as_slice(), "chunk {chunk}");
+            assert_eq!(d.verified_trailer.map(|t| t.to_vec()), Some(Sha256::digest(&image).to_vec()), "chunk {chunk}");
+        }
+        let mut bad = s.clone();
+        bad[10] ^= 1;
+        let mut c = TrailerCheck::new();
+        c.update(&bad);
+        let d = c.digests();
+        assert_eq!(d.verified_trailer, None);
+        assert_eq!(d.stream.as_slice(), Sha256::digest(&bad).as_slice());
     }
 
     #[test]

@@ -436,6 +436,21 @@ pub fn check(path: &Path) -> Result<TrailerStatus, StatusError> {
     check_of(&db, trailer)
 }
 
+/// [`check`] of a file whose image was hashed as it was written (a download,
+/// [`crate::store::ScratchFile::verified_trailer`]): when `hashed` is the file's own trailer, the
+/// trailer is taken as checked and only the structure is read; otherwise the file is hashed as
+/// [`check`] does.
+pub fn check_hashed(path: &Path, hashed: Option<[u8; 32]>) -> Result<TrailerStatus, StatusError> {
+    let (db, trailer) = open_snapshot(path)?;
+    match hashed {
+        Some(h) if trailer && db.bytes_after_image() == h.as_slice() => {
+            db.check()?;
+            Ok(TrailerStatus::Valid { sha256: hex::encode(h) })
+        }
+        _ => check_of(&db, trailer),
+    }
+}
+
 fn db_from_bytes(name: &Path, bytes: Vec<u8>) -> Result<(Db, bool), StatusError> {
     let len = bytes.len() as u64;
     let trailer = has_trailer(len);

@@ -285,6 +285,9 @@ pub fn create_new_private(path: &Path) -> std::io::Result<std::fs::File> {
 pub struct ScratchFile {
     tmp: tempfile::NamedTempFile,
     target: PathBuf,
+    /// Set by whoever wrote the file when they hashed it as it was written and its last 32
+    /// bytes were the SHA-256 of the rest: an etcd snapshot whose trailer is already checked.
+    verified_trailer: Option<[u8; 32]>,
 }
 
 /// Where [`ScratchFile::place`] left a verified file.
@@ -323,7 +326,19 @@ impl ScratchFile {
             .rand_bytes(name::SCRATCH_RANDOM_LEN)
             .make_in(dir, create_new_private)
             .map_err(Error::io("create", target.with_file_name(format!("{}.*.part", file_name.to_string_lossy()))))?;
-        Ok(ScratchFile { tmp, target: target.to_path_buf() })
+        Ok(ScratchFile { tmp, target: target.to_path_buf(), verified_trailer: None })
+    }
+
+    /// Records that the file's bytes, as written, end in the SHA-256 `image` of the bytes before
+    /// them ([`crate::integrity::Digests::verified_trailer`]).
+    pub fn set_verified_trailer(&mut self, image: Option<[u8; 32]>) {
+        self.verified_trailer = image;
+    }
+
+    /// See [`ScratchFile::set_verified_trailer`]: a check may compare this with the file's
+    /// trailer instead of hashing the file again.
+    pub fn verified_trailer(&self) -> Option<[u8; 32]> {
+        self.verified_trailer
     }
 
     pub fn path(&self) -> &Path {
@@ -378,7 +393,7 @@ impl ScratchFile {
                 Ok(Placed::New(target))
             }
             Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
-                let scratch = ScratchFile { tmp: e.file, target: target.clone() };
+                let scratch = ScratchFile { tmp: e.file, target: target.clone(), verified_trailer: self.verified_trailer };
                 if same_content(scratch.path(), &target)? {
                     drop(scratch);
                     Ok(Placed::Identical(target))

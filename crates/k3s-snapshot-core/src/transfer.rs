@@ -6,9 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use futures::{StreamExt, TryStreamExt};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use crate::integrity::{Digests, TrailerCheck};
 use crate::metadata::{MetadataDoc, SnapshotMetadata};
 use crate::name;
 use crate::progress::{NoProgress, Progress};
@@ -55,6 +55,10 @@ pub async fn download_snapshot_with_progress(
 /// [`crate::store::FREE_SPACE_MARGIN`] free; refused when the store sends more or fewer bytes
 /// than it announced, or bytes whose SHA-256 is not `expected`'s. On any failure the scratch file
 /// is removed. `into_dir` is created 0700, or checked ([`ensure_private_dir`]).
+///
+/// The bytes are hashed as they land, once: that gives the object's SHA-256 and, for an etcd
+/// snapshot, the check of its trailer, recorded on the scratch file
+/// ([`ScratchFile::verified_trailer`]) so that a restore does not hash the file again.
 pub async fn download_to_scratch(
     store: &dyn SnapshotStore,
     file: &str,
@@ -71,23 +75,21 @@ pub async fn download_to_scratch(
         let scratch = ScratchFile::create(&path)?;
         progress.start(file, Some(info.size));
         let n = parts.len();
-        let sha = fetch_parts(&store.location(file), &scratch, info.size, parts, expected.is_some(), progress).await?;
+        let mut scratch = scratch;
+        let digests = fetch_parts(&store.location(file), &scratch, info.size, parts, progress).await?;
         progress.finish();
         scratch.sync()?;
-        if let (Some(m), Some(actual)) = (expected, sha) {
-            if !actual.eq_ignore_ascii_case(&m.sha256) {
-                return Err(Error::Checksum { name: store.location(file), expected: m.sha256.clone(), actual });
-            }
-        }
+        check_expected_sha(store, file, expected, &digests)?;
+        scratch.set_verified_trailer(digests.verified_trailer);
         tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = info.size, parts = n, "downloaded snapshot");
         return Ok(scratch);
     }
     let (info, mut body) = store.get(file).await?;
     check_expected_size(store, file, expected, info.size)?;
     ensure_free_space(into_dir, info.size, &store.location(file))?;
-    let scratch = ScratchFile::create(&path)?;
+    let mut scratch = ScratchFile::create(&path)?;
     let mut w = tokio::io::BufWriter::with_capacity(1 << 20, scratch.tokio_file()?);
-    let mut sha = Sha256::new();
+    let mut sha = TrailerCheck::new();
     let mut n = 0u64;
     progress.start(file, Some(info.size));
     while let Some(chunk) = body.next().await {
@@ -116,14 +118,26 @@ pub async fn download_to_scratch(
             detail: format!("received {n} of {} bytes", info.size),
         });
     }
+    let digests = sha.digests();
+    check_expected_sha(store, file, expected, &digests)?;
+    scratch.set_verified_trailer(digests.verified_trailer);
+    tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = n, "downloaded snapshot");
+    Ok(scratch)
+}
+
+fn check_expected_sha(
+    store: &dyn SnapshotStore,
+    file: &str,
+    expected: Option<&SnapshotMetadata>,
+    digests: &Digests,
+) -> Result<()> {
     if let Some(m) = expected {
-        let actual = hex::encode(sha.finalize());
+        let actual = hex::encode(digests.stream);
         if !actual.eq_ignore_ascii_case(&m.sha256) {
             return Err(Error::Checksum { name: store.location(file), expected: m.sha256.clone(), actual });
         }
     }
-    tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = n, "downloaded snapshot");
-    Ok(scratch)
+    Ok(())
 }
 
 fn check_expected_size(
@@ -152,6 +166,11 @@ const PART_MIN: u64 = 32 << 20;
 pub const PARTS: usize = 4;
 /// Every this many bytes of a part, the kernel is asked to start writing them to disk.
 const WRITEBACK_STEP: u64 = 16 << 20;
+
+/// Bytes of a part gathered before they are written: the network hands over a few KiB at a time
+/// (s3s-fs sends 4 KiB frames), and a write, a wake-up of the hasher and a progress tick for
+/// each of them cost more than the bytes. Memory: this much per part in flight.
+const LAND_STEP: usize = 256 << 10;
 
 /// How far each part has landed in the file, for the hasher that follows them in order.
 struct Landed {
@@ -185,17 +204,17 @@ impl Landed {
 }
 
 /// Fetches the object's parts at once, each written at its offset in `scratch` as it arrives
-/// (memory stays a few network buffers). With `hash`, a thread reads the bytes back in order as
-/// they land (from the page cache) and returns the SHA-256 of the whole object. A part that
-/// fails, or sends more or fewer bytes than it covers, fails the download.
+/// (memory stays [`LAND_STEP`] per part and a few network buffers). A thread reads the bytes back
+/// in order as they land (from the page cache) and hashes them ([`TrailerCheck::digests`]), so
+/// that when the last part ends, the object's SHA-256 and the snapshot's trailer check are known.
+/// A part that fails, or sends more or fewer bytes than it covers, fails the download.
 async fn fetch_parts(
     location: &str,
     scratch: &ScratchFile,
     size: u64,
     parts: Vec<store::Part>,
-    hash: bool,
     progress: &dyn Progress,
-) -> Result<Option<String>> {
+) -> Result<Digests> {
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
     let covered: u64 = parts.iter().map(|p| p.len).sum();
@@ -210,10 +229,10 @@ async fn fetch_parts(
         state: std::sync::Mutex::new((bounds.iter().map(|b| b.0).collect(), false)),
         cond: Default::default(),
     });
-    let hasher = hash.then(|| {
+    let hasher = {
         let (file, landed, path, bounds) = (file.clone(), landed.clone(), path.clone(), bounds.clone());
-        tokio::task::spawn_blocking(move || -> Result<Option<String>> {
-            let mut sha = Sha256::new();
+        tokio::task::spawn_blocking(move || -> Result<Option<Digests>> {
+            let mut sha = TrailerCheck::new();
             let mut buf = vec![0u8; 1 << 20];
             for (i, &(start, end)) in bounds.iter().enumerate() {
                 let mut at = start;
@@ -227,15 +246,25 @@ async fn fetch_parts(
                     }
                 }
             }
-            Ok(Some(hex::encode(sha.finalize())))
+            Ok(Some(sha.digests()))
         })
-    });
+    };
     let fetch_one = |(i, part): (usize, store::Part)| {
         let (file, landed, path) = (file.clone(), landed.clone(), path.clone());
         async move {
             let (start, end) = (part.offset, part.offset + part.len);
             let mut body = part.body;
-            let (mut at, mut kicked) = (start, start);
+            // `at`: bytes received; `written`: bytes in the file; `kicked`: write-back started.
+            let (mut at, mut written, mut kicked) = (start, start, start);
+            let mut pending: Vec<u8> = Vec::with_capacity(LAND_STEP);
+            let land = |pending: &mut Vec<u8>, written: &mut u64| -> Result<()> {
+                file.write_all_at(pending, *written).map_err(Error::io("write", &path))?;
+                *written += pending.len() as u64;
+                progress.advance(pending.len() as u64);
+                pending.clear();
+                landed.advance(i, *written);
+                Ok(())
+            };
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| Error::Invalid(e.to_string()))?;
                 if at + chunk.len() as u64 > end {
@@ -244,14 +273,26 @@ async fn fetch_parts(
                         end.saturating_sub(1)
                     )));
                 }
-                file.write_all_at(&chunk, at).map_err(Error::io("write", &path))?;
                 at += chunk.len() as u64;
-                progress.advance(chunk.len() as u64);
-                landed.advance(i, at);
-                if at - kicked >= WRITEBACK_STEP {
-                    crate::save::start_writeback(&file, kicked, at - kicked);
-                    kicked = at;
+                if pending.is_empty() && chunk.len() >= LAND_STEP {
+                    // A large chunk goes straight to the file.
+                    file.write_all_at(&chunk, written).map_err(Error::io("write", &path))?;
+                    written += chunk.len() as u64;
+                    progress.advance(chunk.len() as u64);
+                    landed.advance(i, written);
+                } else {
+                    pending.extend_from_slice(&chunk);
+                    if pending.len() >= LAND_STEP {
+                        land(&mut pending, &mut written)?;
+                    }
                 }
+                if written - kicked >= WRITEBACK_STEP {
+                    crate::save::start_writeback(&file, kicked, written - kicked);
+                    kicked = written;
+                }
+            }
+            if !pending.is_empty() {
+                land(&mut pending, &mut written)?;
             }
             if at != end {
                 return Err(Error::Truncated {
@@ -270,12 +311,9 @@ async fn fetch_parts(
     if fetched.is_err() {
         landed.fail();
     }
-    let sha = match hasher {
-        Some(h) => h.await.map_err(|e| Error::Invalid(format!("the download's hash task failed: {e}")))??,
-        None => None,
-    };
+    let digests = hasher.await.map_err(|e| Error::Invalid(format!("the download's hash task failed: {e}")))??;
     fetched?;
-    Ok(sha)
+    digests.ok_or_else(|| Error::Invalid(format!("{location}: the download stopped before its end")))
 }
 
 /// Downloads snapshot `file` with what its metadata document lets us check: the size and SHA-256
@@ -411,6 +449,7 @@ mod tests {
     use bytes::Bytes;
     use chrono::Utc;
     use std::os::unix::fs::PermissionsExt;
+    use sha2::{Digest, Sha256};
 
     fn meta(file: &str, data: &[u8]) -> SnapshotMetadata {
         SnapshotMetadata {
