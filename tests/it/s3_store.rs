@@ -746,11 +746,23 @@ async fn s3_download_in_parts_checks_the_snapshot_trailer_as_the_bytes_land() {
     bad[image.len() / 2 + 12_345] ^= 0x10;
     for (file, data, want) in [("good-n1-1700000001", &good, Some(trailer)), ("bad-n1-1700000002", &bad, None)] {
         store.put(file, chunked(Bytes::from(data.clone()), MIB), sized(data.len())).await.unwrap();
-        let scratch = s3_backend::download_to_scratch(&store, file, &tmp.path().join(file), None, &NoProgress)
-            .await
-            .unwrap();
-        assert!(std::fs::read(scratch.path()).unwrap() == *data, "{file}: the download differs from the object");
-        assert_eq!(scratch.verified_trailer(), want, "{file}");
+        for copy in [false, true] {
+            let dir = tmp.path().join(format!("{file}-{copy}"));
+            let mut scratch =
+                s3_backend::download_to_scratch(&store, file, &dir, None, &NoProgress, copy).await.unwrap();
+            assert!(std::fs::read(scratch.path()).unwrap() == *data, "{file}: the download differs from the object");
+            assert_eq!(scratch.verified_trailer(), want, "{file}");
+            // The image copy is handed out only when its bytes hashed to the trailer.
+            match scratch.take_image_copy() {
+                Some(c) => {
+                    assert!(copy && want.is_some(), "{file}: a copy without a verified trailer");
+                    assert!(std::fs::read(c.path()).unwrap() == data[..data.len() - 32], "{file}: the copy differs");
+                }
+                None => assert!(!copy || want.is_none(), "{file}: no image copy"),
+            }
+            drop(scratch);
+            assert_eq!(dir_len(&dir), 0, "{file}: scratch files are removed with their owner");
+        }
     }
 }
 

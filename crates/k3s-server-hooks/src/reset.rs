@@ -225,7 +225,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     };
     // What is written here (a download, an extracted zip) goes to scratch files in the snapshot
     // dir, and takes its final name only once every check passed, never replacing a file.
-    let (file, metadata, downloaded) = match local {
+    let (file, metadata, mut downloaded) = match local {
         Some(p) => {
             std::fs::File::open(&p).map_err(Error::io("read snapshot", &p))?;
             let md = local_metadata(&p);
@@ -251,7 +251,8 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
             }
         },
     };
-    let named = downloaded.as_ref().map_or(file.as_path(), |d| d.target());
+    let named_buf = downloaded.as_ref().map_or(file.clone(), |d| d.target().to_path_buf());
+    let named = named_buf.as_path();
     // An age file is decrypted first, streaming, into a scratch file in the snapshot dir. Its
     // plaintext (and a zip's extracted entry) never takes a name: both are removed once the
     // restore is done, so only the encrypted file stays.
@@ -288,9 +289,11 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
     let raw = extracted.as_ref().map_or(plain_file.clone(), |x| x.path().to_path_buf());
     // A download hashed its bytes as they landed: when they are the file restored (not decrypted
     // or extracted), its trailer is known to match and the check reads the structure alone.
-    let hashed = match (&downloaded, &decrypted, &extracted) {
-        (Some(d), None, None) => d.verified_trailer(),
-        _ => None,
+    // The download also wrote the image into a copy, which that hash read back: the restore
+    // takes it as the member's db instead of copying the file again.
+    let (hashed, image) = match (&mut downloaded, &decrypted, &extracted) {
+        (Some(d), None, None) => (d.verified_trailer(), d.take_image_copy()),
+        _ => (None, None),
     };
     let shown = extracted.as_ref().map_or(plain_named.to_path_buf(), |x| x.target().to_path_buf());
     let len = std::fs::metadata(&raw).map_err(|e| Error::Reset(format!("cannot read {}: {e}", raw.display())))?.len();
@@ -320,7 +323,7 @@ pub async fn prepare(cfg: &ServerConfig, bins: &EtcdBinaries) -> Result<ResetPla
         tracing::info!(snapshot = %shown.display(), "snapshot verified");
         Ok::<(), Error>(())
     };
-    let (checked, restored) = tokio::join!(check, restore_into_scratch(cfg, bins, &raw));
+    let (checked, restored) = tokio::join!(check, restore_into_scratch(cfg, bins, &raw, image));
     checked?;
     restored?;
     let deltas = if crate::replay::wanted(cfg) {
@@ -534,10 +537,18 @@ fn move_old_aside(dd: &DataDir) -> Result<()> {
 /// Restores `snapshot` into `db/etcd-restore.tmp` as the only member, with this server's name and
 /// peer URL (what [`ServerConfig::etcd_launch`] will start etcd with): natively for the db when it
 /// can ([`restore_native`]), else with etcd's tool on the whole snapshot.
-async fn restore_into_scratch(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> Result<()> {
+///
+/// `image` is a copy of the snapshot's image made and verified as it was downloaded
+/// ([`k3s_snapshot_core::store::ScratchFile::take_image_copy`]), taken instead of a copy.
+async fn restore_into_scratch(
+    cfg: &ServerConfig,
+    bins: &EtcdBinaries,
+    snapshot: &Path,
+    image: Option<tempfile::NamedTempFile>,
+) -> Result<()> {
     let tmp = cfg.restore_tmp();
     remove_dir_if_exists(&tmp)?;
-    match restore_native(cfg, bins, snapshot).await {
+    match restore_native(cfg, bins, snapshot, image).await {
         Ok(()) => return Ok(()),
         Err(Native::Refused(e)) => {
             remove_dir_if_exists(&tmp)?;
@@ -609,7 +620,12 @@ impl From<k3s_snapshot_core::Error> for Native {
 /// are committed into the copy, checked to read exactly as the tool left them, and the copy takes
 /// the probe db's place. The snapshot's sha256 and structure are the concurrent check's job; the
 /// copy is read back and must hash to the same trailer before anything is committed into it.
-async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path) -> std::result::Result<(), Native> {
+async fn restore_native(
+    cfg: &ServerConfig,
+    bins: &EtcdBinaries,
+    snapshot: &Path,
+    image: Option<tempfile::NamedTempFile>,
+) -> std::result::Result<(), Native> {
     use k3s_snapshot_core::restore_db;
     let tmp = cfg.restore_tmp();
     let work = tmp.join(".probe");
@@ -617,12 +633,17 @@ async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path
     create_private_dir(&work)?;
     let (probe, probe_dir, full) = (work.join("probe.db"), work.join("etcd"), work.join("db"));
     let blocking = |what: &'static str, e: tokio::task::JoinError| Error::Reset(format!("{what} task failed: {e}"));
+    let started = std::time::Instant::now();
     let copy = {
         let (snapshot, full) = (snapshot.to_path_buf(), full.clone());
         tokio::task::spawn_blocking(move || {
+            if let Some(copied) = adopt_image(&snapshot, image, &full)? {
+                return Ok::<_, Native>((copied.len, started.elapsed(), started.elapsed()));
+            }
             let copied = restore_db::copy_image(&snapshot, &full).map_err(Native::from)?;
+            let copy_took = started.elapsed();
             restore_db::verify_copy(&snapshot, &full, &copied).map_err(|e| Native::Refused(e.into()))?;
-            Ok::<_, Native>(copied.len)
+            Ok::<_, Native>((copied.len, copy_took, started.elapsed()))
         })
     };
     let probed = async {
@@ -630,11 +651,12 @@ async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path
         tokio::task::spawn_blocking(move || restore_db::write_probe(&snapshot, &dest))
             .await
             .map_err(|e| blocking("probe", e))??;
-        restore_tool(cfg, bins, &probe, &probe_dir).await
+        restore_tool(cfg, bins, &probe, &probe_dir).await?;
+        Ok::<_, Error>(started.elapsed())
     };
     let (copied, probed) = tokio::join!(copy, probed);
-    let copied = copied.map_err(|e| blocking("copy", e))??;
-    probed?;
+    let (copied, copy_took, verified_at) = copied.map_err(|e| blocking("copy", e))??;
+    let probe_took = probed?;
     let restored_db = probe_dir.join("member/snap/db");
     let (probe_in, full_db) = (probe.clone(), full.clone());
     let restored = restored_db.clone();
@@ -664,9 +686,41 @@ async fn restore_native(cfg: &ServerConfig, bins: &EtcdBinaries, snapshot: &Path
         snapshot = %snapshot.display(),
         into = %tmp.display(),
         bytes = copied,
+        copy = ?copy_took,
+        copy_checked = ?verified_at,
+        tool = ?probe_took,
+        total = ?started.elapsed(),
         "restored the snapshot (member files by etcd's tool, the db copied and edited natively)"
     );
     Ok(())
+}
+
+/// Takes the download's image copy as `dest` (a rename: same filesystem), when its length is the
+/// snapshot's image length; `None` when there is none or it cannot be renamed there (the snapshot
+/// dir on another filesystem), and the caller copies the snapshot instead.
+fn adopt_image(
+    snapshot: &Path,
+    image: Option<tempfile::NamedTempFile>,
+    dest: &Path,
+) -> std::result::Result<Option<k3s_snapshot_core::restore_db::CopiedImage>, Native> {
+    use std::os::unix::fs::FileExt;
+    let Some(image) = image else { return Ok(None) };
+    let len = std::fs::metadata(snapshot).map_err(Error::io("read", snapshot))?.len();
+    let Some(image_len) = len.checked_sub(integrity::TRAILER_LEN as u64) else { return Ok(None) };
+    if image.as_file().metadata().map(|m| m.len()).ok() != Some(image_len) {
+        return Ok(None);
+    }
+    let mut trailer = [0u8; integrity::TRAILER_LEN];
+    std::fs::File::open(snapshot)
+        .and_then(|f| f.read_exact_at(&mut trailer, image_len))
+        .map_err(Error::io("read", snapshot))?;
+    match image.persist_noclobber(dest) {
+        Ok(_) => Ok(Some(k3s_snapshot_core::restore_db::CopiedImage { len: image_len, trailer })),
+        Err(e) => {
+            tracing::info!(error = %e.error, "the download's image copy cannot be moved into the restore; copying the snapshot instead");
+            Ok(None)
+        }
+    }
 }
 
 /// Makes the restored scratch dir private and durable, then renames it to `db/etcd-restore`.

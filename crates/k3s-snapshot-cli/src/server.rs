@@ -325,8 +325,10 @@ pub(crate) fn remote_fetch(store: Arc<dyn SnapshotStore>) -> RemoteFetch {
                 let why = if doc.is_some() { "its metadata is k3s's extra metadata" } else { "it has no metadata" };
                 tracing::info!(snapshot = %file, store = %store.describe(), "{why}, so no size or sha256 is known for it; its sha256 trailer is checked instead");
             }
+            // With a copy of the image for the restore to take as the member's db.
             let scratch =
-                s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref()).await?;
+                s3_backend::download_to_scratch(store.as_ref(), &file, &into, expected, progress.as_ref(), true)
+                    .await?;
             // Beside the snapshot, as k3s does on a download, so the reset reads it
             // (the token check) as it would a local snapshot's.
             if let Some(doc) = doc {

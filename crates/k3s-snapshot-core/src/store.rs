@@ -288,6 +288,10 @@ pub struct ScratchFile {
     /// Set by whoever wrote the file when they hashed it as it was written and its last 32
     /// bytes were the SHA-256 of the rest: an etcd snapshot whose trailer is already checked.
     verified_trailer: Option<[u8; 32]>,
+    /// A second file beside this one holding the image (every byte but the trailer), written
+    /// from the same buffers as the download landed, and the one the trailer check read back
+    /// ([`ScratchFile::take_image_copy`]).
+    image_copy: Option<tempfile::NamedTempFile>,
 }
 
 /// Where [`ScratchFile::place`] left a verified file.
@@ -326,7 +330,7 @@ impl ScratchFile {
             .rand_bytes(name::SCRATCH_RANDOM_LEN)
             .make_in(dir, create_new_private)
             .map_err(Error::io("create", target.with_file_name(format!("{}.*.part", file_name.to_string_lossy()))))?;
-        Ok(ScratchFile { tmp, target: target.to_path_buf(), verified_trailer: None })
+        Ok(ScratchFile { tmp, target: target.to_path_buf(), verified_trailer: None, image_copy: None })
     }
 
     /// Records that the file's bytes, as written, end in the SHA-256 `image` of the bytes before
@@ -339,6 +343,25 @@ impl ScratchFile {
     /// trailer instead of hashing the file again.
     pub fn verified_trailer(&self) -> Option<[u8; 32]> {
         self.verified_trailer
+    }
+
+    /// A new scratch file beside this one, named as scratch files are (so that what a crash
+    /// leaves is cleaned up like them), for a copy of its image; removed when dropped (or with
+    /// this file) unless taken.
+    pub fn create_image_copy(&self) -> Result<tempfile::NamedTempFile> {
+        Ok(ScratchFile::create(&self.target)?.tmp)
+    }
+
+    /// Attaches the image copy made while this file was written; it is trusted only together
+    /// with [`ScratchFile::verified_trailer`], which must have been computed from its bytes.
+    pub fn set_image_copy(&mut self, copy: tempfile::NamedTempFile) {
+        self.image_copy = Some(copy);
+    }
+
+    /// The image copy, when the download made one and its bytes hashed to this file's trailer:
+    /// a restore can take it as the member's db instead of copying the snapshot again.
+    pub fn take_image_copy(&mut self) -> Option<tempfile::NamedTempFile> {
+        self.verified_trailer.and(self.image_copy.take())
     }
 
     pub fn path(&self) -> &Path {
@@ -393,7 +416,7 @@ impl ScratchFile {
                 Ok(Placed::New(target))
             }
             Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
-                let scratch = ScratchFile { tmp: e.file, target: target.clone(), verified_trailer: self.verified_trailer };
+                let scratch = ScratchFile { tmp: e.file, target: target.clone(), verified_trailer: self.verified_trailer, image_copy: None };
                 if same_content(scratch.path(), &target)? {
                     drop(scratch);
                     Ok(Placed::Identical(target))

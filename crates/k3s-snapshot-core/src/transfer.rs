@@ -37,7 +37,7 @@ pub async fn download_snapshot_with_progress(
     expected: Option<&SnapshotMetadata>,
     progress: &dyn Progress,
 ) -> Result<PathBuf> {
-    let scratch = download_to_scratch(store, file, into_dir, expected, progress).await?;
+    let scratch = download_to_scratch(store, file, into_dir, expected, progress, false).await?;
     match scratch.place()? {
         Placed::New(p) | Placed::Identical(p) => Ok(p),
         Placed::Kept { existing, .. } => Err(Error::Invalid(format!(
@@ -59,12 +59,18 @@ pub async fn download_snapshot_with_progress(
 /// The bytes are hashed as they land, once: that gives the object's SHA-256 and, for an etcd
 /// snapshot, the check of its trailer, recorded on the scratch file
 /// ([`ScratchFile::verified_trailer`]) so that a restore does not hash the file again.
+///
+/// With `image_copy`, a download in parts of what is shaped like an etcd snapshot also writes
+/// its image (all but the trailer) into a second scratch file from the same buffers, and the hash
+/// reads the image back from that copy: a restore then takes the copy as the member's db
+/// ([`ScratchFile::take_image_copy`]) instead of copying the file after the download.
 pub async fn download_to_scratch(
     store: &dyn SnapshotStore,
     file: &str,
     into_dir: &Path,
     expected: Option<&SnapshotMetadata>,
     progress: &dyn Progress,
+    image_copy: bool,
 ) -> Result<ScratchFile> {
     name::validate_file_name(file)?;
     ensure_private_dir(into_dir, "snapshot dir")?;
@@ -76,14 +82,28 @@ pub async fn download_to_scratch(
         progress.start(file, Some(info.size));
         let n = parts.len();
         let mut scratch = scratch;
-        let digests = fetch_parts(&store.location(file), &scratch, info.size, parts, progress).await?;
+        let image_len = info.size.saturating_sub(crate::integrity::TRAILER_LEN as u64);
+        let copy = if image_copy && info.size >= 1024 && image_len % 512 == 0 {
+            Some(scratch.create_image_copy()?)
+        } else {
+            None
+        };
+        let into = copy.as_ref().map(|c| (c.as_file(), image_len));
+        let digests = fetch_parts(&store.location(file), &scratch, info.size, parts, into, progress).await?;
         progress.finish();
         scratch.sync()?;
+        if let Some(c) = &copy {
+            c.as_file().sync_all().map_err(Error::io("sync", c.path()))?;
+        }
         check_expected_sha(store, file, expected, &digests)?;
         scratch.set_verified_trailer(digests.verified_trailer);
+        if let Some(c) = copy {
+            scratch.set_image_copy(c);
+        }
         tracing::info!(snapshot = %file, from = %store.location(file), to = %scratch.path().display(), size = info.size, parts = n, "downloaded snapshot");
         return Ok(scratch);
     }
+    // A store without parts is read as one stream, without an image copy.
     let (info, mut body) = store.get(file).await?;
     check_expected_size(store, file, expected, info.size)?;
     ensure_free_space(into_dir, info.size, &store.location(file))?;
@@ -207,12 +227,15 @@ impl Landed {
 /// (memory stays [`LAND_STEP`] per part and a few network buffers). A thread reads the bytes back
 /// in order as they land (from the page cache) and hashes them ([`TrailerCheck::digests`]), so
 /// that when the last part ends, the object's SHA-256 and the snapshot's trailer check are known.
+/// With `copy` (a file and the image length), the first `image_len` bytes are also written there,
+/// and the hash reads them back from it, so that the trailer check vouches for the copy.
 /// A part that fails, or sends more or fewer bytes than it covers, fails the download.
 async fn fetch_parts(
     location: &str,
     scratch: &ScratchFile,
     size: u64,
     parts: Vec<store::Part>,
+    copy: Option<(&std::fs::File, u64)>,
     progress: &dyn Progress,
 ) -> Result<Digests> {
     use std::os::unix::fs::FileExt;
@@ -225,12 +248,21 @@ async fn fetch_parts(
     let path = scratch.path().to_path_buf();
     let file = Arc::new(scratch.file().try_clone().map_err(Error::io("open", &path))?);
     file.set_len(size).map_err(Error::io("write", &path))?;
+    let (copy, image_len) = match copy {
+        Some((c, n)) => {
+            let c = c.try_clone().map_err(Error::io("open", &path))?;
+            c.set_len(n).map_err(Error::io("write", &path))?;
+            (Some(Arc::new(c)), n)
+        }
+        None => (None, size),
+    };
     let landed = Arc::new(Landed {
         state: std::sync::Mutex::new((bounds.iter().map(|b| b.0).collect(), false)),
         cond: Default::default(),
     });
     let hasher = {
-        let (file, landed, path, bounds) = (file.clone(), landed.clone(), path.clone(), bounds.clone());
+        let (file, copy, landed, path, bounds) =
+            (file.clone(), copy.clone(), landed.clone(), path.clone(), bounds.clone());
         tokio::task::spawn_blocking(move || -> Result<Option<Digests>> {
             let mut sha = TrailerCheck::new();
             let mut buf = vec![0u8; 1 << 20];
@@ -239,8 +271,13 @@ async fn fetch_parts(
                 while at < end {
                     let Some(upto) = landed.wait_past(i, at) else { return Ok(None) };
                     while at < upto {
-                        let n = ((upto - at) as usize).min(buf.len());
-                        file.read_exact_at(&mut buf[..n], at).map_err(Error::io("read", &path))?;
+                        // The image from the copy when there is one, the trailer from the file.
+                        let (src, stop) = match &copy {
+                            Some(c) if at < image_len => (c.as_ref(), upto.min(image_len)),
+                            _ => (file.as_ref(), upto),
+                        };
+                        let n = ((stop - at) as usize).min(buf.len());
+                        src.read_exact_at(&mut buf[..n], at).map_err(Error::io("read", &path))?;
                         sha.update(&buf[..n]);
                         at += n as u64;
                     }
@@ -250,15 +287,25 @@ async fn fetch_parts(
         })
     };
     let fetch_one = |(i, part): (usize, store::Part)| {
-        let (file, landed, path) = (file.clone(), landed.clone(), path.clone());
+        let (file, copy, landed, path) = (file.clone(), copy.clone(), landed.clone(), path.clone());
         async move {
             let (start, end) = (part.offset, part.offset + part.len);
             let mut body = part.body;
             // `at`: bytes received; `written`: bytes in the file; `kicked`: write-back started.
             let (mut at, mut written, mut kicked) = (start, start, start);
             let mut pending: Vec<u8> = Vec::with_capacity(LAND_STEP);
+            // Writes `bytes` at `at` into the file, and the part of them below the image's end
+            // into the copy.
+            let put = |bytes: &[u8], at: u64| -> Result<()> {
+                file.write_all_at(bytes, at).map_err(Error::io("write", &path))?;
+                if let Some(c) = &copy {
+                    let n = image_len.saturating_sub(at).min(bytes.len() as u64) as usize;
+                    c.write_all_at(&bytes[..n], at).map_err(Error::io("write", &path))?;
+                }
+                Ok(())
+            };
             let land = |pending: &mut Vec<u8>, written: &mut u64| -> Result<()> {
-                file.write_all_at(pending, *written).map_err(Error::io("write", &path))?;
+                put(pending, *written)?;
                 *written += pending.len() as u64;
                 progress.advance(pending.len() as u64);
                 pending.clear();
@@ -276,7 +323,7 @@ async fn fetch_parts(
                 at += chunk.len() as u64;
                 if pending.is_empty() && chunk.len() >= LAND_STEP {
                     // A large chunk goes straight to the file.
-                    file.write_all_at(&chunk, written).map_err(Error::io("write", &path))?;
+                    put(&chunk, written)?;
                     written += chunk.len() as u64;
                     progress.advance(chunk.len() as u64);
                     landed.advance(i, written);
@@ -288,6 +335,9 @@ async fn fetch_parts(
                 }
                 if written - kicked >= WRITEBACK_STEP {
                     crate::save::start_writeback(&file, kicked, written - kicked);
+                    if let Some(c) = &copy {
+                        crate::save::start_writeback(c, kicked, written - kicked);
+                    }
                     kicked = written;
                 }
             }
