@@ -416,7 +416,12 @@ impl ScratchFile {
                 Ok(Placed::New(target))
             }
             Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
-                let scratch = ScratchFile { tmp: e.file, target: target.clone(), verified_trailer: self.verified_trailer, image_copy: None };
+                let scratch = ScratchFile {
+                    tmp: e.file,
+                    target: target.clone(),
+                    verified_trailer: self.verified_trailer,
+                    image_copy: None,
+                };
                 if same_content(scratch.path(), &target)? {
                     drop(scratch);
                     Ok(Placed::Identical(target))

@@ -498,8 +498,8 @@ mod tests {
     use crate::store::LocalStore;
     use bytes::Bytes;
     use chrono::Utc;
-    use std::os::unix::fs::PermissionsExt;
     use sha2::{Digest, Sha256};
+    use std::os::unix::fs::PermissionsExt;
 
     fn meta(file: &str, data: &[u8]) -> SnapshotMetadata {
         SnapshotMetadata {
