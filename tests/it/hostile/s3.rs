@@ -121,3 +121,52 @@ fn a_streamed_upload_with_a_bit_flipped_in_transit_is_refused_by_its_checksum() 
     assert_eq!(clean.flipped(), 0);
     assert_eq!(std::fs::read(s3.root.join("snaps/clean-n1-1")).unwrap(), body);
 }
+
+/// An object whose SHA-256 trailer matches but whose pages do not (zeroed behind the meta pages,
+/// then a fresh trailer: what a broken writer or a disk fault before the hash would leave). The
+/// download hashes the bytes as they land and vouches for the trailer, so the reset's check reads
+/// only the structure: it must still refuse the snapshot. Nothing changes, and neither the
+/// download nor the image copy it wrote for the restore stays in the snapshot dir.
+#[test]
+fn an_s3_snapshot_with_a_matching_trailer_but_broken_pages_is_refused_and_leaves_no_scratch() {
+    use sha2::Digest;
+    use tests::support::server::{all_keys, files, kv, put, DataDir};
+    let s3 = S3Server::start();
+    s3.create_bucket("snaps");
+    let plain = Etcd::start(EtcdVersion::V3_5);
+    for i in 0..300 {
+        plain.put(&format!("/registry/k{i}"), "v");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let name = format!("etcd-snapshot-n1-{}", chrono::Utc::now().timestamp());
+    let file = tests::support::k3s::snapshot(&plain, &tmp.path().join("snapshots"), &name);
+    drop(plain);
+    let bytes = std::fs::read(&file).unwrap();
+    let mut img = bytes[..bytes.len() - 32].to_vec();
+    assert!(img.len() > 4 * 4096, "the snapshot is too small to damage");
+    for b in &mut img[2 * 4096..] {
+        *b = 0;
+    }
+    let trailer = sha2::Sha256::digest(&img);
+    img.extend_from_slice(&trailer);
+    std::fs::write(&file, &img).unwrap();
+    tests::support::k3s::upload(&s3, "snaps", "", &file, "n1", None);
+
+    let dd = DataDir::new(EtcdVersion::V3_5);
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    put(&dd, &[("keep", "me")]);
+    s.stop();
+    let restore = format!("--cluster-reset-restore-path={name}");
+    let flags = s3.server_flags("snaps");
+    let mut args = vec!["--cluster-reset", restore.as_str()];
+    args.extend(flags.iter().map(String::as_str));
+    let r = dd.run(&args);
+    r.assert_fails_with("refusing to restore");
+    assert!(!r.stderr.contains(SECRET_KEY));
+    assert!(!dd.db().join("etcd-old").exists() && !dd.db().join("reset-flag").exists(), "nothing changes");
+    let left = files(&dd.db().join("snapshots"));
+    assert!(left.is_empty(), "the download or its image copy was left behind: {left:?}");
+    let s = dd.start(&["--etcd-disable-snapshots"]);
+    assert_eq!(all_keys(&dd), kv(&[("keep", "me")]));
+    s.stop();
+}
