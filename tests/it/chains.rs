@@ -231,39 +231,50 @@ fn delta_retention_prunes_old_chains_but_keeps_the_window_restorable(v: EtcdVers
     let (s3, dd, s) = start(v, &["--etcd-snapshot-delta-max-age=2s", &retention]);
     let first = bases_in(&dd.snapshots());
     assert_eq!(first.len(), 1);
-    let mut first_segments = Vec::<String>::new();
+    // Each chain's segments as seen on every poll: those that closed from its base's second up to
+    // its successor's. Every chain is followed, not only the first: on a loaded machine the
+    // first chain may end before any write reaches it, and a poll may come late.
+    let mut chains = std::collections::BTreeMap::<String, Vec<String>>::new();
     let bucket = s3.root.join("snaps");
+    let gone = |base: &String| !files(&dd.snapshots()).contains(base) && !files(&bucket).contains(base);
     // Writes (one per poll, each acknowledged at a known time) while chains rotate every 2 s,
-    // until the first base is gone locally and in S3.
+    // until a chain that had segments is gone locally and in S3.
     let mut acked: Vec<(String, std::time::SystemTime)> = Vec::new();
-    wait_until("the first chain pruned locally and in s3", Duration::from_secs(120), || {
+    wait_until("a chain with segments pruned locally and in s3", Duration::from_secs(120), || {
         let key = format!("/w/{:06}", acked.len());
         put(&dd, &[(&key, "v")]);
         acked.push((key, std::time::SystemTime::now()));
-        let bases = bases_in(&dd.snapshots());
-        if bases.len() >= 2 && bases[0] == first[0] {
-            // The first chain's segments, once its successor exists, on every poll until the first
-            // base goes: its last segment closes only after the successor is listed.
-            let cut = taken(&bases[1]);
-            for f in files(&dd.snapshots()) {
-                if SegmentName::parse(&f).is_some_and(|x| x.closed < cut) && !first_segments.contains(&f) {
-                    first_segments.push(f);
+        let names = files(&dd.snapshots());
+        for pair in bases_in(&dd.snapshots()).windows(2) {
+            let (from, cut) = (taken(&pair[0]), taken(&pair[1]));
+            let segs = chains.entry(pair[0].clone()).or_default();
+            for f in &names {
+                if SegmentName::parse(f).is_some_and(|x| x.closed >= from && x.closed < cut) && !segs.contains(f) {
+                    segs.push(f.clone());
                 }
             }
         }
-        !files(&dd.snapshots()).contains(&first[0]) && !files(&bucket).contains(&first[0])
+        chains.iter().any(|(base, segs)| !segs.is_empty() && gone(base))
     });
+    // Pruning goes oldest first: the first base is gone too.
+    assert!(gone(&first[0]), "the first base is pruned before a later one");
+    let pruned_segments: Vec<String> =
+        chains.iter().filter(|(base, _)| gone(base)).flat_map(|(_, segs)| segs.clone()).collect();
     // Writes stop; nothing changes any more (an age bound needs a change), so what is kept now
     // stays. Let the last writes reach S3.
     let last = revision(&dd);
     wait_shipped(&s, last);
-    assert!(!first_segments.is_empty(), "the first chain had segments");
+    assert!(!pruned_segments.is_empty(), "a pruned chain had segments");
     let now = chrono::Utc::now().timestamp();
     for (dir, md) in [(dd.snapshots(), dd.db().join(".metadata")), (bucket.clone(), bucket.join(".metadata"))] {
         let names = files(&dir);
         assert!(!names.contains(&first[0]), "{}: the first base is pruned", dir.display());
         assert!(!md.join(&first[0]).exists(), "{}: its metadata too", dir.display());
-        assert!(first_segments.iter().all(|f| !names.contains(f)), "{}: its segments are pruned", dir.display());
+        assert!(
+            pruned_segments.iter().all(|f| !names.contains(f)),
+            "{}: the pruned chains' segments are pruned too",
+            dir.display()
+        );
         // The boundary rule: a base taken before the window's start is kept, and from it a
         // contiguous chain reaches the last write.
         let bases = bases_in(&dir);
