@@ -162,6 +162,15 @@ fn a_compaction_while_the_server_was_down_starts_a_new_chain(v: EtcdVersion) {
     wait_until("a chain break", Duration::from_secs(60), || {
         metric(&s, "k3s_snapshot_delta_chain_breaks_total ") >= 1.0
     });
+    // The break's new base is taken after the break is counted: a write before it is in that
+    // base, and leaves the new chain nothing to ship (this raced once in a full run).
+    wait_until("the new chain's base", Duration::from_secs(60), || {
+        files(&dd.snapshots())
+            .iter()
+            .filter(|f| f.starts_with("chain-base-") && k3s_snapshot_core::name::parse(f).is_some())
+            .count()
+            >= 2
+    });
     put(&dd, &[("/e", "5")]);
     let last = revision(&dd);
     wait_shipped(&s, last);
