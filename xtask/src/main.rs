@@ -107,6 +107,10 @@ fn test(extra: &[String]) -> Result<()> {
     let mut build = tools.cargo();
     build.args(["build", "--locked", "-p", "k3s-snapshot-cli"]);
     run_checked(&mut build, "build the k3s-snapshot binary")?;
+    // The core as the fuzz targets and etcd-less embedders use it: without the `etcd` feature.
+    let mut lean = tools.cargo();
+    lean.args(["check", "--locked", "-p", "k3s-snapshot-core", "--no-default-features", "--lib"]);
+    run_checked(&mut lean, "check k3s-snapshot-core without its etcd feature")?;
     // The release tarball's contents, packed around the debug binary, for the suite's dist tests.
     let bin = root.join("target/debug/k3s-snapshot");
     let tarball = dist::package(&bin, &root.join("target/debug/dist"))?;

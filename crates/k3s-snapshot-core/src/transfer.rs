@@ -334,9 +334,9 @@ async fn fetch_parts(
                     }
                 }
                 if written - kicked >= WRITEBACK_STEP {
-                    crate::save::start_writeback(&file, kicked, written - kicked);
+                    start_writeback(&file, kicked, written - kicked);
                     if let Some(c) = &copy {
-                        crate::save::start_writeback(c, kicked, written - kicked);
+                        start_writeback(c, kicked, written - kicked);
                     }
                     kicked = written;
                 }
@@ -490,6 +490,18 @@ pub async fn fetch_metadata(store: &dyn SnapshotStore, file: &str) -> Result<Opt
         path: PathBuf::from(store.location(&key)),
         detail: format!("{e}; repair or remove that document"),
     })
+}
+
+/// Starts the write-back of `len` bytes of `file` from `offset`, without waiting for it.
+pub(crate) fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+    // SAFETY: the descriptor is open for as long as `file` is borrowed, and the call reads no
+    // memory of ours; a failure only means the final fsync has more to do, so it is ignored.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 #[cfg(test)]

@@ -19,7 +19,6 @@
 //! thread), `upload` (saves with an upload, and the metadata document that goes with each).
 
 mod seal;
-pub(crate) use seal::start_writeback;
 mod tee;
 mod upload;
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use crate::compress;
 use crate::encryption::Recipients;
+use crate::transfer::start_writeback;
 use crate::{Error, Result};
 
 /// What the [`Sealer`] thread is told.
@@ -44,18 +45,6 @@ struct Tap {
 /// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`, which does not wait), so that the fsync at the end
 /// finds little left to write instead of the whole snapshot.
 const WRITEBACK_STEP: u64 = 16 << 20;
-
-/// Starts the write-back of `len` bytes of `file` from `offset`, without waiting for it.
-pub(crate) fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else { return };
-    // SAFETY: the descriptor is open for as long as `file` is borrowed, and the call reads no
-    // memory of ours; a failure only means the final fsync has more to do, so it is ignored.
-    #[allow(unsafe_code)]
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), off, n, libc::SYNC_FILE_RANGE_WRITE);
-    }
-}
 
 impl std::io::Write for Tap {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
