@@ -5,10 +5,13 @@
 //! `loadgen check`: reads a restored keyspace and checks it against an op log, printing the RPO and
 //! everything wrong as JSON.
 //!
+//! `loadgen watch`: a bare watch of every key (see `watch.rs`).
+//!
 //! Run by `cargo xtask e2e --only rpo` and `cargo xtask bench --only delta-overhead`.
 
 mod chain;
 mod limit;
+mod watch;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -92,7 +95,8 @@ fn main() {
                 Some("snapshot") => limit::run(&args[1..]).await,
                 Some("put") => put(parse(&args[1..])?).await,
                 Some("check") => check_restored(parse(&args[1..])?).await,
-                _ => bail!("{USAGE}\n{}\n{}", chain::USAGE, limit::USAGE),
+                Some("watch") => watch::run(&args[1..]).await,
+                _ => bail!("{USAGE}\n{}\n{}\n{}", chain::USAGE, limit::USAGE, watch::USAGE),
             }
         })
     });

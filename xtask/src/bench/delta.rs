@@ -1,8 +1,10 @@
 //! `delta-overhead`: what continuous backup costs etcd's writers, and whether the follower keeps up.
 //!
 //! One `k3s-snapshot server` on loopback (its own etcd 3.5.1, TLS, data on disk), fresh for every
-//! run, with or without `--etcd-snapshot-delta-interval 2s` (segments to s3s-fs), interleaved
-//! (without, with, with, without, …). Each run: a 2 s warm-up, then `loadgen put` at a fixed rate
+//! run, in three variants, interleaved (without, bare watch, with; then the other way round):
+//! without a watcher; with `loadgen watch` (a bare client watching every key with the follower's
+//! options and dropping the events: what it costs is etcd's side of the watch); and with
+//! `--etcd-snapshot-delta-interval 2s` (segments to s3s-fs). Each run: a 2 s warm-up, then `loadgen put` at a fixed rate
 //! of 1 KiB puts for [`SECS`] s with at most [`WINDOW`] in flight; put latency p50/p99 (send to
 //! response) and the achieved rate. With the follower, `loadgen` also samples `/metrics` every
 //! 250 ms: the true lag is the newest acknowledged revision minus
@@ -36,6 +38,28 @@ pub struct DeltaBench<'a> {
     pub work: &'a Path,
     pub logs: &'a Path,
     pub runs: usize,
+}
+
+/// What runs beside the server's etcd during a run.
+#[derive(Clone, Copy, PartialEq)]
+enum Variant {
+    /// Nothing: the baseline.
+    Without,
+    /// `loadgen watch`: a bare client watching every key with the follower's options and
+    /// dropping the events. What it costs the writers is etcd's side of the watch.
+    Watch,
+    /// The server's own delta follower, shipping segments to s3s-fs.
+    Follower,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::Without => "without",
+            Variant::Watch => "bare-watch",
+            Variant::Follower => "with",
+        }
+    }
 }
 
 /// One measured run.
@@ -156,25 +180,53 @@ fn load(b: &DeltaBench, s: &Server, rate: u32, secs: u32, prefix: &str, sample: 
     Ok(v)
 }
 
-fn one(b: &DeltaBench, rate: u32, follower: bool, i: usize) -> Result<Run> {
-    let dir = b.work.join(format!("delta-{rate}-{i}-{}", if follower { "with" } else { "without" }));
+fn one(b: &DeltaBench, rate: u32, variant: Variant, i: usize) -> Result<Run> {
+    let follower = variant == Variant::Follower;
+    let dir = b.work.join(format!("delta-{rate}-{i}-{}", variant.label()));
     let s = start(b, &dir, follower)?;
+    let watcher = if variant == Variant::Watch { Some(bare_watch(b, &s, &dir)?) } else { None };
     load(b, &s, rate, 2, "/warm/", false)?;
     let v = load(b, &s, rate, SECS, "/bench/", follower)?;
+    drop(watcher);
     stop(s)?;
     let _ = std::fs::remove_dir_all(&dir);
     b.s3.clear()?;
     let f = |k: &str| v[k].as_f64().unwrap_or(f64::NAN);
     let failed = v["failed"].as_u64().unwrap_or(0);
     eprintln!(
-        "xtask bench:   {} the follower: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms{}",
-        if follower { "with" } else { "without" },
+        "xtask bench:   {}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms{}",
+        variant.label(),
         f("achieved_rate"),
         f("p50_ms"),
         f("p99_ms"),
         if failed > 0 { format!(", {failed} failed ({})", v["first_error"]) } else { String::new() }
     );
     Ok(Run { achieved: f("achieved_rate"), p50: f("p50_ms"), p99: f("p99_ms"), failed, summary: v })
+}
+
+/// Starts `loadgen watch` on the server's etcd and waits until its watch is open.
+fn bare_watch(b: &DeltaBench, s: &Server, dir: &Path) -> Result<KillOnDrop> {
+    let log = dir.with_extension("watch.log");
+    let child = Command::new(b.loadgen)
+        .args(["watch", "--endpoints", &s.etcd, "--tls-dir"])
+        .arg(s.dir.join("server/tls/etcd"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()
+        .context("start loadgen watch")?;
+    let mut child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("watching") {
+        if let Some(st) = child.0.try_wait()? {
+            bail!("loadgen watch exited ({st}): {}", std::fs::read_to_string(&log).unwrap_or_default().trim());
+        }
+        if Instant::now() > deadline {
+            bail!("loadgen watch did not open its watch within 30 s; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
 }
 
 /// Peak of `f(sample)` over the samples whose time is in `[from, to)` of the run's span.
@@ -198,36 +250,49 @@ fn true_lag(s: &[Value]) -> f64 {
 pub fn run(b: &DeltaBench) -> Result<Value> {
     let mut results = Vec::new();
     println!(
-        "\n== delta-overhead: put latency of 1 KiB puts on one server, without and with --etcd-snapshot-delta-interval {INTERVAL} (to s3s-fs); {SECS} s per run, median of {} interleaved runs",
+        "\n== delta-overhead: put latency of 1 KiB puts on one server: without a watcher, with a bare watch of every key (loadgen watch: etcd's side), and with --etcd-snapshot-delta-interval {INTERVAL} (to s3s-fs); {SECS} s per run, median of {} interleaved runs",
         b.runs
     );
     println!(
-        "{:>6}  {:>11} {:>11}  {:>10} {:>10}  {:>10} {:>10}  {:>7} {:>7}",
-        "rate", "achieved", "(with)", "p50", "(with)", "p99", "(with)", "p50 x", "p99 x"
+        "{:>6}  {:>10} {:>10} {:>10}  {:>10} {:>10} {:>10}  {:>13} {:>13}",
+        "rate", "achieved", "(watch)", "(with)", "p50", "(watch)", "(with)", "p50 x w/with", "p99 x w/with"
     );
     let mut keep_up = Vec::new();
     for rate in RATES {
-        let (mut without, mut with) = (Vec::new(), Vec::new());
+        let (mut without, mut watch, mut with) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..b.runs {
             eprintln!("xtask bench: delta-overhead {rate}/s run {} of {}", i + 1, b.runs);
-            for follower in if i % 2 == 0 { [false, true] } else { [true, false] } {
-                let r = one(b, rate, follower, i)?;
-                if follower {
-                    with.push(r)
-                } else {
-                    without.push(r)
+            let order = if i % 2 == 0 {
+                [Variant::Without, Variant::Watch, Variant::Follower]
+            } else {
+                [Variant::Follower, Variant::Watch, Variant::Without]
+            };
+            for variant in order {
+                let r = one(b, rate, variant, i)?;
+                match variant {
+                    Variant::Without => without.push(r),
+                    Variant::Watch => watch.push(r),
+                    Variant::Follower => with.push(r),
                 }
             }
         }
         let m = |v: &[Run], f: fn(&Run) -> f64| median(v.iter().map(f).collect());
-        let (a0, a1) = (m(&without, |r| r.achieved), m(&with, |r| r.achieved));
-        let (p50_0, p50_1) = (m(&without, |r| r.p50), m(&with, |r| r.p50));
-        let (p99_0, p99_1) = (m(&without, |r| r.p99), m(&with, |r| r.p99));
+        let (a0, aw, a1) = (m(&without, |r| r.achieved), m(&watch, |r| r.achieved), m(&with, |r| r.achieved));
+        let (p50_0, p50_w, p50_1) = (m(&without, |r| r.p50), m(&watch, |r| r.p50), m(&with, |r| r.p50));
+        let (p99_0, p99_w, p99_1) = (m(&without, |r| r.p99), m(&watch, |r| r.p99), m(&with, |r| r.p99));
         println!(
-            "{rate:>5}/s  {a0:>9.0}/s {a1:>9.0}/s  {p50_0:>7.2} ms {p50_1:>7.2} ms  {p99_0:>7.2} ms {p99_1:>7.2} ms  {:>6.2}x {:>6.2}x",
+            "{rate:>5}/s  {a0:>8.0}/s {aw:>8.0}/s {a1:>8.0}/s  {p50_0:>7.2} ms {p50_w:>7.2} ms {p50_1:>7.2} ms  {:>5.2}x/{:>5.2}x {:>5.2}x/{:>5.2}x",
+            p50_w / p50_0,
             p50_1 / p50_0,
+            p99_w / p99_0,
             p99_1 / p99_0
         );
+        println!("{:>6}  p99: without {p99_0:.2} ms, bare watch {p99_w:.2} ms, with the follower {p99_1:.2} ms", "");
+        for (label, v) in [("without", &without), ("bare watch", &watch), ("with", &with)] {
+            let p50: Vec<String> = v.iter().map(|r| format!("{:.2}", r.p50)).collect();
+            let p99: Vec<String> = v.iter().map(|r| format!("{:.2}", r.p99)).collect();
+            println!("{:>6}  runs {label}: p50 {} ms; p99 {} ms", "", p50.join(" "), p99.join(" "));
+        }
         for r in &with {
             let samples = r.summary["samples"].as_array().cloned().unwrap_or_default();
             let first = peak(&samples, 0.0, 1.0 / 3.0, true_lag);
@@ -250,8 +315,9 @@ pub fn run(b: &DeltaBench) -> Result<Value> {
                 .collect::<Vec<_>>()
         };
         results.push(json!({
-            "rate": rate, "without": runs(&without), "with": runs(&with),
+            "rate": rate, "without": runs(&without), "bare_watch": runs(&watch), "with": runs(&with),
             "p50_ratio": p50_1 / p50_0, "p99_ratio": p99_1 / p99_0,
+            "bare_watch_p50_ratio": p50_w / p50_0, "bare_watch_p99_ratio": p99_w / p99_0,
         }));
     }
     println!();
