@@ -321,6 +321,10 @@ async fn fetch_parts(
                     )));
                 }
                 at += chunk.len() as u64;
+                // `pending` never grows past its capacity (a doubled buffer per part).
+                if !pending.is_empty() && pending.len() + chunk.len() > LAND_STEP {
+                    land(&mut pending, &mut written)?;
+                }
                 if pending.is_empty() && chunk.len() >= LAND_STEP {
                     // A large chunk goes straight to the file.
                     put(&chunk, written)?;

@@ -37,15 +37,15 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
     }
     let mut next = meta.pgid;
     let mut freed: Vec<u64> = Vec::new();
-    let mut new_pages: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut new_pages: Vec<(u64, NewPage<'_>)> = Vec::new();
     let span = |len: usize| len.div_ceil(ps).max(1) as u64;
     // Appends a page (encoded with the id `next` had) and moves `next` past its span.
-    let alloc = |bytes: Vec<u8>, new_pages: &mut Vec<(u64, Vec<u8>)>, next: &mut u64| -> u64 {
+    fn alloc<'a>(page: NewPage<'a>, new_pages: &mut Vec<(u64, NewPage<'a>)>, next: &mut u64, ps: usize) -> u64 {
         let id = *next;
-        *next += span(bytes.len());
-        new_pages.push((id, bytes));
+        *next += page.len().div_ceil(ps).max(1) as u64;
+        new_pages.push((id, page));
         id
-    };
+    }
     let root = db.page(meta.root.root)?;
     if root.flags != FLAG_LEAF {
         return Ok(None);
@@ -106,28 +106,25 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
                 return Ok(None);
             }
         }
+        // The leaf's keys and values stay in the map: a leaf of large values (four of 1 MiB
+        // is a full one) is written from there, never copied into memory.
         let leaf = db.page(*path_pages.last().expect("a leaf"))?;
-        let mut elems: Vec<(u32, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut elems: Vec<(u32, &[u8], &[u8])> = Vec::with_capacity(usize::from(leaf.count) + keys.len());
         for i in 0..usize::from(leaf.count) {
-            let (f, k, v) = leaf.leaf(i).map_err(|d| WriteError::Source { detail: d, path: path.into() })?;
-            elems.push((f, k.to_vec(), v.to_vec()));
+            elems.push(leaf.leaf(i).map_err(|d| WriteError::Source { detail: d, path: path.into() })?);
         }
         if let (Some((_, last, _)), Some((first_new, _))) = (elems.last(), keys.iter().next()) {
-            if first_new <= last {
+            if first_new.as_slice() <= *last {
                 return Ok(None);
             }
         }
         if elems.len() + keys.len() > usize::from(u16::MAX) {
             return Ok(None);
         }
-        elems.extend(keys.iter().map(|(k, v)| (0, k.clone(), v.clone().unwrap_or_default())));
-        let refs: Vec<(u32, &[u8], &[u8])> = elems.iter().map(|(f, k, v)| (*f, k.as_slice(), v.as_slice())).collect();
-        let size = PAGE_HEADER_SIZE + refs.iter().map(|(_, k, v)| ELEMENT_SIZE + k.len() + v.len()).sum::<usize>();
-        let leaf_span = span(size);
-        let new_id = next;
-        let mut bytes = Vec::with_capacity(size);
-        encode_leaf(&mut bytes, new_id, (leaf_span - 1) as u32, &refs);
-        let mut child = alloc(bytes, &mut new_pages, &mut next);
+        elems.extend(keys.iter().map(|(k, v)| (0, k.as_slice(), v.as_deref().unwrap_or_default())));
+        let size = PAGE_HEADER_SIZE + elems.iter().map(|(_, k, v)| ELEMENT_SIZE + k.len() + v.len()).sum::<usize>();
+        let overflow = (span(size) - 1) as u32;
+        let mut child = alloc(NewPage::Leaf { size, overflow, elems }, &mut new_pages, &mut next, ps);
         // Ancestors, bottom-up: the same elements with the last child replaced.
         for &bid in path_pages.iter().rev().skip(1) {
             let b = db.page(bid)?;
@@ -142,7 +139,7 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
             let id = next;
             let mut bytes = Vec::with_capacity(size);
             encode_branch(&mut bytes, id, (span(size) - 1) as u32, &refs);
-            child = alloc(bytes, &mut new_pages, &mut next);
+            child = alloc(NewPage::Bytes(bytes), &mut new_pages, &mut next, ps);
         }
         for &old in &path_pages {
             let p = db.page(old)?;
@@ -156,14 +153,14 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
     let root_id = next;
     let mut bytes = Vec::with_capacity(size);
     encode_leaf(&mut bytes, root_id, (span(size) - 1) as u32, &refs);
-    alloc(bytes, &mut new_pages, &mut next);
+    alloc(NewPage::Bytes(bytes), &mut new_pages, &mut next, ps);
     freed.extend(meta.root.root..=meta.root.root + u64::from(root.overflow));
     // The freelist, when the file keeps one: what it listed, the replaced pages, and itself.
     let freelist = if meta.freelist == NO_FREELIST {
         NO_FREELIST
     } else {
         let Some(ids) = merge_freelist(&db, path, freed)? else { return Ok(None) };
-        alloc(encode_freelist(next, &ids, ps), &mut new_pages, &mut next)
+        alloc(NewPage::Bytes(encode_freelist(next, &ids, ps)), &mut new_pages, &mut next, ps)
     };
     let new_meta = Meta {
         root: BucketHeader { root: root_id, sequence: meta.root.sequence },
@@ -172,17 +169,105 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
         txid: meta.txid + 1,
         ..meta
     };
-    drop(db);
     let io = |action: &'static str| move |source| WriteError::Io { action, path: path.to_path_buf(), source };
     let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io("open"))?;
-    use std::os::unix::fs::FileExt;
-    for (id, mut bytes) in new_pages {
-        bytes.resize(span(bytes.len()) as usize * ps, 0);
-        file.write_all_at(&bytes, id * ps as u64).map_err(io("write"))?;
+    // New pages go after the high-water mark, outside what `db` maps and reads.
+    let mut out = PositionalWriter::new(&file);
+    for (id, page) in &new_pages {
+        out.seek(id * ps as u64);
+        match page {
+            NewPage::Bytes(bytes) => out.put(bytes),
+            NewPage::Leaf { size, overflow, elems } => (|| {
+                let mut head = Vec::with_capacity(PAGE_HEADER_SIZE + elems.len() * ELEMENT_SIZE);
+                let len = encode_leaf_head(&mut head, *id, *overflow, elems);
+                debug_assert_eq!(len, *size);
+                out.put(&head)?;
+                for (_, k, v) in elems {
+                    out.put(k)?;
+                    out.put(v)?;
+                    // Copied: its mapped pages need not stay resident.
+                    db.release_slice(v);
+                }
+                Ok(())
+            })(),
+        }
+        .map_err(io("write"))?;
+        out.zeros(span(page.len()) as usize * ps - page.len()).map_err(io("write"))?;
+        out.flush().map_err(io("write"))?;
     }
+    drop(db);
     file.sync_all().map_err(io("fsync"))?;
     write_meta(&file, path, &new_meta, ps)?;
     Ok(Some(Written { pages: next, size: next * ps as u64 }))
+}
+
+/// A page the commit appends: encoded in memory, or a leaf whose keys and values are borrowed
+/// (from the map and the edits) and written straight after its encoded head.
+enum NewPage<'a> {
+    Bytes(Vec<u8>),
+    Leaf { size: usize, overflow: u32, elems: Vec<(u32, &'a [u8], &'a [u8])> },
+}
+
+impl NewPage<'_> {
+    /// The page's length, unpadded.
+    fn len(&self) -> usize {
+        match self {
+            NewPage::Bytes(b) => b.len(),
+            NewPage::Leaf { size, .. } => *size,
+        }
+    }
+}
+
+/// Writes runs of bytes at a file position through one bounded buffer, so a page of any size
+/// is written in a few large writes without being assembled in memory.
+struct PositionalWriter<'f> {
+    file: &'f std::fs::File,
+    pos: u64,
+    buf: Vec<u8>,
+}
+
+impl<'f> PositionalWriter<'f> {
+    const CAPACITY: usize = 256 * 1024;
+
+    fn new(file: &'f std::fs::File) -> Self {
+        PositionalWriter { file, pos: 0, buf: Vec::with_capacity(Self::CAPACITY) }
+    }
+
+    /// Moves to `pos`; whatever is buffered must have been flushed.
+    fn seek(&mut self, pos: u64) {
+        debug_assert!(self.buf.is_empty());
+        self.pos = pos;
+    }
+
+    fn put(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(Self::CAPACITY - self.buf.len());
+            self.buf.extend_from_slice(&bytes[..n]);
+            bytes = &bytes[n..];
+            if self.buf.len() == Self::CAPACITY {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn zeros(&mut self, mut n: usize) -> std::io::Result<()> {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while n > 0 {
+            let k = n.min(ZEROS.len());
+            self.put(&ZEROS[..k])?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(&self.buf, self.pos)?;
+        self.pos += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
 }
 
 /// Writes `meta` into its slot (txid % 2) of `file` and fsyncs it: the last step of a commit,

@@ -143,6 +143,17 @@ pub(crate) fn encode_page_header(out: &mut Vec<u8>, id: u64, flags: u16, count: 
 /// counts from the element itself.
 pub(crate) fn encode_leaf(out: &mut Vec<u8>, id: u64, overflow: u32, elems: &[(u32, &[u8], &[u8])]) {
     let start = out.len();
+    let data = encode_leaf_head(out, id, overflow, elems);
+    for (_, k, v) in elems {
+        out.extend_from_slice(k);
+        out.extend_from_slice(v);
+    }
+    debug_assert_eq!(out.len() - start, data);
+}
+
+/// Appends a leaf page's header and elements, without the keys and values that follow them;
+/// returns the page's unpadded length once they are written after it, in order.
+pub(crate) fn encode_leaf_head(out: &mut Vec<u8>, id: u64, overflow: u32, elems: &[(u32, &[u8], &[u8])]) -> usize {
     let n = elems.len();
     encode_page_header(out, id, FLAG_LEAF, n as u16, overflow);
     let mut data = PAGE_HEADER_SIZE + n * ELEMENT_SIZE;
@@ -154,11 +165,7 @@ pub(crate) fn encode_leaf(out: &mut Vec<u8>, id: u64, overflow: u32, elems: &[(u
         out.extend_from_slice(&(v.len() as u32).to_le_bytes());
         data += k.len() + v.len();
     }
-    for (_, k, v) in elems {
-        out.extend_from_slice(k);
-        out.extend_from_slice(v);
-    }
-    debug_assert_eq!(out.len() - start, data);
+    data
 }
 
 /// Appends a branch page (header, elements, then keys), unpadded.

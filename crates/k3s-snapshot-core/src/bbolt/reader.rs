@@ -344,6 +344,15 @@ impl Db {
         self.backing.release(Some((start, len)));
     }
 
+    /// Releases the resident pages under `s`, when `s` lies in the mapping (no-op otherwise).
+    pub(super) fn release_slice(&self, s: &[u8]) {
+        let base = self.backing.bytes().as_ptr() as usize;
+        let start = s.as_ptr() as usize;
+        if start >= base && start + s.len() <= base + self.backing.bytes().len() {
+            self.backing.release(Some((start - base, s.len())));
+        }
+    }
+
     pub(super) fn note_touched(&self, bytes: usize) {
         let before = self.touched.fetch_add(bytes as u64, Ordering::Relaxed);
         if before + bytes as u64 >= RESIDENT_WINDOW {

@@ -571,6 +571,50 @@ mod tests {
         }
     }
 
+    /// The rightmost leaf is written from the map through a bounded buffer: a leaf of values
+    /// larger than that buffer (and than a page) must come out byte for byte, each value whole
+    /// and in its place, and the pages after it (ancestors, root, freelist) where the meta says.
+    #[test]
+    fn an_append_commit_copies_a_leaf_of_values_larger_than_its_write_buffer() {
+        let mut b = Builder::new(4096);
+        // Distinct, position-dependent bytes, so a shifted or swapped run is seen.
+        let value = |n: usize, seed: u8| -> Vec<u8> {
+            (0..n).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[1] ^ seed).collect()
+        };
+        let big: Vec<(Vec<u8>, Vec<u8>)> = [
+            (b"rev0001".to_vec(), value(300 << 10, 1)),
+            (b"rev0002".to_vec(), value(700 << 10, 2)),
+            (b"rev0003".to_vec(), value(5000, 3)),
+        ]
+        .into_iter()
+        .collect();
+        let first = b.leaf(&[(0, b"rev0000", b"small")]);
+        let elems: Vec<(u32, &[u8], &[u8])> = big.iter().map(|(k, v)| (0, k.as_slice(), v.as_slice())).collect();
+        let last = b.leaf(&elems);
+        let key_root = b.branch(&[(b"rev0000", first), (b"rev0001", last)]);
+        let spare = b.leaf(&[]);
+        let fl = b.freelist(&[spare]);
+        let kv = bucket_value(key_root, 0, &[]);
+        let meta = bucket_value(0, 0, &[(0, b"consistent_index", b"12345678")]);
+        let root = b.leaf(&[(LEAF_FLAG_BUCKET, b"key", &kv), (LEAF_FLAG_BUCKET, b"meta", &meta)]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::write(&path, b.finish(root, fl)).unwrap();
+        let before = dump(&Db::open(&path).unwrap()).unwrap();
+
+        let mut edits = Edits::default();
+        edits.put(b"key", b"rev0004", &value(1000, 4)).put(b"meta", b"term", b"00000002");
+        let w = append_commit(&path, &edits).unwrap().expect("committed in place");
+
+        let db = Db::open(&path).unwrap();
+        db.check().unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), w.size, "the file ends at the new high-water mark");
+        let mut want = before;
+        want.insert(5, (vec![b"key".to_vec()], b"rev0004".to_vec(), Some(value(1000, 4))));
+        want.push((vec![b"meta".to_vec()], b"term".to_vec(), Some(b"00000002".to_vec())));
+        assert_eq!(dump(&db).unwrap(), want);
+    }
+
     #[test]
     fn an_append_commit_declines_what_it_does_not_handle() {
         let (_dir, path) = etcd_like(4, &[]);
