@@ -214,11 +214,29 @@ struct Row {
     ours: Vec<Measured>,
     reference: Vec<Duration>,
     reference_rss_kib: Vec<u64>,
+    /// CPU time the bench's etcd and s3s-fs spent during each of our runs, then each reference
+    /// run: where a save's time goes on a machine whose cores the three processes share.
+    ours_servers_cpu: Vec<ServersCpu>,
+    reference_servers_cpu: Vec<ServersCpu>,
+}
+
+/// CPU seconds of the bench's etcd and s3s-fs during one run.
+#[derive(Debug, Clone, Copy, Default)]
+struct ServersCpu {
+    etcd: f64,
+    s3: f64,
 }
 
 impl Row {
     fn new(scenario: Scenario) -> Self {
-        Row { scenario, ours: Vec::new(), reference: Vec::new(), reference_rss_kib: Vec::new() }
+        Row {
+            scenario,
+            ours: Vec::new(),
+            reference: Vec::new(),
+            reference_rss_kib: Vec::new(),
+            ours_servers_cpu: Vec::new(),
+            reference_servers_cpu: Vec::new(),
+        }
     }
 
     fn ours_median(&self) -> f64 {
@@ -281,6 +299,18 @@ struct Bench {
     runs: usize,
     age_keygen: PathBuf,
     loadgen: PathBuf,
+    etcd_pid: u32,
+}
+
+impl Bench {
+    /// Runs `f`, also returning the CPU the bench's etcd and s3s-fs spent meanwhile.
+    fn with_servers_cpu<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<(T, ServersCpu)> {
+        let read = || (measure::process_cpu(self.etcd_pid), measure::process_cpu(self.s3.pid()));
+        let (etcd0, s30) = read();
+        let out = f()?;
+        let (etcd1, s31) = read();
+        Ok((out, ServersCpu { etcd: (etcd1 - etcd0).as_secs_f64(), s3: (s31 - s30).as_secs_f64() }))
+    }
 }
 
 pub fn run(args: &[String]) -> Result<()> {
@@ -362,6 +392,7 @@ fn run_in(args: &Args, tools: &provision::Tools, bin: &Path, work: &Path, out_di
         runs: args.runs,
         age_keygen: tools.age.with_file_name("age-keygen"),
         loadgen: bin.with_file_name("loadgen"),
+        etcd_pid: etcd.child.0.id(),
     };
     let machine = machine();
     let mut sizes = Vec::new();
@@ -474,16 +505,23 @@ fn interleaved(
     let mut row = Row::new(scenario);
     for i in 0..b.runs {
         let mut ref_run = |row: &mut Row| -> Result<()> {
-            let (wall, rss) = reference()?;
+            let ((wall, rss), cpu) = b.with_servers_cpu(&mut reference)?;
             row.reference.push(wall);
             row.reference_rss_kib.push(rss);
+            row.reference_servers_cpu.push(cpu);
+            Ok(())
+        };
+        let mut our_run = |row: &mut Row| -> Result<()> {
+            let (m, cpu) = b.with_servers_cpu(&mut ours)?;
+            row.ours.push(m);
+            row.ours_servers_cpu.push(cpu);
             Ok(())
         };
         if i % 2 == 0 {
             ref_run(&mut row)?;
-            row.ours.push(ours()?);
+            our_run(&mut row)?;
         } else {
-            row.ours.push(ours()?);
+            our_run(&mut row)?;
             ref_run(&mut row)?;
         }
     }

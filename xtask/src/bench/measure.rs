@@ -106,6 +106,21 @@ impl Measure {
     }
 }
 
+/// User + system CPU time a live process has used so far (`/proc/PID/stat`, fields 14 and 15),
+/// or zero when it cannot be read.
+pub fn process_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return Duration::ZERO };
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return Duration::ZERO };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf only reads a constant of the running system.
+    #[allow(unsafe_code)]
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    // After the name: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    Duration::from_millis((ticks(11) + ticks(12)) * 1000 / hz)
+}
+
 /// `VmHWM` and `RssAnon` of a live process, KiB.
 fn proc_status_kib(pid: i32) -> Option<(u64, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

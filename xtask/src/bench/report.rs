@@ -109,6 +109,20 @@ pub(super) fn print_report(size: usize, snap_bytes: u64, runs: usize, rows: &[Ro
         );
     }
     println!();
+    // Where the CPU goes for the rows that read the bench's etcd (medians per run, seconds).
+    for r in rows.iter().filter(|r| matches!(r.scenario, Scenario::Limit | Scenario::Save | Scenario::SaveS3)) {
+        let med = |v: &[super::ServersCpu], f: fn(&super::ServersCpu) -> f64| super::median(v.iter().map(f).collect());
+        println!(
+            "{:<11} CPU s, ours: self {:.2}, etcd {:.2}, s3s-fs {:.2}; reference runs: etcd {:.2}, s3s-fs {:.2}",
+            r.scenario.key(),
+            r.ours_cpu_median(),
+            med(&r.ours_servers_cpu, |c| c.etcd),
+            med(&r.ours_servers_cpu, |c| c.s3),
+            med(&r.reference_servers_cpu, |c| c.etcd),
+            med(&r.reference_servers_cpu, |c| c.s3),
+        );
+    }
+    println!();
     let limit_file = rows.iter().find(|r| r.scenario == Scenario::Limit).map(Row::ours_median);
     let against_limit = |r: &Row, target: f64| {
         limit_file
@@ -217,6 +231,10 @@ pub(super) fn results_json(m: &Machine, runs: usize, sizes: &[(usize, u64, Vec<R
                 "our_anon_peak_kib_sampled": r.our_anon_peak_kib(),
                 "our_maxrss_with_children_kib": r.ours.iter().map(|m| m.maxrss_kib).max(),
                 "reference_peak_rss_kib": r.reference_rss_kib.iter().max(),
+                "ours_etcd_cpu_s": r.ours_servers_cpu.iter().map(|c| c.etcd).collect::<Vec<_>>(),
+                "ours_s3s_fs_cpu_s": r.ours_servers_cpu.iter().map(|c| c.s3).collect::<Vec<_>>(),
+                "reference_etcd_cpu_s": r.reference_servers_cpu.iter().map(|c| c.etcd).collect::<Vec<_>>(),
+                "reference_s3s_fs_cpu_s": r.reference_servers_cpu.iter().map(|c| c.s3).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

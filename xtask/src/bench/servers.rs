@@ -158,6 +158,11 @@ pub fn start_s3(bin: &Path, root: &Path, log: &Path) -> Result<S3> {
 }
 
 impl S3 {
+    /// s3s-fs's process id, for its CPU time.
+    pub fn pid(&self) -> u32 {
+        self._child.0.id()
+    }
+
     /// Empties the bucket between runs (s3s-fs keeps objects as files under its root).
     pub fn clear(&self) -> Result<()> {
         let b = self.root.join(BUCKET);
