@@ -99,6 +99,7 @@ impl Inner {
     ) -> Result<(), S3Error> {
         let mut tries = 0u32;
         let key_headers = multimap(&self.key_headers());
+        let (started, n) = (std::time::Instant::now(), parts.len());
         let res = self
             .call("complete the multipart upload of", key, || {
                 tries += 1;
@@ -137,6 +138,9 @@ impl Inner {
                 });
             }
         }
+        // The server may assemble the parts before it answers (s3s-fs copies them into one
+        // file): how long that took is the part of an upload no client can overlap.
+        tracing::info!(key, parts = n, secs = format!("{:.2}", started.elapsed().as_secs_f64()), store = %self.describe, "completed the multipart upload");
         Ok(())
     }
 
