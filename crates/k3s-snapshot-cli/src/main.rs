@@ -195,6 +195,23 @@ fn spawn_signal_handler(cancel: CancellationToken) {
     });
 }
 
+/// glibc gives each thread that allocates under contention an arena of its own, and memory freed
+/// in one is not reused by another: with the runtime's workers and blocking threads, a save to S3
+/// peaked at 36 MiB resident for a 6 MiB heap. One arena (each thread keeps its own cache of
+/// small blocks in front of it) brought that to 28.5 MiB at the same speed (2 arenas: 31 MiB;
+/// measured 2026-12-06). Unless the operator set `MALLOC_ARENA_MAX`; called while the process
+/// still has one thread.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+        #[allow(unsafe_code)]
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,22 +481,5 @@ mod tests {
         assert!(parse(&["etcd-snapshot", "delete"]).is_err());
         assert!(parse(&["etcd-snapshot", "prune", "--snapshot-retention", "five"]).is_err());
         assert!(parse(&["etcd-snapshot", "status"]).is_err());
-    }
-}
-
-/// glibc gives each thread that allocates under contention an arena of its own, and memory freed
-/// in one is not reused by another: with the runtime's workers and blocking threads, a save to S3
-/// peaked at 36 MiB resident for a 6 MiB heap. One arena (each thread keeps its own cache of
-/// small blocks in front of it) brought that to 28.5 MiB at the same speed (2 arenas: 31 MiB;
-/// measured 2026-12-06). Unless the operator set `MALLOC_ARENA_MAX`; called while the process
-/// still has one thread.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
-        #[allow(unsafe_code)]
-        unsafe {
-            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
-        }
     }
 }
