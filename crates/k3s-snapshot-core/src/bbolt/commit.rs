@@ -171,30 +171,37 @@ pub fn append_commit(path: &Path, edits: &Edits) -> Result<Option<Written>, Writ
     };
     let io = |action: &'static str| move |source| WriteError::Io { action, path: path.to_path_buf(), source };
     let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io("open"))?;
-    // New pages go after the high-water mark, outside what `db` maps and reads.
-    let mut out = PositionalWriter::new(&file);
+    // New pages follow one another from the old high-water mark, outside what `db` maps and
+    // reads: one buffered pass writes them, so no page is ever assembled whole in memory.
+    use std::io::{Read, Seek, Write};
+    let mut out = std::io::BufWriter::with_capacity(256 << 10, &file);
+    out.seek(std::io::SeekFrom::Start(meta.pgid * ps as u64)).map_err(io("seek"))?;
+    let mut at = meta.pgid;
     for (id, page) in &new_pages {
-        out.seek(id * ps as u64);
+        debug_assert_eq!(*id, at, "the commit's pages are contiguous");
         match page {
-            NewPage::Bytes(bytes) => out.put(bytes),
+            NewPage::Bytes(bytes) => out.write_all(bytes),
             NewPage::Leaf { size, overflow, elems } => (|| {
                 let mut head = Vec::with_capacity(PAGE_HEADER_SIZE + elems.len() * ELEMENT_SIZE);
                 let len = encode_leaf_head(&mut head, *id, *overflow, elems);
                 debug_assert_eq!(len, *size);
-                out.put(&head)?;
+                out.write_all(&head)?;
                 for (_, k, v) in elems {
-                    out.put(k)?;
-                    out.put(v)?;
-                    // Copied: its mapped pages need not stay resident.
+                    out.write_all(k)?;
+                    out.write_all(v)?;
+                    // Copied out: its mapped pages need not stay resident.
                     db.release_slice(v);
                 }
                 Ok(())
             })(),
         }
         .map_err(io("write"))?;
-        out.zeros(span(page.len()) as usize * ps - page.len()).map_err(io("write"))?;
-        out.flush().map_err(io("write"))?;
+        let padded = span(page.len()) * ps as u64;
+        std::io::copy(&mut std::io::repeat(0).take(padded - page.len() as u64), &mut out).map_err(io("write"))?;
+        at += span(page.len());
     }
+    out.flush().map_err(io("write"))?;
+    drop(out);
     drop(db);
     file.sync_all().map_err(io("fsync"))?;
     write_meta(&file, path, &new_meta, ps)?;
@@ -215,58 +222,6 @@ impl NewPage<'_> {
             NewPage::Bytes(b) => b.len(),
             NewPage::Leaf { size, .. } => *size,
         }
-    }
-}
-
-/// Writes runs of bytes at a file position through one bounded buffer, so a page of any size
-/// is written in a few large writes without being assembled in memory.
-struct PositionalWriter<'f> {
-    file: &'f std::fs::File,
-    pos: u64,
-    buf: Vec<u8>,
-}
-
-impl<'f> PositionalWriter<'f> {
-    const CAPACITY: usize = 256 * 1024;
-
-    fn new(file: &'f std::fs::File) -> Self {
-        PositionalWriter { file, pos: 0, buf: Vec::with_capacity(Self::CAPACITY) }
-    }
-
-    /// Moves to `pos`; whatever is buffered must have been flushed.
-    fn seek(&mut self, pos: u64) {
-        debug_assert!(self.buf.is_empty());
-        self.pos = pos;
-    }
-
-    fn put(&mut self, mut bytes: &[u8]) -> std::io::Result<()> {
-        while !bytes.is_empty() {
-            let n = bytes.len().min(Self::CAPACITY - self.buf.len());
-            self.buf.extend_from_slice(&bytes[..n]);
-            bytes = &bytes[n..];
-            if self.buf.len() == Self::CAPACITY {
-                self.flush()?;
-            }
-        }
-        Ok(())
-    }
-
-    fn zeros(&mut self, mut n: usize) -> std::io::Result<()> {
-        const ZEROS: [u8; 4096] = [0; 4096];
-        while n > 0 {
-            let k = n.min(ZEROS.len());
-            self.put(&ZEROS[..k])?;
-            n -= k;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(&self.buf, self.pos)?;
-        self.pos += self.buf.len() as u64;
-        self.buf.clear();
-        Ok(())
     }
 }
 
