@@ -146,12 +146,15 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone());
-        match cli.command {
-            Command::Server(args) => server::run(args, cancel).await,
-            Command::EtcdSnapshot(args) => snapshot::run(args, cancel).await,
-            Command::Etcd(args) => etcd::run(args).await,
-            Command::Completion { .. } => Ok(()),
-        }
+        let command = tokio::spawn(async move {
+            match cli.command {
+                Command::Server(args) => server::run(args, cancel).await,
+                Command::EtcdSnapshot(args) => snapshot::run(args, cancel).await,
+                Command::Etcd(args) => etcd::run(args).await,
+                Command::Completion { .. } => Ok(()),
+            }
+        });
+        command.await.unwrap_or_else(|e| Err(anyhow::anyhow!("the command stopped unexpectedly: {e}")))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -31,13 +31,12 @@ pub async fn run(common: &CommonArgs, server: &str, command: SnapshotCommand) ->
         s3: common.s3.enabled.then(|| serde_json::json!({})),
         ..Default::default()
     };
-    let mut out = std::io::stdout().lock();
     let result = match command {
         SnapshotCommand::Ls { output } => {
             req.operation = "list".into();
             let answer = client.list(&req).await?;
             warn_all(&answer.warnings);
-            return crate::ls::print(&mut out, answer.value, output);
+            return crate::ls::print(&mut std::io::stdout().lock(), answer.value, output);
         }
         SnapshotCommand::Save => {
             req.operation = "save".into();
@@ -67,7 +66,7 @@ pub async fn run(common: &CommonArgs, server: &str, command: SnapshotCommand) ->
         ),
     };
     warn_all(&result.warnings);
-    print_result(&mut out, &result.value)?;
+    print_result(&mut std::io::stdout().lock(), &result.value)?;
     if !result.value.errors.is_empty() {
         bail!("{}", result.value.errors.join("; "));
     }

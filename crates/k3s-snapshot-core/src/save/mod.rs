@@ -222,6 +222,7 @@ async fn save_inner(
     let raw_sha256 = check.finish_with_stream_sha256(&file)?;
     // The trailer matched: only now does an age stream get its last chunk.
     let sealed = sealer.finish().await?;
+    tracing::debug!(snapshot = %stored_file, bytes = raw_size, secs = started.elapsed().as_secs_f64(), "etcd's stream ended and the file is on disk");
     if let Some(sha256) = sealed.sha256 {
         durable_rename(&part, &path)?;
         guard.disarm();
