@@ -170,7 +170,8 @@ async fn save_inner(
     let live_hash = LiveHashTask::start(conn, conn.revision);
     // A plain save zips (when asked) after the file is whole; an encrypted one on the way.
     let entry = (opts.compress && sealed_save).then(|| file.clone());
-    let mut sealer = Sealer::start(part_file, &part, opts.encryption.as_deref(), entry)?;
+    let recent = tee.as_ref().filter(|_| !sealed_save).map(Tee::recent);
+    let mut sealer = Sealer::start(part_file, &part, opts.encryption.as_deref(), entry, recent)?;
     // One SHA-256 pass serves both the trailer check and the file's checksum for the metadata.
     let mut check = TrailerCheck::new();
     let mut advanced = 0u64;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::tee::Recent;
 use crate::compress;
 use crate::encryption::Recipients;
 use crate::transfer::start_writeback;
@@ -97,6 +98,7 @@ impl Sealer {
         part: &Path,
         recipients: Option<&Recipients>,
         zip_entry: Option<String>,
+        recent: Option<Arc<Recent>>,
     ) -> Result<Sealer> {
         use sha2::Digest;
         let written = Arc::new(AtomicU64::new(0));
@@ -110,7 +112,7 @@ impl Sealer {
         let header_len = written.load(Ordering::Acquire);
         let (tx, rx) = tokio::sync::mpsc::channel(SEAL_QUEUE);
         let part = part.to_path_buf();
-        let task = tokio::task::spawn_blocking(move || seal(out, zip_entry, rx, &part));
+        let task = tokio::task::spawn_blocking(move || seal(out, zip_entry, recent, rx, &part));
         Ok(Sealer { tx, batch: bytes::BytesMut::new(), task, written, header_len })
     }
 
@@ -167,6 +169,7 @@ enum Out {
 fn seal(
     out: Out,
     zip_entry: Option<String>,
+    recent: Option<Arc<Recent>>,
     mut rx: tokio::sync::mpsc::Receiver<SealMsg>,
     part: &Path,
 ) -> Result<Sealed> {
@@ -187,7 +190,14 @@ fn seal(
             SealMsg::Data(b) => {
                 // No size was announced: a zip that may be large.
                 start_zip(&mut out, true).and_then(|()| match out.as_mut() {
-                    Some(Out::Plain(w)) => w.write_all(&b),
+                    Some(Out::Plain(w)) => {
+                        let at = w.written.load(Ordering::Acquire);
+                        w.write_all(&b).map(|()| {
+                            if let Some(r) = &recent {
+                                r.push(at, b);
+                            }
+                        })
+                    }
                     Some(Out::Age(w)) => w.write_all(&b),
                     Some(Out::Zip(w)) => w.write_all(&b),
                     None => Ok(()),
